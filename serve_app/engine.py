@@ -1,0 +1,274 @@
+"""The embedding engine: plain torch + transformers, no Ray and no HTTP.
+
+Steps are separate so batching can be arranged around them and each can be tested alone:
+``tokenize`` (texts -> token ids), ``embed_ids`` (token ids -> vectors: pad, forward, pool,
+normalize), and the pure helpers ``pool`` and ``reduce_dimensions``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve_app.config import ModelConfig
+from serve_app.errors import InvalidInput, ModelLoadError
+from serve_app.model_files import read_settings, resolve_model_dir
+from serve_app.types import Input, ModelInfo
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUGE = 1_000_000  # tokenizers say model_max_length=1e30 when they do not know
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp16 keeps more mantissa than bf16, which matters for unit-length embeddings.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and dtype == "float16":
+        raise ModelLoadError("float16 is not supported on CPU; use float32 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool ``hidden [b, L, d]`` over tokens where ``mask [b, L]`` is 1 (right padding).
+
+    Matches sentence-transformers' ``Pooling`` for the modes it names. Returns ``[b, d]``.
+    """
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "lasttoken":
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    summed = (hidden * m).sum(dim=1)
+    counts = m.sum(dim=1).clamp(min=1e-9)
+    if mode == "mean":
+        return summed / counts
+    if mode == "mean_sqrt_len":
+        return summed / counts.sqrt()
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+def reduce_dimensions(vectors: np.ndarray, n: int) -> np.ndarray:
+    """Keep the first ``n`` values of each row and L2-normalize again (Matryoshka style)."""
+    cut = np.ascontiguousarray(vectors[:, :n], dtype=np.float32)
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    return cut / norms
+
+
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_size: int) -> list[list[int]]:
+    """Group indices into forward passes: longest first, so each pass pads little, each pass
+    holding at most ``max_size`` sequences and ``max_tokens`` padded tokens (a single sequence
+    longer than the budget still gets a pass of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i in order:
+        if current and (len(current) + 1 > max_size or (len(current) + 1) * width > max_tokens):
+            batches.append(current)
+            current = []
+        if not current:
+            width = lengths[i]
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class EmbeddingEngine:
+    """One loaded embedding model.
+
+    ``embed_ids`` returns float32 ``[n, dim]`` numpy arrays in input order. Errors in caller input
+    raise :class:`InvalidInput`; load problems raise :class:`ModelLoadError`.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_threads: int | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model_dir = resolve_model_dir(cfg.model_id, cfg.model_revision)
+        settings = read_settings(self.model_dir)
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        log.info("loading %s from %s on %s/%s", cfg.model_id, self.model_dir, self.device,
+                 self.dtype)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.model_dir, trust_remote_code=cfg.trust_remote_code
+            )
+            model = AutoModel.from_pretrained(
+                self.model_dir, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load {cfg.model_id!r} from {self.model_dir}: {e}") from e
+        self.model = model.to(self.device).eval()
+
+        model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _HUGE)
+        tok_limit = int(self.tokenizer.model_max_length or _HUGE)
+        natural = settings.max_seq_length or min(tok_limit, model_limit)
+        self.max_length = int(cfg.max_length or natural)
+        if self.max_length > model_limit:
+            raise ModelLoadError(
+                f"max_length {self.max_length} exceeds the model's {model_limit} positions"
+            )
+        self.pooling = cfg.pooling if cfg.pooling != "auto" else (settings.pooling or "mean")
+        self.normalize = cfg.normalize if cfg.normalize is not None else (
+            settings.normalize if settings.normalize is not None else True
+        )
+        self.lower_case = settings.do_lower_case
+        self.prompt = (
+            settings.prompts.get(settings.default_prompt_name, "")
+            if settings.default_prompt_name
+            else ""
+        )
+        self.dim = int(model.config.hidden_size)
+        self.vocab_size = len(self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.max_batch_tokens = cfg.batching.max_batch_tokens
+        self.max_batch_size = cfg.batching.max_batch_size
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s in %.2fs: dim=%d max_length=%d pooling=%s normalize=%s threads=%d",
+                 cfg.model_id, self.load_seconds, self.dim, self.max_length, self.pooling,
+                 self.normalize, torch.get_num_threads())
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """Token ids per text, special tokens included, cut at ``max_length`` when ``truncate``.
+
+        With ``truncate=False`` a text longer than the limit raises :class:`InvalidInput`.
+        """
+        if self.lower_case:
+            texts = [t.lower() for t in texts]
+        if self.prompt:
+            texts = [self.prompt + t for t in texts]
+        enc = self.tokenizer(
+            list(texts),
+            add_special_tokens=True,
+            truncation=truncate,
+            max_length=self.max_length if truncate else None,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        ids: list[list[int]] = enc["input_ids"]
+        if not truncate:
+            for i, seq in enumerate(ids):
+                if len(seq) > self.max_length:
+                    raise InvalidInput(
+                        f"input {i} has {len(seq)} tokens, more than the model's limit of "
+                        f"{self.max_length}; shorten it or allow truncation",
+                        param="input",
+                    )
+        return ids
+
+    def check_token_ids(self, seqs: Sequence[Sequence[int]]) -> None:
+        """Refuse token-id inputs the model cannot take: empty, too long, outside the vocabulary."""
+        for i, seq in enumerate(seqs):
+            if len(seq) == 0:
+                raise InvalidInput(f"input {i} is an empty token list", param="input")
+            if len(seq) > self.max_length:
+                raise InvalidInput(
+                    f"input {i} has {len(seq)} tokens, more than the model's limit of "
+                    f"{self.max_length}",
+                    param="input",
+                )
+            lo, hi = min(seq), max(seq)
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise InvalidInput(
+                    f"input {i} holds token id {bad}, outside the vocabulary [0, "
+                    f"{self.vocab_size})",
+                    param="input",
+                )
+
+    def embed_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        """Vectors for token-id sequences, float32 ``[n, dim]``, in input order."""
+        out = np.empty((len(seqs), self.dim), dtype=np.float32)
+        lengths = [len(s) for s in seqs]
+        for idx in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
+            out[idx] = self._forward([seqs[i] for i in idx])
+        return out
+
+    def _forward(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = s
+            mask[row, : len(s)] = 1
+        inputs: dict[str, Any] = {
+            "input_ids": torch.from_numpy(ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
+        if self.uses_token_types:
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        with torch.inference_mode():
+            hidden = self.model(**inputs).last_hidden_state
+            vectors = pool(hidden.float(), inputs["attention_mask"], self.pooling)
+            if self.normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return vectors.cpu().numpy()
+
+    # -- whole requests ------------------------------------------------------------------------
+
+    def prepare(self, inputs: Sequence[Input], truncate: bool = True) -> list[list[int]]:
+        """Token ids for mixed text / token-id inputs, in order."""
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        token_inputs = [x for x in inputs if not isinstance(x, str)]
+        self.check_token_ids(token_inputs)
+        seqs: list[list[int]] = [list(x) if not isinstance(x, str) else [] for x in inputs]
+        if texts:
+            for (i, _), ids in zip(texts, self.tokenize([t for _, t in texts], truncate),
+                                   strict=True):
+                seqs[i] = ids
+        return seqs
+
+    def embed(self, inputs: Sequence[Input], truncate: bool = True) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+        """Vectors ``[n, dim]`` float32 and token counts ``[n]`` int64 for ``inputs``."""
+        seqs = self.prepare(inputs, truncate)
+        return self.embed_ids(seqs), np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
+
+    def warmup(self) -> float:
+        """Run short and full-length batches once so the first request pays no set-up cost."""
+        t0 = time.perf_counter()
+        self.embed(["warm up"] * min(8, self.max_batch_size))
+        self.embed_ids([[self.pad_id] * self.max_length])
+        return time.perf_counter() - t0
+
+    def info(self, name: str, version: str) -> ModelInfo:
+        return ModelInfo(
+            name=name,
+            version=version,
+            dim=self.dim,
+            max_length=self.max_length,
+            vocab_size=self.vocab_size,
+            model_id=self.cfg.model_id,
+            pooling=self.pooling,
+            normalize=self.normalize,
+            created=int(time.time()),
+        )

@@ -1,0 +1,43 @@
+"""Domain errors. No status codes here: each protocol maps these, once, to its own wire form."""
+
+from __future__ import annotations
+
+
+class ServeAppError(Exception):
+    """Base of every error a caller may see. ``message`` is safe to show to the caller."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __reduce__(self):  # keep ``param`` across Ray's pickling
+        return (type(self), (self.message, self.param))
+
+
+class InvalidInput(ServeAppError):
+    """The request is malformed or asks for something the model cannot do."""
+
+
+class ModelNotFound(ServeAppError):
+    """No model is served under the requested name."""
+
+
+class ModelNotReady(ServeAppError):
+    """The model exists but is not loaded yet, or has no live replica."""
+
+
+class Overloaded(ServeAppError):
+    """Too much work is queued; retry later."""
+
+
+class PayloadTooLarge(ServeAppError):
+    """The request body exceeds the configured limit."""
+
+
+class InferenceFailed(ServeAppError):
+    """The model failed on valid input: a server fault."""
+
+
+class ModelLoadError(Exception):
+    """A model could not be resolved or loaded (raised at start-up, not per request)."""

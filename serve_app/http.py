@@ -1,0 +1,52 @@
+"""The HTTP application: every protocol's routes on one FastAPI app over one :class:`Router`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app import __version__
+from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError
+from serve_app.protocols import kserve_v1, openai, v2
+from serve_app.protocols.common import json_response
+from serve_app.router import Router
+
+
+def _render_for_path(path: str, err: ServeAppError) -> Response:
+    """Errors raised outside any route (unknown path, wrong method) in the shape the path's
+    protocol uses."""
+    if path.startswith("/openai/") or path.startswith("/v1/embeddings"):
+        return openai.render_error(err)
+    return kserve_v1.render_error(err)
+
+
+def create_http_app(router: Router) -> FastAPI:
+    app = FastAPI(
+        title="serve_app",
+        version=__version__,
+        description="Text embeddings over KServe V1, Open Inference (V2) and OpenAI APIs.",
+    )
+    app.state.router = router
+
+    @app.get("/", tags=["health"])
+    async def root() -> Response:
+        return json_response({"status": "alive"})
+
+    app.include_router(openai.router)
+    app.include_router(kserve_v1.router)
+    app.include_router(v2.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        err: ServeAppError
+        if exc.status_code == 404:
+            err = ModelNotFound(f"no route for {request.method} {request.url.path}")
+        else:
+            err = InvalidInput(str(exc.detail))
+        response = _render_for_path(request.url.path, err)
+        response.status_code = exc.status_code
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    return app

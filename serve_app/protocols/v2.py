@@ -1,0 +1,220 @@
+"""Open Inference Protocol (V2) over REST, with the binary tensor extension tritonclient uses.
+
+Errors are ``{"error": "<message>"}`` with the status of the domain error.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.errors import InvalidInput, ModelNotReady
+from serve_app.protocols.common import (
+    error_route_class,
+    json_response,
+    parse_json,
+    read_body,
+    router_of,
+    validate,
+)
+from serve_app.protocols.kserve_v1 import render_error
+from serve_app.protocols.v2_codec import (
+    OUTPUT_NAME,
+    check_outputs,
+    fp32_bytes,
+    infer_options,
+    model_metadata,
+    split_bytes_tensor,
+    texts_from_elements,
+)
+from serve_app.types import EmbedRequest
+
+PLATFORM = "serve_app_huggingface"
+_HEADER_LEN = "inference-header-content-length"
+_UNSUPPORTED_PARAMS = ("shared_memory_region", "classification")
+
+
+class InferInput(BaseModel):
+    """``{"name": str, "shape": [int], "datatype": str, "parameters"?: {...}, "data"?: [...]}``"""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    """``{"name": str, "parameters"?: {"binary_data"?: bool}}``"""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequest(BaseModel):
+    """``{"id"?: str, "parameters"?: {...}, "inputs": [InferInput], "outputs"?: [...]}``"""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None = None
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """JSON tensor data may be nested row by row; V2 means the row-major flattening."""
+    if data and all(isinstance(x, list) for x in data):
+        return [y for x in data for y in _flatten(x)]
+    return data
+
+
+def _split_body(body: bytes, header_len: str | None) -> tuple[bytes, memoryview]:
+    if header_len is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_len)
+    except ValueError:
+        raise InvalidInput(
+            f"Inference-Header-Content-Length must be an integer, got {header_len!r}"
+        ) from None
+    if not 0 <= n <= len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length {n} is outside the body's {len(body)} bytes"
+        )
+    return body[:n], memoryview(body)[n:]
+
+
+def _input_texts(inp: InferInput, binary: memoryview) -> tuple[tuple[str, ...], int]:
+    """The texts of ``inp`` and how many bytes of ``binary`` it used."""
+    for p in _UNSUPPORTED_PARAMS:
+        if p in inp.parameters:
+            raise InvalidInput(f"input parameter '{p}' is not supported")
+    size = inp.parameters.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size < 0 or size > len(binary):
+            raise InvalidInput(
+                f"input '{inp.name}' binary_data_size {size!r} does not fit the "
+                f"{len(binary)} binary bytes after the JSON header"
+            )
+        if inp.data is not None:
+            raise InvalidInput(f"input '{inp.name}' has both 'data' and binary_data_size")
+        elements: list[Any] = list(split_bytes_tensor(binary[:size]))
+        used = size
+    else:
+        if inp.data is None:
+            raise InvalidInput(f"input '{inp.name}' has no 'data' and no binary_data_size")
+        elements = _flatten(inp.data)
+        used = 0
+    return texts_from_elements(elements, inp.shape, inp.datatype, inp.name), used
+
+
+def _wants_binary(req: InferRequest) -> bool:
+    if req.outputs:
+        for out in req.outputs:
+            for p in _UNSUPPORTED_PARAMS:
+                if p in out.parameters:
+                    raise InvalidInput(f"output parameter '{p}' is not supported")
+        check_outputs([o.name for o in req.outputs])
+        return bool(req.outputs[0].parameters.get("binary_data", False))
+    return bool(req.parameters.get("binary_data_output", False))
+
+
+router = APIRouter(route_class=error_route_class(render_error), tags=["v2"])
+
+
+@router.get("/v2")
+async def server_metadata(request: Request) -> Response:
+    r = router_of(request)
+    return json_response(
+        {"name": r.server_name, "version": r.server_version, "extensions": ["binary_tensor_data"]}
+    )
+
+
+@router.get("/v2/health/live")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready")
+async def ready(request: Request) -> Response:
+    ok = await router_of(request).all_ready()
+    return json_response({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}/versions/{version}")
+async def metadata(name: str, request: Request, version: str | None = None) -> Response:
+    r = router_of(request)
+    r.check_version(name, version)
+    info = await r.info(name)
+    return json_response(model_metadata(name, info.version, info.dim, PLATFORM))
+
+
+@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
+    r = router_of(request)
+    r.check_version(name, version)
+    if not await r.ready(name):
+        raise ModelNotReady(f"model {name!r} is not ready")
+    return json_response({"name": name, "ready": True})
+
+
+_INFER_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
+    }
+}
+
+
+@router.post("/v2/models/{name}/infer", openapi_extra=_INFER_SCHEMA)
+@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_INFER_SCHEMA)
+async def infer(name: str, request: Request, version: str | None = None) -> Response:
+    r = router_of(request)
+    r.check_version(name, version)
+    header, binary = _split_body(await read_body(request), request.headers.get(_HEADER_LEN))
+    req = validate(InferRequest, parse_json(header))
+    if len(req.inputs) != 1:
+        raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
+    texts, used = _input_texts(req.inputs[0], binary)
+    if used != len(binary):
+        raise InvalidInput(f"{len(binary) - used} binary bytes follow the tensors unclaimed")
+    binary_out = _wants_binary(req)
+    opts = infer_options(req.parameters)
+    request_id = req.id or str(uuid.uuid4())
+    result = await r.embed(
+        EmbedRequest(
+            model=name,
+            inputs=texts,
+            truncate=opts.truncate,
+            dimensions=opts.dimensions,
+            request_id=request_id,
+        )
+    )
+    vectors = result.embeddings
+    output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(vectors.shape)}
+    body: dict[str, Any] = {
+        "model_name": name,
+        "model_version": r.versions.get(name, "1"),
+        "id": request_id,
+        "parameters": {"prompt_tokens": result.prompt_tokens},
+        "outputs": [output],
+    }
+    if not binary_out:
+        output["data"] = vectors.reshape(-1)
+        return json_response(body)
+    raw = fp32_bytes(vectors)
+    output["parameters"] = {"binary_data_size": len(raw)}
+    head = orjson.dumps(body)
+    return Response(
+        head + raw,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )

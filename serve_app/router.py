@@ -1,0 +1,101 @@
+"""What the protocol adapters talk to: models by name, their metadata, readiness. No Ray here.
+
+A :class:`ModelBackend` is one model seen from the ingress: in a Serve app a deployment handle
+(``serve_app.deployments``), in unit tests an in-process runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from serve_app import __version__
+from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
+from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
+
+
+class ModelBackend(Protocol):
+    async def embed(self, req: EmbedRequest) -> EmbedResult: ...
+
+    async def info(self) -> ModelInfo: ...
+
+
+class Router:
+    """Routes requests to models by name and caches their metadata.
+
+    ``info`` raises :class:`ModelNotFound` for an unknown name and :class:`ModelNotReady` while
+    the model has not answered yet (it is loading, or has no replica).
+    """
+
+    def __init__(
+        self,
+        backends: dict[str, ModelBackend],
+        server_name: str = "serve_app",
+        versions: dict[str, str] | None = None,
+        ready_timeout_s: float = 2.0,
+    ) -> None:
+        self._backends = backends
+        self._info: dict[str, ModelInfo] = {}
+        self.server_name = server_name
+        self.server_version = __version__
+        self.versions = versions or {}
+        self._ready_timeout_s = ready_timeout_s
+        self.created = int(time.time())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._backends)
+
+    def backend(self, name: str) -> ModelBackend:
+        try:
+            return self._backends[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"model {name!r} is not served here; served models: {self.names}", param="model"
+            ) from None
+
+    def check_version(self, name: str, version: str | None) -> None:
+        self.backend(name)
+        if version is not None and version != self.versions.get(name, "1"):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}", param="model")
+
+    async def info(self, name: str, wait: bool = False) -> ModelInfo:
+        """Metadata of ``name``. Without ``wait``, a model that does not answer within the ready
+        timeout is :class:`ModelNotReady`; with it, the call waits for the model to load."""
+        cached = self._info.get(name)
+        if cached is not None:
+            return cached
+        backend = self.backend(name)
+        try:
+            if wait:
+                info = await backend.info()
+            else:
+                info = await asyncio.wait_for(backend.info(), self._ready_timeout_s)
+        except TimeoutError:
+            raise ModelNotReady(f"model {name!r} is not ready yet", param="model") from None
+        self._info[name] = info
+        return info
+
+    async def ready(self, name: str) -> bool:
+        try:
+            await self.info(name)
+        except ModelNotReady:
+            return False
+        return True
+
+    async def all_ready(self) -> bool:
+        results = await asyncio.gather(*(self.ready(n) for n in self.names))
+        return all(results)
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        """Validate what the ingress can know about ``req`` and run it on its model."""
+        if not req.inputs:
+            raise InvalidInput("input must not be empty", param="input")
+        info = await self.info(req.model, wait=True)
+        if req.dimensions is not None and not 1 <= req.dimensions <= info.dim:
+            raise InvalidInput(
+                f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
+                param="dimensions",
+            )
+        return await self.backend(req.model).embed(req)
