@@ -1,0 +1,170 @@
+"""KServe-compatible command line: ``python -m serve_app --model_name embedding --model_id ID
+--task text_embedding``, started the way KServe starts ``python -m huggingfaceserver``.
+
+Flags keep KServe's names and defaults. Flags that only tune KServe's own server are accepted and
+have no effect (listed under "accepted for compatibility"); flags whose behaviour serve_app does
+not reproduce are refused, so no InferenceService silently gets different vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from serve_app.config import AppConfig, BatchOptions, DeploymentOptions, IngressOptions, ModelConfig
+
+SUPPORTED_TASKS = ("text_embedding",)
+_DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "float16": "float16",
+           "half": "float16", "bfloat16": "bfloat16"}
+_REFUSED = {
+    "--disable_lower_case": "the tokenizer's own lower-casing is always used",
+    "--disable_special_tokens": "special tokens are part of every embedding model's input",
+    "--return_token_type_ids": "embedding responses carry no token type ids",
+    "--return_probabilities": "probabilities belong to classification tasks",
+    "--tensor_input_names": "inputs are always the tokenizer's ids and attention mask",
+    "--predictor_host": "serve_app runs the model itself; there is no separate predictor",
+}
+
+
+class _Refuse(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        parser.error(f"{self.option_strings[0]} is not supported: {_REFUSED[self.option_strings[0]]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serve_app",
+        description="Serve a HuggingFace text-embedding model (KServe huggingfaceserver flags).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--model_name", default="model", help="Name clients use (KServe: 'model').")
+    p.add_argument("--model_id", default=None, help="Hub id, local dir or model package.")
+    p.add_argument("--model_dir", default="/mnt/models",
+                   help="Local model directory, used when --model_id is not given.")
+    p.add_argument("--model_revision", default=None, help="Hub revision of the model.")
+    p.add_argument("--tokenizer_revision", default=None, help="Hub revision of the tokenizer.")
+    p.add_argument("--trust_remote_code", action="store_true", help="Allow hub model code.")
+    p.add_argument("--max_length", "--max_model_len", dest="max_length", type=int, default=None,
+                   help="Token limit (default: the model's max_seq_length).")
+    p.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
+                   help="auto: float16 on GPU, float32 on CPU.")
+    p.add_argument("--task", default="text_embedding",
+                   help=f"Only {', '.join(SUPPORTED_TASKS)} is served.")
+    p.add_argument("--backend", default="auto", choices=["auto", "huggingface"],
+                   help="Only the HuggingFace backend exists here.")
+    p.add_argument("--http_port", type=int, default=8080, help="HTTP port (KServe: 8080).")
+    p.add_argument("--grpc_port", type=int, default=8081, help="gRPC port (KServe: 8081).")
+    p.add_argument("--host", default="0.0.0.0",
+                   help="Address to bind (a container's default; use 127.0.0.1 locally).")
+    p.add_argument("--workers", type=int, default=1, help="Ingress replicas.")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num_replicas", type=int, default=1, help="Model replicas.")
+    p.add_argument("--num_cpus", type=float, default=None,
+                   help="CPUs per model replica (default: all CPUs Ray sees).")
+    p.add_argument("--num_gpus", type=float, default=None,
+                   help="GPUs per model replica (default: 1 when CUDA is present, else 0).")
+    p.add_argument("--max_batch_size", type=int, default=BatchOptions().max_batch_size)
+    p.add_argument("--batch_wait_timeout_s", type=float,
+                   default=BatchOptions().batch_wait_timeout_s)
+
+    compat = p.add_argument_group("accepted for compatibility with KServe (no effect)")
+    for flag in ("--enable_grpc", "--enable_docs_url", "--enable_latency_logging",
+                 "--configure_logging"):
+        compat.add_argument(flag, nargs="?", const="true", default=None)
+    for flag in ("--max_threads", "--max_asyncio_workers", "--max_log_len", "--max-log-len"):
+        compat.add_argument(flag, type=int, default=None)
+    for flag in ("--log_config_file", "--access_log_format", "--predictor_protocol"):
+        compat.add_argument(flag, default=None)
+    compat.add_argument("--disable_log_requests", action="store_true",
+                        help="Request texts are never logged anyway.")
+
+    refused = p.add_argument_group("refused (behaviour serve_app does not reproduce)")
+    for flag in _REFUSED:
+        refused.add_argument(flag, nargs="?", action=_Refuse, help=_REFUSED[flag])
+    return p
+
+
+def _model_source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    if args.model_id:
+        return str(args.model_id)
+    if "://" in args.model_dir:
+        parser.error(f"--model_dir {args.model_dir!r}: only local directories are supported; "
+                     "let KServe's storage initializer download to /mnt/models")
+    if not Path(args.model_dir).is_dir():
+        parser.error(f"--model_dir {args.model_dir!r} does not exist; pass --model_id or a "
+                     "directory holding the model")
+    return str(args.model_dir)
+
+
+def config_from_args(
+    argv: Sequence[str] | None = None, cpus: float | None = None, gpus: float = 0.0
+) -> tuple[AppConfig, argparse.Namespace]:
+    """Parse KServe-style flags into the one app config. ``cpus``/``gpus``: what the node has."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.task not in SUPPORTED_TASKS:
+        parser.error(f"--task {args.task!r} is not supported; supported: "
+                     f"{', '.join(SUPPORTED_TASKS)}")
+    model_id = _model_source(args, parser)
+    num_cpus = args.num_cpus if args.num_cpus is not None else max(1.0, float(cpus or 1))
+    num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    try:
+        model = ModelConfig(
+            name=args.model_name,
+            model_id=model_id,
+            model_revision=args.model_revision,
+            tokenizer_revision=args.tokenizer_revision,
+            trust_remote_code=args.trust_remote_code,
+            max_length=args.max_length,
+            dtype=_DTYPES[args.dtype],  # type: ignore[arg-type]
+            device=args.device,
+            batching=BatchOptions(
+                max_batch_size=args.max_batch_size,
+                batch_wait_timeout_s=args.batch_wait_timeout_s,
+            ),
+            deployment=DeploymentOptions(
+                num_replicas=args.num_replicas, num_cpus=num_cpus, num_gpus=num_gpus
+            ),
+        )
+        cfg = AppConfig(models=[model], ingress=IngressOptions(num_replicas=args.workers))
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    config_from_args(argv)  # fail on bad flags before starting Ray
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    res = ray.cluster_resources()
+    cfg, args = config_from_args(argv, cpus=res.get("CPU", 1.0), gpus=res.get("GPU", 0.0))
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        serve.start(
+            http_options={"host": args.host, "port": args.http_port},
+            grpc_options={"port": args.grpc_port, "grpc_servicer_functions": []},
+        )
+        serve.run(build_app(cfg), name="serve_app", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""An in-process model backend: the replica's runner and batcher without Ray.
+
+Used by the protocol tests and by benchmarks that need the app without Serve's hops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serve_app.batching import DrainBatcher, ModelRunner, Seqs
+from serve_app.engine import EmbeddingEngine
+from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
+
+
+class LocalBackend:
+    """A :class:`serve_app.router.ModelBackend` running ``engine`` in this process."""
+
+    def __init__(self, engine: EmbeddingEngine, name: str, version: str = "1") -> None:
+        self.batcher = DrainBatcher(engine.embed_ids, engine.max_batch_size)
+        self.runner = ModelRunner(engine, self._submit)
+        self._info = engine.info(name, version)
+
+    async def _submit(self, group: Seqs) -> np.ndarray:
+        (vectors,) = await self.batcher.run([group])
+        return vectors
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        return await self.runner.embed(req)
+
+    async def info(self) -> ModelInfo:
+        return self._info

@@ -1,0 +1,99 @@
+"""Shared fixtures: the real default model, tiny models built on the spot, and an in-process app."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from serve_app.config import ModelConfig  # noqa: E402
+from serve_app.engine import EmbeddingEngine  # noqa: E402
+from serve_app.model_files import resolve_model_dir  # noqa: E402
+
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json")
+_POOLING_FLAG = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "max": "pooling_mode_max_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def engine() -> EmbeddingEngine:
+    return EmbeddingEngine(ModelConfig(), num_threads=2)
+
+
+TinyFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> TinyFactory:
+    """Build a small random BERT (MiniLM's tokenizer) as a sentence-transformers directory.
+
+    ``pooling=None`` writes no sentence-transformers files at all (a plain HF model).
+    """
+    import torch
+    from transformers import BertConfig, BertModel
+
+    made: dict[tuple, Path] = {}
+
+    def build(
+        pooling: str | None = "mean",
+        normalize: bool = True,
+        max_seq_length: int | None = 64,
+        prompt: str | None = None,
+        max_position_embeddings: int = 128,
+    ) -> Path:
+        key = (pooling, normalize, max_seq_length, prompt, max_position_embeddings)
+        if key in made:
+            return made[key]
+        d = tmp_path_factory.mktemp(f"tiny-{pooling}")
+        torch.manual_seed(0)
+        cfg = BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=max_position_embeddings,
+        )
+        BertModel(cfg).eval().save_pretrained(d)
+        for f in _TOKENIZER_FILES:
+            shutil.copy(minilm_dir / f, d / f)
+        if pooling is not None:
+            modules = [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+            if normalize:
+                modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                                "type": "sentence_transformers.models.Normalize"})
+                (d / "2_Normalize").mkdir()
+            (d / "modules.json").write_text(json.dumps(modules))
+            (d / "1_Pooling").mkdir()
+            pcfg = {"word_embedding_dimension": 32, **{v: False for v in _POOLING_FLAG.values()}}
+            pcfg[_POOLING_FLAG[pooling]] = True
+            (d / "1_Pooling" / "config.json").write_text(json.dumps(pcfg))
+            if max_seq_length is not None:
+                (d / "sentence_bert_config.json").write_text(
+                    json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+                )
+            if prompt is not None:
+                (d / "config_sentence_transformers.json").write_text(
+                    json.dumps({"prompts": {"query": prompt}, "default_prompt_name": "query"})
+                )
+        made[key] = d
+        return d
+
+    return build

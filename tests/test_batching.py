@@ -1,0 +1,139 @@
+"""The drain batcher and the runner, without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serve_app.batching import DrainBatcher, ModelRunner
+from serve_app.errors import InvalidInput
+from serve_app.types import EmbedRequest
+
+
+def slow_compute(delay: float, calls: list[int]):
+    """A fake forward: row i is [first token id, len]; records pass sizes."""
+
+    def compute(seqs):
+        calls.append(len(seqs))
+        time.sleep(delay)
+        return np.array([[s[0], len(s)] for s in seqs], dtype=np.float32)
+
+    return compute
+
+
+def test_passes_fill_while_the_model_is_busy():
+    calls: list[int] = []
+    batcher = DrainBatcher(slow_compute(0.05, calls), max_batch_size=16)
+
+    async def main():
+        # one request arrives first and occupies the model; 40 more arrive meanwhile
+        first = asyncio.create_task(batcher.run([[[1]]]))
+        await asyncio.sleep(0.01)
+        rest = await asyncio.gather(*(batcher.run([[[i + 2]]]) for i in range(40)))
+        return await first, rest
+
+    first, rest = asyncio.run(main())
+    assert first[0].tolist() == [[1, 1]]
+    assert [r[0][0, 0] for r in rest] == [i + 2 for i in range(40)]  # each gets its own row
+    assert calls[0] == 1 and calls[1:] == [16, 16, 8]
+    assert batcher.stats.as_dict()["max_batch"] == 16
+
+
+def test_groups_are_never_split_and_order_is_kept():
+    calls: list[int] = []
+    batcher = DrainBatcher(slow_compute(0.0, calls), max_batch_size=5)
+
+    async def main():
+        return await batcher.run([[[1], [2], [3]], [[4], [5]], [[6], [7], [8]]])
+
+    out = asyncio.run(main())
+    assert [o[:, 0].tolist() for o in out] == [[1, 2, 3], [4, 5], [6, 7, 8]]
+    assert calls == [5, 3]
+
+
+def test_a_failing_pass_fails_only_its_callers_and_the_loop_lives_on():
+    state = {"fail": True}
+
+    def compute(seqs):
+        if state["fail"]:
+            state["fail"] = False
+            raise RuntimeError("boom")
+        return np.zeros((len(seqs), 2), np.float32)
+
+    batcher = DrainBatcher(compute, max_batch_size=4)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.run([[[1]]])
+        return await batcher.run([[[1]], [[2]]])
+
+    assert len(asyncio.run(main())) == 2
+
+
+def test_cancelled_work_never_reaches_the_model():
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def compute(seqs):
+        calls.append(len(seqs))
+        gate.wait(5)
+        return np.zeros((len(seqs), 2), np.float32)
+
+    batcher = DrainBatcher(compute, max_batch_size=8)
+
+    async def main():
+        busy = asyncio.create_task(batcher.run([[[1]]]))
+        await asyncio.sleep(0.02)
+        gone = asyncio.create_task(batcher.run([[[2]], [[3]]]))
+        kept = asyncio.create_task(batcher.run([[[4]]]))
+        await asyncio.sleep(0.02)
+        gone.cancel()  # the client went away while the model was busy
+        gate.set()
+        await busy
+        await kept
+
+    asyncio.run(main())
+    assert calls == [1, 1]
+
+
+def test_runner_splits_large_requests_and_applies_dimensions(engine):
+    seen: list[int] = []
+
+    async def submit(group):
+        seen.append(len(group))
+        return engine.embed_ids(group)
+
+    runner = ModelRunner(engine, submit)
+    texts = tuple(f"sentence number {i}" for i in range(70))
+
+    async def main():
+        full = await runner.embed(EmbedRequest(model="m", inputs=texts))
+        cut = await runner.embed(EmbedRequest(model="m", inputs=texts[:3], dimensions=8))
+        return full, cut
+
+    full, cut = asyncio.run(main())
+    assert seen[:3] == [32, 32, 6]
+    assert full.embeddings.shape == (70, 384) and full.token_counts.shape == (70,)
+    direct, counts = engine.embed(list(texts))
+    np.testing.assert_allclose(full.embeddings, direct, atol=2e-6)
+    assert full.prompt_tokens == counts.sum()
+    assert cut.embeddings.shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(cut.embeddings, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        cut.embeddings, direct[:3, :8] / np.linalg.norm(direct[:3, :8], axis=1, keepdims=True),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("dims", [0, -1, 385])
+def test_runner_refuses_impossible_dimensions(engine, dims):
+    async def submit(group):
+        raise AssertionError("must not be reached")
+
+    runner = ModelRunner(engine, submit)
+    with pytest.raises(InvalidInput, match="dimensions must be between 1 and 384"):
+        asyncio.run(runner.embed(EmbedRequest(model="m", inputs=("x",), dimensions=dims)))

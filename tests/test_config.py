@@ -1,0 +1,108 @@
+"""The typed config: strict keys, Serve options, and every shipped config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.app import build_app
+from serve_app.config import AppConfig, DeploymentOptions, ModelConfig
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_serve_the_embedded_model():
+    cfg = AppConfig()
+    assert [m.name for m in cfg.models] == ["embedding"]
+    assert cfg.models[0].model_id == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"models": [{"name": "embedding", "max_batchsize": 8}]},
+        {"models": [{"batching": {"max_batch_size": 8, "wait": 1}}]},
+        {"models": [{"deployment": {"num_replica": 2}}]},
+        {"ingres": {}},
+    ],
+)
+def test_misspelled_keys_are_errors(args):
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        AppConfig.model_validate(args)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ({"models": []}, "at least 1"),
+        ({"models": [{"name": "a"}, {"name": "a"}]}, "repeated: \\['a'\\]"),
+        ({"models": [{"name": "bad/name"}]}, "model name must be"),
+        ({"models": [{"device": "tpu"}]}, "device"),
+        ({"models": [{"batching": {"max_batch_size": 0}}]}, "greater than or equal to 1"),
+        ({"models": [{"deployment": {"num_replicas": 2, "autoscaling_config": {}}}]},
+         "either num_replicas or autoscaling_config"),
+        ({"models": [{"deployment": {"num_replicas": None, "autoscaling_config":
+                                     {"min_replicas": 3, "max_replicas": 2}}}]},
+         "min_replicas must be <= max_replicas"),
+    ],
+)
+def test_invalid_values_are_errors(args, match):
+    with pytest.raises(ValidationError, match=match):
+        AppConfig.model_validate(args)
+
+
+def test_serve_options_carry_resources_and_scaling():
+    fixed = DeploymentOptions(num_replicas=2, num_cpus=2, num_gpus=0.5,
+                              resources={"model_node": 1}).serve_options()
+    assert fixed["num_replicas"] == 2
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5,
+                                          "resources": {"model_node": 1}}
+    auto = DeploymentOptions.model_validate(
+        {"num_replicas": None, "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    ).serve_options()
+    assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_several_models_bind_one_deployment_each():
+    app = build_app({"models": [{"name": "a"}, {"name": "b", "deployment": {"num_cpus": 0.5}}]})
+    ingress = app._bound_deployment
+    models = ingress.init_args[0]
+    assert sorted(models) == ["a", "b"]
+    assert models["b"]._bound_deployment.ray_actor_options["num_cpus"] == 0.5
+    assert models["a"]._bound_deployment.name == "model-a"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_are_valid_serve_configs(path):
+    """Ray's schema for the file, our strict schema for the args, and no key either ignores."""
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(
+        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    _assert_no_dropped_keys(raw, schema)
+    for app in raw["applications"]:
+        assert app["import_path"] == "serve_app.app:build_app"
+        AppConfig.model_validate(app.get("args") or {})
+        build_app(app.get("args") or {})
+
+
+def _assert_no_dropped_keys(raw: dict, schema) -> None:
+    """Ray Serve drops unknown keys silently: every key in the file must be a schema field."""
+    known = set(type(schema).__fields__) if hasattr(type(schema), "__fields__") else set()
+    unknown = set(raw) - known
+    assert not unknown, f"keys Ray Serve would ignore: {sorted(unknown)}"
+    for section in ("http_options", "grpc_options"):
+        if section in raw:
+            sub = getattr(schema, section)
+            assert not set(raw[section]) - set(type(sub).__fields__), section
+    for app_raw, app in zip(raw["applications"], schema.applications, strict=True):
+        assert not set(app_raw) - set(type(app).__fields__), app_raw.get("name")
+
+
+def test_model_config_is_frozen():
+    with pytest.raises(ValidationError):
+        ModelConfig().name = "x"  # type: ignore[misc]
