@@ -33,7 +33,8 @@ _REFUSED = {
 
 class _Refuse(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        parser.error(f"{self.option_strings[0]} is not supported: {_REFUSED[self.option_strings[0]]}")
+        flag = self.option_strings[0]
+        parser.error(f"{flag} is not supported: {_REFUSED[flag]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +122,7 @@ def config_from_args(
             tokenizer_revision=args.tokenizer_revision,
             trust_remote_code=args.trust_remote_code,
             max_length=args.max_length,
-            dtype=_DTYPES[args.dtype],  # type: ignore[arg-type]
+            dtype=_DTYPES[args.dtype],
             device=args.device,
             batching=BatchOptions(
                 max_batch_size=args.max_batch_size,

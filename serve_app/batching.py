@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,24 +30,29 @@ Seqs = list[list[int]]
 
 @dataclass
 class BatchStats:
-    """Sizes of the forward passes run so far (texts per pass)."""
+    """The forward passes run so far: how many, with how many texts, and their compute time."""
 
     passes: int = 0
     texts: int = 0
     sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    nanos: collections.Counter[int] = field(default_factory=collections.Counter)
 
-    def record(self, n: int) -> None:
+    def record(self, n: int, seconds: float) -> None:
         self.passes += 1
         self.texts += n
         self.sizes[n] += 1
+        self.nanos[n] += int(seconds * 1e9)
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "passes": self.passes,
             "texts": self.texts,
             "mean_batch": self.texts / self.passes if self.passes else 0.0,
             "max_batch": max(self.sizes) if self.sizes else 0,
-            "sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "batches": [
+                {"batch_size": k, "count": v, "ns": self.nanos[k]}
+                for k, v in sorted(self.sizes.items())
+            ],
         }
 
 
@@ -97,7 +104,7 @@ class DrainBatcher:
             if not taken:
                 continue
             flat = [s for group, _ in taken for s in group]
-            self.stats.record(len(flat))
+            t0 = time.perf_counter()
             try:
                 vectors = await loop.run_in_executor(self._executor, self._compute, flat)
             except Exception as e:  # hand the failure to every waiter; the loop lives on
@@ -105,6 +112,7 @@ class DrainBatcher:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            self.stats.record(len(flat), time.perf_counter() - t0)
             start = 0
             for group, fut in taken:
                 if not fut.done():

@@ -73,9 +73,12 @@ class DeploymentOptions(_Strict):
 
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self) -> DeploymentOptions:
-        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
-            if self.num_replicas is not None:
-                raise ValueError("set either num_replicas or autoscaling_config, not both")
+        if (
+            self.autoscaling_config is not None
+            and "num_replicas" in self.model_fields_set
+            and self.num_replicas is not None
+        ):
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
     def serve_options(self) -> dict[str, Any]:
@@ -136,8 +139,8 @@ class ModelConfig(_Strict):
     torch_threads: int | None = Field(
         None, ge=1, description="Torch intra-op threads; default: the CPUs the replica owns."
     )
-    batching: BatchOptions = Field(default_factory=BatchOptions)  # type: ignore[arg-type]
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)  # type: ignore[arg-type]
+    batching: BatchOptions = Field(default_factory=BatchOptions)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @field_validator("name")
     @classmethod
@@ -178,11 +181,11 @@ class AppConfig(_Strict):
 
     server_name: str = Field("serve_app", description="Name reported by GET /v2.")
     models: list[ModelConfig] = Field(
-        default_factory=lambda: [ModelConfig()],  # type: ignore[call-arg]
+        default_factory=lambda: [ModelConfig()],
         min_length=1,
         description="Served models, routed by name.",
     )
-    ingress: IngressOptions = Field(default_factory=IngressOptions)  # type: ignore[arg-type]
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

@@ -48,8 +48,12 @@ class EmbeddingModel:
         warm = self.engine.warmup()
         log.info("model %r warmed up in %.2fs", cfg.name, warm)
         self.batcher = DrainBatcher(self.engine.embed_ids, cfg.batching.max_batch_size)
-        self._batched.set_max_batch_size(cfg.batching.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        self._batched.set_max_batch_size(  # type: ignore[attr-defined]
+            cfg.batching.max_batch_size
+        )
+        self._batched.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            cfg.batching.batch_wait_timeout_s
+        )
         self.runner = ModelRunner(self.engine, self._batched)
         self._info = self.engine.info(cfg.name, cfg.version)
 
@@ -84,18 +88,22 @@ class HandleBackend:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._embed = handle.options(method_name="embed")
         self._info = handle.options(method_name="info")
+        self._stats = handle.options(method_name="stats")
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         try:
-            return await self._embed.remote(req)  # type: ignore[no-any-return]
+            return await self._embed.remote(req)
         except RayTaskError as e:
             raise _unwrap(e) from None
 
     async def info(self) -> ModelInfo:
         try:
-            return await self._info.remote()  # type: ignore[no-any-return]
+            return await self._info.remote()
         except RayTaskError as e:
             raise ModelNotReady(f"model is not ready: {_unwrap(e)}") from None
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._stats.remote()
 
 
 @serve.deployment

@@ -5,6 +5,8 @@ Used by the protocol tests and by benchmarks that need the app without Serve's h
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from serve_app.batching import DrainBatcher, ModelRunner, Seqs
@@ -29,3 +31,6 @@ class LocalBackend:
 
     async def info(self) -> ModelInfo:
         return self._info
+
+    async def stats(self) -> dict[str, Any]:
+        return self.batcher.stats.as_dict()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from serve_app import __version__
 from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
@@ -20,6 +21,8 @@ class ModelBackend(Protocol):
 
     async def info(self) -> ModelInfo: ...
 
+    async def stats(self) -> dict[str, Any]: ...
+
 
 class Router:
     """Routes requests to models by name and caches their metadata.
@@ -30,7 +33,7 @@ class Router:
 
     def __init__(
         self,
-        backends: dict[str, ModelBackend],
+        backends: Mapping[str, ModelBackend],
         server_name: str = "serve_app",
         versions: dict[str, str] | None = None,
         ready_timeout_s: float = 2.0,
@@ -87,6 +90,10 @@ class Router:
     async def all_ready(self) -> bool:
         results = await asyncio.gather(*(self.ready(n) for n in self.names))
         return all(results)
+
+    async def stats(self, name: str) -> dict[str, Any]:
+        """Forward-pass statistics of ``name`` (from one replica when there are several)."""
+        return await self.backend(name).stats()
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         """Validate what the ingress can know about ``req`` and run it on its model."""

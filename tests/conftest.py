@@ -13,9 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from serve_app.config import ModelConfig  # noqa: E402
-from serve_app.engine import EmbeddingEngine  # noqa: E402
-from serve_app.model_files import resolve_model_dir  # noqa: E402
+from serve_app.config import ModelConfig
+from serve_app.engine import EmbeddingEngine
+from serve_app.model_files import resolve_model_dir
 
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json")
@@ -72,13 +72,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Ti
         for f in _TOKENIZER_FILES:
             shutil.copy(minilm_dir / f, d / f)
         if pooling is not None:
+            st = "sentence_transformers.models."
             modules = [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"},
             ]
             if normalize:
                 modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                                "type": "sentence_transformers.models.Normalize"})
+                                "type": st + "Normalize"})
                 (d / "2_Normalize").mkdir()
             (d / "modules.json").write_text(json.dumps(modules))
             (d / "1_Pooling").mkdir()

@@ -65,7 +65,7 @@ def test_mixed_batches_keep_order_and_match_single_calls(engine):
 def test_refusing_truncation_names_the_counts(engine):
     with pytest.raises(InvalidInput, match=r"has \d+ tokens, more than the model's limit of 256"):
         engine.embed([TEXTS[-1]], truncate=False)
-    vec, counts = engine.embed([TEXTS[0]], truncate=False)
+    _vec, counts = engine.embed([TEXTS[0]], truncate=False)
     assert counts.tolist() == [8]
 
 
@@ -89,7 +89,7 @@ def test_pooling_modes_match_sentence_transformers(tiny_model, pooling, normaliz
     d = tiny_model(pooling=pooling, normalize=normalize)
     engine = EmbeddingEngine(ModelConfig(model_id=str(d)))
     assert engine.pooling == pooling and engine.normalize is normalize
-    texts = TEXTS[:7] + ["word " * 100]  # the last one is truncated at 64 tokens
+    texts = [*TEXTS[:7], "word " * 100]  # the last one is truncated at 64 tokens
     ours, counts = engine.embed(texts)
     ref = SentenceTransformer(str(d), device="cpu").encode(texts)
     assert counts[-1] == 64
@@ -126,7 +126,7 @@ def test_config_overrides_model_files(tiny_model):
 
 
 def test_unknown_model_is_a_clear_load_error(tmp_path):
-    with pytest.raises(ModelLoadError, match="holds no config.json"):
+    with pytest.raises(ModelLoadError, match=r"holds no config\.json"):
         EmbeddingEngine(ModelConfig(model_id=str(tmp_path)))
     with pytest.raises(ModelLoadError, match="not a local directory"):
         EmbeddingEngine(ModelConfig(model_id="no-such-org/no-such-model"))

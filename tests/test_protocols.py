@@ -359,3 +359,15 @@ def test_openapi_document_declares_request_bodies(client):
     post = doc["paths"]["/v1/embeddings"]["post"]
     assert "input" in post["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert "/v2/models/{name}/infer" in doc["paths"]
+
+
+def test_v2_statistics_count_forward_passes(client):
+    before = client.get("/v2/models/tiny/stats").json()["model_stats"][0]
+    client.post("/v2/models/tiny/infer", json=v2_body(["a", "b", "c"]))
+    after = client.get("/v2/models/tiny/versions/1/stats").json()["model_stats"][0]
+    assert after["name"] == "tiny" and after["version"] == "1"
+    assert after["inference_count"] == before["inference_count"] + 3
+    assert after["execution_count"] == before["execution_count"] + 1
+    sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}
+    assert sizes.get(3, 0) >= 1
+    assert_kserve_error(client.get("/v2/models/nope/stats"), 404)

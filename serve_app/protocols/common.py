@@ -62,7 +62,7 @@ def json_response(
 
 
 def router_of(request: Request) -> Router:
-    return request.app.state.router  # type: ignore[no-any-return]
+    return request.app.state.router
 
 
 async def read_body(request: Request) -> bytes:

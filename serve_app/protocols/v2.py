@@ -166,6 +166,28 @@ async def model_ready(name: str, request: Request, version: str | None = None) -
     return json_response({"name": name, "ready": True})
 
 
+@router.get("/v2/models/{name}/stats")
+@router.get("/v2/models/{name}/versions/{version}/stats")
+async def statistics(name: str, request: Request, version: str | None = None) -> Response:
+    """A subset of Triton's statistics extension: forward passes by batch size (one replica)."""
+    r = router_of(request)
+    r.check_version(name, version)
+    s = await r.stats(name)
+    return json_response({
+        "model_stats": [{
+            "name": name,
+            "version": r.versions.get(name, "1"),
+            "inference_count": s["texts"],
+            "execution_count": s["passes"],
+            "batch_stats": [
+                {"batch_size": b["batch_size"], "compute_infer": {"count": b["count"],
+                                                                  "ns": b["ns"]}}
+                for b in s["batches"]
+            ],
+        }]
+    })
+
+
 _INFER_SCHEMA = {
     "requestBody": {
         "required": True,

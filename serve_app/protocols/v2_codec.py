@@ -45,7 +45,7 @@ def join_bytes_tensor(items: Sequence[bytes]) -> bytes:
 
 
 def fp32_bytes(vectors: np.ndarray) -> bytes:
-    """Row-major little-endian float32 bytes, as the V2 binary extension and gRPC raw output want."""
+    """Row-major little-endian float32 bytes (V2 binary extension, gRPC raw output)."""
     return np.ascontiguousarray(vectors, dtype="<f4").tobytes()
 
 

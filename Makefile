@@ -1,0 +1,33 @@
+# make serve: install into .venv and serve the default model on http://127.0.0.1:8000
+# make test:  install into .venv, lint, type-check and run every test (CI runs this)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test test-fast lint clean
+
+install: $(STAMP)
+
+# One pip run resolves everything together (protobuf < 7 for tritonclient, see constraints.txt).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+serve: install
+	HF_HUB_OFFLINE=1 $(BIN)/serve run configs/local.yaml
+
+lint: install
+	$(BIN)/ruff check serve_app tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not e2e"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,84 @@
+"""The KServe-compatible command line: flags, refusals, and a real start."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from serve_app.__main__ import build_parser, config_from_args
+from tests.servers import BIN, free_port, running
+
+KSERVE_ARGS = ["--model_name", "embedding", "--model_id", "sentence-transformers/all-MiniLM-L6-v2",
+               "--task", "text_embedding"]
+
+
+def test_kserve_defaults():
+    args = build_parser().parse_args([])
+    assert (args.model_name, args.http_port, args.grpc_port, args.model_dir) == (
+        "model", 8080, 8081, "/mnt/models")
+
+
+def test_kserve_flags_map_to_the_app_config():
+    extra = ["--max_length", "128", "--dtype", "float", "--model_revision", "main",
+             "--trust_remote_code", "--workers", "2"]
+    cfg, _ = config_from_args([*KSERVE_ARGS, *extra], cpus=4)
+    (m,) = cfg.models
+    assert (m.name, m.model_id, m.max_length, m.dtype, m.model_revision) == (
+        "embedding", "sentence-transformers/all-MiniLM-L6-v2", 128, "float32", "main")
+    assert m.trust_remote_code and cfg.ingress.num_replicas == 2
+    assert m.deployment.num_cpus == 4 and m.deployment.num_gpus == 0
+
+
+def test_gpu_node_gets_a_gpu_replica():
+    cfg, _ = config_from_args(KSERVE_ARGS, cpus=8, gpus=1)
+    assert cfg.models[0].deployment.num_gpus == 1
+
+
+def test_compatibility_flags_are_accepted():
+    extra = ["--enable_grpc", "true", "--disable_log_requests", "--max_log_len", "100",
+             "--configure_logging", "--backend", "huggingface", "--max_model_len", "64"]
+    config_from_args([*KSERVE_ARGS, *extra])
+
+
+def test_model_dir_is_used_without_model_id(tmp_path):
+    cfg, _ = config_from_args(["--model_dir", str(tmp_path)])
+    assert cfg.models[0].model_id == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--task", "fill_mask"], "--task 'fill_mask' is not supported; supported: text_embedding"),
+        (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+        (["--model_nam", "x"], "unrecognized arguments"),  # no silent abbreviations
+        (["--disable_special_tokens"], "--disable_special_tokens is not supported"),
+        (["--return_probabilities"], "is not supported"),
+        (["--backend", "vllm"], "invalid choice"),
+        (["--dtype", "int8"], "invalid choice"),
+        (["--model_dir", "s3://bucket/model"], "only local directories are supported"),
+        (["--model_dir", "/does/not/exist"], "does not exist"),
+        (["--model_name", "bad/name", "--model_id", "x"], "model name must be"),
+    ],
+)
+def test_bad_flags_are_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        config_from_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_cli_serves_like_kserve(tmp_path, engine):
+    port, grpc_port = free_port(), free_port()
+    cmd = [str(BIN / "python"), "-m", "serve_app", *KSERVE_ARGS, "--host", "127.0.0.1",
+           "--http_port", str(port), "--grpc_port", str(grpc_port), "--num_cpus", "1"]
+    with running(cmd, f"http://127.0.0.1:{port}", tmp_path / "cli.log") as url:
+        r = httpx.post(f"{url}/openai/v1/embeddings",
+                       json={"model": "embedding", "input": "This is an example sentence."})
+        assert r.status_code == 200
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"],
+                                   engine.embed(["This is an example sentence."])[0][0], atol=1e-6)
+        assert r.json()["usage"]["prompt_tokens"] == 8
+        v1 = httpx.post(f"{url}/v1/models/embedding:predict", json={"instances": ["hi"]})
+        assert v1.status_code == 200 and len(v1.json()["predictions"][0]) == 384

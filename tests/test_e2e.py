@@ -1,0 +1,213 @@
+"""End to end: a real ``serve run`` of a config on loopback, real clients, the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import tritonclient.http as triton_http
+import yaml
+from sentence_transformers import SentenceTransformer
+from tritonclient.utils import InferenceServerException
+
+from tests.servers import BIN, free_port, running
+
+pytestmark = pytest.mark.e2e
+
+SENTENCE = "This is an example sentence."
+TEXTS = [SENTENCE, "Der schnelle braune Fuchs.", "東京は日本の首都です。", "long text " * 300]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    """Two models in one app: the default model and a tiny CLS-pooled one."""
+    tmp = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "serve_app",
+            "route_prefix": "/",
+            "import_path": "serve_app.app:build_app",
+            "args": {
+                "server_name": "e2e",
+                "models": [
+                    {"name": "embedding",
+                     "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
+                     "deployment": {"num_cpus": 1, "max_ongoing_requests": 128}},
+                    {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
+                     "deployment": {"num_cpus": 0.5}},
+                ],
+            },
+        }],
+    }
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{port}"
+    with running([str(BIN / "serve"), "run", str(cfg)], url, tmp / "serve.log") as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_dir):
+    return SentenceTransformer(str(minilm_dir), device="cpu").encode(TEXTS)
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_sdk_float_base64_dimensions(oai, reference, engine):
+    r = oai.embeddings.create(model="embedding", input=TEXTS)
+    floats = np.array([d.embedding for d in r.data], dtype=np.float32)
+    np.testing.assert_allclose(floats, reference, atol=1e-5)
+    counts = engine.embed(TEXTS)[1]
+    assert counts[-1] == 256  # the long text is truncated, and usage counts what was embedded
+    assert r.usage.prompt_tokens == r.usage.total_tokens == int(counts.sum())
+    b64 = oai.embeddings.create(model="embedding", input=TEXTS, encoding_format="base64")
+    decoded = np.array([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in b64.data])
+    np.testing.assert_array_equal(decoded, floats)
+    cut = oai.embeddings.create(model="embedding", input=SENTENCE, dimensions=128)
+    v = np.array(cut.data[0].embedding)
+    assert v.shape == (128,) and abs(np.linalg.norm(v) - 1) < 1e-5
+
+
+def test_kserve_reference_case_through_openai(oai, minilm_dir):
+    r = oai.embeddings.create(model="embedding", input=SENTENCE)
+    ref = SentenceTransformer(str(minilm_dir), device="cpu").encode([SENTENCE])[0]
+    assert len(r.data[0].embedding) == 384
+    np.testing.assert_allclose(r.data[0].embedding, ref, atol=1e-6)
+    assert r.usage.prompt_tokens == 8
+
+
+def test_openai_sdk_errors_and_models(oai):
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.embeddings.create(model="nope", input="x")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        oai.embeddings.create(model="embedding", input=[])
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        oai.embeddings.create(model="embedding", input=[[101, 999999, 102]])  # replica-side check
+    assert {m.id for m in oai.models.list()} == {"embedding", "tiny"}
+    assert oai.models.retrieve("tiny").id == "tiny"
+
+
+def test_tritonclient_http(server, reference):
+    client = triton_http.InferenceServerClient(server.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("embedding")
+    meta = client.get_model_metadata("embedding")
+    assert meta["outputs"][0] == {"name": "output-0", "datatype": "FP32", "shape": [-1, 384]}
+    arr = np.array([t.encode() for t in TEXTS], dtype=object)
+    inp = triton_http.InferInput("text", [len(TEXTS)], "BYTES")
+    inp.set_data_from_numpy(arr)  # binary tensor extension in and out
+    binary = client.infer("embedding", [inp], request_id="r1")
+    assert binary.get_response()["id"] == "r1"
+    out = binary.as_numpy("output-0")
+    assert out.dtype == np.float32 and out.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(out, reference, atol=1e-5)
+    inp2 = triton_http.InferInput("text", [len(TEXTS), 1], "BYTES")
+    inp2.set_data_from_numpy(arr.reshape(-1, 1), binary_data=False)
+    as_json = client.infer("embedding", [inp2], model_version="1",
+                           outputs=[triton_http.InferRequestedOutput("output-0",
+                                                                     binary_data=False)],
+                           request_compression_algorithm="gzip")
+    np.testing.assert_array_equal(as_json.as_numpy("output-0"), out)
+    with pytest.raises(InferenceServerException, match="not served"):
+        client.infer("nope", [inp])
+    bad = triton_http.InferInput("text", [1], "FP32")
+    bad.set_data_from_numpy(np.zeros(1, np.float32))
+    with pytest.raises(InferenceServerException, match="must be BYTES"):
+        client.infer("embedding", [bad])
+
+
+def test_kserve_v1_with_httpx(server, reference):
+    with httpx.Client(base_url=server, timeout=30) as c:
+        r = c.post("/v1/models/embedding:predict", json={"instances": TEXTS})
+        assert r.status_code == 200
+        np.testing.assert_allclose(r.json()["predictions"], reference, atol=1e-5)
+        assert c.get("/v1/models/embedding").json()["ready"] is True
+        assert c.get("/v1/models").json()["models"] == ["embedding", "tiny"]
+        bad = c.post("/v1/models/embedding:predict", json={"instances": []})
+        assert bad.status_code == 400 and set(bad.json()) == {"error"}
+        assert c.post("/v1/models/nope:predict", json={"instances": ["a"]}).status_code == 404
+        assert c.post("/v1/models/embedding:predict", content=b"{oops").status_code == 400
+
+
+def test_every_protocol_gives_the_same_vector(server, oai):
+    texts = ["parity across protocols", SENTENCE]
+    via_openai = np.array([d.embedding for d in oai.embeddings.create(model="embedding",
+                                                                      input=texts).data])
+    with httpx.Client(base_url=server, timeout=30) as c:
+        via_v1 = np.array(c.post("/v1/models/embedding:predict",
+                                 json={"instances": texts}).json()["predictions"])
+        v2 = c.post("/v2/models/embedding/infer", json={"inputs": [
+            {"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]}).json()
+        via_v2 = np.array(v2["outputs"][0]["data"]).reshape(2, -1)
+    kserve_path = httpx.post(f"{server}/openai/v1/embeddings",
+                             json={"model": "embedding", "input": texts}).json()
+    via_openai_kserve_path = np.array([d["embedding"] for d in kserve_path["data"]])
+    for other in (via_v1, via_v2, via_openai_kserve_path):
+        np.testing.assert_array_equal(other.astype(np.float32), via_openai.astype(np.float32))
+
+
+def test_second_model_is_routed_by_name(server, tiny_model):
+    from serve_app.config import ModelConfig
+    from serve_app.engine import EmbeddingEngine
+
+    local = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="cls"))))
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": "tiny", "input": [SENTENCE]}).json()
+    assert len(r["data"][0]["embedding"]) == 32
+    np.testing.assert_allclose(r["data"][0]["embedding"], local.embed([SENTENCE])[0][0], atol=1e-6)
+
+
+def test_large_request_is_split_and_kept_in_order(server):
+    texts = [f"document number {i} about topic {i % 7}" for i in range(100)]
+    with httpx.Client(base_url=server, timeout=60) as c:
+        together = np.array(c.post("/v1/models/embedding:predict",
+                                   json={"instances": texts}).json()["predictions"])
+        alone = np.array([c.post("/v1/models/embedding:predict",
+                                 json={"instances": [t]}).json()["predictions"][0]
+                          for t in texts[::25]])
+    assert together.shape == (100, 384)
+    np.testing.assert_allclose(together[::25], alone, atol=1e-5)
+
+
+def test_batches_fill_under_concurrent_load(server):
+    """32 clients, one short text each, several rounds: the model must see real batches."""
+
+    async def load() -> None:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+            async def one_client(i: int) -> None:
+                for j in range(8):
+                    r = await c.post("/v1/embeddings",
+                                     json={"model": "embedding", "input": f"client {i} says {j}"})
+                    assert r.status_code == 200
+
+            await asyncio.gather(*(one_client(i) for i in range(32)))
+
+    stats_url = f"{server}/v2/models/embedding/stats"
+    before = httpx.get(stats_url).json()["model_stats"][0]
+    asyncio.run(load())
+    after = httpx.get(stats_url).json()["model_stats"][0]
+    texts = after["inference_count"] - before["inference_count"]
+    passes = after["execution_count"] - before["execution_count"]
+    assert texts == 256
+    mean_batch = texts / passes
+    # One text per request: without batching across requests every pass would hold exactly 1.
+    # (Seen here on 2 cores: about 4.7; the proxy and ingress, not the model, limit arrivals.)
+    print(f"\nmean batch {mean_batch:.1f} texts over {passes} passes")
+    assert mean_batch >= 2, f"mean batch {mean_batch:.1f} over {passes} passes"
+
+
+def test_server_keeps_serving_after_bad_input(server, oai):
+    for payload in (b"", b"[", b'{"input": 5, "model": "embedding"}', b"\x00" * 100):
+        r = httpx.post(f"{server}/v1/embeddings", content=payload)
+        assert 400 <= r.status_code < 500
+    assert len(oai.embeddings.create(model="embedding", input="still fine").data) == 1
