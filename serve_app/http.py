@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError
+from serve_app.metrics import CONTENT_TYPE
 from serve_app.protocols import kserve_v1, openai, v2
 from serve_app.protocols.common import json_response
 from serve_app.router import Router
@@ -31,6 +35,20 @@ def create_http_app(router: Router) -> FastAPI:
     @app.get("/", tags=["health"])
     async def root() -> Response:
         return json_response({"status": "alive"})
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        t0 = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        router.metrics.observe_request(request.url.path, template, request.method,
+                                       response.status_code, time.perf_counter() - t0)
+        return response
 
     app.include_router(openai.router)
     app.include_router(kserve_v1.router)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from serve_app import __version__
 from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
+from serve_app.metrics import Metrics
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
 
@@ -37,6 +38,7 @@ class Router:
         server_name: str = "serve_app",
         versions: dict[str, str] | None = None,
         ready_timeout_s: float = 2.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._backends = backends
         self._info: dict[str, ModelInfo] = {}
@@ -45,6 +47,7 @@ class Router:
         self.versions = versions or {}
         self._ready_timeout_s = ready_timeout_s
         self.created = int(time.time())
+        self.metrics = metrics or Metrics()
 
     @property
     def names(self) -> list[str]:
@@ -105,4 +108,6 @@ class Router:
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
                 param="dimensions",
             )
-        return await self.backend(req.model).embed(req)
+        result = await self.backend(req.model).embed(req)
+        self.metrics.observe_embedding(req.model, len(req.inputs), result.prompt_tokens)
+        return result

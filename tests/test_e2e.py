@@ -211,3 +211,11 @@ def test_server_keeps_serving_after_bad_input(server, oai):
         r = httpx.post(f"{server}/v1/embeddings", content=payload)
         assert 400 <= r.status_code < 500
     assert len(oai.embeddings.create(model="embedding", input="still fine").data) == 1
+
+
+def test_metrics_route_through_serve(server):
+    httpx.post(f"{server}/v1/models/tiny:predict", json={"instances": ["a", "b"]})
+    r = httpx.get(f"{server}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert 'serve_app_embedded_inputs_total{model="tiny"}' in r.text
+    assert "serve_app_requests_total" in r.text

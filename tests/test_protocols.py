@@ -371,3 +371,22 @@ def test_v2_statistics_count_forward_passes(client):
     sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}
     assert sizes.get(3, 0) >= 1
     assert_kserve_error(client.get("/v2/models/nope/stats"), 404)
+
+
+def test_metrics_count_known_traffic(engine):
+    router = Router({"embedding": LocalBackend(engine, "embedding")})
+    with TestClient(create_http_app(router)) as c:
+        for _ in range(3):
+            c.post("/v1/embeddings", json={"input": [SENTENCE, "hi"], "model": "embedding"})
+        c.post("/v1/models/embedding:predict", json={"instances": []})
+        c.post("/v2/models/embedding/infer", json=v2_body([SENTENCE]))
+        text = c.get("/metrics").text
+    assert ('serve_app_requests_total{method="POST",protocol="openai",'
+            'route="/v1/embeddings",status="200"} 3.0') in text
+    assert ('serve_app_requests_total{method="POST",protocol="kserve_v1",'
+            'route="/v1/models/{name}:predict",status="400"} 1.0') in text
+    assert ('serve_app_request_seconds_count{protocol="v2",'
+            'route="/v2/models/{name}/infer"} 1.0') in text
+    assert 'serve_app_embedded_inputs_total{model="embedding"} 7.0' in text
+    tokens = 3 * engine.embed([SENTENCE, "hi"])[1].sum() + engine.embed([SENTENCE])[1].sum()
+    assert f'serve_app_embedded_tokens_total{{model="embedding"}} {float(tokens)}' in text
