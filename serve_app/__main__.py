@@ -19,6 +19,7 @@ from typing import Any
 from serve_app.config import AppConfig, BatchOptions, DeploymentOptions, IngressOptions, ModelConfig
 
 SUPPORTED_TASKS = ("text_embedding",)
+GRPC_SERVICER = "serve_app.protocols.v2_grpc.add_inference_servicer"
 _DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "float16": "float16",
            "half": "float16", "bfloat16": "bfloat16"}
 _REFUSED = {
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         serve.start(
             http_options={"host": args.host, "port": args.http_port},
-            grpc_options={"port": args.grpc_port, "grpc_servicer_functions": []},
+            grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )
         serve.run(build_app(cfg), name="serve_app", route_prefix="/", blocking=True)
     except KeyboardInterrupt:

@@ -4,12 +4,14 @@ Serve YAML passes ``applications[].args`` to :func:`serve_app.app.build_app`, wh
 as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key is an error, not a
 silently dropped option (Ray Serve's own config drops unknown keys).
 
-serve_app reads no environment variables of its own; the HuggingFace ones (``HF_HOME``,
-``HF_HUB_OFFLINE``, ``HF_TOKEN``) reach the replicas through Ray's worker environment.
+serve_app reads one environment variable of its own, here (:func:`grpc_default_application`);
+the HuggingFace ones (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``) reach the replicas through
+Ray's worker environment.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Literal
 
@@ -201,3 +203,12 @@ class AppConfig(_Strict):
                 return m
         raise KeyError(name)
 
+
+
+def grpc_default_application() -> str:
+    """The Serve application that gRPC calls without ``application`` metadata go to.
+
+    Read from ``SERVE_APP_GRPC_APPLICATION`` (default ``serve_app``, the name every shipped
+    config gives the application). This is the one environment variable serve_app reads.
+    """
+    return os.environ.get("SERVE_APP_GRPC_APPLICATION", "serve_app")

@@ -19,6 +19,7 @@ from serve_app.config import ModelConfig
 from serve_app.engine import EmbeddingEngine
 from serve_app.errors import ModelNotReady, ServeAppError
 from serve_app.http import create_http_app
+from serve_app.protocols.v2_grpc import GrpcInference
 from serve_app.router import Router
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
@@ -108,14 +109,16 @@ class HandleBackend:
 
 @serve.deployment
 @serve.ingress()
-class Ingress:
-    """Speaks every HTTP protocol and routes by model name to the model deployments."""
+class Ingress(GrpcInference):
+    """Speaks every HTTP protocol, and V2 gRPC (the RPC methods inherited from GrpcInference,
+    which Ray Serve's gRPC proxy calls by name); routes by model name to the model deployments."""
 
     def __init__(
         self, models: dict[str, DeploymentHandle], server_name: str, versions: dict[str, str]
     ) -> None:
         backends = {name: HandleBackend(h) for name, h in models.items()}
         self.router = Router(backends, server_name=server_name, versions=versions)
+        super().__init__(self.router)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_http_app(self.router)

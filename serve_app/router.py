@@ -38,6 +38,7 @@ class Router:
         server_name: str = "serve_app",
         versions: dict[str, str] | None = None,
         ready_timeout_s: float = 2.0,
+        load_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
     ) -> None:
         self._backends = backends
@@ -46,6 +47,7 @@ class Router:
         self.server_version = __version__
         self.versions = versions or {}
         self._ready_timeout_s = ready_timeout_s
+        self._load_timeout_s = load_timeout_s
         self.created = int(time.time())
         self.metrics = metrics or Metrics()
 
@@ -67,17 +69,16 @@ class Router:
             raise ModelNotFound(f"model {name!r} has no version {version!r}", param="model")
 
     async def info(self, name: str, wait: bool = False) -> ModelInfo:
-        """Metadata of ``name``. Without ``wait``, a model that does not answer within the ready
-        timeout is :class:`ModelNotReady`; with it, the call waits for the model to load."""
+        """Metadata of ``name``; :class:`ModelNotReady` if the model does not answer within the
+        ready timeout (probes, metadata) or, with ``wait``, the load timeout (inference, which
+        may wait a while for a model that is still loading)."""
         cached = self._info.get(name)
         if cached is not None:
             return cached
         backend = self.backend(name)
+        timeout = self._load_timeout_s if wait else self._ready_timeout_s
         try:
-            if wait:
-                info = await backend.info()
-            else:
-                info = await asyncio.wait_for(backend.info(), self._ready_timeout_s)
+            info = await asyncio.wait_for(backend.info(), timeout)
         except TimeoutError:
             raise ModelNotReady(f"model {name!r} is not ready yet", param="model") from None
         self._info[name] = info

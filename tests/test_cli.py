@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 
 from serve_app.__main__ import build_parser, config_from_args
 from tests.servers import BIN, free_port, running
@@ -82,3 +83,8 @@ def test_cli_serves_like_kserve(tmp_path, engine):
         assert r.json()["usage"]["prompt_tokens"] == 8
         v1 = httpx.post(f"{url}/v1/models/embedding:predict", json={"instances": ["hi"]})
         assert v1.status_code == 200 and len(v1.json()["predictions"][0]) == 384
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")  # --grpc_port
+        text = triton_grpc.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"hi"], dtype=object))
+        out = client.infer("embedding", [text]).as_numpy("output-0")
+        np.testing.assert_array_equal(out[0], np.array(v1.json()["predictions"][0], np.float32))

@@ -23,13 +23,23 @@ TEXTS = [SENTENCE, "Der schnelle braune Fuchs.", "東京は日本の首都です
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model):
-    """Two models in one app: the default model and a tiny CLS-pooled one."""
+def ports():
+    return {"http": free_port(), "grpc": free_port()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model, ports):
+    """Two models in one app (the default model and a tiny CLS-pooled one) plus a second
+    application, so gRPC clients that send no ``application`` metadata are put to the test."""
     tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
+    port = ports["http"]
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
+        "grpc_options": {
+            "port": ports["grpc"],
+            "grpc_servicer_functions": ["serve_app.protocols.v2_grpc.add_inference_servicer"],
+        },
         "applications": [{
             "name": "serve_app",
             "route_prefix": "/",
@@ -44,6 +54,12 @@ def server(tmp_path_factory, tiny_model):
                      "deployment": {"num_cpus": 0.5}},
                 ],
             },
+        }, {
+            "name": "other",
+            "route_prefix": "/other",
+            "import_path": "serve_app.app:build_app",
+            "args": {"models": [{"name": "other-tiny", "model_id": str(tiny_model(pooling="max")),
+                                 "deployment": {"num_cpus": 0.5}}]},
         }],
     }
     cfg = tmp / "config.yaml"
@@ -219,3 +235,96 @@ def test_metrics_route_through_serve(server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert 'serve_app_embedded_inputs_total{model="tiny"}' in r.text
     assert "serve_app_requests_total" in r.text
+
+
+# -- V2 over gRPC, through Ray Serve's gRPC proxy ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpc_target(server, ports):
+    return f"127.0.0.1:{ports['grpc']}"
+
+
+def test_tritonclient_grpc(grpc_target, reference):
+    import tritonclient.grpc as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(grpc_target)  # no application metadata
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("embedding")
+    assert client.get_server_metadata().name == "e2e"
+    meta = client.get_model_metadata("embedding")
+    assert [list(o.shape) for o in meta.outputs] == [[-1, 384]]
+    inp = triton_grpc.InferInput("text", [len(TEXTS)], "BYTES")
+    inp.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=object))
+    result = client.infer("embedding", [inp], request_id="g-1")
+    assert result.get_response().id == "g-1"
+    out = result.as_numpy("output-0")
+    assert out.dtype == np.float32 and out.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(out, reference, atol=1e-5)
+    cut = client.infer("embedding", [inp], parameters={"dimensions": 64}).as_numpy("output-0")
+    assert cut.shape == (len(TEXTS), 64)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("nope", [inp])
+    assert e.value.status() == "StatusCode.NOT_FOUND"
+    bad = triton_grpc.InferInput("text", [1], "FP32")
+    bad.set_data_from_numpy(np.zeros(1, np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("embedding", [bad])
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "BYTES" in e.value.message()
+
+
+def test_grpcio_stub_every_method_and_both_styles(grpc_target, server):
+    import grpc
+
+    from serve_app.proto import inference_pb2 as pb
+    from serve_app.proto import inference_pb2_grpc as pb_grpc
+    from tests.test_grpc import infer_request
+
+    with grpc.insecure_channel(grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest()).live
+        assert stub.ServerReady(pb.ServerReadyRequest()).ready
+        assert stub.ModelReady(pb.ModelReadyRequest(name="tiny")).ready
+        assert stub.ServerMetadata(pb.ServerMetadataRequest()).name == "e2e"
+        assert stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny")).outputs[0].shape == [
+            -1, 32]
+        texts = ["parity across protocols", SENTENCE]
+        as_contents = stub.ModelInfer(infer_request(texts, id="c"))
+        as_raw = stub.ModelInfer(infer_request(texts, raw=True, id="r"))
+        a = np.array(as_contents.outputs[0].contents.fp32_contents, np.float32).reshape(2, -1)
+        b = np.frombuffer(as_raw.raw_output_contents[0], "<f4").reshape(2, -1)
+        np.testing.assert_array_equal(a, b)
+        assert (as_contents.id, as_raw.id) == ("c", "r")
+        http = httpx.post(f"{server}/v1/embeddings",
+                          json={"model": "embedding", "input": texts}).json()
+        np.testing.assert_array_equal(
+            np.array([d["embedding"] for d in http["data"]], np.float32), a)
+        for req, code in (
+            (infer_request([]), grpc.StatusCode.INVALID_ARGUMENT),
+            (infer_request([b"\xff"], raw=True), grpc.StatusCode.INVALID_ARGUMENT),
+            (infer_request(["a"], model="nope"), grpc.StatusCode.NOT_FOUND),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(req)
+            assert e.value.code() == code, e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub.ModelInfer(infer_request(["still serving"])).outputs[0].shape == [1, 384]
+
+
+def test_grpc_application_metadata_routes_to_other_apps(grpc_target):
+    import grpc
+
+    from serve_app.proto import inference_pb2_grpc as pb_grpc
+    from tests.test_grpc import infer_request
+
+    with grpc.insecure_channel(grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        other = stub.ModelInfer(infer_request(["hi"], model="other-tiny"),
+                                metadata=(("application", "other"),))
+        assert list(other.outputs[0].shape) == [1, 32]
+        with pytest.raises(grpc.RpcError) as e:  # without metadata: serve_app, which lacks it
+            stub.ModelInfer(infer_request(["hi"], model="other-tiny"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "other-tiny" in e.value.details()

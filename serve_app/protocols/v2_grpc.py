@@ -1,0 +1,235 @@
+"""Open Inference Protocol (V2) over gRPC: ``inference.GRPCInferenceService``.
+
+Protobuf in, :class:`EmbedRequest` through the router, protobuf out. Domain errors become gRPC
+status codes here, once. Text arrives in ``contents.bytes_contents`` or ``raw_input_contents``;
+the answer uses the same style (raw float32 bytes, or ``contents.fp32_contents``).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+
+from serve_app.config import grpc_default_application
+from serve_app.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServeAppError,
+)
+from serve_app.proto import inference_pb2 as pb
+from serve_app.proto import inference_pb2_grpc as pb_grpc
+from serve_app.protocols.v2 import PLATFORM
+from serve_app.protocols.v2_codec import (
+    OUTPUT_NAME,
+    check_outputs,
+    fp32_bytes,
+    infer_options,
+    model_metadata,
+    split_bytes_tensor,
+    texts_from_elements,
+)
+from serve_app.router import Router
+from serve_app.types import EmbedRequest
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class StatusContext(Protocol):
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+
+    def set_details(self, details: str) -> None: ...
+
+
+def grpc_status(err: ServeAppError) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        if cls in GRPC_STATUS:
+            return GRPC_STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _params(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        if which is not None:
+            out[key] = getattr(p, which)
+    return out
+
+
+def _fp32_contents(vectors: np.ndarray) -> pb.InferTensorContents:
+    """fp32_contents from numpy without a Python float per value: field 6 as packed bytes."""
+    raw = fp32_bytes(vectors)
+    n, header = len(raw), bytearray([0x32])  # field 6, wire type 2 (length-delimited)
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        header.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return pb.InferTensorContents.FromString(bytes(header) + raw)
+
+
+def to_embed_request(req: pb.ModelInferRequest) -> tuple[EmbedRequest, bool]:
+    """The internal request, and whether the texts came as raw input contents."""
+    if len(req.inputs) != 1:
+        raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
+    inp = req.inputs[0]
+    raw = len(req.raw_input_contents) > 0
+    if raw:
+        if len(req.raw_input_contents) != 1:
+            raise InvalidInput(f"raw_input_contents has {len(req.raw_input_contents)} entries "
+                               "for 1 input")
+        if inp.contents.bytes_contents:
+            raise InvalidInput(f"input '{inp.name}' has both contents and raw_input_contents")
+        elements: list[bytes] = split_bytes_tensor(req.raw_input_contents[0])
+    else:
+        elements = list(inp.contents.bytes_contents)
+    texts = texts_from_elements(elements, list(inp.shape), inp.datatype, inp.name)
+    check_outputs([o.name for o in req.outputs])
+    opts = infer_options(_params(req.parameters))
+    embed = EmbedRequest(model=req.model_name, inputs=texts, truncate=opts.truncate,
+                         dimensions=opts.dimensions, request_id=req.id)
+    return embed, raw
+
+
+class GrpcInference:
+    """The six RPCs over a :class:`Router`. Each takes the request and a context with
+    ``set_code``/``set_details`` and never raises. The context parameter is named
+    ``grpc_context`` because that is the name Ray Serve passes its gRPC context under."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def _guard(self, call: Any, empty: Any, grpc_context: StatusContext) -> Any:
+        try:
+            return await call()
+        except ServeAppError as e:
+            grpc_context.set_code(grpc_status(e))
+            grpc_context.set_details(e.message)
+        except Exception:
+            log.exception("unexpected error in a gRPC call")
+            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            grpc_context.set_details("internal server error")
+        return empty
+
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         grpc_context: StatusContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          grpc_context: StatusContext) -> pb.ServerReadyResponse:
+        async def call() -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=await self.router.all_ready())
+
+        return await self._guard(call, pb.ServerReadyResponse(), grpc_context)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         grpc_context: StatusContext) -> pb.ModelReadyResponse:
+        async def call() -> pb.ModelReadyResponse:
+            self.router.check_version(request.name, request.version or None)
+            return pb.ModelReadyResponse(ready=await self.router.ready(request.name))
+
+        return await self._guard(call, pb.ModelReadyResponse(), grpc_context)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             grpc_context: StatusContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=self.router.server_name,
+                                         version=self.router.server_version,
+                                         extensions=["binary_tensor_data"])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            grpc_context: StatusContext) -> pb.ModelMetadataResponse:
+        async def call() -> pb.ModelMetadataResponse:
+            self.router.check_version(request.name, request.version or None)
+            info = await self.router.info(request.name)
+            return pb.ModelMetadataResponse(
+                **model_metadata(request.name, info.version, info.dim, PLATFORM)
+            )
+
+        return await self._guard(call, pb.ModelMetadataResponse(), grpc_context)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         grpc_context: StatusContext) -> pb.ModelInferResponse:
+        async def call() -> pb.ModelInferResponse:
+            self.router.check_version(request.model_name, request.model_version or None)
+            embed, raw = to_embed_request(request)
+            result = await self.router.embed(embed)
+            vectors = result.embeddings
+            out = pb.ModelInferResponse.InferOutputTensor(
+                name=OUTPUT_NAME, datatype="FP32", shape=list(vectors.shape)
+            )
+            resp = pb.ModelInferResponse(
+                model_name=request.model_name,
+                model_version=self.router.versions.get(request.model_name, "1"),
+                id=request.id or str(uuid.uuid4()),
+            )
+            resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
+            if raw:
+                resp.raw_output_contents.append(fp32_bytes(vectors))
+            else:
+                out.contents.CopyFrom(_fp32_contents(vectors))
+            resp.outputs.append(out)
+            return resp
+
+        return await self._guard(call, pb.ModelInferResponse(), grpc_context)
+
+
+class _DefaultApplication:
+    """A gRPC context whose metadata names ``app`` when the caller named no application."""
+
+    def __init__(self, context: Any, app: str) -> None:
+        self._context = context
+        self._app = app
+
+    def invocation_metadata(self) -> Any:
+        md = tuple(self._context.invocation_metadata() or ())
+        if any(k == "application" for k, _ in md):
+            return md
+        return (*md, ("application", self._app))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def add_inference_servicer(servicer: Any, server: Any) -> None:
+    """For ``grpc_options.grpc_servicer_functions``: register the service on Ray Serve's gRPC
+    proxy (or on a plain grpc server).
+
+    Ray's proxy routes a call without ``application`` metadata only while a single application
+    exists; KServe and Triton clients never send it. On Ray's proxy, calls to this service that
+    name no application are therefore sent to serve_app's application
+    (:func:`serve_app.config.grpc_default_application`); calls that name one go where they say.
+    """
+    factory = getattr(server, "service_handler_factory", None)
+    if factory is not None:
+        app = grpc_default_application()
+
+        def factory_with_default_app(service_method: str, streaming_type: Any) -> Any:
+            handler = factory(service_method=service_method, streaming_type=streaming_type)
+            unary = getattr(streaming_type, "name", "") == "UNARY_UNARY"
+            if not unary or not service_method.startswith(f"/{SERVICE}/"):
+                return handler
+
+            async def with_default_app(request: Any, context: Any) -> Any:
+                return await handler(request, _DefaultApplication(context, app))
+
+            return with_default_app
+
+        server.service_handler_factory = factory_with_default_app
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
