@@ -69,6 +69,7 @@ def stub(engine):
         server_name="grpc-test", ready_timeout_s=0.2, load_timeout_s=0.5,
     )
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # grpc.aio initialises itself from the current loop
 
     async def start():  # grpc.aio objects bind to the loop they are made on
         server = grpc.aio.server()
@@ -83,6 +84,7 @@ def stub(engine):
     finally:
         loop.run_until_complete(channel.close())
         loop.run_until_complete(server.stop(0))
+        asyncio.set_event_loop(None)
         loop.close()
 
 
