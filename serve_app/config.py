@@ -40,6 +40,10 @@ class AutoscalingOptions(_Strict):
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="Load must last this long to add.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Idle this long to remove.")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which ongoing requests are averaged."
+    )
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report load.")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingOptions:

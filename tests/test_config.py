@@ -75,19 +75,30 @@ def test_several_models_bind_one_deployment_each():
     assert models["a"]._bound_deployment.name == "model-a"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_shipped_configs_are_valid_serve_configs(path):
+def assert_valid_serve_config(raw: dict) -> None:
     """Ray's schema for the file, our strict schema for the args, and no key either ignores."""
     from ray.serve.schema import ServeDeploySchema
 
-    raw = yaml.safe_load(path.read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(
-        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    schema = ServeDeploySchema.model_validate(raw)
     _assert_no_dropped_keys(raw, schema)
     for app in raw["applications"]:
         assert app["import_path"] == "serve_app.app:build_app"
         AppConfig.model_validate(app.get("args") or {})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_are_valid_serve_configs(path):
+    raw = yaml.safe_load(path.read_text())
+    assert_valid_serve_config(raw)
+    for app in raw["applications"]:
         build_app(app.get("args") or {})
+
+
+def test_a_key_ray_would_drop_is_caught():
+    raw = yaml.safe_load((CONFIGS[0]).read_text())
+    raw["http_option"] = raw.pop("http_options")
+    with pytest.raises(AssertionError, match="http_option"):
+        assert_valid_serve_config(raw)
 
 
 def _assert_no_dropped_keys(raw: dict, schema) -> None:
