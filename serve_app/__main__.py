@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serve_app.config import AppConfig, BatchOptions, DeploymentOptions, IngressOptions, ModelConfig
+from serve_app.config import (
+    AppConfig,
+    BatchOptions,
+    DeploymentOptions,
+    IngressOptions,
+    ModelConfig,
+    ray_address,
+)
 
 SUPPORTED_TASKS = ("text_embedding",)
 GRPC_SERVICER = "serve_app.protocols.v2_grpc.add_inference_servicer"
@@ -146,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serve_app.app import build_app
 
     config_from_args(argv)  # fail on bad flags before starting Ray
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address=ray_address(), include_dashboard=False, logging_level=logging.WARNING)
     res = ray.cluster_resources()
     cfg, args = config_from_args(argv, cpus=res.get("CPU", 1.0), gpus=res.get("GPU", 0.0))
 

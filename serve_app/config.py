@@ -4,7 +4,8 @@ Serve YAML passes ``applications[].args`` to :func:`serve_app.app.build_app`, wh
 as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key is an error, not a
 silently dropped option (Ray Serve's own config drops unknown keys).
 
-serve_app reads one environment variable of its own, here (:func:`grpc_default_application`);
+serve_app reads its environment variables here and nowhere else (:func:`ray_address`,
+:func:`grpc_default_application`);
 the HuggingFace ones (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``) reach the replicas through
 Ray's worker environment.
 """
@@ -173,6 +174,9 @@ class IngressOptions(_Strict):
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Requests one replica accepts.")
     num_cpus: float = Field(0.0, ge=0, description="Logical CPUs each ingress replica reserves.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for a model's answer before a 503 (retry later)."
+    )
 
     def serve_options(self) -> dict[str, Any]:
         return {
@@ -209,10 +213,19 @@ class AppConfig(_Strict):
 
 
 
+def ray_address() -> str:
+    """Where the command line's Ray runs: ``RAY_ADDRESS`` if set, else a Ray of its own.
+
+    Like KServe's runtime, ``python -m serve_app`` is self-contained; it joins a cluster only
+    when told to, never one that an earlier ``ray start`` on the machine happened to record.
+    """
+    return os.environ.get("RAY_ADDRESS") or "local"
+
+
 def grpc_default_application() -> str:
     """The Serve application that gRPC calls without ``application`` metadata go to.
 
     Read from ``SERVE_APP_GRPC_APPLICATION`` (default ``serve_app``, the name every shipped
-    config gives the application). This is the one environment variable serve_app reads.
+    config gives the application).
     """
     return os.environ.get("SERVE_APP_GRPC_APPLICATION", "serve_app")

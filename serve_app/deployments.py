@@ -5,13 +5,15 @@ With ``app.py`` these are the only modules that import Ray.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 import numpy as np
 import ray
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching import DrainBatcher, ModelRunner, Seqs
@@ -75,6 +77,35 @@ class EmbeddingModel:
         return self.batcher.stats.as_dict()
 
 
+class ReplicaCensus:
+    """Running replicas per deployment of this application, from Serve's controller, cached for
+    ``ttl_s`` so probes and requests do not each ask the controller."""
+
+    def __init__(self, app_name: str, ttl_s: float = 1.0) -> None:
+        self._app = app_name
+        self._ttl = ttl_s
+        self._at = float("-inf")
+        self._running: dict[str, int] = {}
+        self._lock = asyncio.Lock()
+
+    def _fetch(self) -> dict[str, int]:
+        app = serve.status().applications.get(self._app)
+        if app is None:
+            return {}
+        return {
+            name: sum(n for state, n in d.replica_states.items()
+                      if str(getattr(state, "value", state)) == "RUNNING")
+            for name, d in app.deployments.items()
+        }
+
+    async def running(self, deployment: str) -> int:
+        async with self._lock:
+            if time.monotonic() - self._at > self._ttl:
+                self._running = await asyncio.to_thread(self._fetch)
+                self._at = time.monotonic()
+        return self._running.get(deployment, 0)
+
+
 def _unwrap(e: BaseException) -> BaseException:
     """The domain error a replica raised, without Ray's wrapper; other errors as they are."""
     cause = getattr(e, "cause", None)
@@ -84,18 +115,39 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 class HandleBackend:
-    """A model deployment seen from the ingress (a :class:`serve_app.router.ModelBackend`)."""
+    """A model deployment seen from the ingress (a :class:`serve_app.router.ModelBackend`).
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    A model with no running replica (its node is gone, it is restarting) answers at once with
+    :class:`ModelNotReady` (503, retry) instead of queueing requests that would hang; a replica
+    lost mid-request is the same retryable error; no answer within ``timeout_s`` too.
+    """
+
+    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float) -> None:
+        self._name = handle.deployment_name
+        self._census = census
+        self._timeout_s = timeout_s
         self._embed = handle.options(method_name="embed")
         self._info = handle.options(method_name="info")
         self._stats = handle.options(method_name="stats")
 
+    async def ready(self) -> bool:
+        return await self._census.running(self._name) > 0
+
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        if not await self.ready():
+            raise ModelNotReady(f"model {req.model!r} has no running replica; retry shortly")
         try:
-            return await self._embed.remote(req)
+            return await asyncio.wait_for(self._embed.remote(req), self._timeout_s)
         except RayTaskError as e:
             raise _unwrap(e) from None
+        except RayActorError:
+            raise ModelNotReady(
+                f"the replica of model {req.model!r} was lost during the request; retry"
+            ) from None
+        except TimeoutError:
+            raise ModelNotReady(
+                f"model {req.model!r} gave no answer within {self._timeout_s:g}s; retry later"
+            ) from None
 
     async def info(self) -> ModelInfo:
         try:
@@ -114,9 +166,14 @@ class Ingress(GrpcInference):
     which Ray Serve's gRPC proxy calls by name); routes by model name to the model deployments."""
 
     def __init__(
-        self, models: dict[str, DeploymentHandle], server_name: str, versions: dict[str, str]
+        self,
+        models: dict[str, DeploymentHandle],
+        server_name: str,
+        versions: dict[str, str],
+        request_timeout_s: float,
     ) -> None:
-        backends = {name: HandleBackend(h) for name, h in models.items()}
+        census = ReplicaCensus(serve.get_replica_context().app_name)
+        backends = {name: HandleBackend(h, census, request_timeout_s) for name, h in models.items()}
         self.router = Router(backends, server_name=server_name, versions=versions)
         super().__init__(self.router)
 

@@ -34,3 +34,6 @@ class LocalBackend:
 
     async def stats(self) -> dict[str, Any]:
         return self.batcher.stats.as_dict()
+
+    async def ready(self) -> bool:
+        return True

@@ -24,6 +24,10 @@ class ModelBackend(Protocol):
 
     async def stats(self) -> dict[str, Any]: ...
 
+    async def ready(self) -> bool:
+        """Whether the model can take requests now (in Serve: it has a running replica)."""
+        ...
+
 
 class Router:
     """Routes requests to models by name and caches their metadata.
@@ -85,11 +89,12 @@ class Router:
         return info
 
     async def ready(self, name: str) -> bool:
+        """Loaded once (metadata known) and able to take requests now."""
         try:
             await self.info(name)
         except ModelNotReady:
             return False
-        return True
+        return await self.backend(name).ready()
 
     async def all_ready(self) -> bool:
         results = await asyncio.gather(*(self.ready(n) for n in self.names))

@@ -31,6 +31,9 @@ class NeverReady:
     async def stats(self):
         return {}
 
+    async def ready(self):
+        return False
+
 
 class Broken:
     def __init__(self, info):
@@ -44,6 +47,9 @@ class Broken:
 
     async def stats(self):
         return {}
+
+    async def ready(self):
+        return True
 
 
 class LoopStub:
