@@ -117,9 +117,10 @@ def _unwrap(e: BaseException) -> BaseException:
 class HandleBackend:
     """A model deployment seen from the ingress (a :class:`serve_app.router.ModelBackend`).
 
-    A model with no running replica (its node is gone, it is restarting) answers at once with
-    :class:`ModelNotReady` (503, retry) instead of queueing requests that would hang; a replica
-    lost mid-request is the same retryable error; no answer within ``timeout_s`` too.
+    ``ready`` is false while the model has no running replica (its node is gone, it is
+    restarting), so the router answers 503 at once instead of queueing requests that would hang.
+    A replica lost mid-request is the same retryable error, and so is no answer within
+    ``timeout_s``.
     """
 
     def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float) -> None:
@@ -134,8 +135,6 @@ class HandleBackend:
         return await self._census.running(self._name) > 0
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        if not await self.ready():
-            raise ModelNotReady(f"model {req.model!r} has no running replica; retry shortly")
         try:
             return await asyncio.wait_for(self._embed.remote(req), self._timeout_s)
         except RayTaskError as e:

@@ -108,12 +108,18 @@ class Router:
         """Validate what the ingress can know about ``req`` and run it on its model."""
         if not req.inputs:
             raise InvalidInput("input must not be empty", param="input")
+        backend = self.backend(req.model)
+        if not await backend.ready():  # answer now; never queue behind a model with no replica
+            raise ModelNotReady(
+                f"model {req.model!r} is not ready: no running replica; retry shortly",
+                param="model",
+            )
         info = await self.info(req.model, wait=True)
         if req.dimensions is not None and not 1 <= req.dimensions <= info.dim:
             raise InvalidInput(
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
                 param="dimensions",
             )
-        result = await self.backend(req.model).embed(req)
+        result = await backend.embed(req)
         self.metrics.observe_embedding(req.model, len(req.inputs), result.prompt_tokens)
         return result

@@ -390,3 +390,20 @@ def test_metrics_count_known_traffic(engine):
     assert 'serve_app_embedded_inputs_total{model="embedding"} 7.0' in text
     tokens = 3 * engine.embed([SENTENCE, "hi"])[1].sum() + engine.embed([SENTENCE])[1].sum()
     assert f'serve_app_embedded_tokens_total{{model="embedding"}} {float(tokens)}' in text
+
+
+def test_a_model_without_a_running_replica_is_a_fast_503(engine):
+    class Down(LocalBackend):
+        async def ready(self):
+            return False
+
+    router = Router({"embedding": Down(engine, "embedding")})
+    with TestClient(create_http_app(router)) as c:
+        r = c.post("/v1/embeddings", json={"input": "x", "model": "embedding"})
+        assert_openai_error(r, 503)
+        assert "no running replica" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
+        assert_kserve_error(c.post("/v1/models/embedding:predict", json={"instances": ["x"]}),
+                            503, "retry shortly")
+        assert c.get("/v2/health/ready").status_code == 503
+        assert c.get("/v2/health/live").json() == {"live": True}
