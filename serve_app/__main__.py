@@ -18,6 +18,7 @@ from typing import Any
 
 from serve_app.config import (
     AppConfig,
+    AuthOptions,
     BatchOptions,
     DeploymentOptions,
     IngressOptions,
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batch_size", type=int, default=BatchOptions().max_batch_size)
     p.add_argument("--batch_wait_timeout_s", type=float,
                    default=BatchOptions().batch_wait_timeout_s)
+    p.add_argument("--api_keys_file", default=None,
+                   help="Require 'Authorization: Bearer <key>' with a key from this file.")
+    p.add_argument("--api_keys_env", default=None,
+                   help="Require API keys, read from this environment variable.")
 
     compat = p.add_argument_group("accepted for compatibility with KServe (no effect)")
     for flag in ("--enable_grpc", "--enable_docs_url", "--enable_latency_logging",
@@ -140,7 +145,11 @@ def config_from_args(
                 num_replicas=args.num_replicas, num_cpus=num_cpus, num_gpus=num_gpus
             ),
         )
-        cfg = AppConfig(models=[model], ingress=IngressOptions(num_replicas=args.workers))
+        cfg = AppConfig(
+            models=[model],
+            ingress=IngressOptions(num_replicas=args.workers),
+            auth=AuthOptions(api_keys_file=args.api_keys_file, api_keys_env=args.api_keys_env),
+        )
     except ValueError as e:
         parser.error(str(e))
     return cfg, args

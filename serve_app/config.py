@@ -5,7 +5,7 @@ as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key 
 silently dropped option (Ray Serve's own config drops unknown keys).
 
 serve_app reads its environment variables here and nowhere else (:func:`ray_address`,
-:func:`grpc_default_application`);
+:func:`grpc_default_application`, :meth:`AuthOptions.load_keys`);
 the HuggingFace ones (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``) reach the replicas through
 Ray's worker environment.
 """
@@ -186,6 +186,38 @@ class IngressOptions(_Strict):
         }
 
 
+class AuthOptions(_Strict):
+    """Optional API keys. Off unless a key source is given; keys are one per line (or
+    comma-separated), read when the ingress starts."""
+
+    api_keys_file: str | None = Field(
+        None, description="File of accepted keys, e.g. a mounted Kubernetes Secret."
+    )
+    api_keys_env: str | None = Field(
+        None, description="Environment variable holding accepted keys (e.g. SERVE_APP_API_KEYS)."
+    )
+
+    def load_keys(self) -> list[str]:
+        """The configured keys. A named but missing file or variable is an error, not
+        silently open access."""
+        text = ""
+        if self.api_keys_file is not None:
+            try:
+                with open(self.api_keys_file) as f:
+                    text += f.read() + "\n"
+            except OSError as e:
+                raise ValueError(f"cannot read api_keys_file {self.api_keys_file!r}: "
+                                 f"{e.strerror}") from e
+        if self.api_keys_env is not None:
+            if self.api_keys_env not in os.environ:
+                raise ValueError(f"api_keys_env names {self.api_keys_env!r}, which is not set")
+            text += os.environ[self.api_keys_env]
+        keys = [k.strip() for line in text.splitlines() for k in line.split(",") if k.strip()]
+        if (self.api_keys_file or self.api_keys_env) and not keys:
+            raise ValueError("API key source is configured but holds no key")
+        return keys
+
+
 class AppConfig(_Strict):
     """``applications[].args`` of a Serve config: the models and the ingress."""
 
@@ -196,6 +228,7 @@ class AppConfig(_Strict):
         description="Served models, routed by name.",
     )
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    auth: AuthOptions = Field(default_factory=AuthOptions)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

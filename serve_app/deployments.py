@@ -16,8 +16,9 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.auth import ApiKeys
 from serve_app.batching import DrainBatcher, ModelRunner, Seqs
-from serve_app.config import ModelConfig
+from serve_app.config import AuthOptions, ModelConfig
 from serve_app.engine import EmbeddingEngine
 from serve_app.errors import ModelNotReady, ServeAppError
 from serve_app.http import create_http_app
@@ -170,10 +171,14 @@ class Ingress(GrpcInference):
         server_name: str,
         versions: dict[str, str],
         request_timeout_s: float,
+        auth: AuthOptions,
     ) -> None:
         census = ReplicaCensus(serve.get_replica_context().app_name)
         backends = {name: HandleBackend(h, census, request_timeout_s) for name, h in models.items()}
-        self.router = Router(backends, server_name=server_name, versions=versions)
+        accepted = auth.load_keys()  # read here, in the replica's own environment
+        log.info("API keys: %s", f"{len(accepted)} accepted" if accepted else "off")
+        keys = ApiKeys(accepted)
+        self.router = Router(backends, server_name=server_name, versions=versions, api_keys=keys)
         super().__init__(self.router)
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -19,6 +19,10 @@ class InvalidInput(ServeAppError):
     """The request is malformed or asks for something the model cannot do."""
 
 
+class Unauthorized(ServeAppError):
+    """No API key, or not one of the configured keys."""
+
+
 class ModelNotFound(ServeAppError):
     """No model is served under the requested name."""
 

@@ -9,7 +9,8 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
-from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError
+from serve_app.auth import OPEN_PATHS
+from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
 from serve_app.metrics import CONTENT_TYPE
 from serve_app.protocols import kserve_v1, openai, v2
 from serve_app.protocols.common import json_response
@@ -39,6 +40,16 @@ def create_http_app(router: Router) -> FastAPI:
     @app.get("/metrics", tags=["health"])
     async def metrics() -> Response:
         return Response(router.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next: Any) -> Response:
+        if router.api_keys.enabled and request.url.path not in OPEN_PATHS:
+            try:
+                router.api_keys.check(request.headers.get("authorization"))
+            except Unauthorized as e:
+                return _render_for_path(request.url.path, e)
+        response: Response = await call_next(request)
+        return response
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:

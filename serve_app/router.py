@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from serve_app import __version__
+from serve_app.auth import ApiKeys
 from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serve_app.metrics import Metrics
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
@@ -44,6 +45,7 @@ class Router:
         ready_timeout_s: float = 2.0,
         load_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self._backends = backends
         self._info: dict[str, ModelInfo] = {}
@@ -54,6 +56,7 @@ class Router:
         self._load_timeout_s = load_timeout_s
         self.created = int(time.time())
         self.metrics = metrics or Metrics()
+        self.api_keys = api_keys or ApiKeys()
 
     @property
     def names(self) -> list[str]:

@@ -49,12 +49,13 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> 
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0) -> Iterator[str]:
+def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
+            extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """Run ``cmd`` in its own session until it serves ``url``; always stop it afterwards."""
     # RAY_ADDRESS=local: start a Ray of its own, never join one recorded in
     # /tmp/ray/ray_current_cluster by an earlier `ray start`.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
+           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local", **(extra_env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

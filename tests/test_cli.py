@@ -42,6 +42,12 @@ def test_compatibility_flags_are_accepted():
     config_from_args([*KSERVE_ARGS, *extra])
 
 
+def test_api_key_flags(tmp_path):
+    cfg, _ = config_from_args([*KSERVE_ARGS, "--api_keys_env", "MY_KEYS",
+                               "--api_keys_file", str(tmp_path / "k")])
+    assert (cfg.auth.api_keys_env, cfg.auth.api_keys_file) == ("MY_KEYS", str(tmp_path / "k"))
+
+
 def test_model_dir_is_used_without_model_id(tmp_path):
     cfg, _ = config_from_args(["--model_dir", str(tmp_path)])
     assert cfg.models[0].model_id == str(tmp_path)

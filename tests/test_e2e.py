@@ -328,3 +328,47 @@ def test_grpc_application_metadata_routes_to_other_apps(grpc_target):
             stub.ModelInfer(infer_request(["hi"], model="other-tiny"))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert "other-tiny" in e.value.details()
+
+
+def test_api_keys_through_serve(tmp_path, tiny_model):
+    """A config with auth: the OpenAI SDK's key, gRPC metadata, open health routes."""
+    import tritonclient.grpc as triton_grpc
+
+    port, grpc_port = free_port(), free_port()
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [
+            "serve_app.protocols.v2_grpc.add_inference_servicer"]},
+        "applications": [{
+            "name": "serve_app", "route_prefix": "/", "import_path": "serve_app.app:build_app",
+            "args": {"models": [{"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
+                                 "deployment": {"num_cpus": 0.5}}],
+                     "auth": {"api_keys_env": "SERVE_APP_TEST_KEYS"}},
+        }],
+    }
+    cfg = tmp_path / "auth.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    key = "sk-e2e-abcdef"
+    with running([str(BIN / "serve"), "run", str(cfg)], f"http://127.0.0.1:{port}",
+                 tmp_path / "serve.log", extra_env={"SERVE_APP_TEST_KEYS": key}) as url:
+        ok = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        assert len(ok.embeddings.create(model="tiny", input="hi").data[0].embedding) == 32
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.embeddings.create(model="tiny", input="hi")
+        assert e.value.code == "invalid_api_key"
+        assert httpx.post(f"{url}/v1/models/tiny:predict",
+                          json={"instances": ["hi"]}).status_code == 401
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        text = triton_grpc.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"hi"], dtype=object))
+        with pytest.raises(InferenceServerException) as g:
+            client.infer("tiny", [text])
+        assert g.value.status() == "StatusCode.UNAUTHENTICATED"
+        out = client.infer("tiny", [text], headers={"authorization": f"Bearer {key}"})
+        assert out.as_numpy("output-0").shape == (1, 32)
+        assert client.is_server_live()
+        log = (tmp_path / "serve.log").read_text()
+    assert key not in log

@@ -85,8 +85,10 @@ def test_every_manifest_parses_and_names_its_kind():
         assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "serve-app"
 
 
-@pytest.mark.parametrize("item", [d for d in DOCS if "/" in d[2]["apiVersion"]
-                                  and d[2]["apiVersion"].split("/")[0] != "networking.k8s.io"],
+BUILTIN = {"v1", "networking.k8s.io/v1"}
+
+
+@pytest.mark.parametrize("item", [d for d in DOCS if d[2]["apiVersion"] not in BUILTIN],
                          ids=doc_id)
 def test_custom_resources_match_their_crd(item):
     _, _, doc = item
@@ -103,8 +105,7 @@ def test_strict_crd_validation_catches_a_misspelled_key():
     assert list(crd_validator("ray.io", "RayService", "v1").iter_errors(doc))
 
 
-@pytest.mark.parametrize("item", [d for d in DOCS if d[2]["apiVersion"] == "networking.k8s.io/v1"],
-                         ids=doc_id)
+@pytest.mark.parametrize("item", [d for d in DOCS if d[2]["apiVersion"] in BUILTIN], ids=doc_id)
 def test_builtin_kinds_validate_offline(item):
     _, _, doc = item
     kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
@@ -207,3 +208,26 @@ def test_scripts_render_is_a_no_op(tmp_path):
 
 def test_paths_are_relative_to_a_checkout():
     assert Path(REPO / "k8s" / "README.md").is_file()
+
+
+def test_every_pod_can_receive_the_optional_api_keys():
+    """Each Ray and KServe container maps the Secret to SERVE_APP_API_KEYS (optional: pods
+    start without it), and the configs enable auth with that variable when uncommented."""
+    (secret,) = docs_of("Secret")
+    containers = [c for svc in docs_of("RayService")
+                  for g in [svc["spec"]["rayClusterConfig"]["headGroupSpec"],
+                            *svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+                  for c in g["template"]["spec"]["containers"]]
+    containers += [c for kind in ("ServingRuntime", "ClusterServingRuntime")
+                   for c in docs_of(kind)[0]["spec"]["containers"]]
+    assert len(containers) == 6
+    for c in containers:
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"]
+                  if e["name"] == "SERVE_APP_API_KEYS"]
+        assert ref == {"name": secret["metadata"]["name"], "key": "keys", "optional": True}
+    for path in SERVE_CONFIGS.values():
+        text = (REPO / path).read_text()
+        assert "# auth: {api_keys_env: SERVE_APP_API_KEYS}" in text
+        enabled = yaml.safe_load(text.replace("# auth:", "auth:"))
+        args = AppConfig.model_validate(enabled["applications"][0]["args"])
+        assert args.auth.api_keys_env == "SERVE_APP_API_KEYS"

@@ -23,6 +23,7 @@ from serve_app.errors import (
     Overloaded,
     PayloadTooLarge,
     ServeAppError,
+    Unauthorized,
 )
 from serve_app.router import Router
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 #: One HTTP status per domain error, shared by every HTTP protocol (bodies differ).
 HTTP_STATUS: dict[type[ServeAppError], int] = {
     InvalidInput: 400,
+    Unauthorized: 401,
     ModelNotFound: 404,
     PayloadTooLarge: 413,
     Overloaded: 429,
@@ -47,6 +49,15 @@ def http_status(err: ServeAppError) -> int:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
     return 500
+
+
+def error_headers(status: int) -> dict[str, str] | None:
+    """Headers every protocol's error response carries for ``status``."""
+    if status in (429, 503):
+        return {"Retry-After": "1"}
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    return None
 
 
 def json_response(

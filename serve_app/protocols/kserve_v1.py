@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 from serve_app.errors import InvalidInput, ModelNotReady, ServeAppError
 from serve_app.protocols.common import (
     check_texts,
+    error_headers,
     error_route_class,
     http_status,
     json_response,
@@ -25,8 +26,7 @@ from serve_app.types import EmbedRequest
 def render_error(err: ServeAppError) -> Response:
     """KServe's (and Open Inference REST's) error body: ``{"error": "<message>"}``."""
     status = http_status(err)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return json_response({"error": err.message}, status_code=status, headers=headers)
+    return json_response({"error": err.message}, status_code=status, headers=error_headers(status))
 
 
 router = APIRouter(route_class=error_route_class(render_error), tags=["kserve-v1"])

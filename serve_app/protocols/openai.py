@@ -9,8 +9,9 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError
+from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
 from serve_app.protocols.common import (
+    error_headers,
     error_route_class,
     http_status,
     json_response,
@@ -79,13 +80,14 @@ def render_error(err: ServeAppError) -> Response:
     status = http_status(err)
     if isinstance(err, ModelNotFound):
         etype, code = "invalid_request_error", "model_not_found"
+    elif isinstance(err, Unauthorized):
+        etype, code = "invalid_request_error", "invalid_api_key"
     elif status < 500:
         etype, code = "invalid_request_error", None
     else:
         etype, code = "server_error", None
     body = {"error": {"message": err.message, "type": etype, "param": err.param, "code": code}}
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return json_response(body, status_code=status, headers=headers)
+    return json_response(body, status_code=status, headers=error_headers(status))
 
 
 def render_embeddings(result: EmbedResult, model: str, encoding: str) -> Response:

@@ -23,6 +23,7 @@ from serve_app.errors import (
     Overloaded,
     PayloadTooLarge,
     ServeAppError,
+    Unauthorized,
 )
 from serve_app.proto import inference_pb2 as pb
 from serve_app.proto import inference_pb2_grpc as pb_grpc
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -52,6 +54,8 @@ GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
 
 
 class StatusContext(Protocol):
+    def invocation_metadata(self) -> Any: ...
+
     def set_code(self, code: grpc.StatusCode) -> None: ...
 
     def set_details(self, details: str) -> None: ...
@@ -62,6 +66,14 @@ def grpc_status(err: ServeAppError) -> grpc.StatusCode:
         if cls in GRPC_STATUS:
             return GRPC_STATUS[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def _authorization(context: Any) -> str | None:
+    """The ``authorization`` metadata value, if the caller sent one."""
+    for key, value in getattr(context, "invocation_metadata", lambda: ())() or ():
+        if key.lower() == "authorization":
+            return str(value)
+    return None
 
 
 def _params(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
@@ -116,8 +128,11 @@ class GrpcInference:
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    async def _guard(self, call: Any, empty: Any, grpc_context: StatusContext) -> Any:
+    async def _guard(self, call: Any, empty: Any, grpc_context: StatusContext,
+                     open_method: bool = False) -> Any:
         try:
+            if not open_method:
+                self.router.api_keys.check(_authorization(grpc_context))
             return await call()
         except ServeAppError as e:
             grpc_context.set_code(grpc_status(e))
@@ -137,7 +152,7 @@ class GrpcInference:
         async def call() -> pb.ServerReadyResponse:
             return pb.ServerReadyResponse(ready=await self.router.all_ready())
 
-        return await self._guard(call, pb.ServerReadyResponse(), grpc_context)
+        return await self._guard(call, pb.ServerReadyResponse(), grpc_context, open_method=True)
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          grpc_context: StatusContext) -> pb.ModelReadyResponse:
@@ -149,9 +164,12 @@ class GrpcInference:
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              grpc_context: StatusContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=self.router.server_name,
-                                         version=self.router.server_version,
-                                         extensions=["binary_tensor_data"])
+        async def call() -> pb.ServerMetadataResponse:
+            return pb.ServerMetadataResponse(name=self.router.server_name,
+                                             version=self.router.server_version,
+                                             extensions=["binary_tensor_data"])
+
+        return await self._guard(call, pb.ServerMetadataResponse(), grpc_context)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             grpc_context: StatusContext) -> pb.ModelMetadataResponse:
