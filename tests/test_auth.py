@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 from fastapi.testclient import TestClient
@@ -15,10 +13,8 @@ from serve_app.errors import Unauthorized
 from serve_app.http import create_http_app
 from serve_app.local import LocalBackend
 from serve_app.proto import inference_pb2 as pb
-from serve_app.proto import inference_pb2_grpc as pb_grpc
-from serve_app.protocols.v2_grpc import GrpcInference, add_inference_servicer
 from serve_app.router import Router
-from tests.test_grpc import LoopStub, infer_request
+from tests.test_grpc import infer_request, serving
 
 KEY = "sk-test-0123456789"
 V2_BODY = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
@@ -76,41 +72,23 @@ def test_probes_and_scrapes_need_no_key(client, path):
 
 def test_grpc_methods_need_the_key_except_health(engine):
     router = Router({"embedding": LocalBackend(engine, "embedding")}, api_keys=ApiKeys([KEY]))
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-
-    async def start():
-        server = grpc.aio.server()
-        add_inference_servicer(GrpcInference(router), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-
-    server, channel = loop.run_until_complete(start())
-    raw = pb_grpc.GRPCInferenceServiceStub(channel)
-    stub = LoopStub(loop, raw)
-    try:
+    with serving(router) as stub:
         assert stub.ServerLive(pb.ServerLiveRequest()).live
         assert stub.ServerReady(pb.ServerReadyRequest()).ready
         calls = [
-            (raw.ModelInfer, infer_request(["hi"])),
-            (raw.ModelMetadata, pb.ModelMetadataRequest(name="embedding")),
-            (raw.ModelReady, pb.ModelReadyRequest(name="embedding")),
-            (raw.ServerMetadata, pb.ServerMetadataRequest()),
+            ("ModelInfer", infer_request(["hi"])),
+            ("ModelMetadata", pb.ModelMetadataRequest(name="embedding")),
+            ("ModelReady", pb.ModelReadyRequest(name="embedding")),
+            ("ServerMetadata", pb.ServerMetadataRequest()),
         ]
-        for rpc, request in calls:
+        for method, request in calls:
             for metadata in (None, (("authorization", "Bearer nope"),)):
                 with pytest.raises(grpc.RpcError) as e:
-                    loop.run_until_complete(rpc(request, metadata=metadata, timeout=30))
+                    getattr(stub, method)(request, metadata=metadata)
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert KEY not in e.value.details()
             good = (("authorization", f"Bearer {KEY}"),)
-            assert loop.run_until_complete(rpc(request, metadata=good, timeout=30))
-    finally:
-        loop.run_until_complete(channel.close())
-        loop.run_until_complete(server.stop(0))
-        asyncio.set_event_loop(None)
-        loop.close()
+            assert getattr(stub, method)(request, metadata=good)
 
 
 def test_keys_come_from_a_file_or_an_environment_variable(tmp_path, monkeypatch):

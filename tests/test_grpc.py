@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -62,18 +64,13 @@ class LoopStub:
 
     def __getattr__(self, method: str):
         rpc = getattr(self._stub, method)
-        return lambda request: self._loop.run_until_complete(rpc(request, timeout=30))
+        return lambda request, metadata=None: self._loop.run_until_complete(
+            rpc(request, metadata=metadata, timeout=30))
 
 
-@pytest.fixture(scope="module")
-def stub(engine):
-    """A grpc.aio server on a loopback port with the adapter, and a grpcio stub for it."""
-    backend = LocalBackend(engine, "embedding")
-    router = Router(
-        {"embedding": backend, "loading": NeverReady(),
-         "broken": Broken(engine.info("broken", "1"))},
-        server_name="grpc-test", ready_timeout_s=0.2, load_timeout_s=0.5,
-    )
+@contextlib.contextmanager
+def serving(router: Router) -> Iterator[LoopStub]:
+    """A grpc.aio server on a loopback port with the adapter over ``router``, and a stub."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # grpc.aio initialises itself from the current loop
 
@@ -92,6 +89,17 @@ def stub(engine):
         loop.run_until_complete(server.stop(0))
         asyncio.set_event_loop(None)
         loop.close()
+
+
+@pytest.fixture(scope="module")
+def stub(engine):
+    router = Router(
+        {"embedding": LocalBackend(engine, "embedding"), "loading": NeverReady(),
+         "broken": Broken(engine.info("broken", "1"))},
+        server_name="grpc-test", ready_timeout_s=0.2, load_timeout_s=0.5,
+    )
+    with serving(router) as s:
+        yield s
 
 
 def infer_request(texts, raw=False, shape=None, datatype="BYTES", model="embedding", **kw):
