@@ -270,5 +270,4 @@ class EmbeddingEngine:
             model_id=self.cfg.model_id,
             pooling=self.pooling,
             normalize=self.normalize,
-            created=int(time.time()),
         )

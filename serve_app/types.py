@@ -6,7 +6,7 @@ protobuf object ever reaches a model replica.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,4 +56,3 @@ class ModelInfo:
     model_id: str
     pooling: str
     normalize: bool
-    created: int = field(default=0)
