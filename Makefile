@@ -20,7 +20,7 @@ serve: install
 	HF_HUB_OFFLINE=1 $(BIN)/serve run configs/local.yaml
 
 lint: install
-	$(BIN)/ruff check serve_app tests scripts
+	$(BIN)/ruff check serve_app tests scripts bench
 	$(BIN)/mypy
 
 test: lint

@@ -372,3 +372,21 @@ def test_api_keys_through_serve(tmp_path, tiny_model):
         assert client.is_server_live()
         log = (tmp_path / "serve.log").read_text()
     assert key not in log
+
+
+@pytest.mark.parametrize("protocol", ["openai-base64", "kserve-v1", "v2-binary", "grpc"])
+def test_benchmark_load_generator_smoke(server, ports, protocol):
+    """bench/load.py against the real server for a moment: no errors, every vector counted."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.servers import REPO
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "load.py"), "--protocol", protocol,
+         "--workload", "W3", "--url", server, "--grpc", f"127.0.0.1:{ports['grpc']}",
+         "--duration", "1"], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["requests"] >= 1
+    assert result["embeddings"] == 32 * result["requests"]

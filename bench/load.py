@@ -1,0 +1,152 @@
+"""Load generator for one (protocol, workload) cell: a separate process, bounded in time and
+requests, printing one JSON line of results. Sends only to the URL it is given (loopback here).
+
+    python bench/load.py --protocol openai --workload W2 --url http://127.0.0.1:8000 \
+        --grpc 127.0.0.1:9000 --duration 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import struct
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+MODEL = "embedding"
+SHORT = "The quick brown fox jumps over the lazy dog near river {i}."  # about 14 tokens
+LONG = ("Large language models map text to dense vectors that capture meaning, so that similar "
+        "passages land close together in the embedding space used for retrieval. ") * 3  # ~110
+
+#: name -> (inputs per request, concurrent clients, long texts?)
+WORKLOADS = {"W1": (1, 1, False), "W2": (1, 32, False), "W3": (32, 4, False),
+             "W4": (32, 2, True)}
+PROTOCOLS = ("openai", "openai-base64", "kserve-v1", "v2-json", "v2-binary", "grpc")
+
+
+def texts_for(workload: str, seed: int) -> list[str]:
+    n, _, long = WORKLOADS[workload]
+    base = LONG if long else SHORT
+    return [f"{base.format(i=seed + j)} {seed + j}" for j in range(n)]
+
+
+def _bytes_tensor(texts: list[str]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in texts))
+
+
+def http_sender(protocol: str, client: httpx.AsyncClient) -> Callable[[list[str]], Awaitable[int]]:
+    async def send(texts: list[str]) -> int:
+        if protocol in ("openai", "openai-base64"):
+            body = {"model": MODEL, "input": texts,
+                    "encoding_format": "base64" if protocol == "openai-base64" else "float"}
+            r = await client.post("/v1/embeddings", json=body)
+            r.raise_for_status()
+            return len(r.json()["data"])
+        if protocol == "kserve-v1":
+            r = await client.post(f"/v1/models/{MODEL}:predict", json={"instances": texts})
+            r.raise_for_status()
+            return len(r.json()["predictions"])
+        if protocol == "v2-json":
+            r = await client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
+                {"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]})
+            r.raise_for_status()
+            return int(r.json()["outputs"][0]["shape"][0])
+        raw = _bytes_tensor(texts)
+        header = json.dumps({
+            "inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
+                        "parameters": {"binary_data_size": len(raw)}}],
+            "parameters": {"binary_data_output": True}}).encode()
+        r = await client.post(f"/v2/models/{MODEL}/infer", content=header + raw,
+                              headers={"Inference-Header-Content-Length": str(len(header))})
+        r.raise_for_status()
+        n = int(r.headers["inference-header-content-length"])
+        return int(json.loads(r.content[:n])["outputs"][0]["shape"][0])
+
+    return send
+
+
+def grpc_sender(target: str):
+    import grpc
+
+    from serve_app.proto import inference_pb2 as pb
+    from serve_app.proto import inference_pb2_grpc as pb_grpc
+
+    channel = grpc.aio.insecure_channel(target)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+    async def send(texts: list[str]) -> int:
+        req = pb.ModelInferRequest(model_name=MODEL)
+        req.inputs.add(name="text", datatype="BYTES", shape=[len(texts)])
+        req.raw_input_contents.append(_bytes_tensor(texts))
+        resp = await stub.ModelInfer(req, timeout=60)
+        return int(resp.outputs[0].shape[0])
+
+    return send, channel
+
+
+async def run(protocol: str, workload: str, url: str, grpc_target: str, duration: float,
+              max_requests: int) -> dict[str, float | int | str]:
+    _, clients, _ = WORKLOADS[workload]
+    latencies: list[float] = []
+    state = {"embeddings": 0, "errors": 0, "requests": 0}
+    channel = None
+    async with httpx.AsyncClient(base_url=url, timeout=60,
+                                 limits=httpx.Limits(max_connections=clients)) as http:
+        if protocol == "grpc":
+            send, channel = grpc_sender(grpc_target)
+        else:
+            send = http_sender(protocol, http)
+        for i in range(2):  # warm the connections and the model's shapes, untimed
+            await send(texts_for(workload, 10_000 + i))
+        stop_at = time.perf_counter() + duration
+
+        async def client(cid: int) -> None:
+            seq = 0
+            while time.perf_counter() < stop_at and state["requests"] < max_requests:
+                state["requests"] += 1
+                texts = texts_for(workload, cid * 100_000 + seq)
+                seq += 1
+                t0 = time.perf_counter()
+                try:
+                    n = await send(texts)  # await first: `x += await f()` reads x too early
+                    state["embeddings"] += n
+                    latencies.append(time.perf_counter() - t0)
+                except Exception:
+                    state["errors"] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        elapsed = time.perf_counter() - t0
+    if channel is not None:
+        await channel.close()
+    latencies.sort()
+    return {
+        "protocol": protocol, "workload": workload, "elapsed_s": elapsed,
+        "requests": len(latencies), "errors": state["errors"],
+        "embeddings": state["embeddings"],
+        "embeddings_per_s": state["embeddings"] / elapsed if elapsed else 0.0,
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        if latencies else float("nan"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--protocol", choices=PROTOCOLS, required=True)
+    p.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--grpc", default="127.0.0.1:9000")
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--max-requests", type=int, default=100_000)
+    a = p.parse_args()
+    print(json.dumps(asyncio.run(run(a.protocol, a.workload, a.url, a.grpc, a.duration,
+                                     a.max_requests))))
+
+
+if __name__ == "__main__":
+    main()

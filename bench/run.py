@@ -1,0 +1,221 @@
+"""serve_app benchmark: the in-process ceiling and every protocol served, as ratios in one run.
+
+    python bench/run.py                       # starts its own `serve run` on loopback
+    python bench/run.py --duration 4 --protocols openai grpc --workloads W1 W2
+    python bench/run.py --peer http://127.0.0.1:7997   # also an OpenAI-compatible peer server
+
+Ceiling: the engine called directly in this process (same texts, batch shapes and thread count
+as the served model, no server). Served: bench/load.py, a separate process per cell, on loopback.
+Writes docs/benchmarks.md (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.load import PROTOCOLS, WORKLOADS, texts_for  # noqa: E402
+
+THREADS = os.cpu_count() or 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ceiling(duration: float) -> dict[str, dict[str, float]]:
+    """The engine alone: W1 p50 of single calls; W2-W4 embeddings/s at their batch shapes."""
+    from serve_app.config import ModelConfig
+    from serve_app.engine import EmbeddingEngine
+
+    engine = EmbeddingEngine(ModelConfig(), num_threads=THREADS)
+    engine.warmup()
+    out: dict[str, dict[str, float]] = {}
+    lat = []
+    stop = time.perf_counter() + duration
+    i = 0
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        engine.embed(texts_for("W1", i))
+        lat.append(time.perf_counter() - t0)
+        i += 1
+    out["W1"] = {"p50_ms": 1000 * statistics.median(lat)}
+    for w, shape in (("W2", "W3"), ("W3", "W3"), ("W4", "W4")):  # W2 is judged at batch 32
+        n, stop, i = 0, time.perf_counter() + duration, 0
+        t0 = time.perf_counter()
+        while time.perf_counter() < stop:
+            n += len(engine.embed(texts_for(shape, i * 32))[0])
+            i += 1
+        out[w] = {"embeddings_per_s": n / (time.perf_counter() - t0)}
+    return out
+
+
+def rss_mb(session: int) -> float:
+    """Resident memory of every process in ``session`` (the server and its Ray processes)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if os.getsid(int(pid)) != session:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+    return total / 1024
+
+
+@contextlib.contextmanager
+def server(log: Path):
+    """`serve run` of a benchmark config on loopback; yields (url, grpc target, pid, ready_s)."""
+    http, grpc_port = free_port(), free_port()
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": http},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [
+            "serve_app.protocols.v2_grpc.add_inference_servicer"]},
+        "applications": [{"name": "serve_app", "route_prefix": "/",
+                          "import_path": "serve_app.app:build_app",
+                          "args": {"models": [{"name": "embedding", "torch_threads": THREADS,
+                                               "deployment": {"num_cpus": 1}}]}}],
+    }
+    cfg = Path(tempfile.mkdtemp()) / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    t0 = time.perf_counter()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(cfg)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{http}"
+    try:
+        while time.perf_counter() - t0 < 300:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"server not ready; see {log}")
+        yield url, f"127.0.0.1:{grpc_port}", proc.pid, time.perf_counter() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(45)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def cell(protocol: str, workload: str, url: str, grpc: str, duration: float) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "load.py"), "--protocol", protocol,
+           "--workload", workload, "--url", url, "--grpc", grpc, "--duration", str(duration)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def versions() -> str:
+    import ray
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"ray {ray.__version__}")
+
+
+def render(ceil: dict, rows: list[dict], extra: dict, command: str) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{command}`. Machine: {versions()}. Model: all-MiniLM-L6-v2, fp32, CPU, "
+        f"{THREADS} torch threads in the ceiling and in the served replica.",
+        "",
+        "Ratios compare each served figure with the in-process ceiling measured in the same run "
+        "(W1: added p50 latency in ms; W2-W4: served embeddings/s over the ceiling's at batch 32).",
+        "",
+        "Targets (issue 4): W1 at most +3 ms over the ceiling; W2 0.75x or more; "
+        "W3 1.0x or more; W4 0.95x or more; for every protocol.",
+        "",
+        "| workload | ceiling | protocol | served | ratio | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w = r["workload"]
+        if w == "W1":
+            c = f"{ceil['W1']['p50_ms']:.1f} ms"
+            served = f"{r['p50_ms']:.1f} ms"
+            ratio = f"+{r['p50_ms'] - ceil['W1']['p50_ms']:.1f} ms"
+        else:
+            c = f"{ceil[w]['embeddings_per_s']:.0f}/s"
+            served = f"{r['embeddings_per_s']:.0f}/s"
+            ratio = f"{r['embeddings_per_s'] / ceil[w]['embeddings_per_s']:.2f}x"
+        lines.append(f"| {w} | {c} | {r['protocol']} | {served} | {ratio} | {r['p50_ms']:.1f} "
+                     f"| {r['p99_ms']:.1f} | {r['errors']} |")
+    lines += ["", "Workloads: " + "; ".join(
+        f"{w}: {n} input(s) of {'~110' if long else '~14'} tokens per request, {c} client(s)"
+        for w, (n, c, long) in WORKLOADS.items()) + ".", ""]
+    for k, v in extra.items():
+        lines.append(f"- {k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per cell")
+    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    p.add_argument("--workloads", nargs="+", default=sorted(WORKLOADS), choices=sorted(WORKLOADS))
+    p.add_argument("--peer", default=None, help="another OpenAI-compatible server to compare")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    a = p.parse_args()
+    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    print("measuring the in-process ceiling ...", flush=True)
+    ceil = ceiling(min(a.duration, 5.0))
+    print(json.dumps(ceil), flush=True)
+    rows: list[dict] = []
+    extra: dict[str, str] = {}
+    log = Path(tempfile.mkdtemp()) / "serve.log"
+    with server(log) as (url, grpc, pid, ready_s):
+        extra["start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
+        extra["RSS of the whole stack, idle"] = f"{rss_mb(os.getsid(pid)):.0f} MB"
+        for w in a.workloads:
+            for proto in a.protocols:
+                r = cell(proto, w, url, grpc, a.duration)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            if w == "W2":
+                extra["RSS of the whole stack, after W2"] = f"{rss_mb(os.getsid(pid)):.0f} MB"
+    if a.peer:
+        for w in a.workloads:
+            r = cell("openai", w, a.peer, "", a.duration)
+            r["protocol"] = f"peer {a.peer} (openai)"
+            rows.append(r)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(render(ceil, rows, extra, command))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
