@@ -83,7 +83,7 @@ def rss_mb(session: int) -> float:
 
 
 @contextlib.contextmanager
-def server(log: Path):
+def server(log: Path, batch_wait_s: float | None = None):
     """`serve run` of a benchmark config on loopback; yields (url, grpc target, pid, ready_s)."""
     http, grpc_port = free_port(), free_port()
     config = {
@@ -93,8 +93,11 @@ def server(log: Path):
             "serve_app.protocols.v2_grpc.add_inference_servicer"]},
         "applications": [{"name": "serve_app", "route_prefix": "/",
                           "import_path": "serve_app.app:build_app",
-                          "args": {"models": [{"name": "embedding", "torch_threads": THREADS,
-                                               "deployment": {"num_cpus": 1}}]}}],
+                          "args": {"models": [{
+                              "name": "embedding", "torch_threads": THREADS,
+                              "deployment": {"num_cpus": 1},
+                              **({"batching": {"batch_wait_timeout_s": batch_wait_s}}
+                                 if batch_wait_s is not None else {})}]}}],
     }
     cfg = Path(tempfile.mkdtemp()) / "bench.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -189,6 +192,8 @@ def main() -> None:
     p.add_argument("--workloads", nargs="+", default=sorted(WORKLOADS), choices=sorted(WORKLOADS))
     p.add_argument("--peer", default=None, help="another OpenAI-compatible server to compare")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--batch-wait", type=float, default=None,
+                   help="the model's batch_wait_timeout_s (default: the config's default)")
     a = p.parse_args()
     command = "python bench/run.py " + " ".join(sys.argv[1:])
     print("measuring the in-process ceiling ...", flush=True)
@@ -197,7 +202,7 @@ def main() -> None:
     rows: list[dict] = []
     extra: dict[str, str] = {}
     log = Path(tempfile.mkdtemp()) / "serve.log"
-    with server(log) as (url, grpc, pid, ready_s):
+    with server(log, a.batch_wait) as (url, grpc, pid, ready_s):
         extra["start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
         extra["RSS of the whole stack, idle"] = f"{rss_mb(os.getsid(pid)):.0f} MB"
         for w in a.workloads:
