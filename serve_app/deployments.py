@@ -47,7 +47,6 @@ class EmbeddingModel:
 
     def __init__(self, cfg: ModelConfig) -> None:
         threads = cfg.torch_threads or _owned_cpus()
-        self.cfg = cfg
         self.engine = EmbeddingEngine(cfg, num_threads=threads)
         warm = self.engine.warmup()
         log.info("model %r warmed up in %.2fs", cfg.name, warm)

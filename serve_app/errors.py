@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class ServeAppError(Exception):
     """Base of every error a caller may see. ``message`` is safe to show to the caller."""
@@ -41,6 +46,15 @@ class PayloadTooLarge(ServeAppError):
 
 class InferenceFailed(ServeAppError):
     """The model failed on valid input: a server fault."""
+
+
+def lookup(table: Mapping[type[ServeAppError], T], err: ServeAppError, default: T) -> T:
+    """``table``'s entry for the most specific class of ``err`` that it names, else ``default``.
+    Each protocol keeps one such table from domain error to its own status."""
+    for cls in type(err).__mro__:
+        if cls in table:
+            return table[cls]
+    return default
 
 
 class ModelLoadError(Exception):

@@ -70,9 +70,13 @@ class Router:
                 f"model {name!r} is not served here; served models: {self.names}", param="model"
             ) from None
 
+    def version(self, name: str) -> str:
+        """The version V2 reports for ``name``."""
+        return self.versions.get(name, "1")
+
     def check_version(self, name: str, version: str | None) -> None:
         self.backend(name)
-        if version is not None and version != self.versions.get(name, "1"):
+        if version is not None and version != self.version(name):
             raise ModelNotFound(f"model {name!r} has no version {version!r}", param="model")
 
     async def info(self, name: str, wait: bool = False) -> ModelInfo:

@@ -24,6 +24,7 @@ from serve_app.errors import (
     PayloadTooLarge,
     ServeAppError,
     Unauthorized,
+    lookup,
 )
 from serve_app.router import Router
 
@@ -45,10 +46,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def http_status(err: ServeAppError) -> int:
-    for cls in type(err).__mro__:
-        if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]
-    return 500
+    return lookup(HTTP_STATUS, err, 500)
 
 
 def error_headers(status: int) -> dict[str, str] | None:

@@ -176,7 +176,7 @@ async def statistics(name: str, request: Request, version: str | None = None) ->
     return json_response({
         "model_stats": [{
             "name": name,
-            "version": r.versions.get(name, "1"),
+            "version": r.version(name),
             "inference_count": s["texts"],
             "execution_count": s["passes"],
             "batch_stats": [
@@ -224,7 +224,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(vectors.shape)}
     body: dict[str, Any] = {
         "model_name": name,
-        "model_version": r.versions.get(name, "1"),
+        "model_version": r.version(name),
         "id": request_id,
         "parameters": {"prompt_tokens": result.prompt_tokens},
         "outputs": [output],

@@ -24,6 +24,7 @@ from serve_app.errors import (
     PayloadTooLarge,
     ServeAppError,
     Unauthorized,
+    lookup,
 )
 from serve_app.proto import inference_pb2 as pb
 from serve_app.proto import inference_pb2_grpc as pb_grpc
@@ -62,10 +63,7 @@ class StatusContext(Protocol):
 
 
 def grpc_status(err: ServeAppError) -> grpc.StatusCode:
-    for cls in type(err).__mro__:
-        if cls in GRPC_STATUS:
-            return GRPC_STATUS[cls]
-    return grpc.StatusCode.INTERNAL
+    return lookup(GRPC_STATUS, err, grpc.StatusCode.INTERNAL)
 
 
 def _authorization(context: Any) -> str | None:
@@ -194,7 +192,7 @@ class GrpcInference:
             )
             resp = pb.ModelInferResponse(
                 model_name=request.model_name,
-                model_version=self.router.versions.get(request.model_name, "1"),
+                model_version=self.router.version(request.model_name),
                 id=request.id or str(uuid.uuid4()),
             )
             resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
