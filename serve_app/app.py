@@ -21,6 +21,5 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         for m in cfg.models
     }
     return Ingress.options(**cfg.ingress.serve_options()).bind(  # type: ignore[attr-defined]
-        models, cfg.server_name, {m.name: m.version for m in cfg.models},
-        cfg.ingress.request_timeout_s, cfg.auth,
+        models, cfg
     )

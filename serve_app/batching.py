@@ -22,10 +22,34 @@ from typing import Any
 import numpy as np
 
 from serve_app.engine import EmbeddingEngine, reduce_dimensions
-from serve_app.errors import InvalidInput
+from serve_app.errors import DeadlineExceeded, InvalidInput, Overloaded
 from serve_app.types import EmbedRequest, EmbedResult
 
 Seqs = list[list[int]]
+
+
+@dataclass(eq=False, slots=True)
+class Group:
+    """Token ids of at most ``max_batch_size`` texts of one request, and what tells whether the
+    request still wants them: its deadline and its task (done or being cancelled: the caller
+    went away)."""
+
+    seqs: Seqs
+    deadline: float | None = None
+    owner: asyncio.Task[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    def abandoned(self) -> bool:
+        return self.owner is not None and (self.owner.done() or self.owner.cancelling() > 0)
+
+
+def _expired() -> DeadlineExceeded:
+    return DeadlineExceeded("the request's deadline passed while it waited for the model")
 
 
 @dataclass
@@ -34,6 +58,7 @@ class BatchStats:
 
     passes: int = 0
     texts: int = 0
+    dropped: int = 0
     sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     nanos: collections.Counter[int] = field(default_factory=collections.Counter)
 
@@ -47,6 +72,7 @@ class BatchStats:
         return {
             "passes": self.passes,
             "texts": self.texts,
+            "dropped": self.dropped,
             "mean_batch": self.texts / self.passes if self.passes else 0.0,
             "max_batch": max(self.sizes) if self.sizes else 0,
             "batches": [
@@ -58,20 +84,25 @@ class BatchStats:
 
 class DrainBatcher:
     """Runs ``compute`` (token-id sequences -> float32 ``[n, dim]``) on one worker thread, each
-    pass taking every group pending, oldest first, up to ``max_batch_size`` sequences."""
+    pass taking every group pending, oldest first, up to ``max_batch_size`` sequences.
+
+    Groups whose request has gone (cancelled, disconnected) or whose deadline has passed are
+    dropped before they reach the model."""
 
     def __init__(self, compute: Callable[[Seqs], np.ndarray], max_batch_size: int) -> None:
         self._compute = compute
         self._max = max_batch_size
-        self._pending: collections.deque[tuple[Seqs, asyncio.Future[np.ndarray]]] = (
+        self._pending: collections.deque[tuple[Group, asyncio.Future[np.ndarray]]] = (
             collections.deque()
         )
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.stats = BatchStats()
 
-    async def run(self, groups: Sequence[Seqs]) -> list[np.ndarray]:
-        """Vectors for each group, in order. Each group must hold <= max_batch_size sequences."""
+    async def run(self, groups: Sequence[Group]) -> list[np.ndarray | BaseException]:
+        """Vectors for each group, in order, or the exception that group ended with (so one
+        expired group does not fail the others of its ``@serve.batch``). Each group must hold
+        <= max_batch_size sequences."""
         loop = asyncio.get_running_loop()
         futures = []
         for g in groups:
@@ -80,15 +111,21 @@ class DrainBatcher:
             futures.append(fut)
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
-        return list(await asyncio.gather(*futures))
+        return list(await asyncio.gather(*futures, return_exceptions=True))
 
-    def _take(self) -> list[tuple[Seqs, asyncio.Future[np.ndarray]]]:
-        taken: list[tuple[Seqs, asyncio.Future[np.ndarray]]] = []
+    def _take(self) -> list[tuple[Group, asyncio.Future[np.ndarray]]]:
+        taken: list[tuple[Group, asyncio.Future[np.ndarray]]] = []
         size = 0
         while self._pending:
             group, fut = self._pending[0]
-            if fut.done():  # the caller went away: drop its work before it reaches the model
-                self._pending.popleft()
+            if fut.done() or group.abandoned() or group.expired():
+                self._pending.popleft()  # nobody waits for it: it never reaches the model
+                self.stats.dropped += len(group)
+                if not fut.done():
+                    if group.expired():
+                        fut.set_exception(_expired())
+                    else:
+                        fut.cancel()
                 continue
             if taken and size + len(group) > self._max:
                 break
@@ -103,7 +140,7 @@ class DrainBatcher:
             taken = self._take()
             if not taken:
                 continue
-            flat = [s for group, _ in taken for s in group]
+            flat = [s for group, _ in taken for s in group.seqs]
             t0 = time.perf_counter()
             try:
                 vectors = await loop.run_in_executor(self._executor, self._compute, flat)
@@ -123,23 +160,44 @@ class DrainBatcher:
 class ModelRunner:
     """Turns one :class:`EmbedRequest` into an :class:`EmbedResult` with a loaded engine.
 
-    Tokenizes on a small thread pool (overlapping the forward pass), splits the token ids into
-    groups of at most ``max_batch_size`` and hands each group to ``submit`` (in a replica, the
+    Admits a request only while the inputs it holds (tokenizing, queued, in a forward pass) stay
+    within ``max_queued_inputs``; beyond that it is refused at once with :class:`Overloaded`, so
+    a flood gets fast 429s instead of a queue that grows until requests time out. Tokenizes on a
+    small thread pool (overlapping the forward pass), splits the token ids into groups of at
+    most ``max_batch_size`` and hands each group to ``submit`` (in a replica, the
     ``@serve.batch`` method), then applies ``dimensions``.
     """
 
     def __init__(
         self,
         engine: EmbeddingEngine,
-        submit: Callable[[Seqs], Awaitable[np.ndarray]],
+        submit: Callable[[Group], Awaitable[np.ndarray | BaseException]],
+        max_queued_inputs: int = 4096,
         tokenizer_threads: int = 2,
     ) -> None:
         self.engine = engine
         self._submit = submit
         self._group = engine.max_batch_size
         self._tokenize_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
+        self.max_queued_inputs = max_queued_inputs
+        self.queued_inputs = 0
+        self.refused = 0
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        n = len(req.inputs)
+        if self.queued_inputs + n > self.max_queued_inputs:
+            self.refused += 1
+            raise Overloaded(
+                f"model {req.model!r} is at its queue limit ({self.queued_inputs} of "
+                f"{self.max_queued_inputs} inputs); retry after a short wait"
+            )
+        self.queued_inputs += n
+        try:
+            return await self._embed(req)
+        finally:
+            self.queued_inputs -= n
+
+    async def _embed(self, req: EmbedRequest) -> EmbedResult:
         if req.dimensions is not None and not 1 <= req.dimensions <= self.engine.dim:
             raise InvalidInput(
                 f"dimensions must be between 1 and {self.engine.dim}, got {req.dimensions}",
@@ -150,10 +208,24 @@ class ModelRunner:
             self._tokenize_pool,
             functools.partial(self.engine.prepare, req.inputs, req.truncate),
         )
-        groups = [seqs[i : i + self._group] for i in range(0, len(seqs), self._group)]
+        owner = asyncio.current_task()
+        groups = [Group(seqs[i : i + self._group], req.deadline, owner)
+                  for i in range(0, len(seqs), self._group)]
+        if groups[0].expired():
+            raise _expired()
         parts = await asyncio.gather(*(self._submit(g) for g in groups))
-        vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        for p in parts:
+            if isinstance(p, BaseException):
+                raise p
+        arrays: list[np.ndarray] = parts  # type: ignore[assignment]
+        vectors = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         if req.dimensions is not None and req.dimensions != self.engine.dim:
             vectors = reduce_dimensions(vectors, req.dimensions)
         counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         return EmbedResult(embeddings=vectors, token_counts=counts)
+
+
+def replica_stats(batcher: DrainBatcher, runner: ModelRunner) -> dict[str, Any]:
+    """What ``/v2/models/{name}/stats`` reports of one replica."""
+    return {**batcher.stats.as_dict(), "refused": runner.refused,
+            "queued_inputs": runner.queued_inputs}

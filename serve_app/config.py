@@ -77,6 +77,10 @@ class DeploymentOptions(_Strict):
     graceful_shutdown_timeout_s: float = Field(
         20.0, ge=0, description="Time in-flight requests get to finish on shutdown."
     )
+    max_queued_requests: int = Field(
+        512, ge=1, description="Requests an ingress replica holds for this model while every "
+        "replica is at max_ongoing_requests; more are refused at once (429)."
+    )
 
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self) -> DeploymentOptions:
@@ -101,6 +105,7 @@ class DeploymentOptions(_Strict):
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "max_queued_requests": self.max_queued_requests,
         }
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
@@ -146,6 +151,10 @@ class ModelConfig(_Strict):
     torch_threads: int | None = Field(
         None, ge=1, description="Torch intra-op threads; default: the CPUs the replica owns."
     )
+    max_queued_inputs: int = Field(
+        4096, ge=1, description="Inputs one replica holds at once (tokenizing, queued, in a "
+        "forward pass); a request that would exceed it is refused at once (429, Retry-After)."
+    )
     batching: BatchOptions = Field(default_factory=BatchOptions)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
@@ -177,6 +186,11 @@ class IngressOptions(_Strict):
     request_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for a model's answer before a 503 (retry later)."
     )
+    access_log: bool = Field(
+        False, description="One JSON line per HTTP request on stderr (request id, protocol, "
+        "route, model, status, ms; never input text). Ray Serve's own access log, with its "
+        "request ids, is always on."
+    )
 
     def serve_options(self) -> dict[str, Any]:
         return {
@@ -184,6 +198,41 @@ class IngressOptions(_Strict):
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus},
         }
+
+
+class LimitOptions(_Strict):
+    """What one request may hold. Every limit is checked at the ingress, before any model work."""
+
+    max_inputs_per_request: int = Field(
+        2048, ge=1, description="Inputs in one request; more is a 400 naming the limit (the "
+        "model still runs large requests in passes of max_batch_size)."
+    )
+    max_input_chars: int = Field(
+        100_000, ge=1, description="Characters in one text, checked before tokenizing (400)."
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Bytes of a request body (after decompression) "
+        "or gRPC request message; more is a 413 / RESOURCE_EXHAUSTED."
+    )
+
+
+class CorsOptions(_Strict):
+    """Cross-origin access for browsers. Off unless ``allow_origins`` names at least one."""
+
+    allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed, e.g. https://app.example.com."
+    )
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "Content-Type", "X-Request-Id",
+                                 "X-Request-Timeout"]
+    )
+    allow_credentials: bool = False
+    max_age: int = Field(600, ge=0, description="Seconds browsers cache a preflight answer.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow_origins)
 
 
 class AuthOptions(_Strict):
@@ -229,6 +278,8 @@ class AppConfig(_Strict):
     )
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     auth: AuthOptions = Field(default_factory=AuthOptions)
+    limits: LimitOptions = Field(default_factory=LimitOptions)
+    cors: CorsOptions = Field(default_factory=CorsOptions)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

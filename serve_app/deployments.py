@@ -14,14 +14,15 @@ import numpy as np
 import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import ApiKeys
-from serve_app.batching import DrainBatcher, ModelRunner, Seqs
-from serve_app.config import AuthOptions, ModelConfig
+from serve_app.batching import DrainBatcher, Group, ModelRunner, replica_stats
+from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine import EmbeddingEngine
-from serve_app.errors import ModelNotReady, ServeAppError
-from serve_app.http import create_http_app
+from serve_app.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServeAppError
+from serve_app.http import create_http_app, enable_access_log
 from serve_app.protocols.v2_grpc import GrpcInference
 from serve_app.router import Router
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
@@ -36,7 +37,7 @@ def _owned_cpus() -> int:
     return max(1, int(cpus))
 
 
-def _count_texts(groups: list[Seqs]) -> int:
+def _count_texts(groups: list[Group]) -> int:
     return sum(len(g) for g in groups)
 
 
@@ -57,7 +58,7 @@ class EmbeddingModel:
         self._batched.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
             cfg.batching.batch_wait_timeout_s
         )
-        self.runner = ModelRunner(self.engine, self._batched)
+        self.runner = ModelRunner(self.engine, self._batched, cfg.max_queued_inputs)
         self._info = self.engine.info(cfg.name, cfg.version)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
@@ -67,14 +68,14 @@ class EmbeddingModel:
     # batcher, which merges them while the model is busy (see serve_app.batching).
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=4096,
                  batch_size_fn=_count_texts)
-    async def _batched(self, groups: list[Seqs]) -> list[np.ndarray]:
+    async def _batched(self, groups: list[Group]) -> list[np.ndarray | BaseException]:
         return await self.batcher.run(groups)
 
     def info(self) -> ModelInfo:
         return self._info
 
     def stats(self) -> dict[str, Any]:
-        return self.batcher.stats.as_dict()
+        return replica_stats(self.batcher, self.runner)
 
 
 class ReplicaCensus:
@@ -135,18 +136,35 @@ class HandleBackend:
         return await self._census.running(self._name) > 0
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        remaining = req.remaining()
+        timeout = self._timeout_s if remaining is None else min(self._timeout_s, remaining)
+        if timeout <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it reached the model")
+        response = self._embed.remote(req)
         try:
-            return await asyncio.wait_for(self._embed.remote(req), self._timeout_s)
+            return await asyncio.wait_for(response, timeout)
         except RayTaskError as e:
             raise _unwrap(e) from None
+        except BackPressureError:
+            raise Overloaded(
+                f"model {req.model!r} has too many requests queued; retry after a short wait"
+            ) from None
         except RayActorError:
             raise ModelNotReady(
                 f"the replica of model {req.model!r} was lost during the request; retry"
             ) from None
         except TimeoutError:
+            response.cancel()  # the replica drops the work if it has not reached the model
+            if remaining is not None and remaining <= self._timeout_s:
+                raise DeadlineExceeded(
+                    f"no answer within the request's deadline ({remaining:.3g}s)"
+                ) from None
             raise ModelNotReady(
                 f"model {req.model!r} gave no answer within {self._timeout_s:g}s; retry later"
             ) from None
+        except asyncio.CancelledError:
+            response.cancel()  # the client went away: so does its work
+            raise
 
     async def info(self) -> ModelInfo:
         try:
@@ -164,21 +182,19 @@ class Ingress(GrpcInference):
     """Speaks every HTTP protocol, and V2 gRPC (the RPC methods inherited from GrpcInference,
     which Ray Serve's gRPC proxy calls by name); routes by model name to the model deployments."""
 
-    def __init__(
-        self,
-        models: dict[str, DeploymentHandle],
-        server_name: str,
-        versions: dict[str, str],
-        request_timeout_s: float,
-        auth: AuthOptions,
-    ) -> None:
+    def __init__(self, models: dict[str, DeploymentHandle], cfg: AppConfig) -> None:
         census = ReplicaCensus(serve.get_replica_context().app_name)
-        backends = {name: HandleBackend(h, census, request_timeout_s) for name, h in models.items()}
-        accepted = auth.load_keys()  # read here, in the replica's own environment
+        timeout = cfg.ingress.request_timeout_s
+        backends = {name: HandleBackend(h, census, timeout) for name, h in models.items()}
+        accepted = cfg.auth.load_keys()  # read here, in the replica's own environment
         log.info("API keys: %s", f"{len(accepted)} accepted" if accepted else "off")
-        keys = ApiKeys(accepted)
-        self.router = Router(backends, server_name=server_name, versions=versions, api_keys=keys)
+        if cfg.ingress.access_log:
+            enable_access_log()
+        self.cfg = cfg
+        self.router = Router(backends, server_name=cfg.server_name,
+                             versions={m.name: m.version for m in cfg.models},
+                             api_keys=ApiKeys(accepted), limits=cfg.limits)
         super().__init__(self.router)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_http_app(self.router)
+        return create_http_app(self.router, self.cfg.cors)

@@ -40,6 +40,10 @@ class Overloaded(ServeAppError):
     """Too much work is queued; retry later."""
 
 
+class DeadlineExceeded(ServeAppError):
+    """The request's own deadline passed before its answer was ready."""
+
+
 class PayloadTooLarge(ServeAppError):
     """The request body exceeds the configured limit."""
 

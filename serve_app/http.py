@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.auth import OPEN_PATHS
+from serve_app.config import CorsOptions
 from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
-from serve_app.metrics import CONTENT_TYPE
+from serve_app.metrics import CONTENT_TYPE, protocol_of
 from serve_app.protocols import kserve_v1, openai, v2
 from serve_app.protocols.common import json_response
 from serve_app.router import Router
@@ -25,7 +30,34 @@ def _render_for_path(path: str, err: ServeAppError) -> Response:
     return kserve_v1.render_error(err)
 
 
-def create_http_app(router: Router) -> FastAPI:
+access_log = logging.getLogger("serve_app.access")
+
+
+def enable_access_log() -> None:
+    """Send the access log's JSON lines to stderr (in a replica: its log file and the driver)."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+
+def _access_record(request: Request, status: int, seconds: float, rid: str) -> str:
+    """One JSON line per request: ids, route, status, timing. Never a request's text."""
+    route = request.scope.get("route")
+    return orjson.dumps({
+        "request_id": rid,
+        "protocol": protocol_of(request.url.path),
+        "method": request.method,
+        "route": getattr(route, "path", "unmatched"),
+        "model": request.path_params.get("name"),
+        "status": status,
+        "ms": round(seconds * 1000, 2),
+    }).decode()
+
+
+def create_http_app(router: Router, cors: CorsOptions | None = None) -> FastAPI:
     app = FastAPI(
         title="serve_app",
         version=__version__,
@@ -42,24 +74,39 @@ def create_http_app(router: Router) -> FastAPI:
         return Response(router.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.middleware("http")
-    async def require_api_key(request: Request, call_next: Any) -> Response:
-        if router.api_keys.enabled and request.url.path not in OPEN_PATHS:
-            try:
+    async def observe(request: Request, call_next: Any) -> Response:
+        """Request id (the caller's ``X-Request-Id`` or a new one, echoed), API key check,
+        metrics and one access-log line per request."""
+        t0 = time.perf_counter()
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid
+        response: Response
+        try:
+            if router.api_keys.enabled and request.url.path not in OPEN_PATHS:
                 router.api_keys.check(request.headers.get("authorization"))
-            except Unauthorized as e:
-                return _render_for_path(request.url.path, e)
-        response: Response = await call_next(request)
+        except Unauthorized as e:
+            response = _render_for_path(request.url.path, e)
+        else:
+            response = await call_next(request)
+        seconds = time.perf_counter() - t0
+        response.headers["x-request-id"] = rid
+        route = request.scope.get("route")
+        router.metrics.observe_request(request.url.path, getattr(route, "path", "unmatched"),
+                                       request.method, response.status_code, seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(_access_record(request, response.status_code, seconds, rid))
         return response
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        t0 = time.perf_counter()
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        router.metrics.observe_request(request.url.path, template, request.method,
-                                       response.status_code, time.perf_counter() - t0)
-        return response
+    if cors is not None and cors.enabled:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors.allow_origins,
+            allow_methods=cors.allow_methods,
+            allow_headers=cors.allow_headers,
+            allow_credentials=cors.allow_credentials,
+            max_age=cors.max_age,
+            expose_headers=["x-request-id"],
+        )
 
     app.include_router(openai.router)
     app.include_router(kserve_v1.router)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.batching import DrainBatcher, ModelRunner, Seqs
+from serve_app.batching import DrainBatcher, Group, ModelRunner, replica_stats
 from serve_app.engine import EmbeddingEngine
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
@@ -17,12 +17,13 @@ from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 class LocalBackend:
     """A :class:`serve_app.router.ModelBackend` running ``engine`` in this process."""
 
-    def __init__(self, engine: EmbeddingEngine, name: str, version: str = "1") -> None:
+    def __init__(self, engine: EmbeddingEngine, name: str, version: str = "1",
+                 max_queued_inputs: int = 4096) -> None:
         self.batcher = DrainBatcher(engine.embed_ids, engine.max_batch_size)
-        self.runner = ModelRunner(engine, self._submit)
+        self.runner = ModelRunner(engine, self._submit, max_queued_inputs)
         self._info = engine.info(name, version)
 
-    async def _submit(self, group: Seqs) -> np.ndarray:
+    async def _submit(self, group: Group) -> np.ndarray | BaseException:
         (vectors,) = await self.batcher.run([group])
         return vectors
 
@@ -33,7 +34,7 @@ class LocalBackend:
         return self._info
 
     async def stats(self) -> dict[str, Any]:
-        return self.batcher.stats.as_dict()
+        return replica_stats(self.batcher, self.runner)
 
     async def ready(self) -> bool:
         return True

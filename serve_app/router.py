@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 from serve_app import __version__
 from serve_app.auth import ApiKeys
-from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
+from serve_app.config import LimitOptions
+from serve_app.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
 from serve_app.metrics import Metrics
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
@@ -46,6 +47,7 @@ class Router:
         load_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
         api_keys: ApiKeys | None = None,
+        limits: LimitOptions | None = None,
     ) -> None:
         self._backends = backends
         self._info: dict[str, ModelInfo] = {}
@@ -57,6 +59,7 @@ class Router:
         self.created = int(time.time())
         self.metrics = metrics or Metrics()
         self.api_keys = api_keys or ApiKeys()
+        self.limits = limits or LimitOptions()
 
     @property
     def names(self) -> list[str]:
@@ -111,10 +114,33 @@ class Router:
         """Forward-pass statistics of ``name`` (from one replica when there are several)."""
         return await self.backend(name).stats()
 
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
-        """Validate what the ingress can know about ``req`` and run it on its model."""
+    def check_limits(self, req: EmbedRequest) -> None:
+        """Refuse what no model should see: too many inputs, over-long texts (before any
+        tokenizing), a deadline already passed."""
         if not req.inputs:
             raise InvalidInput("input must not be empty", param="input")
+        limit = self.limits.max_inputs_per_request
+        if len(req.inputs) > limit:
+            raise InvalidInput(
+                f"{len(req.inputs)} inputs in one request; the limit is {limit} "
+                "(max_inputs_per_request): send them in several requests",
+                param="input",
+            )
+        chars = self.limits.max_input_chars
+        for i, x in enumerate(req.inputs):
+            if len(x) > chars:
+                what = "characters" if isinstance(x, str) else "token ids"
+                raise InvalidInput(
+                    f"input {i} has {len(x)} {what}; the limit is {chars} (max_input_chars)",
+                    param="input",
+                )
+        remaining = req.remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was started")
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        """Validate what the ingress can know about ``req`` and run it on its model."""
+        self.check_limits(req)
         backend = self.backend(req.model)
         if not await backend.ready():  # answer now; never queue behind a model with no replica
             raise ModelNotReady(

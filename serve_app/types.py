@@ -6,12 +6,18 @@ protobuf object ever reaches a model replica.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 #: One input: a text, or the model tokenizer's complete token ids for one text.
 Input = str | tuple[int, ...]
+
+
+def deadline(seconds: float | None) -> float | None:
+    """The wall-clock deadline ``seconds`` from now (None: none)."""
+    return None if seconds is None else time.time() + seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +28,8 @@ class EmbedRequest:
     - ``truncate``: cut texts at the model's token limit (True) or refuse longer ones (False).
     - ``dimensions``: keep the first N values of each vector and L2-normalize again.
     - ``request_id``: the caller's id, for logs.
+    - ``deadline``: wall-clock time (``time.time()``) after which the answer is useless; work
+      still queued then is dropped and the caller gets :class:`DeadlineExceeded`.
     """
 
     model: str
@@ -29,6 +37,11 @@ class EmbedRequest:
     truncate: bool = True
     dimensions: int | None = None
     request_id: str = ""
+    deadline: float | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (negative once passed); None without one."""
+        return None if self.deadline is None else self.deadline - time.time()
 
 
 @dataclass(frozen=True, slots=True)

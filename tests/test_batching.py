@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from serve_app.batching import DrainBatcher, ModelRunner
-from serve_app.errors import InvalidInput
+from serve_app.batching import DrainBatcher, Group, ModelRunner
+from serve_app.errors import DeadlineExceeded, InvalidInput, Overloaded
 from serve_app.types import EmbedRequest
 
 
@@ -25,15 +25,20 @@ def slow_compute(delay: float, calls: list[int]):
     return compute
 
 
+def G(*ids: int, **kw) -> Group:
+    """A group of one-token sequences."""
+    return Group([[i] for i in ids], **kw)
+
+
 def test_passes_fill_while_the_model_is_busy():
     calls: list[int] = []
     batcher = DrainBatcher(slow_compute(0.05, calls), max_batch_size=16)
 
     async def main():
         # one request arrives first and occupies the model; 40 more arrive meanwhile
-        first = asyncio.create_task(batcher.run([[[1]]]))
+        first = asyncio.create_task(batcher.run([G(1)]))
         await asyncio.sleep(0.01)
-        rest = await asyncio.gather(*(batcher.run([[[i + 2]]]) for i in range(40)))
+        rest = await asyncio.gather(*(batcher.run([G(i + 2)]) for i in range(40)))
         return await first, rest
 
     first, rest = asyncio.run(main())
@@ -48,7 +53,7 @@ def test_groups_are_never_split_and_order_is_kept():
     batcher = DrainBatcher(slow_compute(0.0, calls), max_batch_size=5)
 
     async def main():
-        return await batcher.run([[[1], [2], [3]], [[4], [5]], [[6], [7], [8]]])
+        return await batcher.run([G(1, 2, 3), G(4, 5), G(6, 7, 8)])
 
     out = asyncio.run(main())
     assert [o[:, 0].tolist() for o in out] == [[1, 2, 3], [4, 5], [6, 7, 8]]
@@ -67,9 +72,9 @@ def test_a_failing_pass_fails_only_its_callers_and_the_loop_lives_on():
     batcher = DrainBatcher(compute, max_batch_size=4)
 
     async def main():
-        with pytest.raises(RuntimeError, match="boom"):
-            await batcher.run([[[1]]])
-        return await batcher.run([[[1]], [[2]]])
+        (failed,) = await batcher.run([G(1)])
+        assert isinstance(failed, RuntimeError) and "boom" in str(failed)
+        return await batcher.run([G(1), G(2)])
 
     assert len(asyncio.run(main())) == 2
 
@@ -86,10 +91,10 @@ def test_cancelled_work_never_reaches_the_model():
     batcher = DrainBatcher(compute, max_batch_size=8)
 
     async def main():
-        busy = asyncio.create_task(batcher.run([[[1]]]))
+        busy = asyncio.create_task(batcher.run([G(1)]))
         await asyncio.sleep(0.02)
-        gone = asyncio.create_task(batcher.run([[[2]], [[3]]]))
-        kept = asyncio.create_task(batcher.run([[[4]]]))
+        gone = asyncio.create_task(batcher.run([G(2), G(3)]))
+        kept = asyncio.create_task(batcher.run([G(4)]))
         await asyncio.sleep(0.02)
         gone.cancel()  # the client went away while the model was busy
         gate.set()
@@ -98,6 +103,43 @@ def test_cancelled_work_never_reaches_the_model():
 
     asyncio.run(main())
     assert calls == [1, 1]
+    assert batcher.stats.dropped == 2
+
+
+def test_work_of_a_request_that_went_away_or_expired_is_dropped():
+    """A group whose owning task is cancelled (Serve cancels the replica's task when the caller
+    disconnects) or whose deadline passed while the model was busy never reaches the model;
+    the expired caller gets DeadlineExceeded, the others in the same batch their vectors."""
+    calls: list[list[float]] = []
+    gate = threading.Event()
+
+    def compute(seqs):
+        calls.append([s[0] for s in seqs])
+        gate.wait(5)
+        return np.array([[s[0], 0] for s in seqs], np.float32)
+
+    batcher = DrainBatcher(compute, max_batch_size=8)
+
+    async def main():
+        busy = asyncio.create_task(batcher.run([G(1)]))
+        await asyncio.sleep(0.02)
+        owner = asyncio.create_task(asyncio.sleep(10))
+        out = asyncio.create_task(batcher.run([
+            G(2, deadline=time.time() + 0.01), G(3, owner=owner), G(4, deadline=time.time() + 9),
+        ]))
+        await asyncio.sleep(0.05)
+        owner.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        await busy
+        return await out
+
+    expired, gone, kept = asyncio.run(main())
+    assert calls == [[1], [4]]
+    assert isinstance(expired, DeadlineExceeded)
+    assert isinstance(gone, asyncio.CancelledError)
+    assert kept[:, 0].tolist() == [4]
+    assert batcher.stats.dropped == 2
 
 
 def test_runner_splits_large_requests_and_applies_dimensions(engine):
@@ -105,7 +147,7 @@ def test_runner_splits_large_requests_and_applies_dimensions(engine):
 
     async def submit(group):
         seen.append(len(group))
-        return engine.embed_ids(group)
+        return engine.embed_ids(group.seqs)
 
     runner = ModelRunner(engine, submit)
     texts = tuple(f"sentence number {i}" for i in range(70))
@@ -137,3 +179,42 @@ def test_runner_refuses_impossible_dimensions(engine, dims):
     runner = ModelRunner(engine, submit)
     with pytest.raises(InvalidInput, match="dimensions must be between 1 and 384"):
         asyncio.run(runner.embed(EmbedRequest(model="m", inputs=("x",), dimensions=dims)))
+
+
+def test_runner_refuses_past_its_queue_bound_at_once_and_recovers(engine):
+    """Admission counts inputs, not requests: with 40 inputs held, a 30-input request is
+    refused straight away (no model work), a 10-input one is admitted, and once the held
+    work finishes the bound is free again."""
+    async def main():
+        gate = asyncio.Event()
+
+        async def submit(group):
+            await gate.wait()
+            return engine.embed_ids(group.seqs)
+
+        runner = ModelRunner(engine, submit, max_queued_inputs=50)
+        held = asyncio.create_task(runner.embed(EmbedRequest(model="m", inputs=("a",) * 40)))
+        await asyncio.sleep(0.1)
+        assert runner.queued_inputs == 40
+        with pytest.raises(Overloaded, match="40 of 50 inputs"):  # while the gate is shut
+            await runner.embed(EmbedRequest(model="m", inputs=("b",) * 30))
+        fits = asyncio.create_task(runner.embed(EmbedRequest(model="m", inputs=("c",) * 10)))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await held
+        await fits
+        assert runner.queued_inputs == 0 and runner.refused == 1
+        again = await runner.embed(EmbedRequest(model="m", inputs=("b",) * 30))
+        assert again.embeddings.shape == (30, 384)
+
+    asyncio.run(main())
+
+
+def test_runner_refuses_a_request_whose_deadline_passed_while_tokenizing(engine):
+    async def submit(group):
+        raise AssertionError("must not be reached")
+
+    runner = ModelRunner(engine, submit)
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(runner.embed(EmbedRequest(model="m", inputs=("x",),
+                                              deadline=time.time() - 1)))

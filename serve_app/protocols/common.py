@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from serve_app.errors import (
+    DeadlineExceeded,
     InferenceFailed,
     InvalidInput,
     ModelNotFound,
@@ -39,8 +40,11 @@ HTTP_STATUS: dict[type[ServeAppError], int] = {
     Overloaded: 429,
     InferenceFailed: 500,
     ModelNotReady: 503,
+    DeadlineExceeded: 504,
 }
-MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
+#: Request headers that set a deadline, in seconds: our own, then the one the OpenAI SDK sends
+#: with its client timeout (past it the client has gone anyway).
+TIMEOUT_HEADERS = ("x-request-timeout", "x-stainless-timeout")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,7 +55,7 @@ def http_status(err: ServeAppError) -> int:
 
 def error_headers(status: int) -> dict[str, str] | None:
     """Headers every protocol's error response carries for ``status``."""
-    if status in (429, 503):
+    if status in (429, 503, 504):
         return {"Retry-After": "1"}
     if status == 401:
         return {"WWW-Authenticate": "Bearer"}
@@ -75,8 +79,22 @@ def router_of(request: Request) -> Router:
 
 
 async def read_body(request: Request) -> bytes:
-    """The request body, decompressed when it says ``Content-Encoding: gzip`` or ``deflate``."""
-    body = await request.body()
+    """The request body, decompressed when it says ``Content-Encoding: gzip`` or ``deflate``;
+    :class:`PayloadTooLarge` past ``limits.max_body_bytes``, before or after decompression."""
+    limit = router_of(request).limits.max_body_bytes
+    too_large = PayloadTooLarge(
+        f"request body exceeds {limit} bytes (max_body_bytes); send fewer or shorter inputs"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("", "identity"):
         return body
@@ -87,14 +105,35 @@ async def read_body(request: Request) -> bytes:
             d = zlib.decompressobj()
         else:
             raise InvalidInput(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
-        out = d.decompress(body, MAX_DECOMPRESSED_BYTES)
+        out = d.decompress(body, limit)
         if d.unconsumed_tail:
-            raise PayloadTooLarge(
-                f"decompressed body exceeds {MAX_DECOMPRESSED_BYTES} bytes"
-            )
+            raise too_large
         return out
     except (zlib.error, gzip.BadGzipFile) as e:
         raise InvalidInput(f"body is not valid {encoding} data: {e}") from e
+
+
+def timeout_of(request: Request) -> float | None:
+    """The request's own timeout in seconds, from :data:`TIMEOUT_HEADERS`; None without one."""
+    for name in TIMEOUT_HEADERS:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise InvalidInput(f"header {name} must be a number of seconds, got {value!r}") \
+                from None
+        if not 0 < seconds < 1e6:
+            raise InvalidInput(f"header {name} must be > 0 seconds, got {value!r}")
+        return seconds
+    return None
+
+
+def request_id(request: Request) -> str:
+    """The caller's ``X-Request-Id``, or the one the HTTP app created for this request."""
+    return str(getattr(request.state, "request_id", "")) or request.headers.get(
+        "x-request-id", "")
 
 
 def parse_json(data: bytes) -> Any:

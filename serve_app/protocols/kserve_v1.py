@@ -17,10 +17,12 @@ from serve_app.protocols.common import (
     json_response,
     parse_json,
     read_body,
+    request_id,
     router_of,
+    timeout_of,
 )
 from serve_app.protocols.openai import model_card
-from serve_app.types import EmbedRequest
+from serve_app.types import EmbedRequest, deadline
 
 
 def render_error(err: ServeAppError) -> Response:
@@ -42,6 +44,8 @@ _PREDICT_SCHEMA = {
                     "properties": {
                         "instances": {"type": "array", "items": {"type": "string"}},
                         "inputs": {"type": "array", "items": {"type": "string"}},
+                        "truncate": {"type": "boolean", "default": True,
+                                     "description": "false: refuse over-long texts (400)"},
                     },
                 }
             }
@@ -73,7 +77,7 @@ async def model_status(name: str, request: Request) -> Response:
 
 @router.post("/v1/models/{name}:predict", openapi_extra=_PREDICT_SCHEMA)
 async def predict(name: str, request: Request) -> Response:
-    """``{"instances": [str, ...]}`` -> ``{"predictions": [[float, ...], ...]}``."""
+    """``{"instances": [str, ...], "truncate"?: bool}`` -> ``{"predictions": [[float, ...]]}``."""
     r = router_of(request)
     r.backend(name)
     data = parse_json(await read_body(request))
@@ -86,7 +90,11 @@ async def predict(name: str, request: Request) -> Response:
     else:
         raise InvalidInput("request body must have 'instances' (or 'inputs'): a list of strings")
     texts = check_texts(data[field], field)
+    truncate = data.get("truncate", True)
+    if type(truncate) is not bool:
+        raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
     result = await r.embed(
-        EmbedRequest(model=name, inputs=texts, request_id=request.headers.get("x-request-id", ""))
+        EmbedRequest(model=name, inputs=texts, truncate=truncate, request_id=request_id(request),
+                     deadline=deadline(timeout_of(request)))
     )
     return json_response({"predictions": result.embeddings})

@@ -7,7 +7,7 @@ import base64
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
 from serve_app.protocols.common import (
@@ -17,10 +17,12 @@ from serve_app.protocols.common import (
     json_response,
     parse_json,
     read_body,
+    request_id,
     router_of,
+    timeout_of,
     validate,
 )
-from serve_app.types import EmbedRequest, EmbedResult, Input
+from serve_app.types import EmbedRequest, EmbedResult, Input, deadline
 
 OWNED_BY = "serve_app"
 
@@ -43,6 +45,10 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = Field(None, description="Keep the first N values, renormalize.")
     user: StrictStr | None = None
+    truncate: StrictBool = Field(
+        True, description="serve_app extension (as in text-embeddings-inference): false refuses "
+        "inputs over the model's token limit with a 400 instead of cutting them."
+    )
 
 
 def _inputs(value: Any) -> tuple[Input, ...]:
@@ -131,8 +137,10 @@ async def create_embeddings(request: Request) -> Response:
     req = EmbedRequest(
         model=body.model,
         inputs=inputs,
+        truncate=body.truncate,
         dimensions=body.dimensions,
-        request_id=request.headers.get("x-request-id", ""),
+        request_id=request_id(request),
+        deadline=deadline(timeout_of(request)),
     )
     result = await router_.embed(req)
     return render_embeddings(result, body.model, body.encoding_format)

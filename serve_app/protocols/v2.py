@@ -19,6 +19,7 @@ from serve_app.protocols.common import (
     parse_json,
     read_body,
     router_of,
+    timeout_of,
     validate,
 )
 from serve_app.protocols.kserve_v1 import render_error
@@ -31,7 +32,7 @@ from serve_app.protocols.v2_codec import (
     split_bytes_tensor,
     texts_from_elements,
 )
-from serve_app.types import EmbedRequest
+from serve_app.types import EmbedRequest, deadline
 
 PLATFORM = "serve_app_huggingface"
 _HEADER_LEN = "inference-header-content-length"
@@ -211,6 +212,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     binary_out = _wants_binary(req)
     opts = infer_options(req.parameters)
     request_id = req.id or str(uuid.uuid4())
+    timeout = opts.timeout_s if opts.timeout_s is not None else timeout_of(request)
     result = await r.embed(
         EmbedRequest(
             model=name,
@@ -218,6 +220,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
             truncate=opts.truncate,
             dimensions=opts.dimensions,
             request_id=request_id,
+            deadline=deadline(timeout),
         )
     )
     vectors = result.embeddings

@@ -89,17 +89,25 @@ class InferOptions:
 
     dimensions: int | None = None
     truncate: bool = True
+    timeout_s: float | None = None
 
 
 def infer_options(params: Mapping[str, Any]) -> InferOptions:
-    """Read ``dimensions`` (int) and ``truncate`` (bool) from V2 request parameters."""
+    """Read ``dimensions`` (int), ``truncate`` (bool) and ``timeout`` (int microseconds, as in
+    Triton) from V2 request parameters."""
     dims = params.get("dimensions")
     if dims is not None and (type(dims) is not int):
         raise InvalidInput(f"parameter 'dimensions' must be an integer, got {dims!r}")
     truncate = params.get("truncate", True)
     if type(truncate) is not bool:
         raise InvalidInput(f"parameter 'truncate' must be a boolean, got {truncate!r}")
-    return InferOptions(dimensions=dims, truncate=truncate)
+    timeout = params.get("timeout")
+    if timeout is not None and (type(timeout) is not int or timeout <= 0):
+        raise InvalidInput(
+            f"parameter 'timeout' must be a positive integer of microseconds, got {timeout!r}"
+        )
+    return InferOptions(dimensions=dims, truncate=truncate,
+                        timeout_s=None if timeout is None else timeout / 1e6)
 
 
 def check_outputs(names: Sequence[str]) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from serve_app.config import grpc_default_application
 from serve_app.errors import (
+    DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
@@ -39,7 +40,7 @@ from serve_app.protocols.v2_codec import (
     texts_from_elements,
 )
 from serve_app.router import Router
-from serve_app.types import EmbedRequest
+from serve_app.types import EmbedRequest, deadline
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -114,7 +116,8 @@ def to_embed_request(req: pb.ModelInferRequest) -> tuple[EmbedRequest, bool]:
     check_outputs([o.name for o in req.outputs])
     opts = infer_options(_params(req.parameters))
     embed = EmbedRequest(model=req.model_name, inputs=texts, truncate=opts.truncate,
-                         dimensions=opts.dimensions, request_id=req.id)
+                         dimensions=opts.dimensions, request_id=req.id,
+                         deadline=deadline(opts.timeout_s))
     return embed, raw
 
 
@@ -184,6 +187,10 @@ class GrpcInference:
                          grpc_context: StatusContext) -> pb.ModelInferResponse:
         async def call() -> pb.ModelInferResponse:
             self.router.check_version(request.model_name, request.model_version or None)
+            limit = self.router.limits.max_body_bytes
+            if request.ByteSize() > limit:
+                raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
+                                      "send fewer or shorter inputs")
             embed, raw = to_embed_request(request)
             result = await self.router.embed(embed)
             vectors = result.embeddings
