@@ -12,6 +12,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class _Refuse(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         flag = self.option_strings[0]
         parser.error(f"{flag} is not supported: {_REFUSED[flag]}")
+
+
+log = logging.getLogger("serve_app")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,11 +181,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         serve.run(build_app(cfg), name="serve_app", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
-        pass
+        grace = cfg.models[0].deployment.graceful_shutdown_timeout_s
+        drain(serve.get_app_handle("serve_app"), grace)
     finally:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def drain(ingress: Any, timeout_s: float, poll_s: float = 0.1) -> int:
+    """Graceful stop, as KServe's server does on SIGTERM: readiness false at once, then wait
+    (at most ``timeout_s``) until the requests in flight have finished. Returns those left."""
+    left = int(ingress.options(method_name="drain").remote().result(timeout_s=10))
+    log.warning("shutting down: readiness is false; waiting for %d request(s) in flight", left)
+    deadline = time.monotonic() + timeout_s
+    while left and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        left = int(ingress.options(method_name="in_flight").remote().result(timeout_s=10))
+    if left:
+        log.warning("%d request(s) still in flight after %gs; stopping anyway", left, timeout_s)
+    return left
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,12 +158,39 @@ class DrainBatcher:
                 start += len(group)
 
 
+class InputBound:
+    """A bound on the inputs held at once (tokenizing, queued, computing), counted in inputs
+    rather than requests. Past it a request is refused at once with :class:`Overloaded`, so a
+    flood gets fast 429s instead of a queue that grows until requests time out."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.refused = 0
+
+    @contextlib.contextmanager
+    def hold(self, model: str, n: int, scale: int = 1) -> Iterator[None]:
+        """Hold ``n`` inputs of ``model`` for the ``with`` block; the bound is ``limit * scale``
+        (``scale``: replicas behind it)."""
+        limit = self.limit * max(1, scale)
+        if self.held + n > limit:
+            self.refused += 1
+            raise Overloaded(
+                f"model {model!r} is at its queue limit ({self.held} of {limit} inputs held); "
+                "retry after a short wait"
+            )
+        self.held += n
+        try:
+            yield
+        finally:
+            self.held -= n
+
+
 class ModelRunner:
     """Turns one :class:`EmbedRequest` into an :class:`EmbedResult` with a loaded engine.
 
-    Admits a request only while the inputs it holds (tokenizing, queued, in a forward pass) stay
-    within ``max_queued_inputs``; beyond that it is refused at once with :class:`Overloaded`, so
-    a flood gets fast 429s instead of a queue that grows until requests time out. Tokenizes on a
+    Admits a request only while the replica's inputs stay within ``max_queued_inputs``
+    (:class:`InputBound`). Tokenizes on a
     small thread pool (overlapping the forward pass), splits the token ids into groups of at
     most ``max_batch_size`` and hands each group to ``submit`` (in a replica, the
     ``@serve.batch`` method), then applies ``dimensions``.
@@ -179,23 +207,11 @@ class ModelRunner:
         self._submit = submit
         self._group = engine.max_batch_size
         self._tokenize_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
-        self.max_queued_inputs = max_queued_inputs
-        self.queued_inputs = 0
-        self.refused = 0
+        self.bound = InputBound(max_queued_inputs)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        n = len(req.inputs)
-        if self.queued_inputs + n > self.max_queued_inputs:
-            self.refused += 1
-            raise Overloaded(
-                f"model {req.model!r} is at its queue limit ({self.queued_inputs} of "
-                f"{self.max_queued_inputs} inputs); retry after a short wait"
-            )
-        self.queued_inputs += n
-        try:
+        with self.bound.hold(req.model, len(req.inputs)):
             return await self._embed(req)
-        finally:
-            self.queued_inputs -= n
 
     async def _embed(self, req: EmbedRequest) -> EmbedResult:
         if req.dimensions is not None and not 1 <= req.dimensions <= self.engine.dim:
@@ -227,5 +243,5 @@ class ModelRunner:
 
 def replica_stats(batcher: DrainBatcher, runner: ModelRunner) -> dict[str, Any]:
     """What ``/v2/models/{name}/stats`` reports of one replica."""
-    return {**batcher.stats.as_dict(), "refused": runner.refused,
-            "queued_inputs": runner.queued_inputs}
+    return {**batcher.stats.as_dict(), "refused": runner.bound.refused,
+            "queued_inputs": runner.bound.held}

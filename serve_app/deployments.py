@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import ApiKeys
-from serve_app.batching import DrainBatcher, Group, ModelRunner, replica_stats
+from serve_app.batching import DrainBatcher, Group, InputBound, ModelRunner, replica_stats
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine import EmbeddingEngine
 from serve_app.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServeAppError
@@ -121,13 +121,17 @@ class HandleBackend:
     ``ready`` is false while the model has no running replica (its node is gone, it is
     restarting), so the router answers 503 at once instead of queueing requests that would hang.
     A replica lost mid-request is the same retryable error, and so is no answer within
-    ``timeout_s``.
+    ``timeout_s``. Inputs in flight from this ingress are bounded by the model's
+    ``max_queued_inputs`` times its running replicas, so a flood is refused here, without a hop
+    to the replicas (each of which keeps its own bound too).
     """
 
-    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float) -> None:
+    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
+                 max_queued_inputs: int) -> None:
         self._name = handle.deployment_name
         self._census = census
         self._timeout_s = timeout_s
+        self._bound = InputBound(max_queued_inputs)
         self._embed = handle.options(method_name="embed")
         self._info = handle.options(method_name="info")
         self._stats = handle.options(method_name="stats")
@@ -136,6 +140,11 @@ class HandleBackend:
         return await self._census.running(self._name) > 0
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        replicas = await self._census.running(self._name)
+        with self._bound.hold(req.model, len(req.inputs), replicas):
+            return await self._call(req)
+
+    async def _call(self, req: EmbedRequest) -> EmbedResult:
         remaining = req.remaining()
         timeout = self._timeout_s if remaining is None else min(self._timeout_s, remaining)
         if timeout <= 0:
@@ -185,7 +194,10 @@ class Ingress(GrpcInference):
     def __init__(self, models: dict[str, DeploymentHandle], cfg: AppConfig) -> None:
         census = ReplicaCensus(serve.get_replica_context().app_name)
         timeout = cfg.ingress.request_timeout_s
-        backends = {name: HandleBackend(h, census, timeout) for name, h in models.items()}
+        backends = {
+            name: HandleBackend(h, census, timeout, cfg.model(name).max_queued_inputs)
+            for name, h in models.items()
+        }
         accepted = cfg.auth.load_keys()  # read here, in the replica's own environment
         log.info("API keys: %s", f"{len(accepted)} accepted" if accepted else "off")
         if cfg.ingress.access_log:
@@ -195,6 +207,14 @@ class Ingress(GrpcInference):
                              versions={m.name: m.version for m in cfg.models},
                              api_keys=ApiKeys(accepted), limits=cfg.limits)
         super().__init__(self.router)
+
+    def drain(self) -> int:
+        """See :meth:`Router.drain`; the command line calls it on SIGTERM, then polls
+        :meth:`in_flight` until the requests in flight have finished."""
+        return self.router.drain()
+
+    def in_flight(self) -> int:
+        return self.router.in_flight
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_http_app(self.router, self.cfg.cors)

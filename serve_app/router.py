@@ -60,6 +60,8 @@ class Router:
         self.metrics = metrics or Metrics()
         self.api_keys = api_keys or ApiKeys()
         self.limits = limits or LimitOptions()
+        self.draining = False
+        self.in_flight = 0
 
     @property
     def names(self) -> list[str]:
@@ -99,12 +101,20 @@ class Router:
         return info
 
     async def ready(self, name: str) -> bool:
-        """Loaded once (metadata known) and able to take requests now."""
+        """Loaded once (metadata known), able to take requests now, and not shutting down."""
+        if self.draining:
+            return False
         try:
             await self.info(name)
         except ModelNotReady:
             return False
         return await self.backend(name).ready()
+
+    def drain(self) -> int:
+        """Start shutting down: readiness turns false (load balancers stop sending) while
+        requests still arriving are served. Returns the embeds in flight."""
+        self.draining = True
+        return self.in_flight
 
     async def all_ready(self) -> bool:
         results = await asyncio.gather(*(self.ready(n) for n in self.names))
@@ -153,6 +163,10 @@ class Router:
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
                 param="dimensions",
             )
-        result = await backend.embed(req)
+        self.in_flight += 1
+        try:
+            result = await backend.embed(req)
+        finally:
+            self.in_flight -= 1
         self.metrics.observe_embedding(req.model, len(req.inputs), result.prompt_tokens)
         return result

@@ -28,6 +28,11 @@ _POOLING_FLAG = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-seconds", type=int, default=0,
+                     help="run the soak test (tests/test_robustness.py) for this many seconds")
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2")

@@ -18,6 +18,40 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+class Server(str):
+    """The base URL of a running server (a ``str``), with its process in ``proc``."""
+
+    proc: subprocess.Popen
+
+    def processes(self) -> list:
+        """The server process and every process under it (Ray's included), as psutil objects."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of every process of the stack together."""
+        import psutil
+
+        total = 0
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    def find(self, fragment: str) -> list:
+        """Processes of the stack whose command line contains ``fragment``."""
+        import psutil
+
+        found = []
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if fragment in " ".join(p.cmdline()):
+                    found.append(p)
+        return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,7 +84,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> 
 
 @contextlib.contextmanager
 def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
-            extra_env: dict[str, str] | None = None) -> Iterator[str]:
+            extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     """Run ``cmd`` in its own session until it serves ``url``; always stop it afterwards."""
     # RAY_ADDRESS=local: start a Ray of its own, never join one recorded in
     # /tmp/ray/ray_current_cluster by an earlier `ray start`.
@@ -61,6 +95,8 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
                                 start_new_session=True)
     try:
         _wait_ready(url, proc, log, timeout)
-        yield url
+        server = Server(url)
+        server.proc = proc
+        yield server
     finally:
         _stop(proc)

@@ -195,7 +195,7 @@ def test_runner_refuses_past_its_queue_bound_at_once_and_recovers(engine):
         runner = ModelRunner(engine, submit, max_queued_inputs=50)
         held = asyncio.create_task(runner.embed(EmbedRequest(model="m", inputs=("a",) * 40)))
         await asyncio.sleep(0.1)
-        assert runner.queued_inputs == 40
+        assert runner.bound.held == 40
         with pytest.raises(Overloaded, match="40 of 50 inputs"):  # while the gate is shut
             await runner.embed(EmbedRequest(model="m", inputs=("b",) * 30))
         fits = asyncio.create_task(runner.embed(EmbedRequest(model="m", inputs=("c",) * 10)))
@@ -203,7 +203,7 @@ def test_runner_refuses_past_its_queue_bound_at_once_and_recovers(engine):
         gate.set()
         await held
         await fits
-        assert runner.queued_inputs == 0 and runner.refused == 1
+        assert runner.bound.held == 0 and runner.bound.refused == 1
         again = await runner.embed(EmbedRequest(model="m", inputs=("b",) * 30))
         assert again.embeddings.shape == (30, 384)
 

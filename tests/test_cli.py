@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 import httpx
 import numpy as np
 import pytest
@@ -94,3 +97,37 @@ def test_cli_serves_like_kserve(tmp_path, engine):
         text.set_data_from_numpy(np.array([b"hi"], dtype=object))
         out = client.infer("embedding", [text]).as_numpy("output-0")
         np.testing.assert_array_equal(out[0], np.array(v1.json()["predictions"][0], np.float32))
+
+
+@pytest.mark.e2e
+def test_sigterm_finishes_requests_in_flight_then_stops(tmp_path):
+    """As KServe's server does: on SIGTERM readiness turns false at once and the requests in
+    flight still get their answers before the process exits (0)."""
+    port = free_port()
+    cmd = [str(BIN / "python"), "-m", "serve_app", *KSERVE_ARGS, "--host", "127.0.0.1",
+           "--http_port", str(port), "--grpc_port", str(free_port()), "--num_cpus", "1"]
+    long_texts = ["word " * 400] * 32  # a few seconds of compute each on CPU
+    with running(cmd, f"http://127.0.0.1:{port}", tmp_path / "cli.log") as server:
+        async def main() -> tuple[list[httpx.Response], int]:
+            async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+                body = {"model": "embedding", "input": long_texts}
+                flight = [asyncio.create_task(c.post("/v1/embeddings", json=body))
+                          for _ in range(3)]
+                await asyncio.sleep(1.0)
+                server.proc.send_signal(signal.SIGTERM)
+                ready = 200
+                for _ in range(50):  # readiness turns false while the requests still run
+                    await asyncio.sleep(0.1)
+                    try:
+                        ready = (await c.get("/v2/health/ready")).status_code
+                    except httpx.HTTPError:
+                        break
+                    if ready == 503:
+                        break
+                return await asyncio.gather(*flight), ready
+
+        answers, ready = asyncio.run(main())
+        assert [r.status_code for r in answers] == [200, 200, 200]
+        assert all(len(r.json()["data"]) == 32 for r in answers)
+        assert ready == 503
+        assert server.proc.wait(60) == 0

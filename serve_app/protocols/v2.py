@@ -180,6 +180,11 @@ async def statistics(name: str, request: Request, version: str | None = None) ->
             "version": r.version(name),
             "inference_count": s["texts"],
             "execution_count": s["passes"],
+            # serve_app's own: inputs dropped unrun (caller gone, deadline passed), requests
+            # refused at the queue bound, inputs held now
+            "dropped": s.get("dropped", 0),
+            "refused": s.get("refused", 0),
+            "queued_inputs": s.get("queued_inputs", 0),
             "batch_stats": [
                 {"batch_size": b["batch_size"], "compute_infer": {"count": b["count"],
                                                                   "ns": b["ns"]}}
