@@ -217,4 +217,4 @@ class Ingress(GrpcInference):
         return self.router.in_flight
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_http_app(self.router, self.cfg.cors)
+        return create_http_app(self.router, self.cfg.cors, echo_request_id=False)

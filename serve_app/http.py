@@ -57,7 +57,11 @@ def _access_record(request: Request, status: int, seconds: float, rid: str) -> s
     }).decode()
 
 
-def create_http_app(router: Router, cors: CorsOptions | None = None) -> FastAPI:
+def create_http_app(router: Router, cors: CorsOptions | None = None,
+                    echo_request_id: bool = True) -> FastAPI:
+    """The FastAPI app over ``router``. ``echo_request_id``: set ``X-Request-Id`` on responses
+    (off behind Ray Serve's proxy, which already puts the caller's id, or a new one, on the
+    request and echoes it on the response)."""
     app = FastAPI(
         title="serve_app",
         version=__version__,
@@ -89,7 +93,8 @@ def create_http_app(router: Router, cors: CorsOptions | None = None) -> FastAPI:
         else:
             response = await call_next(request)
         seconds = time.perf_counter() - t0
-        response.headers["x-request-id"] = rid
+        if echo_request_id:
+            response.headers["x-request-id"] = rid
         route = request.scope.get("route")
         router.metrics.observe_request(request.url.path, getattr(route, "path", "unmatched"),
                                        request.method, response.status_code, seconds)

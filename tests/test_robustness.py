@@ -267,6 +267,14 @@ def test_bad_grpc_input_gets_its_code_and_the_server_keeps_serving(stub, referen
                                atol=1e-5)
 
 
+def test_request_id_is_echoed_once_through_serve(http):
+    r = http.post(OAI, json={"model": "embedding", "input": "x"}, headers={"x-request-id": "r-42"})
+    assert r.headers.get_list("x-request-id") == ["r-42"]
+    r = http.post(OAI, json={"model": "embedding", "input": ""})
+    (rid,) = r.headers.get_list("x-request-id")
+    assert rid
+
+
 def test_the_matrix_is_large_enough():
     assert len(HTTP_CASES) + len(GRPC_CASES) >= 40
     assert {c[2].split("/")[1] for c in HTTP_CASES} >= {"v1", "v2", "openai"}
