@@ -38,6 +38,8 @@ class Group:
     seqs: Seqs
     deadline: float | None = None
     owner: asyncio.Task[Any] | None = None
+    pass_id: int = -1  # set by the batcher: which forward pass ran it, and for how long
+    compute_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -59,13 +61,15 @@ class BatchStats:
 
     passes: int = 0
     texts: int = 0
+    tokens: int = 0
     dropped: int = 0
     sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     nanos: collections.Counter[int] = field(default_factory=collections.Counter)
 
-    def record(self, n: int, seconds: float) -> None:
+    def record(self, n: int, tokens: int, seconds: float) -> None:
         self.passes += 1
         self.texts += n
+        self.tokens += tokens
         self.sizes[n] += 1
         self.nanos[n] += int(seconds * 1e9)
 
@@ -73,6 +77,7 @@ class BatchStats:
         return {
             "passes": self.passes,
             "texts": self.texts,
+            "tokens": self.tokens,
             "dropped": self.dropped,
             "mean_batch": self.texts / self.passes if self.passes else 0.0,
             "max_batch": max(self.sizes) if self.sizes else 0,
@@ -99,6 +104,12 @@ class DrainBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.stats = BatchStats()
+        self._unreported: list[tuple[int, int]] = []
+
+    def take_passes(self) -> tuple[tuple[int, int], ...]:
+        """The (inputs, tokens) of each pass finished since the last call."""
+        out, self._unreported = tuple(self._unreported), []
+        return out
 
     async def run(self, groups: Sequence[Group]) -> list[np.ndarray | BaseException]:
         """Vectors for each group, in order, or the exception that group ended with (so one
@@ -150,9 +161,13 @@ class DrainBatcher:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            self.stats.record(len(flat), time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(x) for x in flat)
+            self.stats.record(len(flat), tokens, seconds)
+            self._unreported.append((len(flat), tokens))
             start = 0
             for group, fut in taken:
+                group.pass_id, group.compute_s = self.stats.passes, seconds
                 if not fut.done():
                     fut.set_result(vectors[start : start + len(group)])
                 start += len(group)
@@ -201,10 +216,12 @@ class ModelRunner:
         engine: EmbeddingEngine,
         submit: Callable[[Group], Awaitable[np.ndarray | BaseException]],
         max_queued_inputs: int = 4096,
+        passes: Callable[[], tuple[tuple[int, int], ...]] = tuple,
         tokenizer_threads: int = 2,
     ) -> None:
         self.engine = engine
         self._submit = submit
+        self._passes = passes
         self._group = engine.max_batch_size
         self._tokenize_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
         self.bound = InputBound(max_queued_inputs)
@@ -220,16 +237,19 @@ class ModelRunner:
                 param="dimensions",
             )
         loop = asyncio.get_running_loop()
-        seqs = await loop.run_in_executor(
+        t0 = time.perf_counter()
+        seqs, truncated = await loop.run_in_executor(
             self._tokenize_pool,
             functools.partial(self.engine.prepare, req.inputs, req.truncate),
         )
+        t1 = time.perf_counter()
         owner = asyncio.current_task()
         groups = [Group(seqs[i : i + self._group], req.deadline, owner)
                   for i in range(0, len(seqs), self._group)]
         if groups[0].expired():
             raise _expired()
         parts = await asyncio.gather(*(self._submit(g) for g in groups))
+        waited = time.perf_counter() - t1
         for p in parts:
             if isinstance(p, BaseException):
                 raise p
@@ -238,7 +258,10 @@ class ModelRunner:
         if req.dimensions is not None and req.dimensions != self.engine.dim:
             vectors = reduce_dimensions(vectors, req.dimensions)
         counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        return EmbedResult(embeddings=vectors, token_counts=counts)
+        inference = sum({g.pass_id: g.compute_s for g in groups}.values())
+        return EmbedResult(embeddings=vectors, token_counts=counts, truncated=truncated,
+                           tokenize_s=t1 - t0, queue_s=max(0.0, waited - inference),
+                           inference_s=inference, passes=self._passes())
 
 
 def replica_stats(batcher: DrainBatcher, runner: ModelRunner) -> dict[str, Any]:

@@ -58,7 +58,8 @@ class EmbeddingModel:
         self._batched.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
             cfg.batching.batch_wait_timeout_s
         )
-        self.runner = ModelRunner(self.engine, self._batched, cfg.max_queued_inputs)
+        self.runner = ModelRunner(self.engine, self._batched, cfg.max_queued_inputs,
+                                  passes=self.batcher.take_passes)
         self._info = self.engine.info(cfg.name, cfg.version)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
@@ -138,6 +139,9 @@ class HandleBackend:
 
     async def ready(self) -> bool:
         return await self._census.running(self._name) > 0
+
+    def queued_inputs(self) -> int:
+        return self._bound.held
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         replicas = await self._census.running(self._name)

@@ -161,6 +161,11 @@ class EmbeddingEngine:
 
         With ``truncate=False`` a text longer than the limit raises :class:`InvalidInput`.
         """
+        return self.tokenize_counted(texts, truncate)[0]
+
+    def tokenize_counted(self, texts: Sequence[str],
+                         truncate: bool = True) -> tuple[list[list[int]], int]:
+        """:meth:`tokenize`, and how many of the texts were cut."""
         if self.lower_case:
             texts = [t.lower() for t in texts]
         if self.prompt:
@@ -183,7 +188,11 @@ class EmbeddingEngine:
                         f"{self.max_length}; shorten it or allow truncation",
                         param="input",
                     )
-        return ids
+            return ids, 0
+        encodings = getattr(enc, "encodings", None)  # fast tokenizers know what they cut
+        if encodings:
+            return ids, sum(1 for e in encodings if e.overflowing)
+        return ids, sum(1 for seq in ids if len(seq) >= self.max_length)
 
     def check_token_ids(self, seqs: Sequence[Sequence[int]]) -> None:
         """Refuse token-id inputs the model cannot take: empty, too long, outside the vocabulary."""
@@ -235,22 +244,24 @@ class EmbeddingEngine:
 
     # -- whole requests ------------------------------------------------------------------------
 
-    def prepare(self, inputs: Sequence[Input], truncate: bool = True) -> list[list[int]]:
-        """Token ids for mixed text / token-id inputs, in order."""
+    def prepare(self, inputs: Sequence[Input],
+                truncate: bool = True) -> tuple[list[list[int]], int]:
+        """Token ids for mixed text / token-id inputs, in order, and how many texts were cut."""
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         token_inputs = [x for x in inputs if not isinstance(x, str)]
         self.check_token_ids(token_inputs)
         seqs: list[list[int]] = [list(x) if not isinstance(x, str) else [] for x in inputs]
+        truncated = 0
         if texts:
-            for (i, _), ids in zip(texts, self.tokenize([t for _, t in texts], truncate),
-                                   strict=True):
-                seqs[i] = ids
-        return seqs
+            ids, truncated = self.tokenize_counted([t for _, t in texts], truncate)
+            for (i, _), one in zip(texts, ids, strict=True):
+                seqs[i] = one
+        return seqs, truncated
 
     def embed(self, inputs: Sequence[Input], truncate: bool = True) -> tuple[np.ndarray,
                                                                               np.ndarray]:
         """Vectors ``[n, dim]`` float32 and token counts ``[n]`` int64 for ``inputs``."""
-        seqs = self.prepare(inputs, truncate)
+        seqs, _ = self.prepare(inputs, truncate)
         return self.embed_ids(seqs), np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
 
     def warmup(self) -> float:

@@ -44,17 +44,23 @@ def enable_access_log() -> None:
 
 
 def _access_record(request: Request, status: int, seconds: float, rid: str) -> str:
-    """One JSON line per request: ids, route, status, timing. Never a request's text."""
+    """One JSON line per request: ids, route, status, timings. Never a request's text."""
     route = request.scope.get("route")
-    return orjson.dumps({
+    record = {
         "request_id": rid,
         "protocol": protocol_of(request.url.path),
         "method": request.method,
         "route": getattr(route, "path", "unmatched"),
-        "model": request.path_params.get("name"),
+        "model": request.path_params.get("name") or getattr(request.state, "model", None),
         "status": status,
-        "ms": round(seconds * 1000, 2),
-    }).decode()
+        "ms": round(seconds * 1000, 3),
+    }
+    timings = getattr(request.state, "timings", None)
+    if timings:
+        record["tokens"] = int(timings["x-compute-tokens"])
+        for key in ("tokenization", "queue", "inference"):
+            record[f"{key}_ms"] = float(timings[f"x-{key}-time"])
+    return orjson.dumps(record).decode()
 
 
 def create_http_app(router: Router, cors: CorsOptions | None = None,
@@ -81,14 +87,16 @@ def create_http_app(router: Router, cors: CorsOptions | None = None,
     async def observe(request: Request, call_next: Any) -> Response:
         """Request id (the caller's ``X-Request-Id`` or a new one, echoed), API key check,
         metrics and one access-log line per request."""
-        t0 = time.perf_counter()
+        t0 = request.state.started = time.perf_counter()
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         request.state.request_id = rid
+        protocol = protocol_of(request.url.path)
         response: Response
         try:
             if router.api_keys.enabled and request.url.path not in OPEN_PATHS:
                 router.api_keys.check(request.headers.get("authorization"))
         except Unauthorized as e:
+            router.metrics.observe_error(protocol, type(e).__name__)
             response = _render_for_path(request.url.path, e)
         else:
             response = await call_next(request)
@@ -96,7 +104,7 @@ def create_http_app(router: Router, cors: CorsOptions | None = None,
         if echo_request_id:
             response.headers["x-request-id"] = rid
         route = request.scope.get("route")
-        router.metrics.observe_request(request.url.path, getattr(route, "path", "unmatched"),
+        router.metrics.observe_request(protocol, getattr(route, "path", "unmatched"),
                                        request.method, response.status_code, seconds)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(_access_record(request, response.status_code, seconds, rid))
@@ -124,6 +132,7 @@ def create_http_app(router: Router, cors: CorsOptions | None = None,
             err = ModelNotFound(f"no route for {request.method} {request.url.path}")
         else:
             err = InvalidInput(str(exc.detail))
+        router.metrics.observe_error(protocol_of(request.url.path), type(err).__name__)
         response = _render_for_path(request.url.path, err)
         response.status_code = exc.status_code
         if exc.headers:

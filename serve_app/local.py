@@ -20,7 +20,8 @@ class LocalBackend:
     def __init__(self, engine: EmbeddingEngine, name: str, version: str = "1",
                  max_queued_inputs: int = 4096) -> None:
         self.batcher = DrainBatcher(engine.embed_ids, engine.max_batch_size)
-        self.runner = ModelRunner(engine, self._submit, max_queued_inputs)
+        self.runner = ModelRunner(engine, self._submit, max_queued_inputs,
+                                  passes=self.batcher.take_passes)
         self._info = engine.info(name, version)
 
     async def _submit(self, group: Group) -> np.ndarray | BaseException:
@@ -38,3 +39,6 @@ class LocalBackend:
 
     async def ready(self) -> bool:
         return True
+
+    def queued_inputs(self) -> int:
+        return self.runner.bound.held

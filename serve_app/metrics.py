@@ -1,16 +1,27 @@
-"""Prometheus metrics of one ingress process, served at ``GET /metrics``.
+"""Prometheus metrics, served by each ingress replica at ``GET /metrics``.
 
-Counts are per ingress replica (one by default); Ray Serve's own metrics (replica queues, batch
-sizes) stay on Ray's metrics export port.
+Everything is counted at the ingress, including what the model replicas measured: each answer
+brings back its tokenize, queue and inference times and truncations, and the forward passes the
+replica finished since its previous answer (each pass is reported exactly once). So one scrape
+of every ingress replica sees every model replica's batches, with no second scrape target.
+Ray Serve's own metrics (replica health, its queues) stay on Ray's metrics export port.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from serve_app.types import EmbedResult
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                    10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+STAGES = ("tokenize", "queue", "inference", "encode")
 
 
 def protocol_of(path: str) -> str:
@@ -27,33 +38,80 @@ class Metrics:
     """One registry per app, so several apps in one process never collide."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "serve_app_requests", "HTTP requests by protocol, route and status.",
-            ["protocol", "route", "method", "status"], registry=self.registry,
+            "serve_app_requests", "Requests by protocol (openai, kserve_v1, v2, v2_grpc), route "
+            "(HTTP path template or gRPC method) and status.",
+            ["protocol", "route", "method", "status"], registry=r,
         )
         self.latency = Histogram(
-            "serve_app_request_seconds", "HTTP request latency at the ingress.",
-            ["protocol", "route"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "serve_app_request_seconds", "Request latency at the ingress, by protocol and route.",
+            ["protocol", "route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.errors = Counter(
+            "serve_app_errors", "Failed requests by protocol and kind (InvalidInput, "
+            "ModelNotFound, Overloaded, DeadlineExceeded, ModelNotReady, ...).",
+            ["protocol", "kind"], registry=r,
         )
         self.inputs = Counter(
-            "serve_app_embedded_inputs", "Inputs embedded, by model.", ["model"],
-            registry=self.registry,
+            "serve_app_embedded_inputs", "Inputs embedded, by model and protocol.",
+            ["model", "protocol"], registry=r,
         )
         self.tokens = Counter(
-            "serve_app_embedded_tokens", "Tokens embedded after truncation, by model.", ["model"],
-            registry=self.registry,
+            "serve_app_embedded_tokens", "Tokens embedded (after truncation), by model and "
+            "protocol.", ["model", "protocol"], registry=r,
         )
+        self.truncated = Counter(
+            "serve_app_truncated_inputs", "Texts cut at the model's token limit.", ["model"],
+            registry=r,
+        )
+        self.stage = Histogram(
+            "serve_app_stage_seconds", "Time per request in each stage: tokenize, queue (waiting "
+            "for a forward pass), inference (forward passes), encode (response encoding).",
+            ["model", "stage"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_inputs = Histogram(
+            "serve_app_batch_inputs", "Inputs per forward pass.", ["model"],
+            buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "serve_app_batch_tokens", "Tokens per forward pass.", ["model"],
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.queued = Gauge(
+            "serve_app_queued_inputs", "Inputs this ingress has in flight to each model "
+            "(admitted, not yet answered).", ["model"], registry=r,
+        )
+        self._queue_depth: Callable[[], Mapping[str, int]] = dict
 
-    def observe_request(self, path: str, route: str, method: str, status: int,
+    def observe_request(self, protocol: str, route: str, method: str, status: int | str,
                         seconds: float) -> None:
-        protocol = protocol_of(path)
         self.requests.labels(protocol, route, method, str(status)).inc()
         self.latency.labels(protocol, route).observe(seconds)
 
-    def observe_embedding(self, model: str, inputs: int, tokens: int) -> None:
-        self.inputs.labels(model).inc(inputs)
-        self.tokens.labels(model).inc(tokens)
+    def observe_error(self, protocol: str, kind: str) -> None:
+        self.errors.labels(protocol, kind).inc()
+
+    def observe_embedding(self, model: str, protocol: str, n: int, result: EmbedResult) -> None:
+        self.inputs.labels(model, protocol).inc(n)
+        self.tokens.labels(model, protocol).inc(result.prompt_tokens)
+        if result.truncated:
+            self.truncated.labels(model).inc(result.truncated)
+        self.stage.labels(model, "tokenize").observe(result.tokenize_s)
+        self.stage.labels(model, "queue").observe(result.queue_s)
+        self.stage.labels(model, "inference").observe(result.inference_s)
+        for inputs, tokens in result.passes:
+            self.batch_inputs.labels(model).observe(inputs)
+            self.batch_tokens.labels(model).observe(tokens)
+
+    def observe_encode(self, model: str, seconds: float) -> None:
+        self.stage.labels(model, "encode").observe(seconds)
+
+    def watch_queue(self, depth: Callable[[], Mapping[str, int]]) -> None:
+        """Read the queue depth per model from ``depth`` at every scrape."""
+        self._queue_depth = depth
 
     def render(self) -> bytes:
+        for model, n in self._queue_depth().items():
+            self.queued.labels(model).set(n)
         return generate_latest(self.registry)

@@ -30,6 +30,10 @@ class ModelBackend(Protocol):
         """Whether the model can take requests now (in Serve: it has a running replica)."""
         ...
 
+    def queued_inputs(self) -> int:
+        """Inputs admitted and not answered yet (the queue depth metric)."""
+        ...
+
 
 class Router:
     """Routes requests to models by name and caches their metadata.
@@ -62,6 +66,7 @@ class Router:
         self.limits = limits or LimitOptions()
         self.draining = False
         self.in_flight = 0
+        self.metrics.watch_queue(lambda: {n: b.queued_inputs() for n, b in backends.items()})
 
     @property
     def names(self) -> list[str]:
@@ -168,5 +173,5 @@ class Router:
             result = await backend.embed(req)
         finally:
             self.in_flight -= 1
-        self.metrics.observe_embedding(req.model, len(req.inputs), result.prompt_tokens)
+        self.metrics.observe_embedding(req.model, req.protocol, len(req.inputs), result)
         return result

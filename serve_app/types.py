@@ -27,7 +27,8 @@ class EmbedRequest:
     - ``inputs``: non-empty; each a ``str`` or a tuple of token ids (special tokens included).
     - ``truncate``: cut texts at the model's token limit (True) or refuse longer ones (False).
     - ``dimensions``: keep the first N values of each vector and L2-normalize again.
-    - ``request_id``: the caller's id, for logs.
+    - ``request_id``: the caller's id, for logs; ``protocol``: which API it came in by, for
+      metrics.
     - ``deadline``: wall-clock time (``time.time()``) after which the answer is useless; work
       still queued then is dropped and the caller gets :class:`DeadlineExceeded`.
     """
@@ -38,6 +39,7 @@ class EmbedRequest:
     dimensions: int | None = None
     request_id: str = ""
     deadline: float | None = None
+    protocol: str = ""
 
     def remaining(self) -> float | None:
         """Seconds until the deadline (negative once passed); None without one."""
@@ -47,10 +49,21 @@ class EmbedRequest:
 @dataclass(frozen=True, slots=True)
 class EmbedResult:
     """``embeddings``: float32 array ``[n, dim]`` in input order; ``token_counts``: int64 ``[n]``,
-    the tokens each input used after truncation, special tokens included."""
+    the tokens each input used after truncation, special tokens included.
+
+    What the replica measured: ``truncated`` texts; seconds spent tokenizing, waiting for a
+    forward pass (``queue_s``) and in forward passes (``inference_s``); and ``passes``, the
+    forward passes the replica finished since its previous answer as (inputs, tokens) pairs, so
+    every pass is reported exactly once, whichever answer carries it.
+    """
 
     embeddings: np.ndarray
     token_counts: np.ndarray
+    truncated: int = 0
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    passes: tuple[tuple[int, int], ...] = ()
 
     @property
     def prompt_tokens(self) -> int:

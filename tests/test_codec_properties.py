@@ -136,6 +136,9 @@ class Echo:
     async def ready(self):
         return True
 
+    def queued_inputs(self) -> int:
+        return 0
+
 
 @pytest.fixture(scope="module")
 def echo_client():

@@ -36,6 +36,9 @@ class NeverReady:
     async def ready(self):
         return False
 
+    def queued_inputs(self):
+        return 0
+
 
 class Broken:
     def __init__(self, info):
@@ -52,6 +55,9 @@ class Broken:
 
     async def ready(self):
         return True
+
+    def queued_inputs(self):
+        return 0
 
 
 class LoopStub:
@@ -237,6 +243,33 @@ def test_server_keeps_serving_after_errors(stub):
         with pytest.raises(grpc.RpcError):
             stub.ModelInfer(req)
     assert stub.ModelInfer(infer_request(["fine"])).outputs[0].shape == [1, 384]
+
+
+def test_grpc_calls_are_counted_per_method_status_and_error_kind(engine):
+    from tests.test_protocols import sample, scrape
+
+    router = Router({"embedding": LocalBackend(engine, "embedding")})
+    with serving(router) as s:
+        s.ModelInfer(infer_request([SENTENCE, "hi"]))
+        with pytest.raises(grpc.RpcError):
+            s.ModelInfer(infer_request(["x"], model="nope"))
+        s.ModelReady(pb.ModelReadyRequest(name="embedding"))
+        with pytest.raises(grpc.RpcError) as e:
+            req = infer_request(["x"])
+            req.parameters["timeout"].int64_param = -1
+            s.ModelInfer(req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    m = scrape(router.metrics.render().decode())
+    calls = dict(protocol="v2_grpc", route="ModelInfer", method="RPC")
+    assert sample(m, "serve_app_requests_total", **calls, status="OK") == 1
+    assert sample(m, "serve_app_requests_total", **calls, status="NOT_FOUND") == 1
+    assert sample(m, "serve_app_requests_total", **calls, status="INVALID_ARGUMENT") == 1
+    assert sample(m, "serve_app_requests_total", protocol="v2_grpc", route="ModelReady",
+                  method="RPC", status="OK") == 1
+    assert sample(m, "serve_app_errors_total", protocol="v2_grpc", kind="ModelNotFound") == 1
+    assert sample(m, "serve_app_embedded_inputs_total", model="embedding",
+                  protocol="v2_grpc") == 2
+    assert sample(m, "serve_app_stage_seconds_count", model="embedding", stage="encode") == 1
 
 
 def test_fp32_contents_bytes_equal_the_slow_path():

@@ -143,6 +143,9 @@ class Slow:
     async def ready(self) -> bool:
         return True
 
+    def queued_inputs(self) -> int:
+        return 0
+
 
 def test_deadlines_from_headers_and_v2_parameters(engine):
     slow = Slow(engine, 2.0)
@@ -187,7 +190,9 @@ def test_access_log_has_ids_and_no_text(engine, caplog):
         c.post("/v2/models/embedding/infer", json=v2_body([secret]))
     records = [json.loads(r.getMessage()) for r in caplog.records if r.name == access_log.name]
     assert records[0] == {**records[0], "request_id": "rid-7", "protocol": "openai",
-                          "route": "/v1/embeddings", "status": 200, "model": None}
+                          "route": "/v1/embeddings", "status": 200, "model": "embedding",
+                          "tokens": 6}
+    assert {"ms", "tokenization_ms", "queue_ms", "inference_ms"} <= set(records[0])
     assert records[1]["model"] == "embedding" and records[1]["protocol"] == "v2"
     assert all(secret not in r.getMessage() for r in caplog.records)
 

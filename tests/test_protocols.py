@@ -373,23 +373,66 @@ def test_v2_statistics_count_forward_passes(client):
     assert_kserve_error(client.get("/v2/models/nope/stats"), 404)
 
 
+def scrape(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(smp.name, frozenset(smp.labels.items())): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
+def sample(samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
 def test_metrics_count_known_traffic(engine):
     router = Router({"embedding": LocalBackend(engine, "embedding")})
+    long_text = "word " * 400
     with TestClient(create_http_app(router)) as c:
         for _ in range(3):
             c.post("/v1/embeddings", json={"input": [SENTENCE, "hi"], "model": "embedding"})
         c.post("/v1/models/embedding:predict", json={"instances": []})
+        c.post("/v1/models/embedding:predict", json={"instances": [long_text, "x"]})
+        c.post("/v1/embeddings", json={"input": "x", "model": "nope"})
         c.post("/v2/models/embedding/infer", json=v2_body([SENTENCE]))
-        text = c.get("/metrics").text
-    assert ('serve_app_requests_total{method="POST",protocol="openai",'
-            'route="/v1/embeddings",status="200"} 3.0') in text
-    assert ('serve_app_requests_total{method="POST",protocol="kserve_v1",'
-            'route="/v1/models/{name}:predict",status="400"} 1.0') in text
-    assert ('serve_app_request_seconds_count{protocol="v2",'
-            'route="/v2/models/{name}/infer"} 1.0') in text
-    assert 'serve_app_embedded_inputs_total{model="embedding"} 7.0' in text
-    tokens = 3 * engine.embed([SENTENCE, "hi"])[1].sum() + engine.embed([SENTENCE])[1].sum()
-    assert f'serve_app_embedded_tokens_total{{model="embedding"}} {float(tokens)}' in text
+        stats = c.get("/v2/models/embedding/stats").json()["model_stats"][0]
+        m = scrape(c.get("/metrics").text)
+    ok_openai = dict(method="POST", protocol="openai", route="/v1/embeddings", status="200")
+    assert sample(m, "serve_app_requests_total", **ok_openai) == 3
+    assert sample(m, "serve_app_requests_total", method="POST", protocol="kserve_v1",
+                  route="/v1/models/{name}:predict", status="400") == 1
+    assert sample(m, "serve_app_request_seconds_count", protocol="v2",
+                  route="/v2/models/{name}/infer") == 1
+    assert sample(m, "serve_app_errors_total", protocol="kserve_v1", kind="InvalidInput") == 1
+    assert sample(m, "serve_app_errors_total", protocol="openai", kind="ModelNotFound") == 1
+    assert sample(m, "serve_app_embedded_inputs_total", model="embedding", protocol="openai") == 6
+    assert sample(m, "serve_app_embedded_inputs_total", model="embedding",
+                  protocol="kserve_v1") == 2
+    assert sample(m, "serve_app_embedded_inputs_total", model="embedding", protocol="v2") == 1
+    tokens = (3 * engine.embed([SENTENCE, "hi"])[1].sum() + engine.embed([long_text, "x"])[1].sum()
+              + engine.embed([SENTENCE])[1].sum())
+    assert sum(v for (name, _), v in m.items()
+               if name == "serve_app_embedded_tokens_total") == tokens
+    assert sample(m, "serve_app_truncated_inputs_total", model="embedding") == 1
+    for stage in ("tokenize", "queue", "inference", "encode"):  # one per embedding request
+        assert sample(m, "serve_app_stage_seconds_count", model="embedding", stage=stage) == 5
+    # every forward pass is in the batch histograms exactly once, with its inputs and tokens
+    assert sample(m, "serve_app_batch_inputs_count", model="embedding") == stats["execution_count"]
+    assert sample(m, "serve_app_batch_inputs_sum", model="embedding") == stats["inference_count"]
+    assert sample(m, "serve_app_batch_tokens_sum", model="embedding") == tokens
+    assert sample(m, "serve_app_queued_inputs", model="embedding") == 0
+
+
+def test_timing_headers_on_every_embedding_answer(client):
+    for path, body in [("/v1/embeddings", {"input": SENTENCE, "model": "embedding"}),
+                       ("/v1/models/embedding:predict", {"instances": [SENTENCE]}),
+                       ("/v2/models/embedding/infer", v2_body([SENTENCE]))]:
+        r = client.post(path, json=body)
+        assert r.headers["x-compute-tokens"] == "8"
+        parts = [float(r.headers[f"x-{k}-time"]) for k in ("tokenization", "queue", "inference")]
+        assert all(p >= 0 for p in parts) and parts[2] > 0
+        assert float(r.headers["x-compute-time"]) == pytest.approx(sum(parts), abs=0.01)
+        assert float(r.headers["x-total-time"]) >= float(r.headers["x-compute-time"])
 
 
 def test_a_model_without_a_running_replica_is_a_fast_503(engine):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import time
 import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -27,7 +28,9 @@ from serve_app.errors import (
     Unauthorized,
     lookup,
 )
+from serve_app.metrics import protocol_of
 from serve_app.router import Router
+from serve_app.types import EmbedResult
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,35 @@ def check_texts(items: Any, field: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f}"
+
+
+def respond(request: Request, model: str, result: EmbedResult,
+            render: Callable[[], Response]) -> Response:
+    """``render()`` the answer, timing the encoding, and add text-embeddings-inference's timing
+    headers (milliseconds): ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
+    ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time`` (the
+    ingress's whole handling, encoding included). The access log gets the same figures."""
+    t0 = time.perf_counter()
+    response = render()
+    done = time.perf_counter()
+    router_of(request).metrics.observe_encode(model, done - t0)
+    compute = result.tokenize_s + result.queue_s + result.inference_s
+    timings = {
+        "x-compute-tokens": str(result.prompt_tokens),
+        "x-tokenization-time": _ms(result.tokenize_s),
+        "x-queue-time": _ms(result.queue_s),
+        "x-inference-time": _ms(result.inference_s),
+        "x-compute-time": _ms(compute),
+        "x-total-time": _ms(done - getattr(request.state, "started", t0)),
+    }
+    response.headers.update(timings)
+    request.state.timings = timings
+    request.state.model = model
+    return response
+
+
 Renderer = Callable[[ServeAppError], Response]
 
 
@@ -202,15 +234,19 @@ def error_route_class(render: Renderer) -> type[APIRoute]:
             handler = super().get_route_handler()
 
             async def handle(request: Request) -> Response:
+                err: ServeAppError
                 try:
                     return await handler(request)
                 except ServeAppError as e:
-                    return render(e)
+                    err = e
                 except RequestValidationError as e:
-                    return render(InvalidInput(describe_validation(e.errors())))
+                    err = InvalidInput(describe_validation(e.errors()))
                 except Exception:
                     log.exception("unexpected error on %s %s", request.method, request.url.path)
-                    return render(InferenceFailed("internal server error"))
+                    err = InferenceFailed("internal server error")
+                router_of(request).metrics.observe_error(protocol_of(request.url.path),
+                                                         type(err).__name__)
+                return render(err)
 
             return handle
 

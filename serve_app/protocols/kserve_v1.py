@@ -18,6 +18,7 @@ from serve_app.protocols.common import (
     parse_json,
     read_body,
     request_id,
+    respond,
     router_of,
     timeout_of,
 )
@@ -95,6 +96,7 @@ async def predict(name: str, request: Request) -> Response:
         raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
     result = await r.embed(
         EmbedRequest(model=name, inputs=texts, truncate=truncate, request_id=request_id(request),
-                     deadline=deadline(timeout_of(request)))
+                     deadline=deadline(timeout_of(request)), protocol="kserve_v1")
     )
-    return json_response({"predictions": result.embeddings})
+    return respond(request, name, result,
+                   lambda: json_response({"predictions": result.embeddings}))

@@ -18,6 +18,7 @@ from serve_app.protocols.common import (
     parse_json,
     read_body,
     request_id,
+    respond,
     router_of,
     timeout_of,
     validate,
@@ -141,9 +142,11 @@ async def create_embeddings(request: Request) -> Response:
         dimensions=body.dimensions,
         request_id=request_id(request),
         deadline=deadline(timeout_of(request)),
+        protocol="openai",
     )
     result = await router_.embed(req)
-    return render_embeddings(result, body.model, body.encoding_format)
+    return respond(request, body.model, result,
+                   lambda: render_embeddings(result, body.model, body.encoding_format))
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:

@@ -5,7 +5,6 @@ Errors are ``{"error": "<message>"}`` with the status of the domain error.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import orjson
@@ -18,6 +17,8 @@ from serve_app.protocols.common import (
     json_response,
     parse_json,
     read_body,
+    request_id,
+    respond,
     router_of,
     timeout_of,
     validate,
@@ -32,7 +33,7 @@ from serve_app.protocols.v2_codec import (
     split_bytes_tensor,
     texts_from_elements,
 )
-from serve_app.types import EmbedRequest, deadline
+from serve_app.types import EmbedRequest, EmbedResult, deadline
 
 PLATFORM = "serve_app_huggingface"
 _HEADER_LEN = "inference-header-content-length"
@@ -216,7 +217,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         raise InvalidInput(f"{len(binary) - used} binary bytes follow the tensors unclaimed")
     binary_out = _wants_binary(req)
     opts = infer_options(req.parameters)
-    request_id = req.id or str(uuid.uuid4())
+    rid = request_id(request)
     timeout = opts.timeout_s if opts.timeout_s is not None else timeout_of(request)
     result = await r.embed(
         EmbedRequest(
@@ -224,16 +225,24 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
             inputs=texts,
             truncate=opts.truncate,
             dimensions=opts.dimensions,
-            request_id=request_id,
+            request_id=rid,
             deadline=deadline(timeout),
+            protocol="v2",
         )
     )
+    return respond(request, name, result,
+                   lambda: render_infer(name, r.version(name), req.id or rid, result, binary_out))
+
+
+def render_infer(name: str, version: str, response_id: str, result: EmbedResult,
+                 binary_out: bool) -> Response:
+    """The V2 answer: JSON data, or a JSON header followed by raw float32 bytes."""
     vectors = result.embeddings
     output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(vectors.shape)}
     body: dict[str, Any] = {
         "model_name": name,
-        "model_version": r.version(name),
-        "id": request_id,
+        "model_version": version,
+        "id": response_id,
         "parameters": {"prompt_tokens": result.prompt_tokens},
         "outputs": [output],
     }

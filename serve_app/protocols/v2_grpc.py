@@ -8,6 +8,7 @@ the answer uses the same style (raw float32 bytes, or ``contents.fp32_contents``
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ from serve_app.types import EmbedRequest, deadline
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
+PROTOCOL = "v2_grpc"  # the metrics label
 GRPC_STATUS: dict[type[ServeAppError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
@@ -117,7 +119,7 @@ def to_embed_request(req: pb.ModelInferRequest) -> tuple[EmbedRequest, bool]:
     opts = infer_options(_params(req.parameters))
     embed = EmbedRequest(model=req.model_name, inputs=texts, truncate=opts.truncate,
                          dimensions=opts.dimensions, request_id=req.id,
-                         deadline=deadline(opts.timeout_s))
+                         deadline=deadline(opts.timeout_s), protocol=PROTOCOL)
     return embed, raw
 
 
@@ -129,19 +131,29 @@ class GrpcInference:
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    async def _guard(self, call: Any, empty: Any, grpc_context: StatusContext,
+    async def _guard(self, method: str, call: Any, empty: Any, grpc_context: StatusContext,
                      open_method: bool = False) -> Any:
+        t0 = time.perf_counter()
+        metrics = self.router.metrics
+        status = grpc.StatusCode.OK
         try:
             if not open_method:
                 self.router.api_keys.check(_authorization(grpc_context))
             return await call()
         except ServeAppError as e:
-            grpc_context.set_code(grpc_status(e))
+            status = grpc_status(e)
+            metrics.observe_error(PROTOCOL, type(e).__name__)
+            grpc_context.set_code(status)
             grpc_context.set_details(e.message)
         except Exception:
             log.exception("unexpected error in a gRPC call")
-            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            status = grpc.StatusCode.INTERNAL
+            metrics.observe_error(PROTOCOL, "InferenceFailed")
+            grpc_context.set_code(status)
             grpc_context.set_details("internal server error")
+        finally:
+            metrics.observe_request(PROTOCOL, method, "RPC", status.name,
+                                    time.perf_counter() - t0)
         return empty
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
@@ -153,7 +165,8 @@ class GrpcInference:
         async def call() -> pb.ServerReadyResponse:
             return pb.ServerReadyResponse(ready=await self.router.all_ready())
 
-        return await self._guard(call, pb.ServerReadyResponse(), grpc_context, open_method=True)
+        return await self._guard("ServerReady", call, pb.ServerReadyResponse(), grpc_context,
+                                 open_method=True)
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          grpc_context: StatusContext) -> pb.ModelReadyResponse:
@@ -161,7 +174,7 @@ class GrpcInference:
             self.router.check_version(request.name, request.version or None)
             return pb.ModelReadyResponse(ready=await self.router.ready(request.name))
 
-        return await self._guard(call, pb.ModelReadyResponse(), grpc_context)
+        return await self._guard("ModelReady", call, pb.ModelReadyResponse(), grpc_context)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              grpc_context: StatusContext) -> pb.ServerMetadataResponse:
@@ -170,7 +183,8 @@ class GrpcInference:
                                              version=self.router.server_version,
                                              extensions=["binary_tensor_data"])
 
-        return await self._guard(call, pb.ServerMetadataResponse(), grpc_context)
+        return await self._guard("ServerMetadata", call, pb.ServerMetadataResponse(),
+                                 grpc_context)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             grpc_context: StatusContext) -> pb.ModelMetadataResponse:
@@ -181,7 +195,8 @@ class GrpcInference:
                 **model_metadata(request.name, info.version, info.dim, PLATFORM)
             )
 
-        return await self._guard(call, pb.ModelMetadataResponse(), grpc_context)
+        return await self._guard("ModelMetadata", call, pb.ModelMetadataResponse(),
+                                 grpc_context)
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          grpc_context: StatusContext) -> pb.ModelInferResponse:
@@ -193,6 +208,7 @@ class GrpcInference:
                                       "send fewer or shorter inputs")
             embed, raw = to_embed_request(request)
             result = await self.router.embed(embed)
+            t0 = time.perf_counter()
             vectors = result.embeddings
             out = pb.ModelInferResponse.InferOutputTensor(
                 name=OUTPUT_NAME, datatype="FP32", shape=list(vectors.shape)
@@ -208,9 +224,10 @@ class GrpcInference:
             else:
                 out.contents.CopyFrom(_fp32_contents(vectors))
             resp.outputs.append(out)
+            self.router.metrics.observe_encode(request.model_name, time.perf_counter() - t0)
             return resp
 
-        return await self._guard(call, pb.ModelInferResponse(), grpc_context)
+        return await self._guard("ModelInfer", call, pb.ModelInferResponse(), grpc_context)
 
 
 class _DefaultApplication:
