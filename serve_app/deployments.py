@@ -30,6 +30,17 @@ from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 log = logging.getLogger("ray.serve")
 
 
+def _log_through_serve() -> None:
+    """Send serve_app's own loggers (engine start-up progress, ...) to the replica's Serve log
+    handlers, so they appear in its log file and on ``serve run``'s console."""
+    ours = logging.getLogger("serve_app")
+    if not ours.handlers:
+        for handler in log.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
 def _owned_cpus() -> int:
     """Whole CPUs Ray assigned to this actor (at least 1): Ray sets OMP_NUM_THREADS=1 for
     fractional actors, so torch would otherwise run on one thread whatever it was given."""
@@ -47,10 +58,15 @@ class EmbeddingModel:
     replica ready only after it returns), then embeds :class:`EmbedRequest` objects."""
 
     def __init__(self, cfg: ModelConfig) -> None:
+        _log_through_serve()
+        t0 = time.perf_counter()
         threads = cfg.torch_threads or _owned_cpus()
+        log.info("model %r: starting (%s, %d torch threads)", cfg.name, cfg.model_id, threads)
         self.engine = EmbeddingEngine(cfg, num_threads=threads)
+        log.info("model %r: warming up", cfg.name)
         warm = self.engine.warmup()
-        log.info("model %r warmed up in %.2fs", cfg.name, warm)
+        log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
+                 time.perf_counter() - t0)
         self.batcher = DrainBatcher(self.engine.embed_ids, cfg.batching.max_batch_size)
         self._batched.set_max_batch_size(  # type: ignore[attr-defined]
             cfg.batching.max_batch_size
@@ -196,6 +212,7 @@ class Ingress(GrpcInference):
     which Ray Serve's gRPC proxy calls by name); routes by model name to the model deployments."""
 
     def __init__(self, models: dict[str, DeploymentHandle], cfg: AppConfig) -> None:
+        _log_through_serve()
         census = ReplicaCensus(serve.get_replica_context().app_name)
         timeout = cfg.ingress.request_timeout_s
         backends = {

@@ -107,7 +107,10 @@ class EmbeddingEngine:
         self.cfg = cfg
         if num_threads:
             torch.set_num_threads(num_threads)
+        log.info("resolving %s (revision %s)", cfg.model_id, cfg.model_revision or "default")
         self.model_dir = resolve_model_dir(cfg.model_id, cfg.model_revision)
+        log.info("resolved %s to %s in %.2fs", cfg.model_id, self.model_dir,
+                 time.perf_counter() - t0)
         settings = read_settings(self.model_dir)
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)

@@ -31,6 +31,7 @@ def _render_for_path(path: str, err: ServeAppError) -> Response:
 
 
 access_log = logging.getLogger("serve_app.access")
+access_log.setLevel(logging.WARNING)  # per-request lines only when enable_access_log() is called
 
 
 def enable_access_log() -> None:

@@ -22,6 +22,7 @@ class Server(str):
     """The base URL of a running server (a ``str``), with its process in ``proc``."""
 
     proc: subprocess.Popen
+    log: Path
 
     def processes(self) -> list:
         """The server process and every process under it (Ray's included), as psutil objects."""
@@ -97,6 +98,7 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
         _wait_ready(url, proc, log, timeout)
         server = Server(url)
         server.proc = proc
+        server.log = log
         yield server
     finally:
         _stop(proc)

@@ -229,12 +229,39 @@ def test_server_keeps_serving_after_bad_input(server, oai):
     assert len(oai.embeddings.create(model="embedding", input="still fine").data) == 1
 
 
-def test_metrics_route_through_serve(server):
-    httpx.post(f"{server}/v1/models/tiny:predict", json={"instances": ["a", "b"]})
-    r = httpx.get(f"{server}/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    assert 'serve_app_embedded_inputs_total{model="tiny"}' in r.text
-    assert "serve_app_requests_total" in r.text
+def test_metrics_match_known_traffic_through_serve(server):
+    """The replica's measurements ride back to the ingress through Ray: after known traffic to
+    the tiny model, every counter moved by exactly that traffic."""
+    from tests.test_protocols import sample, scrape
+
+    def tiny() -> dict[str, float]:
+        r = httpx.get(f"{server}/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        m = scrape(r.text)
+        return {
+            "inputs": sample(m, "serve_app_embedded_inputs_total", model="tiny",
+                             protocol="kserve_v1"),
+            "tokens": sample(m, "serve_app_embedded_tokens_total", model="tiny",
+                             protocol="kserve_v1"),
+            "truncated": sample(m, "serve_app_truncated_inputs_total", model="tiny"),
+            "inference": sample(m, "serve_app_stage_seconds_count", model="tiny",
+                                stage="inference"),
+            "batched": sample(m, "serve_app_batch_inputs_sum", model="tiny"),
+            "errors": sample(m, "serve_app_errors_total", protocol="kserve_v1",
+                             kind="InvalidInput"),
+        }
+
+    before = tiny()
+    ok = httpx.post(f"{server}/v1/models/tiny:predict", json={"instances": ["a b", "w " * 200]})
+    bad = httpx.post(f"{server}/v1/models/tiny:predict", json={"instances": []})
+    assert ok.status_code == 200 and bad.status_code == 400
+    tokens = int(ok.headers["x-compute-tokens"])
+    assert tokens == 4 + 64  # the tiny model cuts at 64 tokens
+    assert float(ok.headers["x-inference-time"]) > 0
+    after = tiny()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta == {"inputs": 2, "tokens": tokens, "truncated": 1, "inference": 1,
+                     "batched": 2, "errors": 1}
 
 
 # -- V2 over gRPC, through Ray Serve's gRPC proxy ------------------------------------------------

@@ -267,6 +267,17 @@ def test_bad_grpc_input_gets_its_code_and_the_server_keeps_serving(stub, referen
                                atol=1e-5)
 
 
+def test_start_up_progress_is_logged_in_order(server):
+    text = server.log.read_text(errors="replace")
+    steps = ["model 'embedding': starting", "resolving sentence-transformers/all-MiniLM-L6-v2",
+             "resolved sentence-transformers/all-MiniLM-L6-v2 to", "loaded sentence-transformers",
+             "model 'embedding': warming up", "model 'embedding': warmed up in"]
+    at = [text.find(step) for step in steps]
+    assert all(i >= 0 for i in at), dict(zip(steps, at, strict=True))
+    assert at == sorted(at)
+    assert "ready after" in text[at[-1]:].splitlines()[0]
+
+
 def test_request_id_is_echoed_once_through_serve(http):
     r = http.post(OAI, json={"model": "embedding", "input": "x"}, headers={"x-request-id": "r-42"})
     assert r.headers.get_list("x-request-id") == ["r-42"]
