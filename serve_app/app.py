@@ -15,8 +15,8 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     model deployment per model plus the ingress."""
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     models = {
-        m.name: EmbeddingModel.options(  # type: ignore[attr-defined]
-            name=f"model-{m.name}", **m.deployment.serve_options()
+        m.deployment_name: EmbeddingModel.options(  # type: ignore[attr-defined]
+            name=m.deployment_name, **m.deployment.serve_options()
         ).bind(m)
         for m in cfg.models
     }

@@ -140,7 +140,14 @@ class ModelConfig(_Strict):
     model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
     tokenizer_revision: str | None = Field(None, description="Hub revision of the tokenizer.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
-    version: str = Field("1", description="Version reported by the V2 protocol.")
+    version: str = Field(
+        "1", description="Version reported by the V2 protocol. Several entries may share a name "
+        "with different versions: V2 reaches each at /v2/models/{name}/versions/{version}."
+    )
+    default: bool = Field(
+        False, description="With several versions of one name: the one requests that name no "
+        "version get (OpenAI, KServe V1, V2 without a version). Default: the first listed."
+    )
     device: Device = Field("auto", description="auto: CUDA when present, else CPU.")
     dtype: DType = Field("auto", description="auto: fp16/bf16 on GPU, fp32 on CPU.")
     max_length: int | None = Field(
@@ -158,15 +165,21 @@ class ModelConfig(_Strict):
     batching: BatchOptions = Field(default_factory=BatchOptions)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
-    @field_validator("name")
+    @field_validator("name", "version")
     @classmethod
-    def _url_safe(cls, v: str) -> str:
+    def _url_safe(cls, v: str, info: Any) -> str:
         if not _NAME_RE.match(v):
             raise ValueError(
-                "model name must be 1-128 letters, digits, '.', '_' or '-', starting with a "
-                "letter or digit"
+                f"model {info.field_name} must be 1-128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
             )
         return v
+
+    @property
+    def deployment_name(self) -> str:
+        """The Serve deployment of this (name, version): stable whatever else is configured, so
+        changing one entry rolls out only that entry."""
+        return f"model-{self.name}-v{self.version}"
 
     @model_validator(mode="after")
     def _batch_fits_concurrency(self) -> ModelConfig:
@@ -282,18 +295,35 @@ class AppConfig(_Strict):
     cors: CorsOptions = Field(default_factory=CorsOptions)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> AppConfig:
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+    def _unique_versions(self) -> AppConfig:
+        keys = [(m.name, m.version) for m in self.models]
+        dupes = sorted({f"{n} v{v}" for n, v in keys if keys.count((n, v)) > 1})
         if dupes:
-            raise ValueError(f"model names must be unique; repeated: {dupes}")
+            raise ValueError(f"each model name and version must be unique; repeated: {dupes}")
+        deployments = [m.deployment_name for m in self.models]
+        clash = sorted({d for d in deployments if deployments.count(d) > 1})
+        if clash:
+            raise ValueError(f"names and versions give the same deployment name: {clash}")
+        for name in {m.name for m in self.models}:
+            marked = [m.version for m in self.models if m.name == name and m.default]
+            if len(marked) > 1:
+                raise ValueError(f"model {name!r} has several default versions: {marked}")
         return self
 
-    def model(self, name: str) -> ModelConfig:
+    def defaults(self) -> list[ModelConfig]:
+        """Each name's default version: the one marked ``default``, else the first listed."""
+        out: dict[str, ModelConfig] = {}
         for m in self.models:
-            if m.name == name:
+            if m.name not in out or (m.default and not out[m.name].default):
+                out[m.name] = m
+        return list(out.values())
+
+    def model(self, name: str, version: str | None = None) -> ModelConfig:
+        """The config of ``name`` at ``version`` (None: its default version)."""
+        for m in self.defaults() if version is None else self.models:
+            if m.name == name and (version is None or m.version == version):
                 return m
-        raise KeyError(name)
+        raise KeyError((name, version))
 
 
 

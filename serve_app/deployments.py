@@ -215,18 +215,21 @@ class Ingress(GrpcInference):
         _log_through_serve()
         census = ReplicaCensus(serve.get_replica_context().app_name)
         timeout = cfg.ingress.request_timeout_s
-        backends = {
-            name: HandleBackend(h, census, timeout, cfg.model(name).max_queued_inputs)
-            for name, h in models.items()
-        }
+
+        def backend(m: ModelConfig) -> HandleBackend:
+            return HandleBackend(models[m.deployment_name], census, timeout, m.max_queued_inputs)
+
+        defaults = cfg.defaults()
+        backends = {m.name: backend(m) for m in defaults}
+        others = {(m.name, m.version): backend(m) for m in cfg.models if m not in defaults}
         accepted = cfg.auth.load_keys()  # read here, in the replica's own environment
         log.info("API keys: %s", f"{len(accepted)} accepted" if accepted else "off")
         if cfg.ingress.access_log:
             enable_access_log()
         self.cfg = cfg
         self.router = Router(backends, server_name=cfg.server_name,
-                             versions={m.name: m.version for m in cfg.models},
-                             api_keys=ApiKeys(accepted), limits=cfg.limits)
+                             versions={m.name: m.version for m in defaults},
+                             api_keys=ApiKeys(accepted), limits=cfg.limits, others=others)
         super().__init__(self.router)
 
     def drain(self) -> int:

@@ -36,10 +36,12 @@ class ModelBackend(Protocol):
 
 
 class Router:
-    """Routes requests to models by name and caches their metadata.
+    """Routes requests to models by name (and version) and caches their metadata.
 
-    ``info`` raises :class:`ModelNotFound` for an unknown name and :class:`ModelNotReady` while
-    the model has not answered yet (it is loading, or has no replica).
+    ``backends`` holds each name's default version, the one requests without a version get;
+    ``others`` more versions of those names, keyed by (name, version). ``info`` raises
+    :class:`ModelNotFound` for an unknown name or version and :class:`ModelNotReady` while the
+    model has not answered yet (it is loading, or has no replica).
     """
 
     def __init__(
@@ -52,9 +54,11 @@ class Router:
         metrics: Metrics | None = None,
         api_keys: ApiKeys | None = None,
         limits: LimitOptions | None = None,
+        others: Mapping[tuple[str, str], ModelBackend] | None = None,
     ) -> None:
         self._backends = backends
-        self._info: dict[str, ModelInfo] = {}
+        self._others = others or {}
+        self._info: dict[tuple[str, str], ModelInfo] = {}
         self.server_name = server_name
         self.server_version = __version__
         self.versions = versions or {}
@@ -66,54 +70,74 @@ class Router:
         self.limits = limits or LimitOptions()
         self.draining = False
         self.in_flight = 0
-        self.metrics.watch_queue(lambda: {n: b.queued_inputs() for n, b in backends.items()})
+        self.metrics.watch_queue(self._queue_depth)
+
+    def _queue_depth(self) -> dict[str, int]:
+        depth = {n: b.queued_inputs() for n, b in self._backends.items()}
+        for (name, _), b in self._others.items():
+            depth[name] = depth.get(name, 0) + b.queued_inputs()
+        return depth
 
     @property
     def names(self) -> list[str]:
         return list(self._backends)
 
-    def backend(self, name: str) -> ModelBackend:
+    def version(self, name: str) -> str:
+        """The default version of ``name``: what V2 reports and unversioned requests get."""
+        return self.versions.get(name, "1")
+
+    def model_versions(self, name: str) -> list[str]:
+        """Every served version of ``name``, the default first."""
+        self.backend(name)
+        return [self.version(name), *sorted(v for n, v in self._others if n == name)]
+
+    def backend(self, name: str, version: str | None = None) -> ModelBackend:
+        """The backend of ``name`` at ``version`` (None: its default version)."""
         try:
-            return self._backends[name]
+            default = self._backends[name]
         except KeyError:
             raise ModelNotFound(
                 f"model {name!r} is not served here; served models: {self.names}", param="model"
             ) from None
-
-    def version(self, name: str) -> str:
-        """The version V2 reports for ``name``."""
-        return self.versions.get(name, "1")
+        if version is None or version == self.version(name):
+            return default
+        try:
+            return self._others[(name, version)]
+        except KeyError:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; versions: "
+                f"{self.model_versions(name)}", param="model",
+            ) from None
 
     def check_version(self, name: str, version: str | None) -> None:
-        self.backend(name)
-        if version is not None and version != self.version(name):
-            raise ModelNotFound(f"model {name!r} has no version {version!r}", param="model")
+        self.backend(name, version)
 
-    async def info(self, name: str, wait: bool = False) -> ModelInfo:
-        """Metadata of ``name``; :class:`ModelNotReady` if the model does not answer within the
-        ready timeout (probes, metadata) or, with ``wait``, the load timeout (inference, which
-        may wait a while for a model that is still loading)."""
-        cached = self._info.get(name)
+    async def info(self, name: str, wait: bool = False, version: str | None = None) -> ModelInfo:
+        """Metadata of ``name`` (at ``version``); :class:`ModelNotReady` if the model does not
+        answer within the ready timeout (probes, metadata) or, with ``wait``, the load timeout
+        (inference, which may wait a while for a model that is still loading)."""
+        key = (name, version or self.version(name))
+        cached = self._info.get(key)
         if cached is not None:
             return cached
-        backend = self.backend(name)
+        backend = self.backend(name, version)
         timeout = self._load_timeout_s if wait else self._ready_timeout_s
         try:
             info = await asyncio.wait_for(backend.info(), timeout)
         except TimeoutError:
             raise ModelNotReady(f"model {name!r} is not ready yet", param="model") from None
-        self._info[name] = info
+        self._info[key] = info
         return info
 
-    async def ready(self, name: str) -> bool:
+    async def ready(self, name: str, version: str | None = None) -> bool:
         """Loaded once (metadata known), able to take requests now, and not shutting down."""
         if self.draining:
             return False
         try:
-            await self.info(name)
+            await self.info(name, version=version)
         except ModelNotReady:
             return False
-        return await self.backend(name).ready()
+        return await self.backend(name, version).ready()
 
     def drain(self) -> int:
         """Start shutting down: readiness turns false (load balancers stop sending) while
@@ -122,12 +146,13 @@ class Router:
         return self.in_flight
 
     async def all_ready(self) -> bool:
-        results = await asyncio.gather(*(self.ready(n) for n in self.names))
+        every = [(n, None) for n in self.names] + list(self._others)
+        results = await asyncio.gather(*(self.ready(n, v) for n, v in every))
         return all(results)
 
-    async def stats(self, name: str) -> dict[str, Any]:
+    async def stats(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Forward-pass statistics of ``name`` (from one replica when there are several)."""
-        return await self.backend(name).stats()
+        return await self.backend(name, version).stats()
 
     def check_limits(self, req: EmbedRequest) -> None:
         """Refuse what no model should see: too many inputs, over-long texts (before any
@@ -156,13 +181,13 @@ class Router:
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         """Validate what the ingress can know about ``req`` and run it on its model."""
         self.check_limits(req)
-        backend = self.backend(req.model)
+        backend = self.backend(req.model, req.version)
         if not await backend.ready():  # answer now; never queue behind a model with no replica
             raise ModelNotReady(
                 f"model {req.model!r} is not ready: no running replica; retry shortly",
                 param="model",
             )
-        info = await self.info(req.model, wait=True)
+        info = await self.info(req.model, wait=True, version=req.version)
         if req.dimensions is not None and not 1 <= req.dimensions <= info.dim:
             raise InvalidInput(
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",

@@ -27,6 +27,7 @@ class EmbedRequest:
     - ``inputs``: non-empty; each a ``str`` or a tuple of token ids (special tokens included).
     - ``truncate``: cut texts at the model's token limit (True) or refuse longer ones (False).
     - ``dimensions``: keep the first N values of each vector and L2-normalize again.
+    - ``version``: the model version (V2); None: the name's default version.
     - ``request_id``: the caller's id, for logs; ``protocol``: which API it came in by, for
       metrics.
     - ``deadline``: wall-clock time (``time.time()``) after which the answer is useless; work
@@ -40,6 +41,7 @@ class EmbedRequest:
     request_id: str = ""
     deadline: float | None = None
     protocol: str = ""
+    version: str | None = None
 
     def remaining(self) -> float | None:
         """Seconds until the deadline (negative once passed); None without one."""

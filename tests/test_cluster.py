@@ -127,7 +127,7 @@ def test_serve_autoscales_the_model_up_and_back_down(cluster):
                                "metrics_interval_s": 0.5}}}]})
     serve.run(app, name="autoscale", route_prefix="/autoscale")
     url = f"http://127.0.0.1:{cluster.http_port}/autoscale/v1/models/embedding:predict"
-    assert running_replicas("autoscale", "model-embedding") == 1
+    assert running_replicas("autoscale", "model-embedding-v1") == 1
     texts = [f"{SENTENCE} {i} " * 20 for i in range(32)]  # ~32 x 180 tokens: busy requests
     peak = {"replicas": 1}
 
@@ -144,7 +144,7 @@ def test_serve_autoscales_the_model_up_and_back_down(cluster):
             tasks = [asyncio.create_task(worker()) for _ in range(6)]
             deadline = time.monotonic() + 90  # bounded: at most 90 s of load
             while time.monotonic() < deadline:
-                n = await asyncio.to_thread(running_replicas, "autoscale", "model-embedding")
+                n = await asyncio.to_thread(running_replicas, "autoscale", "model-embedding-v1")
                 peak["replicas"] = max(peak["replicas"], n)
                 if n >= 2:
                     break
@@ -155,7 +155,7 @@ def test_serve_autoscales_the_model_up_and_back_down(cluster):
     done = asyncio.run(load(asyncio.Event()))
     assert done > 0
     assert peak["replicas"] == 2, "the model deployment did not scale up under load"
-    wait_for(lambda: running_replicas("autoscale", "model-embedding") == 1, 90,
+    wait_for(lambda: running_replicas("autoscale", "model-embedding-v1") == 1, 90,
              "scaling back down to 1 replica after the load stopped", interval=1)
     serve.delete("autoscale")
 
@@ -210,7 +210,7 @@ def test_replicas_pinned_to_a_node_and_what_users_see_when_it_goes(cluster, engi
 
     # A new node with the resource joins: Serve places the replica there and service resumes.
     cluster.add_node("--num-cpus=2", '--resources={"model_node": 1}')
-    wait_for(lambda: running_replicas("serve_app", "model-embedding") == 1, 120,
+    wait_for(lambda: running_replicas("serve_app", "model-embedding-v1") == 1, 120,
              "the replica to come back on the new node", interval=1)
     wait_for(lambda: httpx.get(f"{base}/v2/health/ready", timeout=30).status_code == 200, 60,
              "readiness to return")

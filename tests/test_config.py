@@ -38,7 +38,12 @@ def test_misspelled_keys_are_errors(args):
     ("args", "match"),
     [
         ({"models": []}, "at least 1"),
-        ({"models": [{"name": "a"}, {"name": "a"}]}, "repeated: \\['a'\\]"),
+        ({"models": [{"name": "a"}, {"name": "a"}]}, "repeated: \\['a v1'\\]"),
+        ({"models": [{"name": "a", "version": "1", "default": True},
+                     {"name": "a", "version": "2", "default": True}]}, "several default"),
+        ({"models": [{"name": "a-v1", "version": "2"}, {"name": "a", "version": "1-v2"}]},
+         "same deployment name"),
+        ({"models": [{"version": "a/b"}]}, "model version must be"),
         ({"models": [{"name": "bad/name"}]}, "model name must be"),
         ({"models": [{"device": "tpu"}]}, "device"),
         ({"models": [{"batching": {"max_batch_size": 0}}]}, "greater than or equal to 1"),
@@ -67,12 +72,23 @@ def test_serve_options_carry_resources_and_scaling():
 
 
 def test_several_models_bind_one_deployment_each():
-    app = build_app({"models": [{"name": "a"}, {"name": "b", "deployment": {"num_cpus": 0.5}}]})
+    app = build_app({"models": [{"name": "a"}, {"name": "b", "deployment": {"num_cpus": 0.5}},
+                                {"name": "b", "version": "2"}]})
     ingress = app._bound_deployment
     models = ingress.init_args[0]
-    assert sorted(models) == ["a", "b"]
-    assert models["b"]._bound_deployment.ray_actor_options["num_cpus"] == 0.5
-    assert models["a"]._bound_deployment.name == "model-a"
+    assert sorted(models) == ["model-a-v1", "model-b-v1", "model-b-v2"]
+    assert models["model-b-v1"]._bound_deployment.ray_actor_options["num_cpus"] == 0.5
+    assert models["model-a-v1"]._bound_deployment.name == "model-a-v1"
+
+
+def test_default_version_is_marked_or_first_listed():
+    cfg = AppConfig.model_validate({"models": [
+        {"name": "a", "version": "1"}, {"name": "b", "version": "7"},
+        {"name": "a", "version": "2", "default": True}, {"name": "b", "version": "8"}]})
+    assert [(m.name, m.version) for m in cfg.defaults()] == [("a", "2"), ("b", "7")]
+    assert cfg.model("a").version == "2" and cfg.model("a", "1").version == "1"
+    with pytest.raises(KeyError):
+        cfg.model("a", "3")
 
 
 def assert_valid_serve_config(raw: dict) -> None:

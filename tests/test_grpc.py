@@ -304,3 +304,23 @@ def test_coexists_with_tritonclient_in_one_process(order):
     theirs = "import tritonclient.grpc"
     code = "; ".join([theirs, ours] if order == "tritonclient first" else [ours, theirs])
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_grpc_reaches_each_version(engine, tiny_model):
+    from serve_app.config import ModelConfig
+    from serve_app.engine import EmbeddingEngine
+
+    tiny = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="cls"))))
+    router = Router({"embedding": LocalBackend(engine, "embedding")}, versions={"embedding": "1"},
+                    others={("embedding", "2"): LocalBackend(tiny, "embedding", "2")})
+    with serving(router) as s:
+        meta = s.ModelMetadata(pb.ModelMetadataRequest(name="embedding", version="2"))
+        assert list(meta.versions) == ["1", "2"] and list(meta.outputs[0].shape) == [-1, 32]
+        assert s.ModelReady(pb.ModelReadyRequest(name="embedding", version="2")).ready
+        v2 = s.ModelInfer(infer_request([SENTENCE], model_version="2"))
+        assert v2.model_version == "2" and list(v2.outputs[0].shape) == [1, 32]
+        v1 = s.ModelInfer(infer_request([SENTENCE]))
+        assert v1.model_version == "1" and list(v1.outputs[0].shape) == [1, 384]
+        with pytest.raises(grpc.RpcError) as e:
+            s.ModelInfer(infer_request([SENTENCE], model_version="9"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "versions" in e.value.details()

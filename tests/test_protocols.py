@@ -450,3 +450,30 @@ def test_a_model_without_a_running_replica_is_a_fast_503(engine):
                             503, "retry shortly")
         assert c.get("/v2/health/ready").status_code == 503
         assert c.get("/v2/health/live").json() == {"live": True}
+
+
+def test_several_versions_of_one_name(engine, tiny_engine):
+    """Version 1 (the default) is the real model, version 2 a tiny one: V2 reaches each by
+    version, everything without a version gets the default."""
+    router = Router({"embedding": LocalBackend(engine, "embedding", "1")},
+                    versions={"embedding": "1"},
+                    others={("embedding", "2"): LocalBackend(tiny_engine, "embedding", "2")})
+    with TestClient(create_http_app(router)) as c:
+        meta = c.get("/v2/models/embedding").json()
+        assert meta["versions"] == ["1", "2"] and meta["outputs"][0]["shape"] == [-1, 384]
+        assert c.get("/v2/models/embedding/versions/2").json()["outputs"][0]["shape"] == [-1, 32]
+        assert c.get("/v2/models/embedding/versions/2/ready").status_code == 200
+        for version, dim in (("1", 384), ("2", 32)):
+            r = c.post(f"/v2/models/embedding/versions/{version}/infer", json=v2_body([SENTENCE]))
+            assert r.status_code == 200
+            body = r.json()
+            assert body["model_version"] == version and body["outputs"][0]["shape"] == [1, dim]
+        plain = c.post("/v2/models/embedding/infer", json=v2_body([SENTENCE])).json()
+        assert plain["model_version"] == "1" and plain["outputs"][0]["shape"] == [1, 384]
+        oai = c.post("/v1/embeddings", json={"model": "embedding", "input": SENTENCE}).json()
+        assert len(oai["data"][0]["embedding"]) == 384
+        missing = c.post("/v2/models/embedding/versions/3/infer", json=v2_body([SENTENCE]))
+        assert_kserve_error(missing, 404, "versions: ['1', '2']")
+        stats = c.get("/v2/models/embedding/versions/2/stats").json()["model_stats"][0]
+        assert stats["version"] == "2" and stats["inference_count"] == 1
+        assert c.get("/v2/health/ready").status_code == 200

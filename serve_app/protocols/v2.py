@@ -154,8 +154,8 @@ async def ready(request: Request) -> Response:
 async def metadata(name: str, request: Request, version: str | None = None) -> Response:
     r = router_of(request)
     r.check_version(name, version)
-    info = await r.info(name)
-    return json_response(model_metadata(name, info.version, info.dim, PLATFORM))
+    info = await r.info(name, version=version)
+    return json_response(model_metadata(name, r.model_versions(name), info.dim, PLATFORM))
 
 
 @router.get("/v2/models/{name}/ready")
@@ -163,7 +163,7 @@ async def metadata(name: str, request: Request, version: str | None = None) -> R
 async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
     r = router_of(request)
     r.check_version(name, version)
-    if not await r.ready(name):
+    if not await r.ready(name, version):
         raise ModelNotReady(f"model {name!r} is not ready")
     return json_response({"name": name, "ready": True})
 
@@ -174,11 +174,11 @@ async def statistics(name: str, request: Request, version: str | None = None) ->
     """A subset of Triton's statistics extension: forward passes by batch size (one replica)."""
     r = router_of(request)
     r.check_version(name, version)
-    s = await r.stats(name)
+    s = await r.stats(name, version)
     return json_response({
         "model_stats": [{
             "name": name,
-            "version": r.version(name),
+            "version": version or r.version(name),
             "inference_count": s["texts"],
             "execution_count": s["passes"],
             # serve_app's own: inputs dropped unrun (caller gone, deadline passed), requests
@@ -228,10 +228,12 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
             request_id=rid,
             deadline=deadline(timeout),
             protocol="v2",
+            version=version,
         )
     )
+    served = version or r.version(name)
     return respond(request, name, result,
-                   lambda: render_infer(name, r.version(name), req.id or rid, result, binary_out))
+                   lambda: render_infer(name, served, req.id or rid, result, binary_out))
 
 
 def render_infer(name: str, version: str, response_id: str, result: EmbedResult,

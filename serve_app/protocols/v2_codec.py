@@ -116,10 +116,11 @@ def check_outputs(names: Sequence[str]) -> None:
             raise InvalidInput(f"unknown output '{n}'; this model has one output, '{OUTPUT_NAME}'")
 
 
-def model_metadata(name: str, version: str, dim: int, platform: str) -> dict[str, Any]:
+def model_metadata(name: str, versions: Sequence[str], dim: int,
+                   platform: str) -> dict[str, Any]:
     return {
         "name": name,
-        "versions": [version],
+        "versions": list(versions),
         "platform": platform,
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, dim]}],

@@ -119,7 +119,8 @@ def to_embed_request(req: pb.ModelInferRequest) -> tuple[EmbedRequest, bool]:
     opts = infer_options(_params(req.parameters))
     embed = EmbedRequest(model=req.model_name, inputs=texts, truncate=opts.truncate,
                          dimensions=opts.dimensions, request_id=req.id,
-                         deadline=deadline(opts.timeout_s), protocol=PROTOCOL)
+                         deadline=deadline(opts.timeout_s), protocol=PROTOCOL,
+                         version=req.model_version or None)
     return embed, raw
 
 
@@ -171,8 +172,9 @@ class GrpcInference:
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          grpc_context: StatusContext) -> pb.ModelReadyResponse:
         async def call() -> pb.ModelReadyResponse:
-            self.router.check_version(request.name, request.version or None)
-            return pb.ModelReadyResponse(ready=await self.router.ready(request.name))
+            version = request.version or None
+            self.router.check_version(request.name, version)
+            return pb.ModelReadyResponse(ready=await self.router.ready(request.name, version))
 
         return await self._guard("ModelReady", call, pb.ModelReadyResponse(), grpc_context)
 
@@ -189,10 +191,12 @@ class GrpcInference:
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             grpc_context: StatusContext) -> pb.ModelMetadataResponse:
         async def call() -> pb.ModelMetadataResponse:
-            self.router.check_version(request.name, request.version or None)
-            info = await self.router.info(request.name)
+            version = request.version or None
+            self.router.check_version(request.name, version)
+            info = await self.router.info(request.name, version=version)
+            versions = self.router.model_versions(request.name)
             return pb.ModelMetadataResponse(
-                **model_metadata(request.name, info.version, info.dim, PLATFORM)
+                **model_metadata(request.name, versions, info.dim, PLATFORM)
             )
 
         return await self._guard("ModelMetadata", call, pb.ModelMetadataResponse(),
@@ -215,7 +219,7 @@ class GrpcInference:
             )
             resp = pb.ModelInferResponse(
                 model_name=request.model_name,
-                model_version=self.router.version(request.model_name),
+                model_version=embed.version or self.router.version(request.model_name),
                 id=request.id or str(uuid.uuid4()),
             )
             resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
