@@ -95,33 +95,50 @@ class EmbeddingModel:
         return replica_stats(self.batcher, self.runner)
 
 
+def _name(enum: Any) -> str:
+    return str(getattr(enum, "value", enum))
+
+
 class ReplicaCensus:
-    """Running replicas per deployment of this application, from Serve's controller, cached for
-    ``ttl_s`` so probes and requests do not each ask the controller."""
+    """Running replicas per deployment of this application, and whether Serve is rolling out a
+    new version of it, from Serve's controller, cached for ``ttl_s`` so probes and requests do
+    not each ask the controller."""
 
     def __init__(self, app_name: str, ttl_s: float = 1.0) -> None:
         self._app = app_name
         self._ttl = ttl_s
         self._at = float("-inf")
-        self._running: dict[str, int] = {}
+        self._state: dict[str, tuple[int, bool]] = {}
+        self._deploying = False
         self._lock = asyncio.Lock()
 
-    def _fetch(self) -> dict[str, int]:
+    def _fetch(self) -> dict[str, tuple[int, bool]]:
         app = serve.status().applications.get(self._app)
         if app is None:
             return {}
+        # While Serve builds a new version of the app, it lists no deployments at all.
+        self._deploying = _name(app.status) == "DEPLOYING"
         return {
-            name: sum(n for state, n in d.replica_states.items()
-                      if str(getattr(state, "value", state)) == "RUNNING")
+            name: (sum(n for state, n in d.replica_states.items() if _name(state) == "RUNNING"),
+                   _name(d.status) == "UPDATING")
             for name, d in app.deployments.items()
         }
 
-    async def running(self, deployment: str) -> int:
+    async def _get(self, deployment: str) -> tuple[int, bool]:
         async with self._lock:
             if time.monotonic() - self._at > self._ttl:
-                self._running = await asyncio.to_thread(self._fetch)
+                self._state = await asyncio.to_thread(self._fetch)
                 self._at = time.monotonic()
-        return self._running.get(deployment, 0)
+        return self._state.get(deployment, (0, self._deploying))
+
+    async def running(self, deployment: str) -> int:
+        return (await self._get(deployment))[0]
+
+    async def serving(self, deployment: str) -> bool:
+        """A replica runs, or Serve is deploying a new version: with one replica Serve stops
+        the old one before the new one runs, and requests wait for it rather than fail."""
+        running, updating = await self._get(deployment)
+        return running > 0 or updating
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -136,7 +153,8 @@ class HandleBackend:
     """A model deployment seen from the ingress (a :class:`serve_app.router.ModelBackend`).
 
     ``ready`` is false while the model has no running replica (its node is gone, it is
-    restarting), so the router answers 503 at once instead of queueing requests that would hang.
+    restarting), so the router answers 503 at once instead of queueing requests that would hang;
+    during a rollout of a new version it stays true and requests wait for the new replica.
     A replica lost mid-request is the same retryable error, and so is no answer within
     ``timeout_s``. Inputs in flight from this ingress are bounded by the model's
     ``max_queued_inputs`` times its running replicas, so a flood is refused here, without a hop
@@ -154,7 +172,7 @@ class HandleBackend:
         self._stats = handle.options(method_name="stats")
 
     async def ready(self) -> bool:
-        return await self._census.running(self._name) > 0
+        return await self._census.serving(self._name)
 
     def queued_inputs(self) -> int:
         return self._bound.held
