@@ -291,6 +291,73 @@ def test_the_matrix_is_large_enough():
     assert {c[2].split("/")[1] for c in HTTP_CASES} >= {"v1", "v2", "openai"}
 
 
+# -- the bulk client against the small queue ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, engine):
+    """3000 distinct texts as JSON lines, and their vectors from direct engine calls."""
+    texts = [f"document {i}: {' '.join(['word'] * (i % 40))} about topic {i % 97}"
+             for i in range(3000)]
+    path = tmp_path_factory.mktemp("corpus") / "texts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path, texts, engine.embed(texts)[0]
+
+
+def test_client_cli_embeds_a_file_in_order_through_429s(server, corpus, tmp_path):
+    """3 batches of 32 in flight against a queue of 64 inputs: the server refuses some with
+    429, the client backs off and retries, and every row comes out once, in order."""
+    import subprocess
+    import sys
+
+    path, _, expected = corpus
+    out = tmp_path / "vectors.npy"
+    run = subprocess.run(
+        [sys.executable, "-m", "serve_app.client", str(path), str(out), "--url", server,
+         "--batch-size", "32", "--concurrency", "3", "--no-progress"],
+        capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"client: {report}")
+    assert report["inputs"] == 3000 and report["batches"] == 94 and report["retries"] > 0
+    vectors = np.load(out)
+    assert vectors.shape == (3000, 384)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert not (tmp_path / "vectors.npy.partial").exists()
+
+
+def test_client_resume_sends_only_missing_batches(server, corpus, tmp_path):
+    from serve_app.client import EmbeddingClient
+
+    path, _, expected = corpus
+    client = EmbeddingClient(server, batch_size=60, concurrency=2)
+    out = tmp_path / "v.parquet"
+    partial = tmp_path / "v.parquet.partial"
+    partial.mkdir()
+    (partial / "run.json").write_text(json.dumps(
+        {"source": str(path.resolve()), "rows": 3000, "batch_size": 60, "model": "embedding"}))
+    for i in (0, 5, 49):  # batches an interrupted run had finished (marked: all zeros)
+        np.save(partial / f"{i}.npy", np.zeros((60, 384), np.float32))
+    done = client.embed_file(path, out, resume=True)
+    assert (done.skipped, done.batches, done.inputs) == (3, 47, 2820)
+    from serve_app.client import read_vectors
+    vectors = read_vectors(out)
+    kept = np.zeros(3000, bool)
+    for i in (0, 5, 49):
+        kept[i * 60:(i + 1) * 60] = True
+    assert not vectors[kept].any()  # resumed batches were not sent again
+    np.testing.assert_allclose(vectors[~kept], expected[~kept], atol=1e-5)
+
+
+@pytest.mark.parametrize("protocol", ["v2", "grpc"])
+def test_client_other_protocols_give_the_same_vectors(server, ports, corpus, protocol):
+    from serve_app.client import EmbeddingClient
+
+    _, texts, expected = corpus
+    url = server if protocol == "v2" else f"127.0.0.1:{ports['grpc']}"
+    vectors = EmbeddingClient(url, protocol=protocol, batch_size=50,
+                              concurrency=4).embed(texts[:400])
+    np.testing.assert_allclose(vectors, expected[:400], atol=1e-5)
+
+
 # -- overload ----------------------------------------------------------------------------------
 
 async def flood(url: str, n: int, inputs: int) -> list[tuple[int, float, dict | None, dict]]:
