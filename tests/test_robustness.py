@@ -358,6 +358,46 @@ def test_client_other_protocols_give_the_same_vectors(server, ports, corpus, pro
     np.testing.assert_allclose(vectors, expected[:400], atol=1e-5)
 
 
+def test_ray_data_job_rows_equal_the_served_vectors(server, corpus, tmp_path):
+    """The offline job, on a local Ray with two workers, from the same Serve config entry:
+    every row keeps its columns and order, and its vector equals what the server answers."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from serve_app.client import EmbeddingClient
+
+    _, texts, _ = corpus
+    texts = texts[:600]
+    source = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": list(range(600)), "body": texts}), source)
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "serve_app", "import_path": "serve_app.app:build_app",
+        "args": {"models": [{"name": "embedding", "deployment": {"num_cpus": 1}}]}}]}))
+    out = tmp_path / "vectors"
+    env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    run = subprocess.run(
+        [sys.executable, "-m", "serve_app.offline", "--config", str(config), "--input",
+         str(source), "--column", "body", "--output", str(out), "--workers", "2",
+         "--num-cpus", "0.5", "--batch-size", "64"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"ray data: {report}")
+    assert report["rows"] == 600 and report["workers"] == 2
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "body", "embedding"]
+    assert table.column("id").to_pylist() == list(range(600))
+    assert table.column("body").to_pylist() == texts
+    offline = np.array(table.column("embedding").to_pylist(), np.float32)
+    served = EmbeddingClient(server, batch_size=50, concurrency=1).embed(texts)
+    np.testing.assert_allclose(offline, served, atol=1e-5)
+
+
 # -- overload ----------------------------------------------------------------------------------
 
 async def flood(url: str, n: int, inputs: int) -> list[tuple[int, float, dict | None, dict]]:

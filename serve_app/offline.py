@@ -1,0 +1,157 @@
+"""Embed a corpus offline on the Ray cluster with Ray Data: the serving engine, the serving config.
+
+::
+
+    python -m serve_app.offline --config configs/local.yaml --model embedding \\
+        --input corpus.parquet --column text --output vectors/ --workers 4
+
+Reads Parquet, JSON lines or text files (a file, a directory or a glob; anything Ray Data reads,
+local or ``s3://``), embeds the ``--column`` with :class:`serve_app.engine.EmbeddingEngine` built
+from the same model entry the Serve config serves (model, revision, pooling, max_length, dtype,
+batching), on ``--workers`` CPU or GPU workers, and writes Parquet: every input column plus
+``embedding`` (fixed-size list of float32), rows in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.config import AppConfig, ModelConfig, ray_address
+
+IMPORT_PATH = "serve_app.app:build_app"
+
+
+def model_from_serve_config(path: str | Path, model: str | None = None,
+                            version: str | None = None, app: str | None = None) -> ModelConfig:
+    """The model entry a Serve config serves: its serve_app application (``app``, or the one
+    whose import path is serve_app's), then ``model`` (default: its first model)."""
+    raw = yaml.safe_load(Path(path).read_text())
+    apps = [a for a in raw.get("applications", [])
+            if (a.get("name") == app if app else a.get("import_path") == IMPORT_PATH)]
+    if not apps:
+        wanted = f"application {app!r}" if app else "serve_app application"
+        raise ValueError(f"{path} has no {wanted}")
+    cfg = AppConfig.model_validate(apps[0].get("args") or {})
+    name = model or cfg.models[0].name
+    try:
+        return cfg.model(name, version)
+    except KeyError:
+        served = sorted({m.name for m in cfg.models})
+        raise ValueError(f"{path} serves no model {name!r} (version {version}); "
+                         f"models: {served}") from None
+
+
+class EmbedBatch:
+    """A Ray Data worker: loads the engine once, then embeds one Arrow batch at a time."""
+
+    def __init__(self, cfg: ModelConfig, column: str, threads: int | None = None) -> None:
+        from serve_app.engine import EmbeddingEngine
+
+        self.engine = EmbeddingEngine(cfg, num_threads=threads)
+        self.column = column
+
+    def __call__(self, batch: Any) -> Any:
+        import numpy as np
+        import pyarrow as pa
+
+        texts = batch.column(self.column).to_pylist()
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t), None)
+        if bad is not None:
+            raise ValueError(f"column {self.column!r} holds an empty or non-text value "
+                             f"({texts[bad]!r})")
+        vectors, _ = self.engine.embed(texts)
+        flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=pa.float32())
+        return batch.append_column(
+            "embedding", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+
+
+def read_dataset(source: str, column: str) -> Any:
+    import ray.data
+
+    lower = source.lower()
+    if lower.endswith(".parquet") or Path(source).is_dir():
+        return ray.data.read_parquet(source)
+    if lower.endswith((".jsonl", ".ndjson", ".json")):
+        return ray.data.read_json(source, lines=True) if not lower.endswith(".json") \
+            else ray.data.read_json(source)
+    ds = ray.data.read_text(source)  # one row per line, column "text"
+    return ds if column == "text" else ds.rename_columns({"text": column})
+
+
+def embed_dataset(source: str, output: str, cfg: ModelConfig, column: str = "text",
+                  workers: int | None = None, batch_size: int = 256,
+                  num_cpus: float | None = None, num_gpus: float | None = None) -> dict[str, Any]:
+    """Run the job on the connected Ray cluster; returns what it did."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    cpus = cfg.deployment.num_cpus if num_cpus is None else num_cpus
+    gpus = cfg.deployment.num_gpus if num_gpus is None else num_gpus
+    if workers is None:  # one CPU stays free for the read and write tasks
+        per = max(cpus, 0.1)
+        workers = max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // per))
+        if gpus:
+            workers = max(1, min(workers, int(ray.cluster_resources().get("GPU", 0) // gpus)))
+    threads = max(1, int(cpus)) if cpus else None
+    t0 = time.perf_counter()
+    ds = read_dataset(source, column).map_batches(
+        EmbedBatch, fn_constructor_args=(cfg, column, threads), batch_size=batch_size,
+        batch_format="pyarrow", concurrency=workers, num_cpus=cpus, num_gpus=gpus,
+    )
+    ds.write_parquet(output)
+    seconds = time.perf_counter() - t0
+    rows = ray.data.read_parquet(output).count()
+    return {"rows": rows, "workers": workers, "seconds": round(seconds, 2),
+            "embeddings_per_s": round(rows / seconds, 1) if seconds else 0.0, "output": output}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve_app.offline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the Serve config the model is served with")
+    p.add_argument("--model", default=None, help="model name (default: the config's first)")
+    p.add_argument("--version", default=None, help="model version (default: the default one)")
+    p.add_argument("--app", default=None, help="Serve application name, if several")
+    p.add_argument("--input", required=True, help="Parquet, JSON lines or text: file, dir, glob")
+    p.add_argument("--column", default="text", help="the column (JSON field) holding the texts")
+    p.add_argument("--output", required=True, help="output directory of Parquet files")
+    p.add_argument("--workers", type=int, default=None,
+                   help="embedding workers (default: as many as the cluster's CPUs, less one "
+                        "for reading and writing, or its GPUs allow)")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per engine call")
+    p.add_argument("--num-cpus", type=float, default=None, help="default: the model's num_cpus")
+    p.add_argument("--num-gpus", type=float, default=None, help="default: the model's num_gpus")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import ray
+
+    args = _parser().parse_args(argv)
+    try:
+        cfg = model_from_serve_config(args.config, args.model, args.version, args.app)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ray.init(address=ray_address())
+    try:
+        report = embed_dataset(args.input, args.output, cfg, args.column, args.workers,
+                               args.batch_size, args.num_cpus, args.num_gpus)
+    finally:
+        ray.shutdown()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
