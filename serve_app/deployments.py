@@ -23,6 +23,7 @@ from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine import EmbeddingEngine
 from serve_app.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServeAppError
 from serve_app.http import create_http_app, enable_access_log
+from serve_app.metrics import Metrics
 from serve_app.protocols.v2_grpc import GrpcInference
 from serve_app.router import Router
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
@@ -245,9 +246,11 @@ class Ingress(GrpcInference):
         if cfg.ingress.access_log:
             enable_access_log()
         self.cfg = cfg
+        replica = serve.get_replica_context().replica_id.unique_id
         self.router = Router(backends, server_name=cfg.server_name,
                              versions={m.name: m.version for m in defaults},
-                             api_keys=ApiKeys(accepted), limits=cfg.limits, others=others)
+                             api_keys=ApiKeys(accepted), limits=cfg.limits, others=others,
+                             metrics=Metrics(replica))
         super().__init__(self.router)
 
     def drain(self) -> int:

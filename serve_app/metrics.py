@@ -35,77 +35,80 @@ def protocol_of(path: str) -> str:
 
 
 class Metrics:
-    """One registry per app, so several apps in one process never collide."""
+    """One registry per app, so several apps in one process never collide. Every series carries
+    ``replica``, the ingress replica that counted it, so the series of several ingress replicas
+    behind one scraped address never mix."""
 
-    def __init__(self) -> None:
+    def __init__(self, replica: str = "") -> None:
+        self.replica = replica
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "serve_app_requests", "Requests by protocol (openai, kserve_v1, v2, v2_grpc), route "
             "(HTTP path template or gRPC method) and status.",
-            ["protocol", "route", "method", "status"], registry=r,
+            ["replica", "protocol", "route", "method", "status"], registry=r,
         )
         self.latency = Histogram(
             "serve_app_request_seconds", "Request latency at the ingress, by protocol and route.",
-            ["protocol", "route"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["replica", "protocol", "route"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.errors = Counter(
             "serve_app_errors", "Failed requests by protocol and kind (InvalidInput, "
             "ModelNotFound, Overloaded, DeadlineExceeded, ModelNotReady, ...).",
-            ["protocol", "kind"], registry=r,
+            ["replica", "protocol", "kind"], registry=r,
         )
         self.inputs = Counter(
             "serve_app_embedded_inputs", "Inputs embedded, by model and protocol.",
-            ["model", "protocol"], registry=r,
+            ["replica", "model", "protocol"], registry=r,
         )
         self.tokens = Counter(
             "serve_app_embedded_tokens", "Tokens embedded (after truncation), by model and "
-            "protocol.", ["model", "protocol"], registry=r,
+            "protocol.", ["replica", "model", "protocol"], registry=r,
         )
         self.truncated = Counter(
-            "serve_app_truncated_inputs", "Texts cut at the model's token limit.", ["model"],
-            registry=r,
+            "serve_app_truncated_inputs", "Texts cut at the model's token limit.",
+            ["replica", "model"], registry=r,
         )
         self.stage = Histogram(
             "serve_app_stage_seconds", "Time per request in each stage: tokenize, queue (waiting "
             "for a forward pass), inference (forward passes), encode (response encoding).",
-            ["model", "stage"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["replica", "model", "stage"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.batch_inputs = Histogram(
-            "serve_app_batch_inputs", "Inputs per forward pass.", ["model"],
+            "serve_app_batch_inputs", "Inputs per forward pass.", ["replica", "model"],
             buckets=_BATCH_BUCKETS, registry=r,
         )
         self.batch_tokens = Histogram(
-            "serve_app_batch_tokens", "Tokens per forward pass.", ["model"],
+            "serve_app_batch_tokens", "Tokens per forward pass.", ["replica", "model"],
             buckets=_TOKEN_BUCKETS, registry=r,
         )
         self.queued = Gauge(
             "serve_app_queued_inputs", "Inputs this ingress has in flight to each model "
-            "(admitted, not yet answered).", ["model"], registry=r,
+            "(admitted, not yet answered).", ["replica", "model"], registry=r,
         )
         self._queue_depth: Callable[[], Mapping[str, int]] = dict
 
     def observe_request(self, protocol: str, route: str, method: str, status: int | str,
                         seconds: float) -> None:
-        self.requests.labels(protocol, route, method, str(status)).inc()
-        self.latency.labels(protocol, route).observe(seconds)
+        self.requests.labels(self.replica, protocol, route, method, str(status)).inc()
+        self.latency.labels(self.replica, protocol, route).observe(seconds)
 
     def observe_error(self, protocol: str, kind: str) -> None:
-        self.errors.labels(protocol, kind).inc()
+        self.errors.labels(self.replica, protocol, kind).inc()
 
     def observe_embedding(self, model: str, protocol: str, n: int, result: EmbedResult) -> None:
-        self.inputs.labels(model, protocol).inc(n)
-        self.tokens.labels(model, protocol).inc(result.prompt_tokens)
+        self.inputs.labels(self.replica, model, protocol).inc(n)
+        self.tokens.labels(self.replica, model, protocol).inc(result.prompt_tokens)
         if result.truncated:
-            self.truncated.labels(model).inc(result.truncated)
-        self.stage.labels(model, "tokenize").observe(result.tokenize_s)
-        self.stage.labels(model, "queue").observe(result.queue_s)
-        self.stage.labels(model, "inference").observe(result.inference_s)
+            self.truncated.labels(self.replica, model).inc(result.truncated)
+        self.stage.labels(self.replica, model, "tokenize").observe(result.tokenize_s)
+        self.stage.labels(self.replica, model, "queue").observe(result.queue_s)
+        self.stage.labels(self.replica, model, "inference").observe(result.inference_s)
         for inputs, tokens in result.passes:
-            self.batch_inputs.labels(model).observe(inputs)
-            self.batch_tokens.labels(model).observe(tokens)
+            self.batch_inputs.labels(self.replica, model).observe(inputs)
+            self.batch_tokens.labels(self.replica, model).observe(tokens)
 
     def observe_encode(self, model: str, seconds: float) -> None:
-        self.stage.labels(model, "encode").observe(seconds)
+        self.stage.labels(self.replica, model, "encode").observe(seconds)
 
     def watch_queue(self, depth: Callable[[], Mapping[str, int]]) -> None:
         """Read the queue depth per model from ``depth`` at every scrape."""
@@ -113,5 +116,5 @@ class Metrics:
 
     def render(self) -> bytes:
         for model, n in self._queue_depth().items():
-            self.queued.labels(model).set(n)
+            self.queued.labels(self.replica, model).set(n)
         return generate_latest(self.registry)

@@ -231,3 +231,19 @@ def test_every_pod_can_receive_the_optional_api_keys():
         enabled = yaml.safe_load(text.replace("# auth:", "auth:"))
         args = AppConfig.model_validate(enabled["applications"][0]["args"])
         assert args.auth.api_keys_env == "SERVE_APP_API_KEYS"
+
+
+def test_every_serve_pod_is_scraped_for_serve_app_metrics():
+    for svc in docs_of("RayService"):
+        cluster = svc["spec"]["rayClusterConfig"]
+        templates = [cluster["headGroupSpec"]["template"]] + [
+            g["template"] for g in cluster["workerGroupSpecs"]]
+        for t in templates:
+            notes = t["metadata"]["annotations"]
+            assert notes == {"prometheus.io/scrape": "true", "prometheus.io/port": "8000",
+                             "prometheus.io/path": "/metrics"}
+    (policy,) = docs_of("NetworkPolicy")
+    monitoring = [r for r in policy["spec"]["ingress"]
+                  if any(f.get("namespaceSelector", {}).get("matchLabels", {}).get(
+                      "kubernetes.io/metadata.name") == "monitoring" for f in r["from"])]
+    assert {p["port"] for r in monitoring for p in r["ports"]} >= {8000, 8080}

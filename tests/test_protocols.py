@@ -374,11 +374,14 @@ def test_v2_statistics_count_forward_passes(client):
 
 
 def scrape(text: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text as {(sample name, labels): value}."""
+    """Prometheus text as {(sample name, labels but ``replica``): value}, with every sample
+    labelled with the one ingress replica that served the scrape."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {(smp.name, frozenset(smp.labels.items())): smp.value
-            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+    samples = [smp for fam in text_string_to_metric_families(text) for smp in fam.samples]
+    assert len({smp.labels.get("replica") for smp in samples}) == 1
+    return {(smp.name, frozenset((k, v) for k, v in smp.labels.items() if k != "replica")):
+            smp.value for smp in samples}
 
 
 def sample(samples, name: str, **labels: str) -> float:
