@@ -1,0 +1,63 @@
+"""The Grafana dashboard: the shipped JSON is what scripts/dashboard.py generates, every query
+names metrics serve_app exports, and the renderer's series match known traffic."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_app.http import create_http_app
+from serve_app.local import LocalBackend
+from serve_app.metrics import Metrics
+from serve_app.router import Router
+from tests.servers import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import dashboard
+
+SHIPPED = REPO / "k8s" / "monitoring" / "grafana-dashboard.json"
+
+
+def test_shipped_json_is_generated():
+    assert json.loads(SHIPPED.read_text()) == dashboard.dashboard_json()
+
+
+def test_every_query_names_exported_metrics():
+    exported = {m.name for m in Metrics().registry.collect()}
+    for panel in dashboard.dashboard_json()["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"serve_app_[a-z_]+", target["expr"]):
+                base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+                assert base in exported, (panel["title"], name)
+            assert "max by (replica" in target["expr"]
+
+
+def test_panel_series_follow_known_traffic(engine):
+    router = Router({"embedding": LocalBackend(engine, "embedding")})
+    with TestClient(create_http_app(router)) as c:
+        before = dashboard.parse(c.get("/metrics").text)
+        for _ in range(4):
+            c.post("/v1/embeddings", json={"model": "embedding", "input": ["a", "b", "c"]})
+        c.post("/v1/embeddings", json={"model": "embedding", "input": []})
+        after = dashboard.parse(c.get("/metrics").text)
+    panels = {p.title: p for p in dashboard.PANELS}
+    assert panels["Embeddings / s by model"].series(before, after, 2.0) == {"embedding": 6.0}
+    assert panels["Errors / s by kind"].series(before, after, 2.0) == {"InvalidInput": 0.5}
+    mean = panels["Inputs per forward pass (mean)"].series(before, after, 2.0)["embedding"]
+    assert 1 <= mean <= 3
+    p50 = panels["Time per request by stage, p50"].series(before, after, 2.0)
+    assert set(p50) == {"tokenize", "queue", "inference", "encode"}
+    assert p50["inference"] > 0
+
+
+@pytest.mark.parametrize("q,expected", [(0.5, 0.0075), (1.0, 0.01)])
+def test_quantile_interpolates_inside_buckets(q, expected):
+    le = {"0.005": 0.0, "0.01": 4.0, "+Inf": 4.0}
+    after = {("serve_app_stage_seconds_bucket", frozenset({"stage": "x", "le": k}.items())): v
+             for k, v in le.items()}
+    got = dashboard._quantile(q, "serve_app_stage_seconds", "stage")({}, after, 1.0)
+    assert got["x"] == pytest.approx(expected)
