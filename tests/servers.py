@@ -53,6 +53,23 @@ class Server(str):
         return found
 
 
+def serve_config(http_port: int, args: dict, grpc_port: int | None = None,
+                 more_apps: tuple[dict, ...] = ()) -> dict:
+    """A Serve config on loopback: serve_app (``args``) at ``/``, gRPC when ``grpc_port``."""
+    config: dict = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [{"name": "serve_app", "route_prefix": "/",
+                          "import_path": "serve_app.app:build_app", "args": args}, *more_apps],
+    }
+    if grpc_port is not None:
+        config["grpc_options"] = {
+            "port": grpc_port,
+            "grpc_servicer_functions": ["serve_app.protocols.v2_grpc.add_inference_servicer"],
+        }
+    return config
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,3 +119,15 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
         yield server
     finally:
         _stop(proc)
+
+
+@contextlib.contextmanager
+def serve_run(config: dict, tmp: Path) -> Iterator[Server]:
+    """``serve run`` of ``config`` (written to ``tmp``) until it is ready; stopped afterwards."""
+    import yaml
+
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    with running([str(BIN / "serve"), "run", str(path)], url, tmp / "serve.log") as server:
+        yield server

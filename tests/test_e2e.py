@@ -14,7 +14,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 from tritonclient.utils import InferenceServerException
 
-from tests.servers import BIN, free_port, running
+from tests.servers import BIN, free_port, running, serve_config, serve_run
 
 pytestmark = pytest.mark.e2e
 
@@ -33,40 +33,25 @@ def server(tmp_path_factory, tiny_model, ports):
     application, so gRPC clients that send no ``application`` metadata are put to the test."""
     tmp = tmp_path_factory.mktemp("serve")
     port = ports["http"]
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "grpc_options": {
-            "port": ports["grpc"],
-            "grpc_servicer_functions": ["serve_app.protocols.v2_grpc.add_inference_servicer"],
-        },
-        "applications": [{
-            "name": "serve_app",
-            "route_prefix": "/",
-            "import_path": "serve_app.app:build_app",
-            "args": {
-                "server_name": "e2e",
-                "models": [
-                    {"name": "embedding",
-                     "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
-                     "deployment": {"num_cpus": 1, "max_ongoing_requests": 128}},
-                    {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
-                     "deployment": {"num_cpus": 0.5}},
-                ],
-            },
-        }, {
-            "name": "other",
-            "route_prefix": "/other",
-            "import_path": "serve_app.app:build_app",
-            "args": {"models": [{"name": "other-tiny", "model_id": str(tiny_model(pooling="max")),
-                                 "deployment": {"num_cpus": 0.5}}]},
-        }],
+    other = {
+        "name": "other",
+        "route_prefix": "/other",
+        "import_path": "serve_app.app:build_app",
+        "args": {"models": [{"name": "other-tiny", "model_id": str(tiny_model(pooling="max")),
+                             "deployment": {"num_cpus": 0.5}}]},
     }
-    cfg = tmp / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    url = f"http://127.0.0.1:{port}"
-    with running([str(BIN / "serve"), "run", str(cfg)], url, tmp / "serve.log") as u:
-        yield u
+    config = serve_config(port, {
+        "server_name": "e2e",
+        "models": [
+            {"name": "embedding",
+             "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
+             "deployment": {"num_cpus": 1, "max_ongoing_requests": 128}},
+            {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
+             "deployment": {"num_cpus": 0.5}},
+        ],
+    }, grpc_port=ports["grpc"], more_apps=(other,))
+    with serve_run(config, tmp) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

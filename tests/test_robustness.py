@@ -29,7 +29,7 @@ import yaml
 
 from serve_app.proto import inference_pb2 as pb
 from serve_app.proto import inference_pb2_grpc as pb_grpc
-from tests.servers import BIN, free_port, running
+from tests.servers import free_port, serve_config, serve_run
 from tests.test_grpc import infer_request
 
 pytestmark = pytest.mark.e2e
@@ -50,35 +50,19 @@ def ports():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, ports):
     tmp = tmp_path_factory.mktemp("robust")
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": ports["http"]},
-        "grpc_options": {
-            "port": ports["grpc"],
-            "grpc_servicer_functions": ["serve_app.protocols.v2_grpc.add_inference_servicer"],
-        },
-        "applications": [{
-            "name": "serve_app",
-            "route_prefix": "/",
-            "import_path": "serve_app.app:build_app",
-            "args": {
-                "models": [{
-                    "name": "embedding",
-                    "max_queued_inputs": QUEUE,
-                    "deployment": {"num_cpus": 1, "max_ongoing_requests": 256,
-                                   "health_check_period_s": 1, "health_check_timeout_s": 10},
-                }],
-                "limits": {"max_inputs_per_request": MAX_INPUTS, "max_input_chars": MAX_CHARS,
-                           "max_body_bytes": MAX_BODY},
-                "ingress": {"request_timeout_s": 20},
-            },
+    config = serve_config(ports["http"], {
+        "models": [{
+            "name": "embedding",
+            "max_queued_inputs": QUEUE,
+            "deployment": {"num_cpus": 1, "max_ongoing_requests": 256,
+                           "health_check_period_s": 1, "health_check_timeout_s": 10},
         }],
-    }
-    cfg = tmp / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    url = f"http://127.0.0.1:{ports['http']}"
-    with running([str(BIN / "serve"), "run", str(cfg)], url, tmp / "serve.log") as s:
-        yield s
+        "limits": {"max_inputs_per_request": MAX_INPUTS, "max_input_chars": MAX_CHARS,
+                   "max_body_bytes": MAX_BODY},
+        "ingress": {"request_timeout_s": 20},
+    }, grpc_port=ports["grpc"])
+    with serve_run(config, tmp) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

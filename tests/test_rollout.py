@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.servers import BIN, free_port, running
+from tests.servers import BIN, free_port, running, serve_config
 
 pytestmark = pytest.mark.e2e
 TEXT = "a rolling update must not drop this request"
@@ -24,17 +24,8 @@ ERRORS: list[str] = []
 
 
 def config(port: int, model_dir: str) -> dict:
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "serve_app",
-            "route_prefix": "/",
-            "import_path": "serve_app.app:build_app",
-            "args": {"models": [{"name": "embedding", "model_id": model_dir,
-                                 "deployment": {"num_cpus": 0.5}}]},
-        }],
-    }
+    return serve_config(port, {"models": [{"name": "embedding", "model_id": model_dir,
+                                           "deployment": {"num_cpus": 0.5}}]})
 
 
 def dashboard_address(server) -> str:
