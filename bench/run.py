@@ -182,7 +182,39 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str) -> str:
         for w, (n, c, long) in WORKLOADS.items()) + ".", ""]
     for k, v in extra.items():
         lines.append(f"- {k}: {v}")
+    lines += ["", "![served over ceiling, per workload and protocol](benchmarks.png)", "",
+              "Raw figures of this run: [benchmarks.json](benchmarks.json)."]
     return "\n".join(lines) + "\n"
+
+
+TARGETS = {"W1": 3.0, "W2": 0.75, "W3": 1.0, "W4": 0.95}
+
+
+def chart(ceil: dict, rows: list[dict], out: Path) -> None:
+    """One panel per workload: W1 the added p50 ms, W2-W4 served over ceiling; the target as a
+    dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = [w for w in TARGETS if any(r["workload"] == w for r in rows)]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
+    for ax, w in zip(axes[0], workloads, strict=True):
+        cells = [r for r in rows if r["workload"] == w]
+        if w == "W1":
+            values = [r["p50_ms"] - ceil["W1"]["p50_ms"] for r in cells]
+            ax.set_ylabel("added p50 latency, ms (lower is better)")
+        else:
+            values = [r["embeddings_per_s"] / ceil[w]["embeddings_per_s"] for r in cells]
+            ax.set_ylabel("served / ceiling (higher is better)")
+        ax.bar([r["protocol"] for r in cells], values, color="tab:blue")
+        ax.axhline(TARGETS[w], color="tab:red", linestyle="--", label="target")
+        ax.set_title(w)
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
 
 
 def main() -> None:
@@ -194,7 +226,15 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--batch-wait", type=float, default=None,
                    help="the model's batch_wait_timeout_s (default: the config's default)")
+    p.add_argument("--render-only", action="store_true",
+                   help="redraw the table and chart from the JSON next to --out, measuring nothing")
     a = p.parse_args()
+    out = Path(a.out)
+    if a.render_only:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        out.write_text(render(saved["ceiling"], saved["rows"], saved["extra"], saved["command"]))
+        chart(saved["ceiling"], saved["rows"], out.with_suffix(".png"))
+        return
     command = "python bench/run.py " + " ".join(sys.argv[1:])
     print("measuring the in-process ceiling ...", flush=True)
     ceil = ceiling(min(a.duration, 5.0))
@@ -217,9 +257,12 @@ def main() -> None:
             r = cell("openai", w, a.peer, "", a.duration)
             r["protocol"] = f"peer {a.peer} (openai)"
             rows.append(r)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(render(ceil, rows, extra, command))
-    print(f"wrote {a.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"ceiling": ceil, "rows": rows, "extra": extra, "command": command}, indent=1) + "\n")
+    out.write_text(render(ceil, rows, extra, command))
+    chart(ceil, rows, out.with_suffix(".png"))
+    print(f"wrote {out} and its .json and .png")
 
 
 if __name__ == "__main__":

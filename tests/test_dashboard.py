@@ -61,3 +61,19 @@ def test_quantile_interpolates_inside_buckets(q, expected):
              for k, v in le.items()}
     got = dashboard._quantile(q, "serve_app_stage_seconds", "stage")({}, after, 1.0)
     assert got["x"] == pytest.approx(expected)
+
+
+def test_benchmark_report_redraws_from_its_json(tmp_path):
+    """docs/benchmarks.md, its chart and its JSON belong together: redrawing from the JSON gives
+    the same table."""
+    import shutil
+    import subprocess
+
+    shutil.copy(REPO / "docs" / "benchmarks.json", tmp_path / "b.json")
+    subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--render-only", "--out",
+                    str(tmp_path / "b.md")], check=True, timeout=120)
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+    table = [ln for ln in (tmp_path / "b.md").read_text().splitlines() if ln.startswith("| W")]
+    shipped = [ln for ln in (REPO / "docs" / "benchmarks.md").read_text().splitlines()
+               if ln.startswith("| W")]
+    assert table == shipped and len(table) == 24
