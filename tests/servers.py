@@ -122,12 +122,14 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
 
 
 @contextlib.contextmanager
-def serve_run(config: dict, tmp: Path) -> Iterator[Server]:
+def serve_run(config: dict, tmp: Path,
+              extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     """``serve run`` of ``config`` (written to ``tmp``) until it is ready; stopped afterwards."""
     import yaml
 
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{config['http_options']['port']}"
-    with running([str(BIN / "serve"), "run", str(path)], url, tmp / "serve.log") as server:
+    with running([str(BIN / "serve"), "run", str(path)], url, tmp / "serve.log",
+                 extra_env=extra_env) as server:
         yield server
