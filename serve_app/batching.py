@@ -205,10 +205,10 @@ class ModelRunner:
     """Turns one :class:`EmbedRequest` into an :class:`EmbedResult` with a loaded engine.
 
     Admits a request only while the replica's inputs stay within ``max_queued_inputs``
-    (:class:`InputBound`). Tokenizes on a
-    small thread pool (overlapping the forward pass), splits the token ids into groups of at
-    most ``max_batch_size`` and hands each group to ``submit`` (in a replica, the
-    ``@serve.batch`` method), then applies ``dimensions``.
+    (:class:`InputBound`). Tokenizes on a small thread pool (overlapping the forward pass),
+    splits the token ids into groups of at most ``max_batch_size`` and hands each group to
+    ``submit`` (in a replica, the ``@serve.batch`` method), then applies ``dimensions``. The
+    result carries what the replica measured (stage times, truncations, finished passes).
     """
 
     def __init__(
