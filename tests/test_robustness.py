@@ -275,6 +275,27 @@ def test_the_matrix_is_large_enough():
     assert {c[2].split("/")[1] for c in HTTP_CASES} >= {"v1", "v2", "openai"}
 
 
+def test_health_answers_while_the_model_computes(server, http):
+    """Probes never queue behind inference: live and ready answer while a long request is
+    still being computed."""
+
+    async def main() -> tuple[list[int], bool]:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+            busy = asyncio.create_task(c.post(OAI, json={"model": "embedding",
+                                                         "input": [LONG] * 48}))
+            await asyncio.sleep(0.3)
+            codes = [(await c.get(path)).status_code
+                     for path in ("/v2/health/live", "/v2/health/ready", "/",
+                                  "/v2/models/embedding/ready")]
+            still_running = not busy.done()
+            assert (await busy).status_code == 200
+            return codes, still_running
+
+    codes, still_running = asyncio.run(main())
+    assert codes == [200, 200, 200, 200]
+    assert still_running  # the probes were answered before the long request finished
+
+
 # -- the bulk client against the small queue ---------------------------------------------------
 
 @pytest.fixture(scope="module")
