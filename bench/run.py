@@ -83,7 +83,7 @@ def rss_mb(session: int) -> float:
 
 
 @contextlib.contextmanager
-def server(log: Path, batch_wait_s: float | None = None):
+def server(log: Path, batch_wait_s: float | None = None, topology: str = "separate"):
     """`serve run` of a benchmark config on loopback; yields (url, grpc target, pid, ready_s)."""
     http, grpc_port = free_port(), free_port()
     config = {
@@ -93,7 +93,7 @@ def server(log: Path, batch_wait_s: float | None = None):
             "serve_app.protocols.v2_grpc.add_inference_servicer"]},
         "applications": [{"name": "serve_app", "route_prefix": "/",
                           "import_path": "serve_app.app:build_app",
-                          "args": {"models": [{
+                          "args": {"topology": topology, "models": [{
                               "name": "embedding", "torch_threads": THREADS,
                               "deployment": {"num_cpus": 1},
                               **({"batching": {"batch_wait_timeout_s": batch_wait_s}}
@@ -226,6 +226,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--batch-wait", type=float, default=None,
                    help="the model's batch_wait_timeout_s (default: the config's default)")
+    p.add_argument("--topology", choices=("separate", "colocated"), default="separate",
+                   help="the app's topology (models behind the ingress, or inside it)")
     p.add_argument("--render-only", action="store_true",
                    help="redraw the table and chart from the JSON next to --out, measuring nothing")
     a = p.parse_args()
@@ -242,7 +244,7 @@ def main() -> None:
     rows: list[dict] = []
     extra: dict[str, str] = {}
     log = Path(tempfile.mkdtemp()) / "serve.log"
-    with server(log, a.batch_wait) as (url, grpc, pid, ready_s):
+    with server(log, a.batch_wait, a.topology) as (url, grpc, pid, ready_s):
         extra["start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
         extra["RSS of the whole stack, idle"] = f"{rss_mb(os.getsid(pid)):.0f} MB"
         for w in a.workloads:

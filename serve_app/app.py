@@ -14,12 +14,12 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Validate ``args`` as :class:`AppConfig` (strictly: unknown keys are errors) and bind one
     model deployment per model plus the ingress."""
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    models = {
+    models = {} if cfg.topology == "colocated" else {
         m.deployment_name: EmbeddingModel.options(  # type: ignore[attr-defined]
             name=m.deployment_name, **m.deployment.serve_options()
         ).bind(m)
         for m in cfg.models
     }
-    return Ingress.options(**cfg.ingress.serve_options()).bind(  # type: ignore[attr-defined]
+    return Ingress.options(**cfg.ingress_options()).bind(  # type: ignore[attr-defined]
         models, cfg
     )

@@ -292,6 +292,12 @@ class AppConfig(_Strict):
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     auth: AuthOptions = Field(default_factory=AuthOptions)
     limits: LimitOptions = Field(default_factory=LimitOptions)
+    topology: Literal["separate", "colocated"] = Field(
+        "separate", description="separate: one deployment per model behind the ingress (models "
+        "scale on their own). colocated: the models run inside the ingress replicas, one hop "
+        "less per request; the ingress then reserves the models' CPUs and GPUs, and scales by "
+        "ingress.num_replicas."
+    )
     cors: CorsOptions = Field(default_factory=CorsOptions)
 
     @model_validator(mode="after")
@@ -309,6 +315,17 @@ class AppConfig(_Strict):
             if len(marked) > 1:
                 raise ValueError(f"model {name!r} has several default versions: {marked}")
         return self
+
+    def ingress_options(self) -> dict[str, Any]:
+        """``Deployment.options`` of the ingress; colocated, it reserves the models' resources."""
+        opts = self.ingress.serve_options()
+        if self.topology == "colocated":
+            actor = opts["ray_actor_options"]
+            actor["num_cpus"] = actor["num_cpus"] + sum(m.deployment.num_cpus for m in self.models)
+            gpus = sum(m.deployment.num_gpus for m in self.models)
+            if gpus:
+                actor["num_gpus"] = gpus
+        return opts
 
     def defaults(self) -> list[ModelConfig]:
         """Each name's default version: the one marked ``default``, else the first listed."""

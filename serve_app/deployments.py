@@ -23,9 +23,10 @@ from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine import EmbeddingEngine
 from serve_app.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServeAppError
 from serve_app.http import create_http_app, enable_access_log
+from serve_app.local import LocalBackend
 from serve_app.metrics import Metrics
 from serve_app.protocols.v2_grpc import GrpcInference
-from serve_app.router import Router
+from serve_app.router import ModelBackend, Router
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
 log = logging.getLogger("ray.serve")
@@ -53,6 +54,20 @@ def _count_texts(groups: list[Group]) -> int:
     return sum(len(g) for g in groups)
 
 
+def load_engine(cfg: ModelConfig) -> EmbeddingEngine:
+    """Load and warm up ``cfg``'s engine, logging each step (Serve reports a replica ready only
+    after its ``__init__``, so after warm-up)."""
+    t0 = time.perf_counter()
+    threads = cfg.torch_threads or _owned_cpus()
+    log.info("model %r: starting (%s, %d torch threads)", cfg.name, cfg.model_id, threads)
+    engine = EmbeddingEngine(cfg, num_threads=threads)
+    log.info("model %r: warming up", cfg.name)
+    warm = engine.warmup()
+    log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
+             time.perf_counter() - t0)
+    return engine
+
+
 @serve.deployment
 class EmbeddingModel:
     """One model's replica: loads and warms the engine in ``__init__`` (Serve reports the
@@ -60,14 +75,7 @@ class EmbeddingModel:
 
     def __init__(self, cfg: ModelConfig) -> None:
         _log_through_serve()
-        t0 = time.perf_counter()
-        threads = cfg.torch_threads or _owned_cpus()
-        log.info("model %r: starting (%s, %d torch threads)", cfg.name, cfg.model_id, threads)
-        self.engine = EmbeddingEngine(cfg, num_threads=threads)
-        log.info("model %r: warming up", cfg.name)
-        warm = self.engine.warmup()
-        log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
-                 time.perf_counter() - t0)
+        self.engine = load_engine(cfg)
         self.batcher = DrainBatcher(self.engine.embed_ids, cfg.batching.max_batch_size)
         self._batched.set_max_batch_size(  # type: ignore[attr-defined]
             cfg.batching.max_batch_size
@@ -235,7 +243,9 @@ class Ingress(GrpcInference):
         census = ReplicaCensus(serve.get_replica_context().app_name)
         timeout = cfg.ingress.request_timeout_s
 
-        def backend(m: ModelConfig) -> HandleBackend:
+        def backend(m: ModelConfig) -> ModelBackend:
+            if cfg.topology == "colocated":  # the model runs here, in this replica
+                return LocalBackend(load_engine(m), m.name, m.version, m.max_queued_inputs)
             return HandleBackend(models[m.deployment_name], census, timeout, m.max_queued_inputs)
 
         defaults = cfg.defaults()

@@ -133,3 +133,15 @@ def _assert_no_dropped_keys(raw: dict, schema) -> None:
 def test_model_config_is_frozen():
     with pytest.raises(ValidationError):
         ModelConfig().name = "x"  # type: ignore[misc]
+
+
+def test_colocated_topology_runs_the_models_inside_the_ingress():
+    app = build_app({"topology": "colocated", "ingress": {"num_cpus": 0.5},
+                     "models": [{"name": "a", "deployment": {"num_cpus": 2}},
+                                {"name": "b", "deployment": {"num_cpus": 1, "num_gpus": 1}}]})
+    ingress = app._bound_deployment
+    assert ingress.init_args[0] == {}  # no model deployments
+    assert ingress.ray_actor_options["num_cpus"] == 3.5
+    assert ingress.ray_actor_options["num_gpus"] == 1
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"topology": "fused"})
