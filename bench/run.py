@@ -16,8 +16,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,20 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.load import PROTOCOLS, WORKLOADS, texts_for  # noqa: E402
+from tests.servers import Server, free_port, serve_config, serve_run  # noqa: E402
 
 THREADS = os.cpu_count() or 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ceiling(duration: float) -> dict[str, dict[str, float]]:
@@ -68,65 +58,21 @@ def ceiling(duration: float) -> dict[str, dict[str, float]]:
     return out
 
 
-def rss_mb(session: int) -> float:
-    """Resident memory of every process in ``session`` (the server and its Ray processes)."""
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if os.getsid(int(pid)) != session:
-                continue
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-    return total / 1024
-
-
 @contextlib.contextmanager
-def server(log: Path, batch_wait_s: float | None = None, topology: str = "separate"):
-    """`serve run` of a benchmark config on loopback; yields (url, grpc target, pid, ready_s)."""
+def server(tmp: Path, batch_wait_s: float | None = None, topology: str = "separate"):
+    """`serve run` of a benchmark config on loopback; yields (server, grpc target, ready_s)."""
     http, grpc_port = free_port(), free_port()
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": http},
-        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [
-            "serve_app.protocols.v2_grpc.add_inference_servicer"]},
-        "applications": [{"name": "serve_app", "route_prefix": "/",
-                          "import_path": "serve_app.app:build_app",
-                          "args": {"topology": topology, "models": [{
-                              "name": "embedding", "torch_threads": THREADS,
-                              "deployment": {"num_cpus": 1},
-                              **({"batching": {"batch_wait_timeout_s": batch_wait_s}}
-                                 if batch_wait_s is not None else {})}]}}],
-    }
-    cfg = Path(tempfile.mkdtemp()) / "bench.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    config = serve_config(http, {"topology": topology, "models": [{
+        "name": "embedding", "torch_threads": THREADS, "deployment": {"num_cpus": 1},
+        **({"batching": {"batch_wait_timeout_s": batch_wait_s}}
+           if batch_wait_s is not None else {})}]}, grpc_port=grpc_port)
     t0 = time.perf_counter()
-    with log.open("wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(cfg)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{http}"
-    try:
-        while time.perf_counter() - t0 < 300:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise TimeoutError(f"server not ready; see {log}")
-        yield url, f"127.0.0.1:{grpc_port}", proc.pid, time.perf_counter() - t0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(45)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    with serve_run(config, tmp) as s:
+        yield s, f"127.0.0.1:{grpc_port}", time.perf_counter() - t0
+
+
+def rss_mb(s: Server) -> float:
+    return s.rss_bytes() / 2**20
 
 
 def cell(protocol: str, workload: str, url: str, grpc: str, duration: float) -> dict:
@@ -243,17 +189,16 @@ def main() -> None:
     print(json.dumps(ceil), flush=True)
     rows: list[dict] = []
     extra: dict[str, str] = {}
-    log = Path(tempfile.mkdtemp()) / "serve.log"
-    with server(log, a.batch_wait, a.topology) as (url, grpc, pid, ready_s):
+    with server(Path(tempfile.mkdtemp()), a.batch_wait, a.topology) as (url, grpc, ready_s):
         extra["start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
-        extra["RSS of the whole stack, idle"] = f"{rss_mb(os.getsid(pid)):.0f} MB"
+        extra["RSS of the whole stack, idle"] = f"{rss_mb(url):.0f} MB"
         for w in a.workloads:
             for proto in a.protocols:
                 r = cell(proto, w, url, grpc, a.duration)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
             if w == "W2":
-                extra["RSS of the whole stack, after W2"] = f"{rss_mb(os.getsid(pid)):.0f} MB"
+                extra["RSS of the whole stack, after W2"] = f"{rss_mb(url):.0f} MB"
     if a.peer:
         for w in a.workloads:
             r = cell("openai", w, a.peer, "", a.duration)

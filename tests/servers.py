@@ -96,7 +96,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> 
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                 return
-        time.sleep(1)
+        time.sleep(0.5)
     raise TimeoutError(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
 
 
