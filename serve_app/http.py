@@ -44,14 +44,14 @@ def enable_access_log() -> None:
     access_log.propagate = False
 
 
-def _access_record(request: Request, status: int, seconds: float, rid: str) -> str:
+def _access_record(request: Request, protocol: str, route: str, status: int, seconds: float,
+                   rid: str) -> str:
     """One JSON line per request: ids, route, status, timings. Never a request's text."""
-    route = request.scope.get("route")
     record = {
         "request_id": rid,
-        "protocol": protocol_of(request.url.path),
+        "protocol": protocol,
         "method": request.method,
-        "route": getattr(route, "path", "unmatched"),
+        "route": route,
         "model": request.path_params.get("name") or getattr(request.state, "model", None),
         "status": status,
         "ms": round(seconds * 1000, 3),
@@ -104,11 +104,12 @@ def create_http_app(router: Router, cors: CorsOptions | None = None,
         seconds = time.perf_counter() - t0
         if echo_request_id:
             response.headers["x-request-id"] = rid
-        route = request.scope.get("route")
-        router.metrics.observe_request(protocol, getattr(route, "path", "unmatched"),
-                                       request.method, response.status_code, seconds)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        router.metrics.observe_request(protocol, route, request.method, response.status_code,
+                                       seconds)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(_access_record(request, response.status_code, seconds, rid))
+            access_log.info(_access_record(request, protocol, route, response.status_code,
+                                           seconds, rid))
         return response
 
     if cors is not None and cors.enabled:
