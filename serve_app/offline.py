@@ -84,7 +84,7 @@ def ordered_parquet_sink(output: str) -> Any:
     import pyarrow.parquet as pq
     from ray.data.datasource import BlockBasedFileDatasink
 
-    class OrderedParquetSink(BlockBasedFileDatasink):  # type: ignore[misc]
+    class OrderedParquetSink(BlockBasedFileDatasink):
         def write_block_to_file(self, block: Any, file: Any) -> None:
             pq.write_table(block.to_arrow(), file)
 
