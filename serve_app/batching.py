@@ -89,20 +89,25 @@ class BatchStats:
 
 
 class DrainBatcher:
-    """Runs ``compute`` (token-id sequences -> float32 ``[n, dim]``) on one worker thread, each
-    pass taking every group pending, oldest first, up to ``max_batch_size`` sequences.
+    """Runs ``compute`` (token-id sequences -> float32 ``[n, dim]``) on ``passes`` worker
+    threads (forward passes at once), each pass taking every group pending, oldest first, up to
+    ``max_batch_size`` sequences, or up to its share when other workers are idle (so the
+    groups of one request spread over the idle workers instead of queueing behind one).
 
     Groups whose request has gone (cancelled, disconnected) or whose deadline has passed are
     dropped before they reach the model."""
 
-    def __init__(self, compute: Callable[[Seqs], np.ndarray], max_batch_size: int) -> None:
+    def __init__(self, compute: Callable[[Seqs], np.ndarray], max_batch_size: int,
+                 passes: int = 1) -> None:
         self._compute = compute
         self._max = max_batch_size
         self._pending: collections.deque[tuple[Group, asyncio.Future[np.ndarray]]] = (
             collections.deque()
         )
-        self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._passes = passes
+        self._busy = 0
+        self._workers: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(passes, thread_name_prefix="forward")
         self.stats = BatchStats()
         self._unreported: list[tuple[int, int]] = []
 
@@ -121,13 +126,19 @@ class DrainBatcher:
             fut: asyncio.Future[np.ndarray] = loop.create_future()
             self._pending.append((g, fut))
             futures.append(fut)
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._drain())
+        while len(self._workers) < self._passes:  # a worker finding nothing pending ends
+            worker = loop.create_task(self._drain())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
     def _take(self) -> list[tuple[Group, asyncio.Future[np.ndarray]]]:
         taken: list[tuple[Group, asyncio.Future[np.ndarray]]] = []
         size = 0
+        cap = self._max
+        if self._passes > 1:  # leave the idle workers their share
+            idle = self._passes - self._busy
+            cap = min(cap, -(-sum(len(g) for g, _ in self._pending) // idle))
         while self._pending:
             group, fut = self._pending[0]
             if fut.done() or group.abandoned() or group.expired():
@@ -139,7 +150,7 @@ class DrainBatcher:
                     else:
                         fut.cancel()
                 continue
-            if taken and size + len(group) > self._max:
+            if taken and size + len(group) > cap:
                 break
             self._pending.popleft()
             taken.append((group, fut))
@@ -154,6 +165,7 @@ class DrainBatcher:
                 continue
             flat = [s for group, _ in taken for s in group.seqs]
             t0 = time.perf_counter()
+            self._busy += 1
             try:
                 vectors = await loop.run_in_executor(self._executor, self._compute, flat)
             except Exception as e:  # hand the failure to every waiter; the loop lives on
@@ -161,6 +173,8 @@ class DrainBatcher:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            finally:
+                self._busy -= 1
             seconds = time.perf_counter() - t0
             tokens = sum(len(x) for x in flat)
             self.stats.record(len(flat), tokens, seconds)
@@ -206,9 +220,11 @@ class ModelRunner:
 
     Admits a request only while the replica's inputs stay within ``max_queued_inputs``
     (:class:`InputBound`). Tokenizes on a small thread pool (overlapping the forward pass),
-    splits the token ids into groups of at most ``max_batch_size`` and hands each group to
-    ``submit`` (in a replica, the ``@serve.batch`` method), then applies ``dimensions``. The
-    result carries what the replica measured (stage times, truncations, finished passes).
+    splits the token ids into groups of at most ``max_batch_size`` (and into at least
+    ``parallel_passes`` groups when it has that many texts, so parallel passes share one request)
+    and hands each group to ``submit`` (in a replica, the ``@serve.batch`` method), then applies
+    ``dimensions``. The result carries what the replica measured (stage times, truncations,
+    finished passes).
     """
 
     def __init__(
@@ -218,11 +234,13 @@ class ModelRunner:
         max_queued_inputs: int = 4096,
         passes: Callable[[], tuple[tuple[int, int], ...]] = tuple,
         tokenizer_threads: int = 2,
+        parallel_passes: int = 1,
     ) -> None:
         self.engine = engine
         self._submit = submit
         self._passes = passes
         self._group = engine.max_batch_size
+        self._spread = parallel_passes
         self._tokenize_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
         self.bound = InputBound(max_queued_inputs)
 
@@ -244,8 +262,9 @@ class ModelRunner:
         )
         t1 = time.perf_counter()
         owner = asyncio.current_task()
-        groups = [Group(seqs[i : i + self._group], req.deadline, owner)
-                  for i in range(0, len(seqs), self._group)]
+        size = min(self._group, -(-len(seqs) // self._spread))
+        groups = [Group(seqs[i : i + size], req.deadline, owner)
+                  for i in range(0, len(seqs), size)]
         if groups[0].expired():
             raise _expired()
         parts = await asyncio.gather(*(self._submit(g) for g in groups))

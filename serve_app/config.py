@@ -126,6 +126,12 @@ class BatchOptions(_Strict):
     max_batch_tokens: int = Field(
         16384, ge=1, description="Most padded tokens in one forward pass; longer batches split."
     )
+    parallel_passes: int | None = Field(
+        None, ge=1, le=64, description="Forward passes one replica runs at once, each on its own "
+        "batch with an equal share of the torch threads. Default: 2 on CPU when the replica has "
+        "2 or more threads (two passes of half the threads outran one pass of all of them by "
+        "10-20% here, see docs/benchmarks.md), 1 on GPU.",
+    )
 
 
 class ModelConfig(_Strict):

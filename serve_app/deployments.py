@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.auth import ApiKeys
 from serve_app.batching import DrainBatcher, Group, InputBound, ModelRunner, replica_stats
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.engine import EmbeddingEngine
+from serve_app.engine import EmbeddingEngine, pick_device, plan_parallelism
 from serve_app.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServeAppError
 from serve_app.http import create_http_app, enable_access_log
 from serve_app.local import LocalBackend
@@ -54,18 +54,22 @@ def _count_texts(groups: list[Group]) -> int:
     return sum(len(g) for g in groups)
 
 
-def load_engine(cfg: ModelConfig) -> EmbeddingEngine:
+def load_engine(cfg: ModelConfig) -> tuple[EmbeddingEngine, int]:
     """Load and warm up ``cfg``'s engine, logging each step (Serve reports a replica ready only
-    after its ``__init__``, so after warm-up)."""
+    after its ``__init__``, so after warm-up); returns it and the forward passes to run at once
+    (the engine's torch threads are the replica's, shared among them)."""
     t0 = time.perf_counter()
     threads = cfg.torch_threads or _owned_cpus()
-    log.info("model %r: starting (%s, %d torch threads)", cfg.name, cfg.model_id, threads)
-    engine = EmbeddingEngine(cfg, num_threads=threads)
+    passes, per_pass = plan_parallelism(threads, pick_device(cfg.device),
+                                        cfg.batching.parallel_passes)
+    log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
+             cfg.name, cfg.model_id, passes, per_pass)
+    engine = EmbeddingEngine(cfg, num_threads=per_pass)
     log.info("model %r: warming up", cfg.name)
     warm = engine.warmup()
     log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
              time.perf_counter() - t0)
-    return engine
+    return engine, passes
 
 
 @serve.deployment
@@ -75,8 +79,8 @@ class EmbeddingModel:
 
     def __init__(self, cfg: ModelConfig) -> None:
         _log_through_serve()
-        self.engine = load_engine(cfg)
-        self.batcher = DrainBatcher(self.engine.embed_ids, cfg.batching.max_batch_size)
+        self.engine, passes = load_engine(cfg)
+        self.batcher = DrainBatcher(self.engine.embed_ids, cfg.batching.max_batch_size, passes)
         self._batched.set_max_batch_size(  # type: ignore[attr-defined]
             cfg.batching.max_batch_size
         )
@@ -84,7 +88,7 @@ class EmbeddingModel:
             cfg.batching.batch_wait_timeout_s
         )
         self.runner = ModelRunner(self.engine, self._batched, cfg.max_queued_inputs,
-                                  passes=self.batcher.take_passes)
+                                  passes=self.batcher.take_passes, parallel_passes=passes)
         self._info = self.engine.info(cfg.name, cfg.version)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
@@ -245,7 +249,8 @@ class Ingress(GrpcInference):
 
         def backend(m: ModelConfig) -> ModelBackend:
             if cfg.topology == "colocated":  # the model runs here, in this replica
-                return LocalBackend(load_engine(m), m.name, m.version, m.max_queued_inputs)
+                engine, passes = load_engine(m)
+                return LocalBackend(engine, m.name, m.version, m.max_queued_inputs, passes)
             return HandleBackend(models[m.deployment_name], census, timeout, m.max_queued_inputs)
 
         defaults = cfg.defaults()

@@ -34,6 +34,17 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def plan_parallelism(threads: int, device: torch.device,
+                     parallel_passes: int | None = None) -> tuple[int, int]:
+    """(forward passes at once, torch threads each) for a replica owning ``threads`` CPU threads.
+
+    On CPU, small models scale poorly across intra-op threads: two passes at once, each on half
+    the threads, keep the cores busier than one pass on all of them (and a pass that is
+    descheduled stalls only its own half). On GPU one pass at a time feeds the device."""
+    passes = parallel_passes or (1 if device.type != "cpu" or threads < 2 else 2)
+    return passes, max(1, threads // passes)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         # fp16 keeps more mantissa than bf16, which matters for unit-length embeddings.

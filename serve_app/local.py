@@ -18,10 +18,11 @@ class LocalBackend:
     """A :class:`serve_app.router.ModelBackend` running ``engine`` in this process."""
 
     def __init__(self, engine: EmbeddingEngine, name: str, version: str = "1",
-                 max_queued_inputs: int = 4096) -> None:
-        self.batcher = DrainBatcher(engine.embed_ids, engine.max_batch_size)
+                 max_queued_inputs: int = 4096, parallel_passes: int = 1) -> None:
+        self.batcher = DrainBatcher(engine.embed_ids, engine.max_batch_size, parallel_passes)
         self.runner = ModelRunner(engine, self._submit, max_queued_inputs,
-                                  passes=self.batcher.take_passes)
+                                  passes=self.batcher.take_passes,
+                                  parallel_passes=parallel_passes)
         self._info = engine.info(name, version)
 
     async def _submit(self, group: Group) -> np.ndarray | BaseException:

@@ -218,3 +218,49 @@ def test_runner_refuses_a_request_whose_deadline_passed_while_tokenizing(engine)
     with pytest.raises(DeadlineExceeded):
         asyncio.run(runner.embed(EmbedRequest(model="m", inputs=("x",),
                                               deadline=time.time() - 1)))
+
+
+def test_parallel_passes_run_at_once_and_each_takes_what_is_pending():
+    """With passes=2 a second pass starts while the first computes (the barrier needs both
+    in it at once), on the groups that arrived meanwhile; a third waits for a free worker."""
+    calls: list[list[float]] = []
+    both = threading.Barrier(2, timeout=5)
+
+    def compute(seqs):
+        calls.append([s[0] for s in seqs])
+        if len(calls) <= 2:
+            both.wait()  # raises BrokenBarrierError unless two passes are in here together
+        return np.array([[s[0], len(s)] for s in seqs], np.float32)
+
+    batcher = DrainBatcher(compute, max_batch_size=4, passes=2)
+
+    async def main():
+        first = asyncio.create_task(batcher.run([G(1)]))
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(batcher.run([G(2), G(3)]))
+        await asyncio.sleep(0.02)
+        third = asyncio.create_task(batcher.run([G(4)]))
+        return await first, await second, await third
+
+    first, second, third = asyncio.run(main())
+    assert first[0][:, 0].tolist() == [1]
+    assert [o[:, 0].tolist() for o in second] == [[2], [3]]
+    assert third[0][:, 0].tolist() == [4]
+    assert calls[:2] == [[1], [2, 3]] and calls[2:] == [[4]]
+    assert batcher.stats.passes == 3
+
+
+def test_plan_parallelism():
+    import torch
+
+    from serve_app.engine import plan_parallelism
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert plan_parallelism(1, cpu) == (1, 1)
+    assert plan_parallelism(2, cpu) == (2, 1)
+    assert plan_parallelism(8, cpu) == (2, 4)
+    assert plan_parallelism(7, cpu) == (2, 3)
+    assert plan_parallelism(8, cuda) == (1, 8)
+    assert plan_parallelism(8, cpu, 4) == (4, 2)
+    assert plan_parallelism(2, cpu, 1) == (1, 2)
+    assert plan_parallelism(2, cpu, 3) == (3, 1)
