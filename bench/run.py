@@ -1,6 +1,6 @@
 """serve_app benchmark: the in-process ceiling and every protocol served, as ratios in one run.
 
-    python bench/run.py                       # starts its own `serve run` on loopback
+    python bench/run.py                       # starts `serve run` on loopback, per setup
     python bench/run.py --duration 4 --protocols openai grpc --workloads W1 W2
     python bench/run.py --peer http://127.0.0.1:7997   # also an OpenAI-compatible peer server
 
@@ -26,7 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.load import PROTOCOLS, WORKLOADS, texts_for  # noqa: E402
-from tests.servers import Server, free_port, serve_config, serve_run  # noqa: E402
+from tests.servers import (  # noqa: E402
+    Server,
+    free_port,
+    haproxy_env,
+    serve_config,
+    serve_run,
+)
 
 THREADS = os.cpu_count() or 1
 
@@ -58,16 +64,22 @@ def ceiling(duration: float) -> dict[str, dict[str, float]]:
     return out
 
 
+#: name -> (topology, HAProxy in front?): ``make serve`` and ``make serve-fast``.
+SETUPS = {"local": ("separate", False), "fast": ("colocated", True)}
+
+
 @contextlib.contextmanager
-def server(tmp: Path, batch_wait_s: float | None = None, topology: str = "separate"):
-    """`serve run` of a benchmark config on loopback; yields (server, grpc target, ready_s)."""
+def server(tmp: Path, setup: str, batch_wait_s: float | None = None):
+    """`serve run` of a benchmark config on loopback in ``setup`` (see SETUPS); yields (server,
+    grpc target, ready_s)."""
+    topology, haproxy = SETUPS[setup]
     http, grpc_port = free_port(), free_port()
     config = serve_config(http, {"topology": topology, "models": [{
         "name": "embedding", "torch_threads": THREADS, "deployment": {"num_cpus": 1},
         **({"batching": {"batch_wait_timeout_s": batch_wait_s}}
            if batch_wait_s is not None else {})}]}, grpc_port=grpc_port)
     t0 = time.perf_counter()
-    with serve_run(config, tmp) as s:
+    with serve_run(config, tmp, extra_env=haproxy_env() if haproxy else None) as s:
         yield s, f"127.0.0.1:{grpc_port}", time.perf_counter() - t0
 
 
@@ -100,7 +112,13 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str) -> str:
         "# Benchmarks",
         "",
         f"Command: `{command}`. Machine: {versions()}. Model: all-MiniLM-L6-v2, fp32, CPU, "
-        f"{THREADS} torch threads in the ceiling and in the served replica.",
+        f"{THREADS} torch threads in the ceiling (one pass at a time) and in the served replica "
+        "(two passes at once, one thread each: `batching.parallel_passes`, auto).",
+        "",
+        "Setups: `local` is `make serve` (configs/local.yaml: Serve's proxy, then the ingress "
+        "replica, then the model replica); `fast` is `make serve-fast` (configs/fast.yaml: "
+        "HAProxy in Ray's throughput-optimized mode, then the ingress replica with the model "
+        "inside it).",
         "",
         "Ratios compare each served figure with the in-process ceiling measured in the same run "
         "(W1: added p50 latency in ms; W2-W4: served embeddings/s over the ceiling's at batch 32).",
@@ -108,8 +126,8 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str) -> str:
         "Targets (issue 4): W1 at most +3 ms over the ceiling; W2 0.75x or more; "
         "W3 1.0x or more; W4 0.95x or more; for every protocol.",
         "",
-        "| workload | ceiling | protocol | served | ratio | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | setup | ceiling | protocol | served | ratio | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r["workload"]
@@ -121,8 +139,8 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str) -> str:
             c = f"{ceil[w]['embeddings_per_s']:.0f}/s"
             served = f"{r['embeddings_per_s']:.0f}/s"
             ratio = f"{r['embeddings_per_s'] / ceil[w]['embeddings_per_s']:.2f}x"
-        lines.append(f"| {w} | {c} | {r['protocol']} | {served} | {ratio} | {r['p50_ms']:.1f} "
-                     f"| {r['p99_ms']:.1f} | {r['errors']} |")
+        lines.append(f"| {w} | {r.get('setup', '')} | {c} | {r['protocol']} | {served} | {ratio} "
+                     f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
     lines += ["", "Workloads: " + "; ".join(
         f"{w}: {n} input(s) of {'~110' if long else '~14'} tokens per request, {c} client(s)"
         for w, (n, c, long) in WORKLOADS.items()) + ".", ""]
@@ -145,7 +163,10 @@ def chart(ceil: dict, rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = [w for w in TARGETS if any(r["workload"] == w for r in rows)]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
+    bars = max(sum(r["workload"] == w for r in rows) for w in workloads)
+    width = max(4.5, 0.45 * bars)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(width * len(workloads), 4.5),
+                             squeeze=False)
     for ax, w in zip(axes[0], workloads, strict=True):
         cells = [r for r in rows if r["workload"] == w]
         if w == "W1":
@@ -154,7 +175,9 @@ def chart(ceil: dict, rows: list[dict], out: Path) -> None:
         else:
             values = [r["embeddings_per_s"] / ceil[w]["embeddings_per_s"] for r in cells]
             ax.set_ylabel("served / ceiling (higher is better)")
-        ax.bar([r["protocol"] for r in cells], values, color="tab:blue")
+        colors = {s: c for s, c in zip(SETUPS, ("tab:gray", "tab:blue"), strict=True)}
+        ax.bar([f"{r.get('setup', '')} {r['protocol']}".strip() for r in cells], values,
+               color=[colors.get(r.get("setup", ""), "tab:orange") for r in cells])
         ax.axhline(TARGETS[w], color="tab:red", linestyle="--", label="target")
         ax.set_title(w)
         ax.tick_params(axis="x", rotation=45)
@@ -172,8 +195,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--batch-wait", type=float, default=None,
                    help="the model's batch_wait_timeout_s (default: the config's default)")
-    p.add_argument("--topology", choices=("separate", "colocated"), default="separate",
-                   help="the app's topology (models behind the ingress, or inside it)")
+    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS,
+                   help="local: make serve (Serve's proxy, separate model deployment); "
+                        "fast: make serve-fast (HAProxy, model inside the ingress)")
     p.add_argument("--render-only", action="store_true",
                    help="redraw the table and chart from the JSON next to --out, measuring nothing")
     a = p.parse_args()
@@ -189,16 +213,17 @@ def main() -> None:
     print(json.dumps(ceil), flush=True)
     rows: list[dict] = []
     extra: dict[str, str] = {}
-    with server(Path(tempfile.mkdtemp()), a.batch_wait, a.topology) as (url, grpc, ready_s):
-        extra["start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
-        extra["RSS of the whole stack, idle"] = f"{rss_mb(url):.0f} MB"
-        for w in a.workloads:
-            for proto in a.protocols:
-                r = cell(proto, w, url, grpc, a.duration)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-            if w == "W2":
-                extra["RSS of the whole stack, after W2"] = f"{rss_mb(url):.0f} MB"
+    for setup in a.setups:
+        with server(Path(tempfile.mkdtemp()), setup, a.batch_wait) as (url, grpc, ready_s):
+            extra[f"{setup}: start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
+            extra[f"{setup}: RSS of the whole stack, idle"] = f"{rss_mb(url):.0f} MB"
+            for w in a.workloads:
+                for proto in a.protocols:
+                    r = {"setup": setup, **cell(proto, w, url, grpc, a.duration)}
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+                if w == "W2":
+                    extra[f"{setup}: RSS of the whole stack, after W2"] = f"{rss_mb(url):.0f} MB"
     if a.peer:
         for w in a.workloads:
             r = cell("openai", w, a.peer, "", a.duration)

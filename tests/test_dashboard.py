@@ -76,4 +76,8 @@ def test_benchmark_report_redraws_from_its_json(tmp_path):
     table = [ln for ln in (tmp_path / "b.md").read_text().splitlines() if ln.startswith("| W")]
     shipped = [ln for ln in (REPO / "docs" / "benchmarks.md").read_text().splitlines()
                if ln.startswith("| W")]
-    assert table == shipped and len(table) == 24
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert {(r["setup"], r["workload"], r["protocol"]) for r in rows} == {
+        (s, w, p) for s in ("local", "fast") for w in ("W1", "W2", "W3", "W4")
+        for p in ("openai", "openai-base64", "kserve-v1", "v2-json", "v2-binary", "grpc")}
+    assert table == shipped and len(table) == len(rows) == 48
