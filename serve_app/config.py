@@ -130,7 +130,7 @@ class BatchOptions(_Strict):
         None, ge=1, le=64, description="Forward passes one replica runs at once, each on its own "
         "batch with an equal share of the torch threads. Default: 2 on CPU when the replica has "
         "2 or more threads (two passes of half the threads outran one pass of all of them by "
-        "10-20% here, see docs/benchmarks.md), 1 on GPU.",
+        "10-20% here, see docs/architecture.md), 1 on GPU.",
     )
 
 
