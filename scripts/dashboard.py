@@ -111,27 +111,27 @@ def _by(expr: str, keep: str) -> str:
     return f"sum by ({keep}) (max by (replica, {keep}) ({expr}))"
 
 
+def _rate_panel(title: str, unit: str, name: str, by: str) -> Panel:
+    """Per-second rate of the counter ``name`` by ``by``: the PromQL and its in-process twin."""
+    legend = "{{" + by + "}}"
+    return Panel(title, unit, ((_by(f"rate({name}[1m])", by), legend),), _rate(name, by))
+
+
+def _quantile_panel(title: str, q: float, name: str, by: str) -> Panel:
+    """The ``q`` quantile of the histogram ``name`` by ``by``, in seconds."""
+    expr = f"histogram_quantile({q}, " + _by(f"rate({name}_bucket[1m])", f"{by}, le") + ")"
+    return Panel(title, "s", ((expr, "{{" + by + "}}"),), _quantile(q, name, by))
+
+
 PANELS: tuple[Panel, ...] = (
-    Panel("Requests / s by protocol", "req/s",
-          ((_by("rate(serve_app_requests_total[1m])", "protocol"), "{{protocol}}"),),
-          _rate("serve_app_requests_total", "protocol")),
-    Panel("Errors / s by kind", "req/s",
-          ((_by("rate(serve_app_errors_total[1m])", "kind"), "{{kind}}"),),
-          _rate("serve_app_errors_total", "kind")),
-    Panel("Request latency p99 by protocol", "s",
-          (("histogram_quantile(0.99, " + _by("rate(serve_app_request_seconds_bucket[1m])",
-                                              "protocol, le") + ")", "{{protocol}}"),),
-          _quantile(0.99, "serve_app_request_seconds", "protocol")),
-    Panel("Time per request by stage, p50", "s",
-          (("histogram_quantile(0.5, " + _by("rate(serve_app_stage_seconds_bucket[1m])",
-                                             "stage, le") + ")", "{{stage}}"),),
-          _quantile(0.5, "serve_app_stage_seconds", "stage")),
-    Panel("Embeddings / s by model", "inputs/s",
-          ((_by("rate(serve_app_embedded_inputs_total[1m])", "model"), "{{model}}"),),
-          _rate("serve_app_embedded_inputs_total", "model")),
-    Panel("Tokens / s by model", "tokens/s",
-          ((_by("rate(serve_app_embedded_tokens_total[1m])", "model"), "{{model}}"),),
-          _rate("serve_app_embedded_tokens_total", "model")),
+    _rate_panel("Requests / s by protocol", "req/s", "serve_app_requests_total", "protocol"),
+    _rate_panel("Errors / s by kind", "req/s", "serve_app_errors_total", "kind"),
+    _quantile_panel("Request latency p99 by protocol", 0.99, "serve_app_request_seconds",
+                    "protocol"),
+    _quantile_panel("Time per request by stage, p50", 0.5, "serve_app_stage_seconds", "stage"),
+    _rate_panel("Embeddings / s by model", "inputs/s", "serve_app_embedded_inputs_total",
+                "model"),
+    _rate_panel("Tokens / s by model", "tokens/s", "serve_app_embedded_tokens_total", "model"),
     Panel("Inputs per forward pass (mean)", "inputs",
           ((_by("rate(serve_app_batch_inputs_sum[1m])", "model") + " / "
             + _by("rate(serve_app_batch_inputs_count[1m])", "model"), "{{model}}"),),
