@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import ApiKeys
-from serve_app.batching import DrainBatcher, Group, InputBound, ModelRunner, replica_stats
+from serve_app.batching import Group, InputBound, ModelRunner, forward_batcher, replica_stats
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine import EmbeddingEngine, pick_device, plan_parallelism
 from serve_app.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServeAppError
@@ -54,10 +54,10 @@ def _count_texts(groups: list[Group]) -> int:
     return sum(len(g) for g in groups)
 
 
-def load_engine(cfg: ModelConfig) -> tuple[EmbeddingEngine, int]:
+def load_engine(cfg: ModelConfig) -> tuple[EmbeddingEngine, int, int]:
     """Load and warm up ``cfg``'s engine, logging each step (Serve reports a replica ready only
-    after its ``__init__``, so after warm-up); returns it and the forward passes to run at once
-    (the engine's torch threads are the replica's, shared among them)."""
+    after its ``__init__``, so after warm-up); returns it, the forward passes to run at once
+    and the replica's torch threads (shared among the passes)."""
     t0 = time.perf_counter()
     threads = cfg.torch_threads or _owned_cpus()
     passes, per_pass = plan_parallelism(threads, pick_device(cfg.device),
@@ -69,7 +69,7 @@ def load_engine(cfg: ModelConfig) -> tuple[EmbeddingEngine, int]:
     warm = engine.warmup()
     log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
              time.perf_counter() - t0)
-    return engine, passes
+    return engine, passes, threads
 
 
 @serve.deployment
@@ -79,8 +79,8 @@ class EmbeddingModel:
 
     def __init__(self, cfg: ModelConfig) -> None:
         _log_through_serve()
-        self.engine, passes = load_engine(cfg)
-        self.batcher = DrainBatcher(self.engine.embed_ids, cfg.batching.max_batch_size, passes)
+        self.engine, passes, threads = load_engine(cfg)
+        self.batcher = forward_batcher(self.engine, passes, threads)
         self._batched.set_max_batch_size(  # type: ignore[attr-defined]
             cfg.batching.max_batch_size
         )
@@ -249,8 +249,9 @@ class Ingress(GrpcInference):
 
         def backend(m: ModelConfig) -> ModelBackend:
             if cfg.topology == "colocated":  # the model runs here, in this replica
-                engine, passes = load_engine(m)
-                return LocalBackend(engine, m.name, m.version, m.max_queued_inputs, passes)
+                engine, passes, threads = load_engine(m)
+                return LocalBackend(engine, m.name, m.version, m.max_queued_inputs, passes,
+                                    threads)
             return HandleBackend(models[m.deployment_name], census, timeout, m.max_queued_inputs)
 
         defaults = cfg.defaults()

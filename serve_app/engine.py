@@ -228,8 +228,12 @@ class EmbeddingEngine:
                     param="input",
                 )
 
-    def embed_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
-        """Vectors for token-id sequences, float32 ``[n, dim]``, in input order."""
+    def embed_ids(self, seqs: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        """Vectors for token-id sequences, float32 ``[n, dim]``, in input order. ``threads``:
+        the torch threads this call runs on (torch keeps that setting per calling thread, so
+        passes on different threads can differ)."""
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         out = np.empty((len(seqs), self.dim), dtype=np.float32)
         lengths = [len(s) for s in seqs]
         for idx in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):

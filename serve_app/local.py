@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.batching import DrainBatcher, Group, ModelRunner, replica_stats
+from serve_app.batching import Group, ModelRunner, forward_batcher, replica_stats
 from serve_app.engine import EmbeddingEngine
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
@@ -18,8 +18,9 @@ class LocalBackend:
     """A :class:`serve_app.router.ModelBackend` running ``engine`` in this process."""
 
     def __init__(self, engine: EmbeddingEngine, name: str, version: str = "1",
-                 max_queued_inputs: int = 4096, parallel_passes: int = 1) -> None:
-        self.batcher = DrainBatcher(engine.embed_ids, engine.max_batch_size, parallel_passes)
+                 max_queued_inputs: int = 4096, parallel_passes: int = 1,
+                 threads: int = 1) -> None:
+        self.batcher = forward_batcher(engine, parallel_passes, threads)
         self.runner = ModelRunner(engine, self._submit, max_queued_inputs,
                                   passes=self.batcher.take_passes,
                                   parallel_passes=parallel_passes)

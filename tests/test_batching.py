@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -248,6 +249,92 @@ def test_parallel_passes_run_at_once_and_each_takes_what_is_pending():
     assert third[0][:, 0].tolist() == [4]
     assert calls[:2] == [[1], [2, 3]] and calls[2:] == [[4]]
     assert batcher.stats.passes == 3
+
+
+def test_a_second_pass_starts_only_for_half_a_batch_of_waiting_work():
+    """With passes=2 and max_batch_size=8, one straggler waits for the running pass and joins
+    the next full pass instead of taking the other worker for a pass of one; four waiting
+    texts (half a batch) start a second pass at once."""
+    calls: list[list[float]] = []
+    both = threading.Barrier(2, timeout=5)
+    gate = threading.Event()
+
+    def compute(seqs):
+        calls.append([s[0] for s in seqs])
+        if len(calls) == 1:
+            gate.wait(5)
+        elif len(calls) == 3:
+            both.wait()  # only reached if the fourth pass runs beside this one
+        return np.array([[s[0], len(s)] for s in seqs], np.float32)
+
+    batcher = DrainBatcher(compute, max_batch_size=8, passes=2)
+
+    async def main():
+        first = asyncio.create_task(batcher.run([G(1)]))
+        await asyncio.sleep(0.02)
+        straggler = asyncio.create_task(batcher.run([G(2)]))
+        await asyncio.sleep(0.05)
+        assert calls == [[1]]  # the straggler did not start a pass of its own
+        gate.set()
+        await first, await straggler
+        assert calls == [[1], [2]]
+        gate.clear()
+        blocker = asyncio.create_task(batcher.run([G(10)]))
+        await asyncio.sleep(0.02)
+        half = asyncio.create_task(batcher.run([G(11, 12, 13, 14)]))
+        await asyncio.sleep(0.05)
+        both.wait()  # the pass of four runs while the blocker's pass still runs
+        gate.set()
+        await blocker, await half
+
+    asyncio.run(main())
+    assert calls[3] == [11, 12, 13, 14]
+
+
+def test_a_pass_alone_runs_solo_and_holds_the_other_workers_back():
+    """``solo`` computes a pass that has the batcher to itself (all threads); while it runs no
+    other pass starts, and work that arrives meanwhile runs in the normal passes."""
+    calls: list[tuple[str, list[float]]] = []
+    gate = threading.Event()
+
+    def compute(kind):
+        def run(seqs):
+            calls.append((kind, [s[0] for s in seqs]))
+            if len(calls) == 1:
+                gate.wait(5)
+            return np.array([[s[0], len(s)] for s in seqs], np.float32)
+        return run
+
+    batcher = DrainBatcher(compute("share"), max_batch_size=4, passes=2, solo=compute("solo"))
+
+    async def main():
+        lone = asyncio.create_task(batcher.run([G(1)]))
+        await asyncio.sleep(0.02)
+        rest = asyncio.create_task(batcher.run([G(2, 3), G(4, 5)]))  # a full batch waits
+        await asyncio.sleep(0.05)
+        assert calls == [("solo", [1])]  # nothing beside the solo pass
+        gate.set()
+        return await lone, await rest
+
+    lone, rest = asyncio.run(main())
+    assert lone[0][:, 0].tolist() == [1]
+    assert [r[:, 0].tolist() for r in rest] == [[2, 3], [4, 5]]
+    assert sorted(calls[1:]) == [("share", [2, 3]), ("share", [4, 5])]
+
+
+def test_embed_ids_sets_torch_threads_for_its_calling_thread_only(engine):
+    """What solo passes rely on: a pass that runs on all threads (its own OS thread) leaves the
+    other passes' threads as they were, so they do not oversubscribe the cores afterwards."""
+    import torch
+
+    seqs = engine.tokenize(["a short text"])
+    seen: dict[str, int] = {}
+    lanes = {"share": ThreadPoolExecutor(1), "solo": ThreadPoolExecutor(1)}
+    lanes["share"].submit(engine.embed_ids, seqs, 1).result()
+    lanes["solo"].submit(engine.embed_ids, seqs, 2).result()
+    for name, lane in lanes.items():
+        seen[name] = lane.submit(torch.get_num_threads).result()
+    assert seen == {"share": 1, "solo": 2}
 
 
 def test_plan_parallelism():
