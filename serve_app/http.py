@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app import __version__
 from serve_app.auth import OPEN_PATHS
@@ -44,24 +45,82 @@ def enable_access_log() -> None:
     access_log.propagate = False
 
 
-def _access_record(request: Request, protocol: str, route: str, status: int, seconds: float,
+def _access_record(scope: Scope, protocol: str, route: str, status: int, seconds: float,
                    rid: str) -> str:
     """One JSON line per request: ids, route, status, timings. Never a request's text."""
+    state = scope["state"]
     record = {
         "request_id": rid,
         "protocol": protocol,
-        "method": request.method,
+        "method": scope["method"],
         "route": route,
-        "model": request.path_params.get("name") or getattr(request.state, "model", None),
+        "model": scope.get("path_params", {}).get("name") or state.get("model"),
         "status": status,
         "ms": round(seconds * 1000, 3),
     }
-    timings = getattr(request.state, "timings", None)
+    timings = state.get("timings")
     if timings:
         record["tokens"] = int(timings["x-compute-tokens"])
         for key in ("tokenization", "queue", "inference"):
             record[f"{key}_ms"] = float(timings[f"x-{key}-time"])
     return orjson.dumps(record).decode()
+
+
+class Observe:
+    """ASGI middleware around every HTTP request: request id (the caller's ``X-Request-Id`` or
+    a new one, echoed when ``echo_request_id``), API key check, metrics and one access-log line.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs
+    each request in an anyio task group with memory streams, which cost more CPU per request
+    than the rest of the app's routing (measured in docs/benchmarks.md)."""
+
+    def __init__(self, app: ASGIApp, router: Router, echo_request_id: bool) -> None:
+        self.app = app
+        self.router = router
+        self.echo = echo_request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+        rid = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+        state["started"], state["request_id"] = t0, rid
+        path = scope["path"]
+        protocol = protocol_of(path)
+        status = 500  # unless a response starts: an exception escaped the app
+        echoed = (b"x-request-id", rid.encode("latin-1"))
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if self.echo:
+                    message["headers"] = [*message.get("headers", ()), echoed]
+            await send(message)
+
+        keys = self.router.api_keys
+        try:
+            if keys.enabled and path not in OPEN_PATHS:
+                keys.check(Headers(scope=scope).get("authorization"))
+        except Unauthorized as e:
+            self.router.metrics.observe_error(protocol, type(e).__name__)
+            await _render_for_path(path, e)(scope, receive, send_observed)
+        else:
+            try:
+                await self.app(scope, receive, send_observed)
+            finally:
+                self._observe(scope, protocol, status, time.perf_counter() - t0, rid)
+            return
+        self._observe(scope, protocol, status, time.perf_counter() - t0, rid)
+
+    def _observe(self, scope: Scope, protocol: str, status: int, seconds: float,
+                 rid: str) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.router.metrics.observe_request(protocol, route, scope["method"], status, seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(_access_record(scope, protocol, route, status, seconds, rid))
 
 
 def create_http_app(router: Router, cors: CorsOptions | None = None,
@@ -84,33 +143,7 @@ def create_http_app(router: Router, cors: CorsOptions | None = None,
     async def metrics() -> Response:
         return Response(router.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        """Request id (the caller's ``X-Request-Id`` or a new one, echoed), API key check,
-        metrics and one access-log line per request."""
-        t0 = request.state.started = time.perf_counter()
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = rid
-        protocol = protocol_of(request.url.path)
-        response: Response
-        try:
-            if router.api_keys.enabled and request.url.path not in OPEN_PATHS:
-                router.api_keys.check(request.headers.get("authorization"))
-        except Unauthorized as e:
-            router.metrics.observe_error(protocol, type(e).__name__)
-            response = _render_for_path(request.url.path, e)
-        else:
-            response = await call_next(request)
-        seconds = time.perf_counter() - t0
-        if echo_request_id:
-            response.headers["x-request-id"] = rid
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        router.metrics.observe_request(protocol, route, request.method, response.status_code,
-                                       seconds)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(_access_record(request, protocol, route, response.status_code,
-                                           seconds, rid))
-        return response
+    app.add_middleware(Observe, router=router, echo_request_id=echo_request_id)
 
     if cors is not None and cors.enabled:
         app.add_middleware(
