@@ -251,6 +251,34 @@ def test_parallel_passes_run_at_once_and_each_takes_what_is_pending():
     assert batcher.stats.passes == 3
 
 
+def test_short_requests_are_tokenized_on_the_loop_long_ones_on_the_pool(engine, monkeypatch):
+    from serve_app.batching import INLINE_TOKENIZE_CHARS
+
+    where: list[str] = []
+    prepare = engine.prepare
+
+    def recording(*args, **kw):
+        where.append(threading.current_thread().name)
+        return prepare(*args, **kw)
+
+    monkeypatch.setattr(engine, "prepare", recording)
+
+    async def submit(group):
+        return engine.embed_ids(group.seqs)
+
+    runner = ModelRunner(engine, submit)
+    short = ("a short text",)
+    long = ("word " * (INLINE_TOKENIZE_CHARS // 5 + 1),)
+
+    async def main():
+        for inputs in (short, long):
+            await runner.embed(EmbedRequest(model="m", inputs=inputs))
+
+    asyncio.run(main())
+    assert where[0] == threading.current_thread().name  # the loop's own thread
+    assert where[1].startswith("tokenize")
+
+
 def test_a_second_pass_starts_only_for_half_a_batch_of_waiting_work():
     """With passes=2 and max_batch_size=8, one straggler waits for the running pass and joins
     the next full pass instead of taking the other worker for a pass of one; four waiting
