@@ -38,7 +38,8 @@ THREADS = os.cpu_count() or 1
 
 
 def ceiling(duration: float) -> dict[str, dict[str, float]]:
-    """The engine alone: W1 p50 of single calls; W2-W4 embeddings/s at their batch shapes."""
+    """The engine alone: W1 p50 of single calls; W2-W4 embeddings/s at their batch shapes (W2
+    and W3 share one: W2 is judged at batch 32)."""
     from serve_app.config import ModelConfig
     from serve_app.engine import EmbeddingEngine
 
@@ -54,14 +55,65 @@ def ceiling(duration: float) -> dict[str, dict[str, float]]:
         lat.append(time.perf_counter() - t0)
         i += 1
     out["W1"] = {"p50_ms": 1000 * statistics.median(lat)}
-    for w, shape in (("W2", "W3"), ("W3", "W3"), ("W4", "W4")):  # W2 is judged at batch 32
+    for w, shape in (("W3", "W3"), ("W4", "W4")):
         n, stop, i = 0, time.perf_counter() + duration, 0
         t0 = time.perf_counter()
         while time.perf_counter() < stop:
             n += len(engine.embed(texts_for(shape, i * 32))[0])
             i += 1
         out[w] = {"embeddings_per_s": n / (time.perf_counter() - t0)}
+    out["W2"] = out["W3"]
     return out
+
+
+def harder(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The ceiling to judge by from several runs of :func:`ceiling`: the best figure of each
+    workload (the harder target). This machine's speed drifts by 10-15% within minutes, so
+    the run measures the ceiling before and after the served cells."""
+    best = {"W1": {"p50_ms": min(r["W1"]["p50_ms"] for r in runs)}}
+    for w in ("W3", "W4"):
+        best[w] = {"embeddings_per_s": max(r[w]["embeddings_per_s"] for r in runs)}
+    best["W2"] = best["W3"]
+    return best
+
+
+def batcher_w2(duration: float) -> float:
+    """W2's 32 one-text clients in process, through the replica's own runner and batcher (no
+    server, no HTTP): how far batching alone gets, to tell its share of the W2 gap from the
+    server's."""
+    import asyncio
+
+    import torch
+
+    from serve_app.config import ModelConfig
+    from serve_app.engine import EmbeddingEngine, plan_parallelism
+    from serve_app.local import LocalBackend
+    from serve_app.types import EmbedRequest
+
+    passes, share = plan_parallelism(THREADS, torch.device("cpu"))
+    engine = EmbeddingEngine(ModelConfig(), num_threads=share)
+    engine.warmup()
+    backend = LocalBackend(engine, "embedding", parallel_passes=passes, threads=THREADS)
+    _, clients, _ = WORKLOADS["W2"]
+
+    async def run() -> float:
+        done = 0
+        stop = time.perf_counter() + duration
+
+        async def client(c: int) -> None:
+            nonlocal done
+            i = 0
+            while time.perf_counter() < stop:
+                await backend.embed(EmbedRequest(
+                    model="embedding", inputs=tuple(texts_for("W2", c * 100_000 + i))))
+                done += 1
+                i += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return done / (time.perf_counter() - t0)
+
+    return asyncio.run(run())
 
 
 #: name -> (topology, HAProxy in front?): ``make serve`` and ``make serve-fast``.
@@ -120,8 +172,10 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str) -> str:
         "HAProxy in Ray's throughput-optimized mode, then the ingress replica with the model "
         "inside it).",
         "",
-        "Ratios compare each served figure with the in-process ceiling measured in the same run "
-        "(W1: added p50 latency in ms; W2-W4: served embeddings/s over the ceiling's at batch 32).",
+        "Ratios compare each served figure with the in-process ceiling measured in the same run, "
+        "before and after the served cells; the better of the two figures is used (W1: added p50 "
+        "latency in ms; W2-W4: served embeddings/s over the ceiling's at batch 32). The load "
+        "generator (bench/load.py: aiohttp, orjson, grpcio) shares the 2 cores with the server.",
         "",
         "Targets (issue 4): W1 at most +3 ms over the ceiling; W2 0.75x or more; "
         "W3 1.0x or more; W4 0.95x or more; for every protocol.",
@@ -191,7 +245,10 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=8.0, help="seconds per cell")
     p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     p.add_argument("--workloads", nargs="+", default=sorted(WORKLOADS), choices=sorted(WORKLOADS))
-    p.add_argument("--peer", default=None, help="another OpenAI-compatible server to compare")
+    p.add_argument("--peer", default=None,
+                   help="another OpenAI-compatible server to compare, serving the default model "
+                        "as 'embedding' at URL/v1/embeddings")
+    p.add_argument("--peer-name", default="peer", help="what to call the peer in the table")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--batch-wait", type=float, default=None,
                    help="the model's batch_wait_timeout_s (default: the config's default)")
@@ -209,10 +266,15 @@ def main() -> None:
         return
     command = "python bench/run.py " + " ".join(sys.argv[1:])
     print("measuring the in-process ceiling ...", flush=True)
-    ceil = ceiling(min(a.duration, 5.0))
-    print(json.dumps(ceil), flush=True)
+    runs = [ceiling(min(a.duration, 5.0))]
+    print(json.dumps(runs[0]), flush=True)
     rows: list[dict] = []
     extra: dict[str, str] = {}
+    if "W2" in a.workloads:
+        rate = batcher_w2(a.duration)
+        extra["W2 in process through the replica's runner and batcher (32 clients, no server)"] = (
+            f"{rate:.0f}/s")
+        print(f"W2 through the batcher in process: {rate:.0f}/s", flush=True)
     for setup in a.setups:
         with server(Path(tempfile.mkdtemp()), setup, a.batch_wait) as (url, grpc, ready_s):
             extra[f"{setup}: start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
@@ -224,14 +286,26 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
                 if w == "W2":
                     extra[f"{setup}: RSS of the whole stack, after W2"] = f"{rss_mb(url):.0f} MB"
-    if a.peer:
+    if a.peer:  # started by the user (see README); measured once our servers are stopped
         for w in a.workloads:
-            r = cell("openai", w, a.peer, "", a.duration)
-            r["protocol"] = f"peer {a.peer} (openai)"
+            r = {"setup": "peer", **cell("openai", w, a.peer, "", a.duration)}
+            r["protocol"] = f"openai ({a.peer_name})"
             rows.append(r)
+            print(json.dumps(r), flush=True)
+    print("measuring the in-process ceiling again ...", flush=True)
+    runs.append(ceiling(min(a.duration, 5.0)))
+    print(json.dumps(runs[1]), flush=True)
+    ceil = harder(runs)
+    extra["ceiling runs, before and after the served cells (the better figure is used)"] = (
+        "; ".join(f"W1 {r['W1']['p50_ms']:.1f} ms, batch 32 {r['W3']['embeddings_per_s']:.0f}/s, "
+                  f"W4 {r['W4']['embeddings_per_s']:.0f}/s" for r in runs))
+    if "W2" in a.workloads:
+        key = "W2 in process through the replica's runner and batcher (32 clients, no server)"
+        extra[key] += f" = {rate / ceil['W2']['embeddings_per_s']:.2f}x"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
-        {"ceiling": ceil, "rows": rows, "extra": extra, "command": command}, indent=1) + "\n")
+        {"ceiling": ceil, "ceiling_runs": runs, "rows": rows, "extra": extra,
+         "command": command}, indent=1) + "\n")
     out.write_text(render(ceil, rows, extra, command))
     chart(ceil, rows, out.with_suffix(".png"))
     print(f"wrote {out} and its .json and .png")
