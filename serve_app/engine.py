@@ -51,7 +51,17 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and dtype == "float16":
         raise ModelLoadError("float16 is not supported on CPU; use float32 or bfloat16")
+    if device.type == "cpu" and dtype == "bfloat16" and not _cpu_has_bf16():
+        log.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 runs "
+                    "emulated, slower than float32")
     return _DTYPES[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
