@@ -37,13 +37,13 @@ from tests.servers import (  # noqa: E402
 THREADS = os.cpu_count() or 1
 
 
-def ceiling(duration: float) -> dict[str, dict[str, float]]:
+def ceiling(duration: float, dtype: str = "float32") -> dict[str, dict[str, float]]:
     """The engine alone: W1 p50 of single calls; W2-W4 embeddings/s at their batch shapes (W2
     and W3 share one: W2 is judged at batch 32)."""
     from serve_app.config import ModelConfig
     from serve_app.engine import EmbeddingEngine
 
-    engine = EmbeddingEngine(ModelConfig(), num_threads=THREADS)
+    engine = EmbeddingEngine(ModelConfig(dtype=dtype), num_threads=THREADS)
     engine.warmup()
     out: dict[str, dict[str, float]] = {}
     lat = []
@@ -77,7 +77,7 @@ def harder(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float
     return best
 
 
-def batcher_w2(duration: float) -> float:
+def batcher_w2(duration: float, dtype: str = "float32") -> float:
     """W2's 32 one-text clients in process, through the replica's own runner and batcher (no
     server, no HTTP): how far batching alone gets, to tell its share of the W2 gap from the
     server's."""
@@ -91,7 +91,7 @@ def batcher_w2(duration: float) -> float:
     from serve_app.types import EmbedRequest
 
     passes, share = plan_parallelism(THREADS, torch.device("cpu"))
-    engine = EmbeddingEngine(ModelConfig(), num_threads=share)
+    engine = EmbeddingEngine(ModelConfig(dtype=dtype), num_threads=share)
     engine.warmup()
     backend = LocalBackend(engine, "embedding", parallel_passes=passes, threads=THREADS)
     _, clients, _ = WORKLOADS["W2"]
@@ -121,13 +121,15 @@ SETUPS = {"local": ("separate", False), "fast": ("colocated", True)}
 
 
 @contextlib.contextmanager
-def server(tmp: Path, setup: str, batch_wait_s: float | None = None):
+def server(tmp: Path, setup: str, batch_wait_s: float | None = None,
+           dtype: str = "float32"):
     """`serve run` of a benchmark config on loopback in ``setup`` (see SETUPS); yields (server,
     grpc target, ready_s)."""
     topology, haproxy = SETUPS[setup]
     http, grpc_port = free_port(), free_port()
     config = serve_config(http, {"topology": topology, "models": [{
-        "name": "embedding", "torch_threads": THREADS, "deployment": {"num_cpus": 1},
+        "name": "embedding", "torch_threads": THREADS, "dtype": dtype,
+        "deployment": {"num_cpus": 1},
         **({"batching": {"batch_wait_timeout_s": batch_wait_s}}
            if batch_wait_s is not None else {})}]}, grpc_port=grpc_port)
     t0 = time.perf_counter()
@@ -159,18 +161,21 @@ def versions() -> str:
             f"ray {ray.__version__}")
 
 
-def render(ceil: dict, rows: list[dict], extra: dict, command: str) -> str:
+def render(ceil: dict, rows: list[dict], extra: dict, command: str,
+           dtype: str = "float32") -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Command: `{command}`. Machine: {versions()}. Model: all-MiniLM-L6-v2, fp32, CPU, "
+        f"Command: `{command}`. Machine: {versions()}. Model: all-MiniLM-L6-v2, {dtype}, CPU, "
         f"{THREADS} torch threads in the ceiling (one pass at a time) and in the served replica "
         "(two passes at once, one thread each: `batching.parallel_passes`, auto).",
         "",
-        "Setups: `local` is `make serve` (configs/local.yaml: Serve's proxy, then the ingress "
-        "replica, then the model replica); `fast` is `make serve-fast` (configs/fast.yaml: "
-        "HAProxy in Ray's throughput-optimized mode, then the ingress replica with the model "
-        "inside it).",
+        "Setups: `local` is the shape of `make serve` (configs/local.yaml: Serve's proxy, then "
+        "the ingress replica, then the model replica); `fast` is `make serve-fast` "
+        "(configs/fast.yaml: HAProxy in Ray's throughput-optimized mode, then the ingress "
+        f"replica with the model inside it). In both the model gets all {THREADS} cores "
+        f"(`torch_threads: {THREADS}`, as the ceiling); configs/local.yaml reserves only 1 CPU "
+        "for it, so that the offline job fits beside it on a 2-core machine.",
         "",
         "Ratios compare each served figure with the in-process ceiling measured in the same run, "
         "before and after the served cells; the better of the two figures is used (W1: added p50 "
@@ -250,6 +255,8 @@ def main() -> None:
                         "as 'embedding' at URL/v1/embeddings")
     p.add_argument("--peer-name", default="peer", help="what to call the peer in the table")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the model's dtype, in the ceiling and served (the targets are fp32's)")
     p.add_argument("--batch-wait", type=float, default=None,
                    help="the model's batch_wait_timeout_s (default: the config's default)")
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS,
@@ -261,22 +268,24 @@ def main() -> None:
     out = Path(a.out)
     if a.render_only:
         saved = json.loads(out.with_suffix(".json").read_text())
-        out.write_text(render(saved["ceiling"], saved["rows"], saved["extra"], saved["command"]))
+        out.write_text(render(saved["ceiling"], saved["rows"], saved["extra"], saved["command"],
+                              saved.get("dtype", "float32")))
         chart(saved["ceiling"], saved["rows"], out.with_suffix(".png"))
         return
     command = "python bench/run.py " + " ".join(sys.argv[1:])
     print("measuring the in-process ceiling ...", flush=True)
-    runs = [ceiling(min(a.duration, 5.0))]
+    runs = [ceiling(min(a.duration, 5.0), a.dtype)]
     print(json.dumps(runs[0]), flush=True)
     rows: list[dict] = []
     extra: dict[str, str] = {}
     if "W2" in a.workloads:
-        rate = batcher_w2(a.duration)
+        rate = batcher_w2(a.duration, a.dtype)
         extra["W2 in process through the replica's runner and batcher (32 clients, no server)"] = (
             f"{rate:.0f}/s")
         print(f"W2 through the batcher in process: {rate:.0f}/s", flush=True)
     for setup in a.setups:
-        with server(Path(tempfile.mkdtemp()), setup, a.batch_wait) as (url, grpc, ready_s):
+        with server(Path(tempfile.mkdtemp()), setup, a.batch_wait, a.dtype) as (
+                url, grpc, ready_s):
             extra[f"{setup}: start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
             extra[f"{setup}: RSS of the whole stack, idle"] = f"{rss_mb(url):.0f} MB"
             for w in a.workloads:
@@ -286,14 +295,15 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
                 if w == "W2":
                     extra[f"{setup}: RSS of the whole stack, after W2"] = f"{rss_mb(url):.0f} MB"
-    if a.peer:  # started by the user (see README); measured once our servers are stopped
-        for w in a.workloads:
-            r = {"setup": "peer", **cell("openai", w, a.peer, "", a.duration)}
-            r["protocol"] = f"openai ({a.peer_name})"
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+                if a.peer and setup == a.setups[-1]:
+                    # right after our cells of the same workload (ours idle meanwhile): the
+                    # machine's speed drifts, so the peer is compared at the same moment
+                    r = {"setup": "peer", **cell("openai", w, a.peer, "", a.duration)}
+                    r["protocol"] = f"openai ({a.peer_name})"
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
     print("measuring the in-process ceiling again ...", flush=True)
-    runs.append(ceiling(min(a.duration, 5.0)))
+    runs.append(ceiling(min(a.duration, 5.0), a.dtype))
     print(json.dumps(runs[1]), flush=True)
     ceil = harder(runs)
     extra["ceiling runs, before and after the served cells (the better figure is used)"] = (
@@ -305,8 +315,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"ceiling": ceil, "ceiling_runs": runs, "rows": rows, "extra": extra,
-         "command": command}, indent=1) + "\n")
-    out.write_text(render(ceil, rows, extra, command))
+         "command": command, "dtype": a.dtype}, indent=1) + "\n")
+    out.write_text(render(ceil, rows, extra, command, a.dtype))
     chart(ceil, rows, out.with_suffix(".png"))
     print(f"wrote {out} and its .json and .png")
 
