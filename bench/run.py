@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -200,6 +201,10 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str,
             ratio = f"{r['embeddings_per_s'] / ceil[w]['embeddings_per_s']:.2f}x"
         lines.append(f"| {w} | {r.get('setup', '')} | {c} | {r['protocol']} | {served} | {ratio} "
                      f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    if any(r.get("setup") == "peer" for r in rows):
+        lines += ["", "`peer` rows: another server (`--peer`), called with the OpenAI protocol by "
+                  "the same load generator right after the last setup's cells of the same "
+                  "workload (see README for how it was started)."]
     lines += ["", "Workloads: " + "; ".join(
         f"{w}: {n} input(s) of {'~110' if long else '~14'} tokens per request, {c} client(s)"
         for w, (n, c, long) in WORKLOADS.items()) + ".", ""]
@@ -272,7 +277,7 @@ def main() -> None:
                               saved.get("dtype", "float32")))
         chart(saved["ceiling"], saved["rows"], out.with_suffix(".png"))
         return
-    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    command = "python bench/run.py " + shlex.join(sys.argv[1:])
     print("measuring the in-process ceiling ...", flush=True)
     runs = [ceiling(min(a.duration, 5.0), a.dtype)]
     print(json.dumps(runs[0]), flush=True)
