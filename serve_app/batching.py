@@ -222,7 +222,7 @@ class DrainBatcher:
 def forward_batcher(engine: EmbeddingEngine, passes: int, threads: int) -> DrainBatcher:
     """The batcher of a replica owning ``threads`` torch threads that runs ``passes`` forward
     passes at once: each pass on its share of the threads, a pass alone on all of them (a lone
-    short text is about 10% faster on 2 threads than on 1; docs/benchmarks.md)."""
+    short text: 8.8 ms on 2 threads against 9.6 ms on 1; docs/architecture.md)."""
     if passes == 1:
         return DrainBatcher(engine.embed_ids, engine.max_batch_size)
     share = max(1, threads // passes)
