@@ -1,8 +1,8 @@
 """Load generator for one (protocol, workload) cell: a separate process, bounded in time and
 requests, printing one JSON line of results. Sends only to the URL it is given (loopback here).
 
-It shares the machine with the server, so it is kept light: aiohttp and orjson spend about a fifth of
-the CPU per request that httpx and json do, CPU the server's forward passes get instead.
+It shares the machine with the server, so it is kept light: aiohttp and orjson spend about a
+fifth of the CPU per request that httpx and json do, CPU the server's forward passes get instead.
 
     python bench/load.py --protocol openai --workload W2 --url http://127.0.0.1:8000 \
         --grpc 127.0.0.1:9000 --duration 8
