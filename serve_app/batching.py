@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.engine import EmbeddingEngine, reduce_dimensions
+from serve_app.engine import EmbeddingEngine, plan_parallelism, reduce_dimensions
 from serve_app.errors import DeadlineExceeded, InvalidInput, Overloaded
 from serve_app.types import EmbedRequest, EmbedResult
 
@@ -192,13 +192,14 @@ class DrainBatcher:
         if not taken:
             return
         flat = [s for group, _ in taken for s in group.seqs]
-        solo = self._solo is not None and not self._pending and len(self._workers) == 1
+        alone = not self._pending and len(self._workers) == 1
+        compute = self._solo if alone and self._solo is not None else self._compute
         t0 = time.perf_counter()
         self._busy += 1
-        self._solo_running = solo
+        self._solo_running = compute is self._solo
         try:
             vectors = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._solo if solo and self._solo else self._compute, flat)
+                self._executor, compute, flat)
         except Exception as e:  # hand the failure to every waiter; the batcher lives on
             for _, fut in taken:
                 if not fut.done():
@@ -225,7 +226,7 @@ def forward_batcher(engine: EmbeddingEngine, passes: int, threads: int) -> Drain
     short text: 8.8 ms on 2 threads against 9.6 ms on 1; docs/architecture.md)."""
     if passes == 1:
         return DrainBatcher(engine.embed_ids, engine.max_batch_size)
-    share = max(1, threads // passes)
+    _, share = plan_parallelism(threads, engine.device, passes)
     return DrainBatcher(functools.partial(engine.embed_ids, threads=share),
                         engine.max_batch_size, passes,
                         solo=functools.partial(engine.embed_ids, threads=threads)
