@@ -5,7 +5,8 @@ as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key 
 silently dropped option (Ray Serve's own config drops unknown keys).
 
 serve_app reads its environment variables here and nowhere else (:func:`ray_address`,
-:func:`grpc_default_application`, :meth:`AuthOptions.load_keys`);
+:func:`grpc_default_application`, :func:`ray_serve_env`, :func:`haproxy_config_dir`,
+:meth:`AuthOptions.load_keys`);
 the HuggingFace ones (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``) reach the replicas through
 Ray's worker environment.
 """
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len"]
+Topology = Literal["auto", "separate", "colocated"]
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -66,7 +68,11 @@ class DeploymentOptions(_Strict):
         128, ge=1, description="Requests one replica accepts at once (Serve's default 5 starves "
         "batching)."
     )
-    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs each replica reserves.")
+    num_cpus: float | Literal["all"] = Field(
+        1.0, description="Logical CPUs each replica reserves, or `all`: every CPU of the largest "
+        "node (one replica per machine, as `make serve` runs it). The model's torch threads "
+        "default to the whole CPUs its replica owns."
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves.")
     memory: int | None = Field(None, ge=0, description="Bytes of memory each replica reserves.")
     resources: dict[str, float] = Field(
@@ -82,6 +88,13 @@ class DeploymentOptions(_Strict):
         "replica is at max_ongoing_requests; more are refused at once (429)."
     )
 
+    @field_validator("num_cpus")
+    @classmethod
+    def _cpus_not_negative(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v < 0:
+            raise ValueError("num_cpus must be >= 0 or 'all'")
+        return v
+
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self) -> DeploymentOptions:
         if (
@@ -92,9 +105,17 @@ class DeploymentOptions(_Strict):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
+    @property
+    def cpus(self) -> float:
+        """The CPUs a replica reserves (``all`` must have been resolved by
+        :meth:`AppConfig.with_node_cpus`)."""
+        if self.num_cpus == "all":
+            raise ValueError("num_cpus 'all' is resolved against the cluster by build_app")
+        return self.num_cpus
+
     def serve_options(self) -> dict[str, Any]:
         """The keyword arguments for ``Deployment.options``."""
-        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        actor: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.num_gpus}
         if self.memory is not None:
             actor["memory"] = self.memory
         if self.resources:
@@ -164,7 +185,8 @@ class ModelConfig(_Strict):
     pooling: Pooling = Field("auto", description="auto: from 1_Pooling/config.json, else mean.")
     normalize: bool | None = Field(None, description="None: from modules.json, else true.")
     torch_threads: int | None = Field(
-        None, ge=1, description="Torch intra-op threads; default: the CPUs the replica owns."
+        None, ge=1, description="Torch intra-op threads; default: the whole CPUs this model's "
+        "replica reserves (deployment.num_cpus, at least 1)."
     )
     max_queued_inputs: int = Field(
         4096, ge=1, description="Inputs one replica holds at once (tokenizing, queued, in a "
@@ -182,6 +204,11 @@ class ModelConfig(_Strict):
                 "starting with a letter or digit"
             )
         return v
+
+    @property
+    def threads(self) -> int:
+        """The torch threads this model's replica runs on (see ``torch_threads``)."""
+        return self.torch_threads or max(1, int(self.deployment.cpus))
 
     @property
     def deployment_name(self) -> str:
@@ -300,11 +327,14 @@ class AppConfig(_Strict):
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     auth: AuthOptions = Field(default_factory=AuthOptions)
     limits: LimitOptions = Field(default_factory=LimitOptions)
-    topology: Literal["separate", "colocated"] = Field(
-        "separate", description="separate: one deployment per model behind the ingress (models "
-        "scale on their own). colocated: the models run inside the ingress replicas, one hop "
-        "less per request; the ingress then reserves the models' CPUs and GPUs, and scales by "
-        "ingress.num_replicas."
+    topology: Topology = Field(
+        "auto", description="separate: one deployment per model behind the ingress (models "
+        "scale on their own, GPU models fed by CPU ingress replicas). colocated: the models run "
+        "inside the ingress replicas, one hop less per request; the ingress then reserves the "
+        "models' CPUs and GPUs and scales by ingress.num_replicas. auto: colocated where that "
+        "changes nothing about scaling or placement (every model on CPU, a fixed replica count "
+        "equal to the ingress's), else separate; colocated measured faster on every workload "
+        "(docs/benchmarks.md)."
     )
     cors: CorsOptions = Field(default_factory=CorsOptions)
 
@@ -324,12 +354,33 @@ class AppConfig(_Strict):
                 raise ValueError(f"model {name!r} has several default versions: {marked}")
         return self
 
+    @property
+    def colocated(self) -> bool:
+        """Whether the models run inside the ingress replicas (``topology``, ``auto`` resolved)."""
+        if self.topology != "auto":
+            return self.topology == "colocated"
+        return all(
+            m.deployment.num_gpus == 0
+            and m.deployment.autoscaling_config is None
+            and m.deployment.num_replicas == self.ingress.num_replicas
+            for m in self.models
+        )
+
+    def with_node_cpus(self, node_cpus: float) -> AppConfig:
+        """This config with every model's ``num_cpus: all`` replaced by ``node_cpus``."""
+        models = [
+            m if m.deployment.num_cpus != "all" else m.model_copy(update={
+                "deployment": m.deployment.model_copy(update={"num_cpus": node_cpus})})
+            for m in self.models
+        ]
+        return self.model_copy(update={"models": models})
+
     def ingress_options(self) -> dict[str, Any]:
         """``Deployment.options`` of the ingress; colocated, it reserves the models' resources."""
         opts = self.ingress.serve_options()
-        if self.topology == "colocated":
+        if self.colocated:
             actor = opts["ray_actor_options"]
-            actor["num_cpus"] = actor["num_cpus"] + sum(m.deployment.num_cpus for m in self.models)
+            actor["num_cpus"] = actor["num_cpus"] + sum(m.deployment.cpus for m in self.models)
             gpus = sum(m.deployment.num_gpus for m in self.models)
             if gpus:
                 actor["num_gpus"] = gpus
@@ -359,6 +410,35 @@ def ray_address() -> str:
     when told to, never one that an earlier ``ray start`` on the machine happened to record.
     """
     return os.environ.get("RAY_ADDRESS") or "local"
+
+
+def ray_serve_env(cpus: int | None = None) -> dict[str, str]:
+    """What Ray Serve's high-throughput mode needs in the environment of every Ray process: Ray
+    reads these once, when it starts, never from a Serve config. HAProxy in front sends each HTTP
+    request straight to an ingress replica (no Python proxy hop); throughput-optimized mode
+    calls replicas over gRPC and runs their code on the event loop. ``python -m serve_app``
+    applies them before it starts Ray (a value the environment already has wins); README tells
+    ``serve run`` users to export them, and the RayServices set them in their containers.
+    """
+    from serve_app.leftovers import wrapper_path
+
+    cpus = cpus or os.cpu_count() or 1
+    env = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # one HAProxy thread keeps up with a small machine and leaves its cores to the model
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1" if cpus <= 4 else "2",
+    }
+    wrapper = wrapper_path()
+    if wrapper is not None:  # HAProxy stops when its Ray worker dies (serve_app.leftovers)
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
+    return env
+
+
+def haproxy_config_dir() -> str:
+    """Where Ray writes its HAProxy config (``RAY_SERVE_HAPROXY_CONFIG_FILE_LOC``'s folder)."""
+    return os.path.dirname(
+        os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg"))
 
 
 def grpc_default_application() -> str:

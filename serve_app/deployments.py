@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import Any
 
 import numpy as np
-import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -29,25 +29,26 @@ from serve_app.protocols.v2_grpc import GrpcInference
 from serve_app.router import ModelBackend, Router
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)  # under "serve_app": see _log_through_serve
+_serve_log = logging.getLogger("ray.serve")
 
 
 def _log_through_serve() -> None:
-    """Send serve_app's own loggers (engine start-up progress, ...) to the replica's Serve log
-    handlers, so they appear in its log file and on ``serve run``'s console."""
+    """Send serve_app's own loggers (engine start-up progress, warnings) to the replica's Serve
+    log file, and to stderr, which Ray streams to the console of the process that started it:
+    throughput-optimized mode keeps Serve's own per-request lines off stderr, but start-up
+    progress and errors belong on the console."""
     ours = logging.getLogger("serve_app")
     if not ours.handlers:
-        for handler in log.handlers:
+        for handler in _serve_log.handlers:
             ours.addHandler(handler)
+        if not any(type(h) is logging.StreamHandler for h in ours.handlers):
+            # the process's own stderr: in that mode Serve points sys.stderr at its log file
+            console = logging.StreamHandler(sys.__stderr__)
+            console.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s"))
+            ours.addHandler(console)
         ours.setLevel(logging.INFO)
         ours.propagate = False
-
-
-def _owned_cpus() -> int:
-    """Whole CPUs Ray assigned to this actor (at least 1): Ray sets OMP_NUM_THREADS=1 for
-    fractional actors, so torch would otherwise run on one thread whatever it was given."""
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-    return max(1, int(cpus))
 
 
 def _count_texts(groups: list[Group]) -> int:
@@ -59,7 +60,9 @@ def load_engine(cfg: ModelConfig) -> tuple[EmbeddingEngine, int, int]:
     after its ``__init__``, so after warm-up); returns it, the forward passes to run at once
     and the replica's torch threads (shared among the passes)."""
     t0 = time.perf_counter()
-    threads = cfg.torch_threads or _owned_cpus()
+    # Set explicitly: Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress
+    # owns the CPUs of every model it holds.
+    threads = cfg.threads
     passes, per_pass = plan_parallelism(threads, pick_device(cfg.device),
                                         cfg.batching.parallel_passes)
     log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
@@ -248,7 +251,7 @@ class Ingress(GrpcInference):
         timeout = cfg.ingress.request_timeout_s
 
         def backend(m: ModelConfig) -> ModelBackend:
-            if cfg.topology == "colocated":  # the model runs here, in this replica
+            if cfg.colocated:  # the model runs here, in this replica
                 engine, passes, threads = load_engine(m)
                 return LocalBackend(engine, m.name, m.version, m.max_queued_inputs, passes,
                                     threads)

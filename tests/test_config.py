@@ -72,13 +72,49 @@ def test_serve_options_carry_resources_and_scaling():
 
 
 def test_several_models_bind_one_deployment_each():
-    app = build_app({"models": [{"name": "a"}, {"name": "b", "deployment": {"num_cpus": 0.5}},
+    app = build_app({"topology": "separate",
+                     "models": [{"name": "a"}, {"name": "b", "deployment": {"num_cpus": 0.5}},
                                 {"name": "b", "version": "2"}]})
     ingress = app._bound_deployment
     models = ingress.init_args[0]
     assert sorted(models) == ["model-a-v1", "model-b-v1", "model-b-v2"]
     assert models["model-b-v1"]._bound_deployment.ray_actor_options["num_cpus"] == 0.5
     assert models["model-a-v1"]._bound_deployment.name == "model-a-v1"
+
+
+@pytest.mark.parametrize(("args", "colocated"), [
+    ({}, True),  # one CPU replica of each: nothing changes but a hop less
+    ({"models": [{"name": "a"}, {"name": "b"}]}, True),
+    ({"models": [{"deployment": {"num_gpus": 1}}]}, False),  # GPU models fed by CPU ingress
+    ({"models": [{"deployment": {"num_replicas": None, "autoscaling_config": {
+        "max_replicas": 4}}}]}, False),  # the model scales on its own
+    ({"models": [{"deployment": {"num_replicas": 2}}]}, False),  # more model than ingress
+    ({"models": [{"deployment": {"num_replicas": 2}}], "ingress": {"num_replicas": 2}}, True),
+    ({"topology": "separate"}, False),
+    ({"topology": "colocated", "models": [{"deployment": {"num_gpus": 1}}]}, True),
+])
+def test_auto_topology_colocates_only_what_scales_and_places_alike(args, colocated):
+    cfg = AppConfig.model_validate(args)
+    assert cfg.colocated is colocated
+    models = build_app(cfg)._bound_deployment.init_args[0]
+    assert bool(models) is not colocated
+
+
+def test_num_cpus_all_reserves_the_largest_node_and_sets_the_threads():
+    cfg = AppConfig.model_validate({"models": [{"deployment": {"num_cpus": "all"}}]})
+    resolved = cfg.with_node_cpus(6.0)
+    assert resolved.models[0].deployment.num_cpus == 6.0 and resolved.models[0].threads == 6
+    assert resolved.ingress_options()["ray_actor_options"]["num_cpus"] == 6.0
+    with pytest.raises(ValueError, match="resolved"):
+        cfg.ingress_options()
+    with pytest.raises(ValueError):
+        DeploymentOptions(num_cpus=-1)
+    with pytest.raises(ValueError):
+        DeploymentOptions.model_validate({"num_cpus": "most"})
+    pinned = AppConfig.model_validate({"models": [{"torch_threads": 3,
+                                                   "deployment": {"num_cpus": 0.5}}]})
+    assert pinned.models[0].threads == 3
+    assert AppConfig().models[0].threads == 1  # 1 CPU by default
 
 
 def test_default_version_is_marked_or_first_listed():
