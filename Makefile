@@ -1,12 +1,12 @@
 # make serve: install into .venv and serve the default model on http://127.0.0.1:8000
-# make serve-fast: the same URLs, HAProxy in front and the model inside the ingress replica
+#             (python -m serve_app sets Ray's high-throughput mode before it starts Ray)
 # make test:  install into .venv, lint, type-check and run every test (CI runs this)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve serve-fast test test-fast lint clean
+.PHONY: install serve test test-fast lint clean
 
 install: $(STAMP)
 
@@ -18,12 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 serve: install
-	HF_HUB_OFFLINE=1 $(BIN)/serve run configs/local.yaml
-
-# Ray's throughput-optimized mode with HAProxy: see configs/fast.yaml and docs/benchmarks.md.
-serve-fast: install
-	HF_HUB_OFFLINE=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
-	  RAY_SERVE_HAPROXY_NBTHREAD=1 $(BIN)/serve run configs/fast.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/python -m serve_app --config configs/local.yaml $(ARGS)
 
 lint: install
 	$(BIN)/ruff check serve_app tests scripts bench

