@@ -42,8 +42,8 @@ def _bytes_tensor(texts: list[str]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in texts))
 
 
-def http_sender(protocol: str,
-                session: aiohttp.ClientSession) -> Callable[[list[str]], Awaitable[int]]:
+def http_sender(protocol: str, session: aiohttp.ClientSession,
+                openai_path: str = "/v1/embeddings") -> Callable[[list[str]], Awaitable[int]]:
     json_headers = {"Content-Type": "application/json"}
 
     async def post(path: str, body: bytes,
@@ -58,7 +58,7 @@ def http_sender(protocol: str,
         if protocol in ("openai", "openai-base64"):
             body = {"model": MODEL, "input": texts,
                     "encoding_format": "base64" if protocol == "openai-base64" else "float"}
-            out, _ = await post("/v1/embeddings", orjson.dumps(body), json_headers)
+            out, _ = await post(openai_path, orjson.dumps(body), json_headers)
             return len(orjson.loads(out)["data"])
         if protocol == "kserve-v1":
             out, _ = await post(f"/v1/models/{MODEL}:predict",
@@ -84,7 +84,7 @@ def http_sender(protocol: str,
     return send
 
 
-def grpc_sender(target: str):
+def grpc_sender(target: str, application: str | None = None):
     import grpc
 
     from serve_app.proto import inference_pb2 as pb
@@ -92,19 +92,21 @@ def grpc_sender(target: str):
 
     channel = grpc.aio.insecure_channel(target)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    metadata = (("application", application),) if application else None
 
     async def send(texts: list[str]) -> int:
         req = pb.ModelInferRequest(model_name=MODEL)
         req.inputs.add(name="text", datatype="BYTES", shape=[len(texts)])
         req.raw_input_contents.append(_bytes_tensor(texts))
-        resp = await stub.ModelInfer(req, timeout=60)
+        resp = await stub.ModelInfer(req, timeout=60, metadata=metadata)
         return int(resp.outputs[0].shape[0])
 
     return send, channel
 
 
 async def run(protocol: str, workload: str, url: str, grpc_target: str, duration: float,
-              max_requests: int) -> dict[str, float | int | str]:
+              max_requests: int, application: str | None = None,
+              openai_path: str = "/v1/embeddings") -> dict[str, float | int | str]:
     _, clients, _ = WORKLOADS[workload]
     latencies: list[float] = []
     state = {"embeddings": 0, "errors": 0, "requests": 0}
@@ -113,9 +115,9 @@ async def run(protocol: str, workload: str, url: str, grpc_target: str, duration
             base_url=url, timeout=aiohttp.ClientTimeout(total=60),
             connector=aiohttp.TCPConnector(limit=clients)) as http:
         if protocol == "grpc":
-            send, channel = grpc_sender(grpc_target)
+            send, channel = grpc_sender(grpc_target, application)
         else:
-            send = http_sender(protocol, http)
+            send = http_sender(protocol, http, openai_path)
         for i in range(2):  # warm the connections and the model's shapes, untimed
             await send(texts_for(workload, 10_000 + i))
         stop_at = time.perf_counter() + duration
@@ -159,9 +161,13 @@ def main() -> None:
     p.add_argument("--grpc", default="127.0.0.1:9000")
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--max-requests", type=int, default=100_000)
+    p.add_argument("--application", default=None,
+                   help="gRPC `application` metadata (needed where several applications run)")
+    p.add_argument("--openai-path", default="/v1/embeddings",
+                   help="the OpenAI route (KServe's runtime: /openai/v1/embeddings)")
     a = p.parse_args()
     print(json.dumps(asyncio.run(run(a.protocol, a.workload, a.url, a.grpc, a.duration,
-                                     a.max_requests))))
+                                     a.max_requests, a.application, a.openai_path))))
 
 
 if __name__ == "__main__":

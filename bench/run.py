@@ -1,12 +1,16 @@
-"""serve_app benchmark: the in-process ceiling and every protocol served, as ratios in one run.
+"""serve_app benchmark: the in-process ceiling, every protocol served and the peers, as ratios in
+one run.
 
-    python bench/run.py                       # starts `serve run` on loopback, per setup
-    python bench/run.py --duration 4 --protocols openai grpc --workloads W1 W2
-    python bench/run.py --peer http://127.0.0.1:7997   # also an OpenAI-compatible peer server
+    python bench/run.py        # the default entry point, the separate topology, installed peers
+    python bench/run.py --setups default --duration 4 --protocols openai grpc --workloads W1 W2
+    python bench/run.py --peer http://127.0.0.1:7997   # also any OpenAI-compatible server
 
-Ceiling: the engine called directly in this process (same texts, batch shapes and thread count
-as the served model, no server). Served: bench/load.py, a separate process per cell, on loopback.
-Writes docs/benchmarks.md (``--out``).
+Ceiling: the engine called directly in this process (same texts and batch shapes, every core, one
+pass at a time, no server). Served: bench/load.py, a separate process per cell, on loopback,
+against ``python -m serve_app --config`` (what ``make serve`` runs). Peers: the servers that
+../shared/peers installs (infinity-emb, KServe's HuggingFace runtime), started by its scripts when
+installed and measured right after our cells of each workload. Writes docs/benchmarks.md
+(``--out``) with its .json and .png.
 """
 
 from __future__ import annotations
@@ -22,29 +26,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.load import PROTOCOLS, WORKLOADS, texts_for  # noqa: E402
-from tests.servers import (  # noqa: E402
-    Server,
-    free_port,
-    haproxy_env,
-    serve_config,
-    serve_run,
-)
+from tests.servers import free_port, serve_config, start_server  # noqa: E402
 
 THREADS = os.cpu_count() or 1
 
 
-def ceiling(duration: float, dtype: str = "float32") -> dict[str, dict[str, float]]:
+def ceiling(duration: float, dtype: str = "float32",
+            device: str = "cpu") -> dict[str, dict[str, float]]:
     """The engine alone: W1 p50 of single calls; W2-W4 embeddings/s at their batch shapes (W2
     and W3 share one: W2 is judged at batch 32)."""
     from serve_app.config import ModelConfig
     from serve_app.engine import EmbeddingEngine
 
-    engine = EmbeddingEngine(ModelConfig(dtype=dtype), num_threads=THREADS)
+    engine = EmbeddingEngine(ModelConfig(dtype=dtype, device=device), num_threads=THREADS)
     engine.warmup()
     out: dict[str, dict[str, float]] = {}
     lat = []
@@ -117,38 +118,152 @@ def batcher_w2(duration: float, dtype: str = "float32") -> float:
     return asyncio.run(run())
 
 
-#: name -> (topology, HAProxy in front?): ``make serve`` and ``make serve-fast``.
-SETUPS = {"local": ("separate", False), "fast": ("colocated", True)}
+#: name -> topology, each through ``python -m serve_app`` (Ray's high-throughput mode): the
+#: default entry point (configs/local.yaml's shape, auto: colocated here) and the graph of
+#: separate ingress and model deployments.
+SETUPS = {"default": "auto", "separate": "separate"}
+PEER_DIR = ROOT.parent / "shared" / "peers"
+
+
+def file_config(path: str, http: int, grpc_port: int) -> dict:
+    """A shipped Serve config on loopback: free ports, an autoscaled model held at one replica
+    (the GPU check: configs/k8s-gpu.yaml on one GPU)."""
+    import yaml
+
+    config = yaml.safe_load(Path(path).read_text())
+    config["http_options"].update(host="127.0.0.1", port=http)
+    config["grpc_options"]["port"] = grpc_port
+    for model in config["applications"][0]["args"]["models"]:
+        scaling = model.get("deployment", {}).get("autoscaling_config")
+        if scaling:
+            scaling.update(min_replicas=1, max_replicas=1)
+    return config
 
 
 @contextlib.contextmanager
 def server(tmp: Path, setup: str, batch_wait_s: float | None = None,
-           dtype: str = "float32"):
-    """`serve run` of a benchmark config on loopback in ``setup`` (see SETUPS); yields (server,
-    grpc target, ready_s)."""
-    topology, haproxy = SETUPS[setup]
+           dtype: str = "float32", config_file: str | None = None):
+    """The served model in ``setup`` (see SETUPS), configured as configs/local.yaml (every core,
+    threads from the cores), or as ``config_file``; yields (server, grpc target, ready_s)."""
     http, grpc_port = free_port(), free_port()
-    config = serve_config(http, {"topology": topology, "models": [{
-        "name": "embedding", "torch_threads": THREADS, "dtype": dtype,
-        "deployment": {"num_cpus": 1},
-        **({"batching": {"batch_wait_timeout_s": batch_wait_s}}
-           if batch_wait_s is not None else {})}]}, grpc_port=grpc_port)
+    model: dict = {"name": "embedding", "dtype": dtype,
+                   "deployment": {"num_replicas": 1, "num_cpus": "all"}}
+    if batch_wait_s is not None:
+        model["batching"] = {"batch_wait_timeout_s": batch_wait_s}
+    config = (file_config(config_file, http, grpc_port) if config_file else
+              serve_config(http, {"topology": SETUPS[setup], "models": [model]},
+                           grpc_port=grpc_port))
     t0 = time.perf_counter()
-    with serve_run(config, tmp, extra_env=haproxy_env() if haproxy else None) as s:
+    with start_server(config, tmp) as s:
         yield s, f"127.0.0.1:{grpc_port}", time.perf_counter() - t0
 
 
-def rss_mb(s: Server) -> float:
-    return s.rss_bytes() / 2**20
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and everything under it, MB."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total / 2**20
 
 
-def cell(protocol: str, workload: str, url: str, grpc: str, duration: float) -> dict:
+@dataclass
+class Peer:
+    """A comparison server that ../shared/peers installs and starts on loopback."""
+
+    name: str
+    script: str
+    openai_path: str
+    pid_file: str
+    port: int = 0
+    base: str = ""  # a server started elsewhere (--peer)
+
+    def installed(self) -> bool:
+        out = subprocess.run(["bash", str(PEER_DIR / self.script), "status"],
+                             capture_output=True, text=True, timeout=60)
+        return "installed in" in out.stdout
+
+    def start(self) -> None:
+        self.port = free_port()
+        subprocess.run(["bash", str(PEER_DIR / self.script), "start", str(self.port)],
+                       check=True, capture_output=True, text=True, timeout=300)
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(PEER_DIR / self.script), "stop"], capture_output=True,
+                       timeout=120)
+
+    @property
+    def url(self) -> str:
+        return self.base or f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        return tree_rss_mb(int(Path(self.pid_file).read_text().strip()))
+
+
+PEERS = {
+    "infinity": Peer("infinity-emb 0.0.78", "peer_infinity.sh", "/v1/embeddings",
+                     "/tmp/infinity.pid"),
+    "kserve": Peer("KServe 0.20 HF runtime", "peer_kserve.sh", "/openai/v1/embeddings",
+                   "/tmp/kserve.pid"),
+}
+
+
+def cell(protocol: str, workload: str, url: str, grpc: str, duration: float,
+         openai_path: str = "/v1/embeddings") -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "load.py"), "--protocol", protocol,
-           "--workload", workload, "--url", url, "--grpc", grpc, "--duration", str(duration)]
+           "--workload", workload, "--url", url, "--grpc", grpc, "--duration", str(duration),
+           "--openai-path", openai_path]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+OVERLOAD = (300, 64)  # concurrent requests, inputs each
+
+
+def overload(url: str, reference: Callable[[list[str]], object]) -> dict[str, float]:
+    """OVERLOAD's requests at once on the OpenAI route: how fast the refusals come, and whether
+    every answer that was not refused is right (against ``reference``, the engine in process)."""
+    import asyncio
+
+    import aiohttp
+    import numpy as np
+
+    n, inputs = OVERLOAD
+    texts = [f"overload text number {i}, a few words long" for i in range(inputs)]
+
+    async def flood() -> list[tuple[int, float, dict, str]]:
+        connector = aiohttp.TCPConnector(limit=n)
+        async with aiohttp.ClientSession(connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=300)) as session:
+            async def one() -> tuple[int, float, dict, str]:
+                t0 = time.perf_counter()
+                async with session.post(f"{url}/v1/embeddings",
+                                        json={"model": "embedding", "input": texts}) as r:
+                    body = await r.json(content_type=None)
+                    return r.status, time.perf_counter() - t0, body, \
+                        r.headers.get("retry-after", "")
+
+            return await asyncio.gather(*(one() for _ in range(n)))
+
+    results = asyncio.run(flood())
+    want = np.asarray(reference(texts))
+    refused = [t for status, t, _, _ in results if status == 429]
+    ok = [(t, b) for status, t, b, _ in results if status == 200]
+    wrong = sum(1 for _, b in ok
+                if not np.allclose([d["embedding"] for d in b["data"]], want, atol=1e-4))
+    return {
+        "requests": n, "inputs": inputs, "ok": len(ok), "refused": len(refused),
+        "other": n - len(ok) - len(refused),
+        "retry_after": sum(1 for s, _, _, h in results if s == 429 and h),
+        "refused_p50_ms": 1000 * statistics.median(refused) if refused else float("nan"),
+        "ok_p50_ms": 1000 * statistics.median([t for t, _ in ok]) if ok else float("nan"),
+        "wrong": wrong,
+    }
 
 
 def versions() -> str:
@@ -162,29 +277,34 @@ def versions() -> str:
             f"ray {ray.__version__}")
 
 
+TARGETS = {"W1": 1.0, "W2": 0.85, "W3": 1.15, "W4": 1.10}
+
+
 def render(ceil: dict, rows: list[dict], extra: dict, command: str,
-           dtype: str = "float32") -> str:
+           dtype: str = "float32", device: str = "cpu") -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Command: `{command}`. Machine: {versions()}. Model: all-MiniLM-L6-v2, {dtype}, CPU, "
-        f"{THREADS} torch threads in the ceiling (one pass at a time) and in the served replica "
-        "(two passes at once, one thread each: `batching.parallel_passes`, auto).",
+        f"Command: `{command}`. Machine: {versions()}. Model: all-MiniLM-L6-v2, {dtype}, "
+        f"{device}.",
         "",
-        "Setups: `local` is the shape of `make serve` (configs/local.yaml: Serve's proxy, then "
-        "the ingress replica, then the model replica); `fast` is `make serve-fast` "
-        "(configs/fast.yaml: HAProxy in Ray's throughput-optimized mode, then the ingress "
-        f"replica with the model inside it). In both the model gets all {THREADS} cores "
-        f"(`torch_threads: {THREADS}`, as the ceiling); configs/local.yaml reserves only 1 CPU "
-        "for it, so that the offline job fits beside it on a 2-core machine.",
+        "Setups, each started as `make serve` starts it (`python -m serve_app --config`, Ray "
+        "Serve's high-throughput mode: HAProxy in front, gRPC between replicas), the model "
+        f"reserving every core (`num_cpus: all`, {THREADS} torch threads, two passes at once): "
+        "`default` is configs/local.yaml's shape (`topology: auto`, which runs the model inside "
+        "the ingress replica here); `separate` is the graph of an ingress deployment and a model "
+        "deployment (what `auto` picks for autoscaled or GPU models). `peer` rows: the servers "
+        "of ../shared/peers, started by its scripts and called on their OpenAI route by the "
+        "same load generator right after our `default` cells of the same workload.",
         "",
-        "Ratios compare each served figure with the in-process ceiling measured in the same run, "
-        "before and after the served cells; the better of the two figures is used (W1: added p50 "
+        "Ratios compare each served figure with the in-process ceiling (the engine called "
+        f"directly on {THREADS} threads, one pass at a time) measured in the same run, before "
+        "and after the served cells; the better of the two figures is used (W1: added p50 "
         "latency in ms; W2-W4: served embeddings/s over the ceiling's at batch 32). The load "
-        "generator (bench/load.py: aiohttp, orjson, grpcio) shares the 2 cores with the server.",
+        "generator (bench/load.py: aiohttp, orjson, grpcio) shares the cores with the server.",
         "",
-        "Targets (issue 4): W1 at most +3 ms over the ceiling; W2 0.75x or more; "
-        "W3 1.0x or more; W4 0.95x or more; for every protocol.",
+        "Targets (issue 12): W1 at most +1.0 ms over the ceiling; W2 0.85x or more; W3 1.15x or "
+        "more; W4 1.10x or more; for every protocol.",
         "",
         "| workload | setup | ceiling | protocol | served | ratio | p50 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -194,17 +314,13 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str,
         if w == "W1":
             c = f"{ceil['W1']['p50_ms']:.1f} ms"
             served = f"{r['p50_ms']:.1f} ms"
-            ratio = f"+{r['p50_ms'] - ceil['W1']['p50_ms']:.1f} ms"
+            ratio = f"{r['p50_ms'] - ceil['W1']['p50_ms']:+.1f} ms"
         else:
             c = f"{ceil[w]['embeddings_per_s']:.0f}/s"
             served = f"{r['embeddings_per_s']:.0f}/s"
             ratio = f"{r['embeddings_per_s'] / ceil[w]['embeddings_per_s']:.2f}x"
         lines.append(f"| {w} | {r.get('setup', '')} | {c} | {r['protocol']} | {served} | {ratio} "
                      f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
-    if any(r.get("setup") == "peer" for r in rows):
-        lines += ["", "`peer` rows: another server (`--peer`), called with the OpenAI protocol by "
-                  "the same load generator right after the last setup's cells of the same "
-                  "workload (see README for how it was started)."]
     lines += ["", "Workloads: " + "; ".join(
         f"{w}: {n} input(s) of {'~110' if long else '~14'} tokens per request, {c} client(s)"
         for w, (n, c, long) in WORKLOADS.items()) + ".", ""]
@@ -213,9 +329,6 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str,
     lines += ["", "![served over ceiling, per workload and protocol](benchmarks.png)", "",
               "Raw figures of this run: [benchmarks.json](benchmarks.json)."]
     return "\n".join(lines) + "\n"
-
-
-TARGETS = {"W1": 3.0, "W2": 0.75, "W3": 1.0, "W4": 0.95}
 
 
 def chart(ceil: dict, rows: list[dict], out: Path) -> None:
@@ -239,7 +352,7 @@ def chart(ceil: dict, rows: list[dict], out: Path) -> None:
         else:
             values = [r["embeddings_per_s"] / ceil[w]["embeddings_per_s"] for r in cells]
             ax.set_ylabel("served / ceiling (higher is better)")
-        colors = {s: c for s, c in zip(SETUPS, ("tab:gray", "tab:blue"), strict=True)}
+        colors = {"default": "tab:blue", "separate": "tab:gray"}
         ax.bar([f"{r.get('setup', '')} {r['protocol']}".strip() for r in cells], values,
                color=[colors.get(r.get("setup", ""), "tab:orange") for r in cells])
         ax.axhline(TARGETS[w], color="tab:red", linestyle="--", label="target")
@@ -255,18 +368,27 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=8.0, help="seconds per cell")
     p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     p.add_argument("--workloads", nargs="+", default=sorted(WORKLOADS), choices=sorted(WORKLOADS))
+    p.add_argument("--peers", nargs="*", default=None, choices=sorted(PEERS),
+                   help="peers of ../shared/peers to measure (default: every installed one)")
     p.add_argument("--peer", default=None,
                    help="another OpenAI-compatible server to compare, serving the default model "
                         "as 'embedding' at URL/v1/embeddings")
-    p.add_argument("--peer-name", default="peer", help="what to call the peer in the table")
+    p.add_argument("--peer-name", default="peer", help="what to call --peer in the table")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the model's dtype, in the ceiling and served (the targets are fp32's)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="the ceiling's device (the served one is the config's)")
+    p.add_argument("--serve-config", default=None,
+                   help="serve this Serve config file (ports moved to free ones) as the only "
+                        "setup, e.g. configs/k8s-gpu.yaml for the GPU check (bench/gpu.sh)")
     p.add_argument("--batch-wait", type=float, default=None,
                    help="the model's batch_wait_timeout_s (default: the config's default)")
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS,
-                   help="local: make serve (Serve's proxy, separate model deployment); "
-                        "fast: make serve-fast (HAProxy, model inside the ingress)")
+                   help="default: python -m serve_app --config, configs/local.yaml's shape; "
+                        "separate: the same with ingress and model as separate deployments")
+    p.add_argument("--no-overload", action="store_true",
+                   help="skip the overload measurement (300 requests of 64 inputs at once)")
     p.add_argument("--render-only", action="store_true",
                    help="redraw the table and chart from the JSON next to --out, measuring nothing")
     a = p.parse_args()
@@ -274,56 +396,107 @@ def main() -> None:
     if a.render_only:
         saved = json.loads(out.with_suffix(".json").read_text())
         out.write_text(render(saved["ceiling"], saved["rows"], saved["extra"], saved["command"],
-                              saved.get("dtype", "float32")))
+                              saved.get("dtype", "float32"), saved.get("device", "cpu")))
         chart(saved["ceiling"], saved["rows"], out.with_suffix(".png"))
         return
     command = "python bench/run.py " + shlex.join(sys.argv[1:])
     print("measuring the in-process ceiling ...", flush=True)
-    runs = [ceiling(min(a.duration, 5.0), a.dtype)]
+    if a.serve_config:
+        a.setups = ["default"]
+        extra_first = {"setup `default` here": f"{a.serve_config} on loopback (ports moved, "
+                       "autoscaled models held at one replica)"}
+    else:
+        extra_first = {}
+    runs = [ceiling(min(a.duration, 5.0), a.dtype, a.device)]
     print(json.dumps(runs[0]), flush=True)
     rows: list[dict] = []
-    extra: dict[str, str] = {}
-    if "W2" in a.workloads:
+    extra: dict[str, str] = dict(extra_first)
+    if "W2" in a.workloads and a.device == "cpu":
         rate = batcher_w2(a.duration, a.dtype)
         extra["W2 in process through the replica's runner and batcher (32 clients, no server)"] = (
             f"{rate:.0f}/s")
         print(f"W2 through the batcher in process: {rate:.0f}/s", flush=True)
-    for setup in a.setups:
-        with server(Path(tempfile.mkdtemp()), setup, a.batch_wait, a.dtype) as (
-                url, grpc, ready_s):
-            extra[f"{setup}: start to ready (serve run, default model)"] = f"{ready_s:.1f} s"
-            extra[f"{setup}: RSS of the whole stack, idle"] = f"{rss_mb(url):.0f} MB"
-            for w in a.workloads:
-                for proto in a.protocols:
-                    r = {"setup": setup, **cell(proto, w, url, grpc, a.duration)}
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-                if w == "W2":
-                    extra[f"{setup}: RSS of the whole stack, after W2"] = f"{rss_mb(url):.0f} MB"
-                if a.peer and setup == a.setups[-1]:
-                    # right after our cells of the same workload (ours idle meanwhile): the
-                    # machine's speed drifts, so the peer is compared at the same moment
-                    r = {"setup": "peer", **cell("openai", w, a.peer, "", a.duration)}
-                    r["protocol"] = f"openai ({a.peer_name})"
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
+    peers = [PEERS[n] for n in (a.peers if a.peers is not None else sorted(PEERS))
+             if PEERS[n].installed()]
+    with contextlib.ExitStack() as stack:
+        for peer in peers:  # started once, idle while the others are measured
+            peer.start()
+            stack.callback(peer.stop)
+            extra[f"{peer.name}: RSS idle"] = f"{peer.rss_mb():.0f} MB"
+            warm_up(peer.url, openai_path=peer.openai_path)
+        if a.peer:
+            peers.append(Peer(a.peer_name, "", "/v1/embeddings", "", base=a.peer))
+        for setup in a.setups:
+            measure_setup(setup, a, rows, extra, peers if setup == a.setups[0] else [])
     print("measuring the in-process ceiling again ...", flush=True)
-    runs.append(ceiling(min(a.duration, 5.0), a.dtype))
+    runs.append(ceiling(min(a.duration, 5.0), a.dtype, a.device))
     print(json.dumps(runs[1]), flush=True)
     ceil = harder(runs)
     extra["ceiling runs, before and after the served cells (the better figure is used)"] = (
         "; ".join(f"W1 {r['W1']['p50_ms']:.1f} ms, batch 32 {r['W3']['embeddings_per_s']:.0f}/s, "
                   f"W4 {r['W4']['embeddings_per_s']:.0f}/s" for r in runs))
-    if "W2" in a.workloads:
+    if "W2" in a.workloads and a.device == "cpu":
         key = "W2 in process through the replica's runner and batcher (32 clients, no server)"
         extra[key] += f" = {rate / ceil['W2']['embeddings_per_s']:.2f}x"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"ceiling": ceil, "ceiling_runs": runs, "rows": rows, "extra": extra,
-         "command": command, "dtype": a.dtype}, indent=1) + "\n")
-    out.write_text(render(ceil, rows, extra, command, a.dtype))
+         "command": command, "dtype": a.dtype, "device": a.device}, indent=1) + "\n")
+    out.write_text(render(ceil, rows, extra, command, a.dtype, a.device))
     chart(ceil, rows, out.with_suffix(".png"))
     print(f"wrote {out} and its .json and .png")
+
+
+def warm_up(url: str, grpc: str = "", duration: float = 8.0,
+            openai_path: str = "/v1/embeddings") -> None:
+    """Untimed load before a server's first cell: a freshly started stack answers W1 2-4 ms
+    slower for its first minute or so (measured back to back on one server)."""
+    for proto in ("openai", "grpc") if grpc else ("openai",):
+        cell(proto, "W3", url, grpc, max(duration, 10.0), openai_path)
+
+
+def measure_setup(setup: str, a: argparse.Namespace, rows: list[dict], extra: dict[str, str],
+                  peers: list[Peer]) -> None:
+    """Every (workload, protocol) cell of ``setup``, each workload's peer cells right after
+    ours (the machine's speed drifts, so peers are compared at the same moment), then the
+    overload figures."""
+    with server(Path(tempfile.mkdtemp()), setup, a.batch_wait, a.dtype, a.serve_config) as (
+            url, grpc, ready_s):
+        extra[f"{setup}: start to ready"] = f"{ready_s:.1f} s"
+        time.sleep(5)  # settle: start-up work done
+        extra[f"{setup}: RSS of the whole stack, idle"] = f"{url.rss_bytes() / 2**20:.0f} MB"
+        warm_up(url, grpc, a.duration)
+        for w in a.workloads:
+            for proto in a.protocols:
+                r = {"setup": setup, **cell(proto, w, url, grpc, a.duration)}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            if w == "W2":
+                extra[f"{setup}: RSS of the whole stack, after W2"] = (
+                    f"{url.rss_bytes() / 2**20:.0f} MB")
+            for peer in peers:
+                r = {"setup": "peer", **cell("openai", w, peer.url, "", a.duration,
+                                             peer.openai_path)}
+                r["protocol"] = f"openai ({peer.name})"
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+        if not a.no_overload and setup == "default":
+            from serve_app.config import ModelConfig
+            from serve_app.engine import EmbeddingEngine
+
+            engine = EmbeddingEngine(ModelConfig(dtype=a.dtype, device=a.device),
+                                     num_threads=THREADS)
+            # twice: the first burst also pays for HAProxy's new connections to the replica
+            for burst in ("first", "second"):
+                o = overload(url, lambda texts: engine.embed(texts)[0])
+                print(json.dumps({"overload": o, "burst": burst}), flush=True)
+                what = (f"{setup}: overload, {o['requests']} requests of {o['inputs']} inputs at "
+                        f"once, {burst} burst")
+                extra[what] = (
+                    f"{o['refused']} refused (429) at a median {o['refused_p50_ms']:.0f} ms, "
+                    f"{o['retry_after']} of them with Retry-After; {o['ok']} answered (200) at a "
+                    f"median {o['ok_p50_ms']:.0f} ms, {o['wrong']} of them wrong; "
+                    f"{o['other']} other statuses")
 
 
 if __name__ == "__main__":

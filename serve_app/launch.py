@@ -5,7 +5,7 @@
 
 - puts Ray Serve's high-throughput settings in the environment before Ray starts (Ray reads them
   only then; see :func:`serve_app.config.ray_serve_env`),
-- stops HAProxy processes that a killed server left holding the ports
+- stops what a killed server left running: HAProxy holding the ports, Ray's agents
   (:func:`serve_app.leftovers.stop_orphans`),
 - starts Ray without the dashboard unless asked (the dashboard's processes hold about as much
   memory as the rest of the stack; ``serve deploy`` and ``serve status`` need it),

@@ -16,7 +16,8 @@ Two defences, both used by ``python -m serve_app``:
   the wrapper, e.g. a plain ``serve run``).
 
 Ray's own agents (DashboardAgent, RuntimeEnvAgent) outlive a killed raylet too: they notice, then
-hang reporting it to a GCS that is gone. :func:`stop_orphans` stops those whose raylet is gone.
+hang reporting it to a GCS that is gone. :func:`stop_orphans` stops those whose raylet is gone,
+and HAProxy whose Ray is gone even while its worker has not noticed yet.
 """
 
 from __future__ import annotations
@@ -93,27 +94,28 @@ def _running(pid: int) -> bool:
     return bool(fields) and fields[0] not in ("Z", "X")
 
 
+def _under_raylet(pid: int) -> bool:
+    """Whether ``pid``'s parent is a running raylet (Ray starts its workers and agents so)."""
+    parent = _cmdline(_parent(pid))
+    return bool(parent) and parent[0].endswith("/raylet")
+
+
 def _haproxy_orphan(pid: int, cmd: list[str], config_dir: str) -> bool:
-    """HAProxy on a config under ``config_dir`` whose parent is no longer HAProxyManager."""
+    """HAProxy on a config under ``config_dir`` whose HAProxyManager is gone, or whose
+    HAProxyManager's raylet is (its Ray was killed; the worker would notice in seconds, while
+    a new server is already waiting for the port)."""
     if not cmd[0].endswith("haproxy") or "-f" not in cmd[:-1]:
         return False
     if not cmd[cmd.index("-f") + 1].startswith(config_dir.rstrip("/") + "/"):
         return False
-    parent = _cmdline(_parent(pid))
-    return not parent or not parent[0].startswith(_MANAGER)
+    manager = _parent(pid)
+    parent = _cmdline(manager)
+    return not parent or not parent[0].startswith(_MANAGER) or not _under_raylet(manager)
 
 
 def _agent_orphan(pid: int, cmd: list[str]) -> bool:
-    """A Ray agent whose raylet (``RAY_RAYLET_PID`` in its environment) is gone."""
-    if not cmd[0].startswith(_AGENTS):
-        return False
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    raylet = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RAY_RAYLET_PID=")]
-    return bool(raylet) and not (_running(raylet[0]) and "raylet" in " ".join(
-        _cmdline(raylet[0])))
+    """A Ray agent whose raylet is gone: it notices, then hangs reporting it to a dead GCS."""
+    return cmd[0].startswith(_AGENTS) and not _under_raylet(pid)
 
 
 def orphans(config_dir: str) -> list[int]:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from serve_app.__main__ import build_parser, config_from_args
+from serve_app.__main__ import build_parser, config_from_args, kserve_deploy, main
+from serve_app.config import AppConfig
 from tests.servers import BIN, free_port, running
 
 KSERVE_ARGS = ["--model_name", "embedding", "--model_id", "sentence-transformers/all-MiniLM-L6-v2",
@@ -76,6 +77,39 @@ def test_bad_flags_are_errors(argv, message, capsys):
         config_from_args(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("applications:\n  - name: serve_app\n    import_path: serve_app.app:build_app\n"
+     "    args: {modles: []}\n", "modles"),  # a misspelled key: refused before Ray starts
+    ("applications: []\n", "lists no applications"),
+    ("applications:\n  - name: serve_app\n    import_path: serve_app.app:build_app\n"
+     "    args: {topology: fused}\n", "topology"),
+])
+def test_bad_config_files_are_refused_before_ray_starts(tmp_path, capsys, config, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(path)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the config path takes no model flags
+        main(["--config", str(path), "--model_id", "x"])
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_kserve_flags_become_one_serve_config():
+    cfg, args = config_from_args(["--model_name", "e", "--model_id", "m", "--http_port", "9",
+                                  "--grpc_port", "10",
+                                  "--host", "127.0.0.1"], cpus=2)
+    deploy = kserve_deploy(cfg, args)
+    assert deploy["http_options"] == {"host": "127.0.0.1", "port": 9}
+    assert deploy["grpc_options"]["port"] == 10
+    (app,) = deploy["applications"]
+    assert app["import_path"] == "serve_app.app:build_app" and app["route_prefix"] == "/"
+    assert AppConfig.model_validate(app["args"]) == cfg  # survives the trip through JSON
+    assert AppConfig.model_validate(app["args"]).colocated  # one CPU model: the fast shape
 
 
 @pytest.mark.e2e
