@@ -331,10 +331,10 @@ class AppConfig(_Strict):
         "auto", description="separate: one deployment per model behind the ingress (models "
         "scale on their own, GPU models fed by CPU ingress replicas). colocated: the models run "
         "inside the ingress replicas, one hop less per request; the ingress then reserves the "
-        "models' CPUs and GPUs and scales by ingress.num_replicas. auto: colocated where that "
-        "changes nothing about scaling or placement (every model on CPU, a fixed replica count "
-        "equal to the ingress's), else separate; colocated measured faster on every workload "
-        "(docs/benchmarks.md)."
+        "models' CPUs, GPUs and custom resources and scales by ingress.num_replicas. auto: "
+        "colocated where that changes nothing about scaling or placement (every model on CPU, "
+        "unpinned, with a fixed replica count equal to the ingress's), else separate; "
+        "colocated measured faster on every workload (docs/benchmarks.md)."
     )
     cors: CorsOptions = Field(default_factory=CorsOptions)
 
@@ -361,6 +361,7 @@ class AppConfig(_Strict):
             return self.topology == "colocated"
         return all(
             m.deployment.num_gpus == 0
+            and not m.deployment.resources  # pinned to nodes: the ingress would follow
             and m.deployment.autoscaling_config is None
             and m.deployment.num_replicas == self.ingress.num_replicas
             for m in self.models
@@ -384,6 +385,12 @@ class AppConfig(_Strict):
             gpus = sum(m.deployment.num_gpus for m in self.models)
             if gpus:
                 actor["num_gpus"] = gpus
+            custom: dict[str, float] = {}
+            for m in self.models:
+                for name, amount in m.deployment.resources.items():
+                    custom[name] = custom.get(name, 0.0) + amount
+            if custom:
+                actor["resources"] = custom
         return opts
 
     def defaults(self) -> list[ModelConfig]:

@@ -89,6 +89,7 @@ def test_several_models_bind_one_deployment_each():
     ({"models": [{"deployment": {"num_replicas": None, "autoscaling_config": {
         "max_replicas": 4}}}]}, False),  # the model scales on its own
     ({"models": [{"deployment": {"num_replicas": 2}}]}, False),  # more model than ingress
+    ({"models": [{"deployment": {"resources": {"model_node": 1}}}]}, False),  # pinned
     ({"models": [{"deployment": {"num_replicas": 2}}], "ingress": {"num_replicas": 2}}, True),
     ({"topology": "separate"}, False),
     ({"topology": "colocated", "models": [{"deployment": {"num_gpus": 1}}]}, True),
@@ -178,6 +179,11 @@ def test_colocated_topology_runs_the_models_inside_the_ingress():
     ingress = app._bound_deployment
     assert ingress.init_args[0] == {}  # no model deployments
     assert ingress.ray_actor_options["num_cpus"] == 3.5
+    pinned = AppConfig.model_validate({"topology": "colocated", "models": [
+        {"name": "a", "deployment": {"resources": {"model_node": 1}}},
+        {"name": "b", "deployment": {"resources": {"model_node": 0.5, "other": 1}}}]})
+    assert pinned.ingress_options()["ray_actor_options"]["resources"] == {
+        "model_node": 1.5, "other": 1}
     assert ingress.ray_actor_options["num_gpus"] == 1
     with pytest.raises(ValidationError):
         AppConfig.model_validate({"topology": "fused"})

@@ -1,4 +1,5 @@
-"""End to end: a real ``serve run`` of a config on loopback, real clients, the real model."""
+"""End to end: a config served through the default entry point on loopback, real clients, the
+real model."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Rolling update and rollback under load: ``serve run`` a config, then ``serve deploy`` a changed
-one to the same cluster (what an operator does), and back again. No request may fail."""
+"""Rolling update and rollback under load: serve a config through the default entry point (with
+``--dashboard``), then ``serve deploy`` a changed one to the same cluster (what an operator
+does), and back again. No request may fail."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.servers import BIN, free_port, running, serve_config
+from tests.servers import BIN, free_port, serve_config, start_server
 
 pytestmark = pytest.mark.e2e
 TEXT = "a rolling update must not drop this request"
@@ -35,11 +36,11 @@ def dashboard_address(server) -> str:
             if "dashboard/dashboard.py" in cmd:
                 port = re.search(r"--port[= ](\d+)", cmd)
                 return f"http://127.0.0.1:{port.group(1) if port else 8265}"
-    raise AssertionError("no dashboard process under serve run")
+    raise AssertionError("no dashboard process under the server")
 
 
 def serve_deploy(path, address: str) -> None:
-    # serve run's cluster uses Ray's token auth; the CLI reads the token from ~/.ray
+    # the cluster uses Ray's token auth; the serve CLI reads the token from ~/.ray
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     subprocess.run([str(BIN / "serve"), "deploy", str(path), "-a", address], check=True,
                    env=env, capture_output=True, timeout=120)
@@ -82,7 +83,9 @@ def test_update_and_rollback_under_load_drop_nothing(tmp_path, tiny_model):
     def which(v: np.ndarray) -> str:
         return min(vec, key=lambda k: float(np.abs(v - vec[k]).max()))
 
-    with running([str(BIN / "serve"), "run", str(files["A"])], url, tmp_path / "serve.log") as s:
+    (tmp_path / "server").mkdir()
+    # the default entry point, with the dashboard that `serve deploy` talks to
+    with start_server(config(port, a_dir), tmp_path / "server", dashboard=True) as s:
         address = dashboard_address(s)
         log: list[tuple[float, int, np.ndarray | None]] = []
         rollouts: dict[str, float] = {}
