@@ -419,7 +419,7 @@ def ray_address() -> str:
     return os.environ.get("RAY_ADDRESS") or "local"
 
 
-def ray_serve_env(cpus: int | None = None) -> dict[str, str]:
+def ray_serve_env() -> dict[str, str]:
     """What Ray Serve's high-throughput mode needs in the environment of every Ray process: Ray
     reads these once, when it starts, never from a Serve config. HAProxy in front sends each HTTP
     request straight to an ingress replica (no Python proxy hop); throughput-optimized mode
@@ -429,7 +429,7 @@ def ray_serve_env(cpus: int | None = None) -> dict[str, str]:
     """
     from serve_app.leftovers import wrapper_path
 
-    cpus = cpus or os.cpu_count() or 1
+    cpus = os.cpu_count() or 1
     env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",

@@ -76,6 +76,17 @@ def serve_config(http_port: int, args: dict, grpc_port: int | None = None,
     return config
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    """``predicate()``'s first truthy value, polled every ``interval`` for ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

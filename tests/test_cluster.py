@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.servers import BIN, _stop, free_port
+from tests.servers import BIN, _stop, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,16 +51,6 @@ class Cluster:
         import ray
 
         return sum(1 for n in ray.nodes() if n["Alive"])
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout}s")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.servers import BIN, REPO, _stop, free_port
+from tests.servers import BIN, REPO, _stop, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SENTENCE = "This is an example sentence."
@@ -71,16 +70,6 @@ def node_env(base: dict[str, str], pod: dict, name: str, temp: Path) -> dict[str
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
     }
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout}s")
 
 
 def healthy(url: str, word: str | None = "success") -> bool:
