@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.load import PROTOCOLS, WORKLOADS, texts_for  # noqa: E402
-from tests.servers import free_port, serve_config, start_server  # noqa: E402
+from tests.servers import free_port, serve_config, start_server, tree_rss_bytes  # noqa: E402
 
 THREADS = os.cpu_count() or 1
 
@@ -158,18 +158,6 @@ def server(tmp: Path, setup: str, batch_wait_s: float | None = None,
         yield s, f"127.0.0.1:{grpc_port}", time.perf_counter() - t0
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and everything under it, MB."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total / 2**20
-
-
 @dataclass
 class Peer:
     """A comparison server that ../shared/peers installs and starts on loopback."""
@@ -200,7 +188,7 @@ class Peer:
         return self.base or f"http://127.0.0.1:{self.port}"
 
     def rss_mb(self) -> float:
-        return tree_rss_mb(int(Path(self.pid_file).read_text().strip()))
+        return tree_rss_bytes(int(Path(self.pid_file).read_text().strip())) / 2**20
 
 
 PEERS = {

@@ -96,14 +96,15 @@ def _wait_running(apps: list[str], poll_s: float = 0.5) -> bool:
     while True:
         status = serve.status().applications
         states = {name: status.get(name) for name in apps}
-        failed = {n: s for n, s in states.items() if s is not None and
-                  str(getattr(s.status, "value", s.status)) == "DEPLOY_FAILED"}
+        named = {n: str(getattr(s.status, "value", s.status)) if s else None
+                 for n, s in states.items()}
+        failed = [n for n, state in named.items() if state == "DEPLOY_FAILED"]
+        for name in failed:
+            log.error("serve_app: application %r failed to deploy: %s", name,
+                      states[name].message)  # type: ignore[union-attr]
         if failed:
-            for name, s in failed.items():
-                log.error("serve_app: application %r failed to deploy: %s", name, s.message)
             return False
-        if all(s is not None and str(getattr(s.status, "value", s.status)) == "RUNNING"
-               for s in states.values()):
+        if all(state == "RUNNING" for state in named.values()):
             return True
         time.sleep(poll_s)
 

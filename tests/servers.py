@@ -24,6 +24,25 @@ def haproxy_ports_env() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
+def process_tree(pid: int) -> list:
+    """Process ``pid`` and every process under it, as psutil objects."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` and every process under it together."""
+    import psutil
+
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
 class Server(str):
     """The base URL of a running server (a ``str``), with its process in ``proc``."""
 
@@ -32,20 +51,11 @@ class Server(str):
 
     def processes(self) -> list:
         """The server process and every process under it (Ray's included), as psutil objects."""
-        import psutil
-
-        root = psutil.Process(self.proc.pid)
-        return [root, *root.children(recursive=True)]
+        return process_tree(self.proc.pid)
 
     def rss_bytes(self) -> int:
         """Resident memory of every process of the stack together."""
-        import psutil
-
-        total = 0
-        for p in self.processes():
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total
+        return tree_rss_bytes(self.proc.pid)
 
     def find(self, fragment: str) -> list:
         """Processes of the stack whose command line contains ``fragment``."""
