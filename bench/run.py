@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.load import PROTOCOLS, WORKLOADS, texts_for  # noqa: E402
-from tests.servers import free_port, serve_config, start_server, tree_rss_bytes  # noqa: E402
+from serve_app.local import free_port, serve_config, start_server, tree_rss_bytes  # noqa: E402
 
 THREADS = os.cpu_count() or 1
 
@@ -79,24 +80,27 @@ def harder(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float
     return best
 
 
-def batcher_w2(duration: float, dtype: str = "float32") -> float:
-    """W2's 32 one-text clients in process, through the replica's own runner and batcher (no
-    server, no HTTP): how far batching alone gets, to tell its share of the W2 gap from the
-    server's."""
+def in_process(workload: str, duration: float, dtype: str = "float32",
+               **replica_kw: Any) -> float:
+    """``workload``'s clients calling the replica's own model path in process (admission,
+    tokenizing, the batch queue; no server, no HTTP, no Ray): embeddings/s. What the scheduler
+    alone reaches, to tell its share of a gap from the server's. ``replica_kw`` switches the
+    replica's special cases (``passes``, ``solo``) for A/B runs."""
     import asyncio
 
     import torch
 
     from serve_app.config import ModelConfig
     from serve_app.engine import EmbeddingEngine, plan_parallelism
-    from serve_app.local import LocalBackend
+    from serve_app.replica import ModelReplica
     from serve_app.types import EmbedRequest
 
-    passes, share = plan_parallelism(THREADS, torch.device("cpu"))
+    passes = replica_kw.pop("passes", None)
+    passes, share = plan_parallelism(THREADS, torch.device("cpu"), passes)
     engine = EmbeddingEngine(ModelConfig(dtype=dtype), num_threads=share)
     engine.warmup()
-    backend = LocalBackend(engine, "embedding", parallel_passes=passes, threads=THREADS)
-    _, clients, _ = WORKLOADS["W2"]
+    model = ModelReplica(engine, "embedding", passes=passes, threads=THREADS, **replica_kw)
+    n_texts, clients, _ = WORKLOADS[workload]
 
     async def run() -> float:
         done = 0
@@ -106,9 +110,9 @@ def batcher_w2(duration: float, dtype: str = "float32") -> float:
             nonlocal done
             i = 0
             while time.perf_counter() < stop:
-                await backend.embed(EmbedRequest(
-                    model="embedding", inputs=tuple(texts_for("W2", c * 100_000 + i))))
-                done += 1
+                texts = texts_for(workload, (c * 100_000 + i) * n_texts)
+                await model.embed(EmbedRequest(model="embedding", inputs=tuple(texts)))
+                done += len(texts)
                 i += 1
 
         t0 = time.perf_counter()
@@ -116,6 +120,47 @@ def batcher_w2(duration: float, dtype: str = "float32") -> float:
         return done / (time.perf_counter() - t0)
 
     return asyncio.run(run())
+
+
+#: The scheduler's special cases, each switched off alone, against the default replica.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no solo pass": {"solo": False},
+    "one pass at a time": {"passes": 1},
+}
+
+
+def scheduler_ab(duration: float, out: Path, rounds: int = 2) -> None:
+    """Interleaved in-process A/B of the replica's special cases (:data:`VARIANTS`) on W1-W3;
+    writes ``out`` (markdown) with every round's figure."""
+    figures: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        for w in ("W1", "W2", "W3"):
+            for name, kw in VARIANTS.items():
+                rate = in_process(w, duration, **dict(kw))
+                figures.setdefault((name, w), []).append(rate)
+                print(f"round {r + 1} {w} {name}: {rate:.1f}/s", flush=True)
+
+    def cell(name: str, w: str) -> str:
+        rates = figures[(name, w)]
+        if w == "W1":
+            return " / ".join(f"{1000 / x:.2f} ms" for x in rates)
+        return " / ".join(f"{x:.0f}/s" for x in rates)
+
+    lines = [
+        "## The scheduler's special cases (in process)",
+        "",
+        f"Command: `python bench/run.py --scheduler-ab --duration {duration:g}`. Machine: "
+        f"{versions()}. Each variant switches one special case of the model replica off; "
+        "clients call the replica in process (no server), variants interleaved, each round's "
+        "figure shown (W1: ms per request; W2, W3: embeddings/s).",
+        "",
+        "| variant | W1 (1 client, 1 text) | W2 (32 clients, 1 text) | W3 (4 clients, 32 texts) |",
+        "|---|---|---|---|",
+        *(f"| {name} | {cell(name, 'W1')} | {cell(name, 'W2')} | {cell(name, 'W3')} |"
+          for name in VARIANTS),
+    ]
+    out.write_text("\n".join(lines) + "\n")
 
 
 #: name -> topology, each through ``python -m serve_app`` (Ray's high-throughput mode): the
@@ -320,6 +365,9 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str, out: Path, m
         lines.append(f"- {k}: {v}")
     lines += ["", f"![served over ceiling, per workload and protocol]({out.stem}.png)", "",
               f"Raw figures of this run: [{out.stem}.json]({out.stem}.json)."]
+    scheduler = out.with_name("benchmarks-scheduler.md")
+    if out.stem == "benchmarks" and scheduler.exists():  # a separate run: see --scheduler-ab
+        lines += ["", scheduler.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -381,10 +429,16 @@ def main() -> None:
                         "separate: the same with ingress and model as separate deployments")
     p.add_argument("--no-overload", action="store_true",
                    help="skip the overload measurement (300 requests of 64 inputs at once)")
+    p.add_argument("--scheduler-ab", action="store_true",
+                   help="only the in-process A/B of the replica's special cases, written to "
+                        "docs/benchmarks-scheduler.md")
     p.add_argument("--render-only", action="store_true",
                    help="redraw the table and chart from the JSON next to --out, measuring nothing")
     a = p.parse_args()
     out = Path(a.out)
+    if a.scheduler_ab:
+        scheduler_ab(a.duration, ROOT / "docs" / "benchmarks-scheduler.md")
+        return
     if a.render_only:
         saved = json.loads(out.with_suffix(".json").read_text())
         out.write_text(render(saved["ceiling"], saved["rows"], saved["extra"], saved["command"],
@@ -405,10 +459,10 @@ def main() -> None:
     rows: list[dict] = []
     extra: dict[str, str] = dict(extra_first)
     if "W2" in a.workloads and a.device == "cpu":
-        rate = batcher_w2(a.duration, a.dtype)
-        extra["W2 in process through the replica's runner and batcher (32 clients, no server)"] = (
+        rate = in_process("W2", a.duration, a.dtype)
+        extra["W2 in process through the replica's model path (32 clients, no server)"] = (
             f"{rate:.0f}/s")
-        print(f"W2 through the batcher in process: {rate:.0f}/s", flush=True)
+        print(f"W2 through the replica's model path in process: {rate:.0f}/s", flush=True)
     peers = [PEERS[n] for n in (a.peers if a.peers is not None else sorted(PEERS))
              if PEERS[n].installed()]
     with contextlib.ExitStack() as stack:

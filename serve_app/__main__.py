@@ -42,6 +42,8 @@ _REFUSED = {
     "--return_probabilities": "probabilities belong to classification tasks",
     "--tensor_input_names": "inputs are always the tokenizer's ids and attention mask",
     "--predictor_host": "serve_app runs the model itself; there is no separate predictor",
+    "--tokenizer_revision": "the tokenizer is loaded from the model's own files, at "
+                            "--model_revision",
 }
 
 class _Refuse(argparse.Action):
@@ -60,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dir", default="/mnt/models",
                    help="Local model directory, used when --model_id is not given.")
     p.add_argument("--model_revision", default=None, help="Hub revision of the model.")
-    p.add_argument("--tokenizer_revision", default=None, help="Hub revision of the tokenizer.")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow hub model code.")
     p.add_argument("--max_length", "--max_model_len", dest="max_length", type=int, default=None,
                    help="Token limit (default: the model's max_seq_length).")
@@ -134,7 +135,6 @@ def config_from_args(
             name=args.model_name,
             model_id=model_id,
             model_revision=args.model_revision,
-            tokenizer_revision=args.tokenizer_revision,
             trust_remote_code=args.trust_remote_code,
             max_length=args.max_length,
             dtype=_DTYPES[args.dtype],

@@ -6,6 +6,7 @@ Keys are compared in constant time, every configured key every time, and never l
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Iterable
 
 from serve_app.errors import Unauthorized
@@ -40,3 +41,24 @@ class ApiKeys:
             ok |= hmac.compare_digest(given, key)
         if not ok:
             raise Unauthorized("invalid API key")
+
+
+def read_keys(path: str | None, env_name: str | None) -> list[str]:
+    """Keys from the file ``path`` and the variable ``env_name``, one per line or
+    comma-separated. A named but missing file or variable is an error, not silently open
+    access; so is a source that holds no key."""
+    text = ""
+    if path is not None:
+        try:
+            with open(path) as f:
+                text += f.read() + "\n"
+        except OSError as e:
+            raise ValueError(f"cannot read api_keys_file {path!r}: {e.strerror}") from e
+    if env_name is not None:
+        if env_name not in os.environ:
+            raise ValueError(f"api_keys_env names {env_name!r}, which is not set")
+        text += os.environ[env_name]
+    keys = [k.strip() for line in text.splitlines() for k in line.split(",") if k.strip()]
+    if (path or env_name) and not keys:
+        raise ValueError("API key source is configured but holds no key")
+    return keys

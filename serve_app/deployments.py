@@ -1,4 +1,4 @@
-"""Ray Serve deployments: thin shims over the engine, the batcher and the HTTP app.
+"""Ray Serve deployments: thin shims over the model replica, the data plane and the HTTP app.
 
 With ``app.py`` these are the only modules that import Ray.
 """
@@ -11,22 +11,21 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import ApiKeys
-from serve_app.batching import Group, InputBound, ModelRunner, forward_batcher, replica_stats
 from serve_app.config import AppConfig, ModelConfig
+from serve_app.context import ServerContext
+from serve_app.dataplane import DataPlane, ModelBackend
 from serve_app.engine import EmbeddingEngine, pick_device, plan_parallelism
-from serve_app.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServeAppError
+from serve_app.errors import DeadlineExceeded, ModelNotReady, ServeAppError
 from serve_app.http import create_http_app, enable_access_log
-from serve_app.local import LocalBackend
 from serve_app.metrics import Metrics
 from serve_app.protocols.v2_grpc import GrpcInference
-from serve_app.router import ModelBackend, Router
+from serve_app.replica import ModelReplica
+from serve_app.scheduler import Work
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
 log = logging.getLogger(__name__)  # under "serve_app": see _log_through_serve
@@ -51,14 +50,10 @@ def _log_through_serve() -> None:
         ours.propagate = False
 
 
-def _count_texts(groups: list[Group]) -> int:
-    return sum(len(g) for g in groups)
-
-
-def load_engine(cfg: ModelConfig) -> tuple[EmbeddingEngine, int, int]:
-    """Load and warm up ``cfg``'s engine, logging each step (Serve reports a replica ready only
-    after its ``__init__``, so after warm-up); returns it, the forward passes to run at once
-    and the replica's torch threads (shared among the passes)."""
+def serve_model(cfg: ModelConfig) -> ModelReplica:
+    """Load and warm up ``cfg``'s model in this replica, logging each step (Serve reports a
+    replica ready only after its ``__init__``, so after warm-up), with its requests entering
+    the queue through ``@serve.batch``: the one way into a model in every topology."""
     t0 = time.perf_counter()
     # Set explicitly: Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress
     # owns the CPUs of every model it holds.
@@ -72,43 +67,34 @@ def load_engine(cfg: ModelConfig) -> tuple[EmbeddingEngine, int, int]:
     warm = engine.warmup()
     log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
              time.perf_counter() - t0)
-    return engine, passes, threads
+    model = ModelReplica(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads)
+
+    @serve.batch(max_batch_size=cfg.batching.max_batch_size,
+                 batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s)
+    async def enter(works: list[Work]) -> list[None]:
+        return model.put(works)
+
+    model.enter_through(enter)
+    return model
 
 
 @serve.deployment
 class EmbeddingModel:
-    """One model's replica: loads and warms the engine in ``__init__`` (Serve reports the
-    replica ready only after it returns), then embeds :class:`EmbedRequest` objects."""
+    """One model's replica (the separate topology): :func:`serve_model` in ``__init__``, then
+    :class:`EmbedRequest` objects in, :class:`EmbedResult` objects out."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         _log_through_serve()
-        self.engine, passes, threads = load_engine(cfg)
-        self.batcher = forward_batcher(self.engine, passes, threads)
-        self._batched.set_max_batch_size(  # type: ignore[attr-defined]
-            cfg.batching.max_batch_size
-        )
-        self._batched.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
-            cfg.batching.batch_wait_timeout_s
-        )
-        self.runner = ModelRunner(self.engine, self._batched, cfg.max_queued_inputs,
-                                  passes=self.batcher.take_passes, parallel_passes=passes)
-        self._info = self.engine.info(cfg.name, cfg.version)
+        self.model = serve_model(cfg)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        return await self.runner.embed(req)
+        return await self.model.embed(req)
 
-    # max_concurrent_batches is high on purpose: closed batches go straight to the drain
-    # batcher, which merges them while the model is busy (see serve_app.batching).
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=4096,
-                 batch_size_fn=_count_texts)
-    async def _batched(self, groups: list[Group]) -> list[np.ndarray | BaseException]:
-        return await self.batcher.run(groups)
+    async def info(self) -> ModelInfo:
+        return await self.model.info()
 
-    def info(self) -> ModelInfo:
-        return self._info
-
-    def stats(self) -> dict[str, Any]:
-        return replica_stats(self.batcher, self.runner)
+    async def stats(self) -> dict[str, Any]:
+        return await self.model.stats()
 
 
 def _name(enum: Any) -> str:
@@ -169,20 +155,17 @@ class HandleBackend:
     """A model deployment seen from the ingress (a :class:`serve_app.router.ModelBackend`).
 
     ``ready`` is false while the model has no running replica (its node is gone, it is
-    restarting), so the router answers 503 at once instead of queueing requests that would hang;
-    during a rollout of a new version it stays true and requests wait for the new replica.
+    restarting), so the data plane answers 503 at once instead of queueing requests that would
+    hang; during a rollout of a new version it stays true and requests wait for the new replica.
     A replica lost mid-request is the same retryable error, and so is no answer within
-    ``timeout_s``. Inputs in flight from this ingress are bounded by the model's
-    ``max_queued_inputs`` times its running replicas, so a flood is refused here, without a hop
-    to the replicas (each of which keeps its own bound too).
+    ``timeout_s``. The wait for an answer also ends at the request's deadline.
     """
 
-    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
-                 max_queued_inputs: int) -> None:
+    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float) -> None:
         self._name = handle.deployment_name
         self._census = census
         self._timeout_s = timeout_s
-        self._bound = InputBound(max_queued_inputs)
+        self._in_flight = 0
         self._embed = handle.options(method_name="embed")
         self._info = handle.options(method_name="info")
         self._stats = handle.options(method_name="stats")
@@ -191,27 +174,25 @@ class HandleBackend:
         return await self._census.serving(self._name)
 
     def queued_inputs(self) -> int:
-        return self._bound.held
+        return self._in_flight
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        replicas = await self._census.running(self._name)
-        with self._bound.hold(req.model, len(req.inputs), replicas):
+        n = len(req.inputs)
+        self._in_flight += n
+        try:
             return await self._call(req)
+        finally:
+            self._in_flight -= n
 
     async def _call(self, req: EmbedRequest) -> EmbedResult:
         remaining = req.remaining()
-        timeout = self._timeout_s if remaining is None else min(self._timeout_s, remaining)
-        if timeout <= 0:
-            raise DeadlineExceeded("the request's deadline passed before it reached the model")
+        timeout = self._timeout_s if remaining is None else max(0.0, min(self._timeout_s,
+                                                                           remaining))
         response = self._embed.remote(req)
         try:
             return await asyncio.wait_for(response, timeout)
         except RayTaskError as e:
             raise _unwrap(e) from None
-        except BackPressureError:
-            raise Overloaded(
-                f"model {req.model!r} has too many requests queued; retry after a short wait"
-            ) from None
         except RayActorError:
             raise ModelNotReady(
                 f"the replica of model {req.model!r} was lost during the request; retry"
@@ -252,10 +233,8 @@ class Ingress(GrpcInference):
 
         def backend(m: ModelConfig) -> ModelBackend:
             if cfg.colocated:  # the model runs here, in this replica
-                engine, passes, threads = load_engine(m)
-                return LocalBackend(engine, m.name, m.version, m.max_queued_inputs, passes,
-                                    threads)
-            return HandleBackend(models[m.deployment_name], census, timeout, m.max_queued_inputs)
+                return serve_model(m)
+            return HandleBackend(models[m.deployment_name], census, timeout)
 
         defaults = cfg.defaults()
         backends = {m.name: backend(m) for m in defaults}
@@ -265,20 +244,22 @@ class Ingress(GrpcInference):
         if cfg.ingress.access_log:
             enable_access_log()
         self.cfg = cfg
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.router = Router(backends, server_name=cfg.server_name,
-                             versions={m.name: m.version for m in defaults},
-                             api_keys=ApiKeys(accepted), limits=cfg.limits, others=others,
-                             metrics=Metrics(replica))
-        super().__init__(self.router)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.dataplane = DataPlane(backends, versions={m.name: m.version for m in defaults},
+                                   others=others, limits=cfg.limits, server_name=cfg.server_name)
+        context = ServerContext(Metrics(self.replica), ApiKeys(accepted),
+                                cfg.limits.max_body_bytes)
+        super().__init__(self.dataplane, context)
 
-    def drain(self) -> int:
-        """See :meth:`Router.drain`; the command line calls it on SIGTERM, then polls
-        :meth:`in_flight` until the requests in flight have finished."""
-        return self.router.drain()
+    def drain(self) -> tuple[str, int]:
+        """See :meth:`DataPlane.drain`: this replica's id and its requests in flight. The
+        command line calls it on SIGTERM until every ingress replica has answered, then polls
+        :meth:`in_flight` until none has any left."""
+        return self.replica, self.dataplane.drain()
 
-    def in_flight(self) -> int:
-        return self.router.in_flight
+    def in_flight(self) -> tuple[str, int]:
+        return self.replica, self.dataplane.in_flight
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_http_app(self.router, self.cfg.cors, echo_request_id=False)
+        return create_http_app(self.dataplane, self.context, self.cfg.cors,
+                               echo_request_id=False)

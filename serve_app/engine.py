@@ -180,16 +180,10 @@ class EmbeddingEngine:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
-        """Token ids per text, special tokens included, cut at ``max_length`` when ``truncate``.
-
-        With ``truncate=False`` a text longer than the limit raises :class:`InvalidInput`.
-        """
-        return self.tokenize_counted(texts, truncate)[0]
-
-    def tokenize_counted(self, texts: Sequence[str],
-                         truncate: bool = True) -> tuple[list[list[int]], int]:
-        """:meth:`tokenize`, and how many of the texts were cut."""
+    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> tuple[list[list[int]], int]:
+        """Token ids per text, special tokens included, cut at ``max_length`` when ``truncate``,
+        and how many of the texts were cut. With ``truncate=False`` a text longer than the limit
+        raises :class:`InvalidInput`."""
         if self.lower_case:
             texts = [t.lower() for t in texts]
         if self.prompt:
@@ -238,19 +232,22 @@ class EmbeddingEngine:
                     param="input",
                 )
 
-    def embed_ids(self, seqs: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
-        """Vectors for token-id sequences, float32 ``[n, dim]``, in input order. ``threads``:
-        the torch threads this call runs on (torch keeps that setting per calling thread, so
-        passes on different threads can differ)."""
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    def embed_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        """Vectors for any number of token-id sequences, float32 ``[n, dim]``, in input order,
+        in passes planned by :func:`plan_batches` (a served replica forms its passes in
+        :mod:`serve_app.scheduler` and calls :meth:`forward` instead)."""
         out = np.empty((len(seqs), self.dim), dtype=np.float32)
         lengths = [len(s) for s in seqs]
         for idx in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
-            out[idx] = self._forward([seqs[i] for i in idx])
+            out[idx] = self.forward([seqs[i] for i in idx])
         return out
 
-    def _forward(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+    def forward(self, seqs: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        """One forward pass over exactly ``seqs`` (padded to the longest): float32 ``[n, dim]``.
+        ``threads``: the torch threads this call runs on (torch keeps that setting per calling
+        thread, so passes on different threads can differ)."""
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -281,7 +278,7 @@ class EmbeddingEngine:
         seqs: list[list[int]] = [list(x) if not isinstance(x, str) else [] for x in inputs]
         truncated = 0
         if texts:
-            ids, truncated = self.tokenize_counted([t for _, t in texts], truncate)
+            ids, truncated = self.tokenize([t for _, t in texts], truncate)
             for (i, _), one in zip(texts, ids, strict=True):
                 seqs[i] = one
         return seqs, truncated

@@ -4,7 +4,7 @@
 ``app.py`` and ``deployments.py`` this is the only module that imports Ray. It
 
 - puts Ray Serve's high-throughput settings in the environment before Ray starts (Ray reads them
-  only then; see :func:`serve_app.config.ray_serve_env`),
+  only then; see :func:`serve_app.env.ray_serve_env`),
 - stops what a killed server left running: HAProxy holding the ports, Ray's agents
   (:func:`serve_app.leftovers.stop_orphans`),
 - starts Ray without the dashboard unless asked (the dashboard's processes hold about as much
@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from serve_app.config import AppConfig, haproxy_config_dir, ray_address, ray_serve_env
+from serve_app.config import AppConfig
+from serve_app.env import haproxy_config_dir, ray_address, ray_serve_env
 from serve_app.leftovers import stop_orphans
 
 log = logging.getLogger("serve_app")
@@ -129,23 +130,39 @@ def drain_all(apps: list[str], timeout_s: float) -> None:
 async def _drain_apps(apps: list[str], timeout_s: float) -> None:
     from ray import serve
 
+    status = serve.status().applications
     # In throughput-optimized mode a handle runs on the caller's event loop, hence async.
     for name in apps:
-        await drain(serve.get_app_handle(name), timeout_s)
+        ingress = status[name].deployments.get("Ingress") if name in status else None
+        replicas = 1 if ingress is None else sum(
+            n for state, n in ingress.replica_states.items()
+            if getattr(state, "value", state) == "RUNNING")
+        await drain(serve.get_app_handle(name), max(1, replicas), timeout_s)
 
 
-async def drain(ingress: Any, timeout_s: float, poll_s: float = 0.1) -> int:
-    """Graceful stop, as KServe's server does on SIGTERM: readiness false at once, then wait
-    (at most ``timeout_s``) until the requests in flight have finished. Returns those left."""
-    left = int(await ingress.options(method_name="drain").remote())
-    log.warning("shutting down: readiness is false; waiting for %d request(s) in flight", left)
+async def drain(ingress: Any, replicas: int, timeout_s: float, poll_s: float = 0.05) -> int:
+    """Graceful stop, as KServe's server does on SIGTERM: readiness false at once on each of
+    the ``replicas`` ingress replicas, then wait (at most ``timeout_s``) until none has requests
+    in flight. Returns those left.
+
+    A call through Serve's handle reaches one replica, chosen by Serve: ``drain`` is called
+    until every replica has answered it (each answers with its id), and ``in_flight`` until each
+    has last reported none."""
     deadline = time.monotonic() + timeout_s
-    while left and time.monotonic() < deadline:
+    left: dict[str, int] = {}
+    while len(left) < replicas and time.monotonic() < deadline:
+        replica, n = await ingress.options(method_name="drain").remote()
+        left[replica] = int(n)
+    log.warning("shutting down: readiness is false on %d ingress replica(s); waiting for %d "
+                "request(s) in flight", len(left), sum(left.values()))
+    while any(left.values()) and time.monotonic() < deadline:
         await asyncio.sleep(poll_s)
-        left = int(await ingress.options(method_name="in_flight").remote())
-    if left:
-        log.warning("%d request(s) still in flight after %gs; stopping anyway", left, timeout_s)
-    return left
+        replica, n = await ingress.options(method_name="in_flight").remote()
+        left[replica] = int(n)
+    if any(left.values()):
+        log.warning("%d request(s) still in flight after %gs; stopping anyway",
+                    sum(left.values()), timeout_s)
+    return sum(left.values())
 
 
 def _cluster_alive() -> bool:

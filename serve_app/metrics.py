@@ -24,16 +24,6 @@ _TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 STAGES = ("tokenize", "queue", "inference", "encode")
 
 
-def protocol_of(path: str) -> str:
-    if path.startswith("/v2"):
-        return "v2"
-    if path.startswith("/openai/") or path.startswith("/v1/embeddings"):
-        return "openai"
-    if path.startswith("/v1/"):
-        return "kserve_v1"
-    return "other"
-
-
 class Metrics:
     """One registry per app, so several apps in one process never collide. Every series carries
     ``replica``, the ingress replica that counted it, so the series of several ingress replicas

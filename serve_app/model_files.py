@@ -99,14 +99,12 @@ class SentenceTransformerSettings:
     do_lower_case: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
-    dim: int | None = None
 
 
 def read_settings(model_dir: Path) -> SentenceTransformerSettings:
     modules = _read_json(model_dir / "modules.json")
     pooling: str | None = None
     normalize: bool | None = None
-    dim: int | None = None
     if isinstance(modules, list):
         types = [str(m.get("type", "")) for m in modules]
         normalize = any(t.endswith(".Normalize") for t in types)
@@ -120,7 +118,6 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
                         "one of mean, cls, max, lasttoken, mean_sqrt_len"
                     )
                 pooling = modes[0]
-                dim = pcfg.get("word_embedding_dimension")
         unsupported = [
             t
             for t in types
@@ -139,5 +136,4 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
         do_lower_case=bool(sbert.get("do_lower_case", False)),
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name") or None,
-        dim=dim,
     )

@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from serve_app.config import AppConfig, ModelConfig, ray_address
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.env import ray_address
 
 IMPORT_PATH = "serve_app.app:build_app"
 

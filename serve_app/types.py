@@ -28,8 +28,7 @@ class EmbedRequest:
     - ``truncate``: cut texts at the model's token limit (True) or refuse longer ones (False).
     - ``dimensions``: keep the first N values of each vector and L2-normalize again.
     - ``version``: the model version (V2); None: the name's default version.
-    - ``request_id``: the caller's id, for logs; ``protocol``: which API it came in by, for
-      metrics.
+    - ``request_id``: the caller's id, for logs.
     - ``deadline``: wall-clock time (``time.time()``) after which the answer is useless; work
       still queued then is dropped and the caller gets :class:`DeadlineExceeded`.
     """
@@ -40,7 +39,6 @@ class EmbedRequest:
     dimensions: int | None = None
     request_id: str = ""
     deadline: float | None = None
-    protocol: str = ""
     version: str | None = None
 
     def remaining(self) -> float | None:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from serve_app.auth import ApiKeys
 from serve_app.config import AppConfig, AuthOptions
+from serve_app.context import ServerContext
+from serve_app.dataplane import DataPlane
 from serve_app.errors import Unauthorized
-from serve_app.http import create_http_app
-from serve_app.local import LocalBackend
 from serve_app.proto import inference_pb2 as pb
-from serve_app.router import Router
-from tests.test_grpc import infer_request, serving
+from tests.helpers import FakeBackend, app_client, grpc_serving, infer_request
 
 KEY = "sk-test-0123456789"
 V2_BODY = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
@@ -36,10 +34,8 @@ GUARDED = [
 
 
 @pytest.fixture(scope="module")
-def client(engine):
-    router = Router({"embedding": LocalBackend(engine, "embedding")},
-                    api_keys=ApiKeys(["other-key", KEY]))
-    with TestClient(create_http_app(router)) as c:
+def client():
+    with app_client({"embedding": FakeBackend("embedding")}, api_keys=("other-key", KEY)) as c:
         yield c
 
 
@@ -70,9 +66,9 @@ def test_probes_and_scrapes_need_no_key(client, path):
     assert client.get(path).status_code == 200
 
 
-def test_grpc_methods_need_the_key_except_health(engine):
-    router = Router({"embedding": LocalBackend(engine, "embedding")}, api_keys=ApiKeys([KEY]))
-    with serving(router) as stub:
+def test_grpc_methods_need_the_key_except_health():
+    dataplane = DataPlane({"embedding": FakeBackend("embedding")})
+    with grpc_serving(dataplane, ServerContext(api_keys=ApiKeys([KEY]))) as stub:
         assert stub.ServerLive(pb.ServerLiveRequest()).live
         assert stub.ServerReady(pb.ServerReadyRequest()).ready
         calls = [

@@ -12,7 +12,7 @@ import tritonclient.grpc as triton_grpc
 
 from serve_app.__main__ import build_parser, config_from_args, kserve_deploy, main
 from serve_app.config import AppConfig
-from tests.servers import BIN, free_port, running
+from tests.helpers import BIN, free_port, running
 
 KSERVE_ARGS = ["--model_name", "embedding", "--model_id", "sentence-transformers/all-MiniLM-L6-v2",
                "--task", "text_embedding"]
@@ -135,11 +135,13 @@ def test_cli_serves_like_kserve(tmp_path, engine):
 
 @pytest.mark.e2e
 def test_sigterm_finishes_requests_in_flight_then_stops(tmp_path):
-    """As KServe's server does: on SIGTERM readiness turns false at once and the requests in
-    flight still get their answers before the process exits (0)."""
+    """As KServe's server does: on SIGTERM readiness turns false at once, on every ingress
+    replica (``--workers 2``; HAProxy spreads the probes over both), and the requests in flight
+    still get their answers before the process exits (0)."""
     port = free_port()
     cmd = [str(BIN / "python"), "-m", "serve_app", *KSERVE_ARGS, "--host", "127.0.0.1",
-           "--http_port", str(port), "--grpc_port", str(free_port()), "--num_cpus", "1"]
+           "--http_port", str(port), "--grpc_port", str(free_port()), "--num_cpus", "1",
+           "--workers", "2"]
     long_texts = ["word " * 400] * 32  # a few seconds of compute each on CPU
     with running(cmd, f"http://127.0.0.1:{port}", tmp_path / "cli.log") as server:
         async def main() -> tuple[list[httpx.Response], int]:
@@ -149,19 +151,16 @@ def test_sigterm_finishes_requests_in_flight_then_stops(tmp_path):
                           for _ in range(3)]
                 await asyncio.sleep(1.0)
                 server.proc.send_signal(signal.SIGTERM)
-                ready = 200
+                probes: list[int] = []
                 for _ in range(50):  # readiness turns false while the requests still run
                     await asyncio.sleep(0.1)
-                    try:
-                        ready = (await c.get("/v2/health/ready")).status_code
-                    except httpx.HTTPError:
+                    probes.append((await c.get("/v2/health/ready")).status_code)
+                    if probes[-6:] == [503] * 6:
                         break
-                    if ready == 503:
-                        break
-                return await asyncio.gather(*flight), ready
+                return await asyncio.gather(*flight), probes
 
-        answers, ready = asyncio.run(main())
+        answers, probes = asyncio.run(main())
         assert [r.status_code for r in answers] == [200, 200, 200]
         assert all(len(r.json()["data"]) == 32 for r in answers)
-        assert ready == 503
+        assert probes[-6:] == [503] * 6, probes  # both replicas: none answers ready
         assert server.proc.wait(60) == 0

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.servers import BIN, _stop, free_port, wait_for
+from tests.helpers import BIN, SENTENCE, free_port, stop_process, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-SENTENCE = "This is an example sentence."
 
 
 @dataclass
@@ -89,7 +88,7 @@ def cluster() -> Iterator[Cluster]:
             serve.shutdown()
         ray.shutdown()
         for proc in reversed(c.nodes):
-            _stop(proc)
+            stop_process(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -175,7 +174,7 @@ def test_replicas_pinned_to_a_node_and_what_users_see_when_it_goes(cluster, engi
     assert len(holders) == 1
     assert ray.available_resources().get("model_node", 0) == 0
 
-    _stop(cluster.nodes[1])  # the model's node goes away
+    stop_process(cluster.nodes[1])  # the model's node goes away
     wait_for(lambda: cluster.alive_nodes() == 1, 60, "the node to leave the cluster")
 
     # What a user sees: quick, retryable 503s in each protocol's shape, never a hang, and

@@ -11,20 +11,18 @@ import string
 import numpy as np
 import orjson
 import pytest
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from serve_app.errors import InvalidInput
-from serve_app.http import create_http_app
 from serve_app.proto import inference_pb2 as pb
 from serve_app.protocols import openai as oai
 from serve_app.protocols.common import check_texts
 from serve_app.protocols.v2_codec import fp32_bytes, join_bytes_tensor
 from serve_app.protocols.v2_grpc import _fp32_contents, to_embed_request
-from serve_app.router import Router
 from serve_app.types import EmbedResult
+from tests.helpers import FakeBackend, app_client, fake_vector
 
 texts = st.text(min_size=1, max_size=40)
 token_ids = st.lists(st.integers(0, 30521), min_size=1, max_size=8)
@@ -119,30 +117,9 @@ def test_grpc_fp32_contents_decode_to_the_vectors(v):
 
 # -- every HTTP route: arbitrary bodies are never a 5xx ----------------------------------------
 
-class Echo:
-    """A backend that embeds without a model: each text becomes [len] (fast, deterministic)."""
-
-    async def embed(self, req):
-        v = np.array([[float(len(x))] for x in req.inputs], np.float32)
-        return EmbedResult(embeddings=v, token_counts=np.ones(len(v), np.int64))
-
-    async def info(self):
-        from serve_app.types import ModelInfo
-        return ModelInfo("m", "1", 1, 8, 10, "echo", "mean", True)
-
-    async def stats(self):
-        return {"texts": 0, "passes": 0, "batches": []}
-
-    async def ready(self):
-        return True
-
-    def queued_inputs(self) -> int:
-        return 0
-
-
 @pytest.fixture(scope="module")
 def echo_client():
-    with TestClient(create_http_app(Router({"m": Echo()}))) as c:
+    with app_client({"m": FakeBackend("m")}) as c:
         yield c
 
 
@@ -185,9 +162,9 @@ def test_v2_rest_binary_round_trip(echo_client, items, binary_out):
     r = echo_client.post("/v2/models/m/infer", content=head + raw,
                          headers={"inference-header-content-length": str(len(head))})
     assert r.status_code == 200
-    expected = [float(len(t)) for t in items]
+    expected = np.stack([fake_vector(t, 8) for t in items]).ravel()
     if binary_out:
         n = int(r.headers["inference-header-content-length"])
-        assert np.frombuffer(r.content[n:], "<f4").tolist() == expected
+        assert np.frombuffer(r.content[n:], "<f4").tolist() == expected.tolist()
     else:
-        assert r.json()["outputs"][0]["data"] == expected
+        np.testing.assert_allclose(r.json()["outputs"][0]["data"], expected, rtol=1e-6)

@@ -9,7 +9,8 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.app import build_app
-from serve_app.config import AppConfig, DeploymentOptions, ModelConfig
+from serve_app.config import AppConfig, DeploymentOptions
+from tests.helpers import assert_valid_serve_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -128,17 +129,6 @@ def test_default_version_is_marked_or_first_listed():
         cfg.model("a", "3")
 
 
-def assert_valid_serve_config(raw: dict) -> None:
-    """Ray's schema for the file, our strict schema for the args, and no key either ignores."""
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(raw)
-    _assert_no_dropped_keys(raw, schema)
-    for app in raw["applications"]:
-        assert app["import_path"] == "serve_app.app:build_app"
-        AppConfig.model_validate(app.get("args") or {})
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_are_valid_serve_configs(path):
     raw = yaml.safe_load(path.read_text())
@@ -152,24 +142,6 @@ def test_a_key_ray_would_drop_is_caught():
     raw["http_option"] = raw.pop("http_options")
     with pytest.raises(AssertionError, match="http_option"):
         assert_valid_serve_config(raw)
-
-
-def _assert_no_dropped_keys(raw: dict, schema) -> None:
-    """Ray Serve drops unknown keys silently: every key in the file must be a schema field."""
-    known = set(type(schema).__fields__) if hasattr(type(schema), "__fields__") else set()
-    unknown = set(raw) - known
-    assert not unknown, f"keys Ray Serve would ignore: {sorted(unknown)}"
-    for section in ("http_options", "grpc_options"):
-        if section in raw:
-            sub = getattr(schema, section)
-            assert not set(raw[section]) - set(type(sub).__fields__), section
-    for app_raw, app in zip(raw["applications"], schema.applications, strict=True):
-        assert not set(app_raw) - set(type(app).__fields__), app_raw.get("name")
-
-
-def test_model_config_is_frozen():
-    with pytest.raises(ValidationError):
-        ModelConfig().name = "x"  # type: ignore[misc]
 
 
 def test_colocated_topology_runs_the_models_inside_the_ingress():

@@ -8,13 +8,9 @@ import re
 import sys
 
 import pytest
-from fastapi.testclient import TestClient
 
-from serve_app.http import create_http_app
-from serve_app.local import LocalBackend
 from serve_app.metrics import Metrics
-from serve_app.router import Router
-from tests.servers import REPO
+from tests.helpers import REPO, app_client, replica
 
 sys.path.insert(0, str(REPO / "scripts"))
 import dashboard
@@ -37,8 +33,7 @@ def test_every_query_names_exported_metrics():
 
 
 def test_panel_series_follow_known_traffic(engine):
-    router = Router({"embedding": LocalBackend(engine, "embedding")})
-    with TestClient(create_http_app(router)) as c:
+    with app_client({"embedding": replica(engine)}) as c:
         before = dashboard.parse(c.get("/metrics").text)
         for _ in range(4):
             c.post("/v1/embeddings", json={"model": "embedding", "input": ["a", "b", "c"]})

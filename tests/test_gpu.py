@@ -13,14 +13,12 @@ import torch
 import yaml
 
 from serve_app.proto import inference_pb2_grpc as pb_grpc
-from tests.servers import REPO, free_port, start_server
-from tests.test_grpc import infer_request
+from tests.helpers import REPO, TEXTS, free_port, infer_request, start_server
 
 pytestmark = [
     pytest.mark.gpu, pytest.mark.e2e,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-TEXTS = ["This is an example sentence.", "Der schnelle braune Fuchs.", "long text " * 300]
 
 
 def gpu_config(http: int, grpc_port: int) -> dict:
@@ -39,7 +37,7 @@ def test_gpu_config_serves_every_protocol_in_fp16(tmp_path, minilm_dir):
     want = SentenceTransformer(str(minilm_dir), device="cpu").encode(TEXTS)
     http, grpc_port = free_port(), free_port()
     with start_server(gpu_config(http, grpc_port), tmp_path) as server:
-        assert server.find("ServeReplica:serve_app:model-embedding-v1")  # separate, on the GPU
+        assert server.processes_named("ServeReplica:serve_app:model-embedding-v1")  # separate, on the GPU
         r = httpx.post(f"{server}/v1/embeddings", json={"model": "embedding", "input": TEXTS},
                        timeout=60)
         assert r.status_code == 200

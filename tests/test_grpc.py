@@ -2,122 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import struct
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from serve_app.local import LocalBackend
+from serve_app.context import ServerContext
+from serve_app.dataplane import DataPlane
 from serve_app.proto import inference_pb2 as pb
-from serve_app.proto import inference_pb2_grpc as pb_grpc
-from serve_app.protocols.v2_grpc import GrpcInference, _fp32_contents, add_inference_servicer
-from serve_app.router import Router
-from tests.servers import REPO
-
-SENTENCE = "This is an example sentence."
-
-
-class NeverReady:
-    async def info(self):
-        await asyncio.sleep(3600)
-
-    async def embed(self, req):
-        raise AssertionError("unreachable")
-
-    async def stats(self):
-        return {}
-
-    async def ready(self):
-        return False
-
-    def queued_inputs(self):
-        return 0
-
-
-class Broken:
-    def __init__(self, info):
-        self._info = info
-
-    async def info(self):
-        return self._info
-
-    async def embed(self, req):
-        raise RuntimeError("a bug")
-
-    async def stats(self):
-        return {}
-
-    async def ready(self):
-        return True
-
-    def queued_inputs(self):
-        return 0
-
-
-class LoopStub:
-    """A grpcio aio stub whose calls run to completion on ``loop``, where the server runs too
-    (one thread: grpc.aio servers stall when their loop lives in a background thread)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, stub: pb_grpc.GRPCInferenceServiceStub):
-        self._loop = loop
-        self._stub = stub
-
-    def __getattr__(self, method: str):
-        rpc = getattr(self._stub, method)
-        return lambda request, metadata=None: self._loop.run_until_complete(
-            rpc(request, metadata=metadata, timeout=30))
-
-
-@contextlib.contextmanager
-def serving(router: Router) -> Iterator[LoopStub]:
-    """A grpc.aio server on a loopback port with the adapter over ``router``, and a stub."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)  # grpc.aio initialises itself from the current loop
-
-    async def start():  # grpc.aio objects bind to the loop they are made on
-        server = grpc.aio.server()
-        add_inference_servicer(GrpcInference(router), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-
-    server, channel = loop.run_until_complete(start())
-    try:
-        yield LoopStub(loop, pb_grpc.GRPCInferenceServiceStub(channel))
-    finally:
-        loop.run_until_complete(channel.close())
-        loop.run_until_complete(server.stop(0))
-        asyncio.set_event_loop(None)
-        loop.close()
+from serve_app.protocols.v2_codec import join_bytes_tensor
+from serve_app.protocols.v2_grpc import _fp32_contents
+from tests.helpers import (
+    REPO,
+    SENTENCE,
+    FakeBackend,
+    grpc_serving,
+    infer_request,
+    replica,
+    sample,
+    scrape,
+)
 
 
 @pytest.fixture(scope="module")
 def stub(engine):
-    router = Router(
-        {"embedding": LocalBackend(engine, "embedding"), "loading": NeverReady(),
-         "broken": Broken(engine.info("broken", "1"))},
+    dataplane = DataPlane(
+        {"embedding": replica(engine), "loading": FakeBackend("loading", loads=False),
+         "broken": FakeBackend("broken", error=RuntimeError("a bug"))},
         server_name="grpc-test", ready_timeout_s=0.2, load_timeout_s=0.5,
     )
-    with serving(router) as s:
+    with grpc_serving(dataplane) as s:
         yield s
-
-
-def infer_request(texts, raw=False, shape=None, datatype="BYTES", model="embedding", **kw):
-    inp = pb.ModelInferRequest.InferInputTensor(name="text", datatype=datatype,
-                                                shape=shape or [len(texts)])
-    req = pb.ModelInferRequest(model_name=model, inputs=[inp], **kw)
-    data = [t.encode() if isinstance(t, str) else t for t in texts]
-    if raw:
-        req.raw_input_contents.append(b"".join(struct.pack("<I", len(d)) + d for d in data))
-    else:
-        req.inputs[0].contents.bytes_contents.extend(data)
-    return req
 
 
 def test_health_and_metadata(stub):
@@ -174,7 +90,7 @@ def _bad(kind):
     if kind == "two inputs":
         req.inputs.append(req.inputs[0])
     elif kind == "both styles":
-        req.raw_input_contents.append(struct.pack("<I", 1) + b"a")
+        req.raw_input_contents.append(join_bytes_tensor([b"a"]))
     elif kind == "raw count":
         req = infer_request(["a"], raw=True)
         req.raw_input_contents.append(b"")
@@ -246,10 +162,8 @@ def test_server_keeps_serving_after_errors(stub):
 
 
 def test_grpc_calls_are_counted_per_method_status_and_error_kind(engine):
-    from tests.test_protocols import sample, scrape
-
-    router = Router({"embedding": LocalBackend(engine, "embedding")})
-    with serving(router) as s:
+    context = ServerContext()
+    with grpc_serving(DataPlane({"embedding": replica(engine)}), context) as s:
         s.ModelInfer(infer_request([SENTENCE, "hi"]))
         with pytest.raises(grpc.RpcError):
             s.ModelInfer(infer_request(["x"], model="nope"))
@@ -259,7 +173,7 @@ def test_grpc_calls_are_counted_per_method_status_and_error_kind(engine):
             req.parameters["timeout"].int64_param = -1
             s.ModelInfer(req)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    m = scrape(router.metrics.render().decode())
+    m = scrape(context.metrics.render().decode())
     calls = dict(protocol="v2_grpc", route="ModelInfer", method="RPC")
     assert sample(m, "serve_app_requests_total", **calls, status="OK") == 1
     assert sample(m, "serve_app_requests_total", **calls, status="NOT_FOUND") == 1
@@ -291,10 +205,6 @@ def test_generated_modules_match_the_proto(tmp_path):
         assert fresh == (REPO / "serve_app" / "proto" / name).read_text(), name
 
 
-def test_proto_lives_in_the_package():
-    assert (Path(pb.__file__).parent / "inference.proto").is_file()
-
-
 @pytest.mark.parametrize("order", ["tritonclient first", "serve_app first"])
 def test_coexists_with_tritonclient_in_one_process(order):
     """Both register inference.* message types; ours live in a private descriptor pool."""
@@ -311,9 +221,9 @@ def test_grpc_reaches_each_version(engine, tiny_model):
     from serve_app.engine import EmbeddingEngine
 
     tiny = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="cls"))))
-    router = Router({"embedding": LocalBackend(engine, "embedding")}, versions={"embedding": "1"},
-                    others={("embedding", "2"): LocalBackend(tiny, "embedding", "2")})
-    with serving(router) as s:
+    dataplane = DataPlane({"embedding": replica(engine)}, versions={"embedding": "1"},
+                          others={("embedding", "2"): replica(tiny, "embedding", "2")})
+    with grpc_serving(dataplane) as s:
         meta = s.ModelMetadata(pb.ModelMetadataRequest(name="embedding", version="2"))
         assert list(meta.versions) == ["1", "2"] and list(meta.outputs[0].shape) == [-1, 32]
         assert s.ModelReady(pb.ModelReadyRequest(name="embedding", version="2")).ready

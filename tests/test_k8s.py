@@ -24,8 +24,7 @@ import yaml
 from serve_app.__main__ import config_from_args
 from serve_app.app import build_app
 from serve_app.config import AppConfig
-from tests.servers import BIN, REPO
-from tests.test_config import assert_valid_serve_config
+from tests.helpers import BIN, REPO, assert_valid_serve_config
 
 SCHEMAS = REPO.parent / "shared" / "schemas"
 CRD_FILES = {

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from serve_app import leftovers
-from tests.servers import BIN, free_port
+from tests.helpers import BIN, free_port
 
 
 def gone(proc: subprocess.Popen, timeout: float = 10.0) -> bool:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 
 import orjson
 import pytest
-from fastapi.testclient import TestClient
 
 from serve_app.config import AppConfig, CorsOptions, LimitOptions
-from serve_app.http import create_http_app
-from serve_app.local import LocalBackend
-from serve_app.router import Router
-from serve_app.types import EmbedRequest, EmbedResult
+from serve_app.dataplane import DataPlane
+from serve_app.protocols.v2_codec import join_bytes_tensor
+from serve_app.types import EmbedRequest
+from tests.helpers import FakeBackend, app_client, replica
 
 LIMITS = LimitOptions(max_inputs_per_request=8, max_input_chars=100, max_body_bytes=4096)
 LONG = "word " * 400  # about 400 tokens: over MiniLM's 256
@@ -22,9 +20,8 @@ LONG = "word " * 400  # about 400 tokens: over MiniLM's 256
 
 @pytest.fixture(scope="module")
 def client(engine):
-    router = Router({"embedding": LocalBackend(engine, "embedding")}, limits=LimitOptions(
-        max_inputs_per_request=8, max_input_chars=3000, max_body_bytes=8192))
-    with TestClient(create_http_app(router)) as c:
+    limits = LimitOptions(max_inputs_per_request=8, max_input_chars=3000, max_body_bytes=8192)
+    with app_client({"embedding": replica(engine)}, limits=limits) as c:
         yield c
 
 
@@ -102,11 +99,11 @@ def test_truncate_must_be_a_boolean(client, path, body):
     assert client.post(path, json=body).status_code == 400
 
 
-def test_limits_reach_the_router_from_the_config():
+def test_limits_reach_the_data_plane_from_the_config():
     cfg = AppConfig.model_validate({"limits": {"max_inputs_per_request": 3}})
-    router = Router({}, limits=cfg.limits)
+    dataplane = DataPlane({}, limits=cfg.limits)
     with pytest.raises(Exception, match="limit is 3"):
-        router.check_limits(EmbedRequest(model="m", inputs=("a",) * 4))
+        dataplane.check(EmbedRequest(model="m", inputs=("a",) * 4))
     with pytest.raises(Exception, match="max_body_bytes"):
         AppConfig.model_validate({"limits": {"max_body_bytes": 10}})
     with pytest.raises(Exception, match="extra"):
@@ -115,41 +112,9 @@ def test_limits_reach_the_router_from_the_config():
 
 # -- deadlines ---------------------------------------------------------------------------------
 
-class Slow:
-    """A backend that answers after ``delay`` seconds, or is cancelled."""
-
-    def __init__(self, engine, delay: float) -> None:
-        self.inner = LocalBackend(engine, "embedding")
-        self.delay = delay
-        self.cancelled = 0
-
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
-        remaining = req.remaining()
-        try:
-            await asyncio.wait_for(asyncio.sleep(self.delay),
-                                   None if remaining is None else max(remaining, 0))
-        except TimeoutError:
-            self.cancelled += 1
-            from serve_app.errors import DeadlineExceeded
-            raise DeadlineExceeded("deadline passed in the backend") from None
-        return await self.inner.embed(req)
-
-    async def info(self):
-        return await self.inner.info()
-
-    async def stats(self):
-        return await self.inner.stats()
-
-    async def ready(self) -> bool:
-        return True
-
-    def queued_inputs(self) -> int:
-        return 0
-
-
-def test_deadlines_from_headers_and_v2_parameters(engine):
-    slow = Slow(engine, 2.0)
-    with TestClient(create_http_app(Router({"embedding": slow}))) as c:
+def test_deadlines_from_headers_and_v2_parameters():
+    slow = FakeBackend("embedding", delay=2.0)
+    with app_client({"embedding": slow}) as c:
         r = c.post("/v1/embeddings", json=openai_body("x"), headers={"x-request-timeout": "0.2"})
         assert r.status_code == 504 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "server_error"
@@ -158,7 +123,7 @@ def test_deadlines_from_headers_and_v2_parameters(engine):
         assert r.status_code == 504 and "deadline" in r.json()["error"]
         r = c.post("/v2/models/embedding/infer", json=v2_body(["x"], timeout=200_000))
         assert r.status_code == 504
-        assert slow.cancelled == 3  # each gave up at its deadline, none waited for the answer
+        assert slow.expired == 3  # each gave up at its deadline, none waited for the answer
         for bad in ("soon", "0", "-1", "nan"):
             r = c.post("/v1/embeddings", json=openai_body("x"), headers={"x-request-timeout": bad})
             assert r.status_code == 400, bad
@@ -184,8 +149,8 @@ def test_request_id_is_echoed_or_created(client):
 def test_access_log_has_ids_and_no_text(engine, caplog):
     from serve_app.http import access_log
     secret = "my private medical note"
-    router = Router({"embedding": LocalBackend(engine, "embedding")})
-    with TestClient(create_http_app(router)) as c, caplog.at_level("INFO", access_log.name):
+    with app_client({"embedding": replica(engine)}) as c, \
+            caplog.at_level("INFO", access_log.name):
         c.post("/v1/embeddings", json=openai_body(secret), headers={"x-request-id": "rid-7"})
         c.post("/v2/models/embedding/infer", json=v2_body([secret]))
     records = [json.loads(r.getMessage()) for r in caplog.records if r.name == access_log.name]
@@ -197,16 +162,16 @@ def test_access_log_has_ids_and_no_text(engine, caplog):
     assert all(secret not in r.getMessage() for r in caplog.records)
 
 
-def test_cors_is_off_unless_configured(engine):
-    router = Router({"embedding": LocalBackend(engine, "embedding")})
+def test_cors_is_off_unless_configured():
+    backends = {"embedding": FakeBackend("embedding")}
     preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
-    with TestClient(create_http_app(router)) as c:
+    with app_client(backends) as c:
         r = c.options("/v1/embeddings", headers=preflight)
         assert "access-control-allow-origin" not in r.headers
         r = c.post("/v1/embeddings", json=openai_body("x"), headers={"origin": "https://x"})
         assert "access-control-allow-origin" not in r.headers
     cors = CorsOptions(allow_origins=["https://app.example"])
-    with TestClient(create_http_app(router, cors)) as c:
+    with app_client(backends, cors=cors) as c:
         r = c.options("/v1/embeddings", headers=preflight)
         assert r.status_code == 200
         assert r.headers["access-control-allow-origin"] == "https://app.example"
@@ -221,7 +186,6 @@ def test_cors_is_off_unless_configured(engine):
 
 def test_body_limit_applies_to_the_raw_binary_v2_body(client):
     texts = [b"q" * 3000] * 3
-    from serve_app.protocols.v2_codec import join_bytes_tensor
     raw = join_bytes_tensor(texts)
     head = orjson.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(raw)}}]})

@@ -1,25 +1,20 @@
 """Every HTTP route and error shape, in process: the real engine behind the real FastAPI app,
-without Ray (the same runner and batcher a replica uses)."""
+without Ray (the same model replica and queue a Serve replica uses)."""
 
 from __future__ import annotations
 
 import base64
 import gzip
 import json
-import struct
 
 import numpy as np
 import orjson
 import pytest
-from fastapi.testclient import TestClient
 
 from serve_app.config import ModelConfig
 from serve_app.engine import EmbeddingEngine
-from serve_app.http import create_http_app
-from serve_app.local import LocalBackend
-from serve_app.router import Router
-
-SENTENCE = "This is an example sentence."
+from serve_app.protocols.v2_codec import join_bytes_tensor
+from tests.helpers import SENTENCE, FakeBackend, app_client, replica, sample, scrape
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +24,8 @@ def tiny_engine(tiny_model):
 
 @pytest.fixture(scope="module")
 def client(engine, tiny_engine):
-    router = Router(
-        {"embedding": LocalBackend(engine, "embedding"), "tiny": LocalBackend(tiny_engine, "tiny")},
-        server_name="test-server",
-        versions={"embedding": "1", "tiny": "1"},
-    )
-    with TestClient(create_http_app(router)) as c:
+    backends = {"embedding": replica(engine), "tiny": replica(tiny_engine, "tiny")}
+    with app_client(backends, server_name="test-server") as c:
         yield c
 
 
@@ -260,7 +251,7 @@ def test_v2_infer_nested_data_versions_and_parameters(client, engine):
 
 def test_v2_binary_request_and_response(client, engine):
     texts = [SENTENCE.encode(), "wörld".encode()]
-    raw = b"".join(struct.pack("<I", len(t)) + t for t in texts)
+    raw = join_bytes_tensor(texts)
     header = orjson.dumps({
         "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
                     "parameters": {"binary_data_size": len(raw)}}],
@@ -326,13 +317,13 @@ def test_v2_bad_binary_requests(client, content, headers, contains):
 
 
 def test_v2_binary_leftover_and_invalid_utf8(client):
-    raw = struct.pack("<I", 2) + b"\xff\xfe"
+    raw = join_bytes_tensor([b"\xff\xfe"])
     header = orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
                                        "parameters": {"binary_data_size": len(raw)}}]})
     hdr = {"Inference-Header-Content-Length": str(len(header))}
     r = client.post("/v2/models/embedding/infer", content=header + raw, headers=hdr)
     assert_kserve_error(r, 400, "not valid UTF-8")
-    good = struct.pack("<I", 2) + b"ok"
+    good = join_bytes_tensor([b"ok"])
     header = orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
                                        "parameters": {"binary_data_size": len(good)}}]})
     r = client.post("/v2/models/embedding/infer", content=header + good + b"junk",
@@ -373,25 +364,9 @@ def test_v2_statistics_count_forward_passes(client):
     assert_kserve_error(client.get("/v2/models/nope/stats"), 404)
 
 
-def scrape(text: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text as {(sample name, labels but ``replica``): value}, with every sample
-    labelled with the one ingress replica that served the scrape."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples = [smp for fam in text_string_to_metric_families(text) for smp in fam.samples]
-    assert len({smp.labels.get("replica") for smp in samples}) == 1
-    return {(smp.name, frozenset((k, v) for k, v in smp.labels.items() if k != "replica")):
-            smp.value for smp in samples}
-
-
-def sample(samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def test_metrics_count_known_traffic(engine):
-    router = Router({"embedding": LocalBackend(engine, "embedding")})
     long_text = "word " * 400
-    with TestClient(create_http_app(router)) as c:
+    with app_client({"embedding": replica(engine)}) as c:
         for _ in range(3):
             c.post("/v1/embeddings", json={"input": [SENTENCE, "hi"], "model": "embedding"})
         c.post("/v1/models/embedding:predict", json={"instances": []})
@@ -438,13 +413,9 @@ def test_timing_headers_on_every_embedding_answer(client):
         assert float(r.headers["x-total-time"]) >= float(r.headers["x-compute-time"])
 
 
-def test_a_model_without_a_running_replica_is_a_fast_503(engine):
-    class Down(LocalBackend):
-        async def ready(self):
-            return False
-
-    router = Router({"embedding": Down(engine, "embedding")})
-    with TestClient(create_http_app(router)) as c:
+def test_a_model_without_a_running_replica_is_a_fast_503():
+    down = FakeBackend("embedding", ready=False)
+    with app_client({"embedding": down}) as c:
         r = c.post("/v1/embeddings", json={"input": "x", "model": "embedding"})
         assert_openai_error(r, 503)
         assert "no running replica" in r.json()["error"]["message"]
@@ -453,15 +424,14 @@ def test_a_model_without_a_running_replica_is_a_fast_503(engine):
                             503, "retry shortly")
         assert c.get("/v2/health/ready").status_code == 503
         assert c.get("/v2/health/live").json() == {"live": True}
+        assert not down.requests  # refused before any work reached the model
 
 
 def test_several_versions_of_one_name(engine, tiny_engine):
     """Version 1 (the default) is the real model, version 2 a tiny one: V2 reaches each by
     version, everything without a version gets the default."""
-    router = Router({"embedding": LocalBackend(engine, "embedding", "1")},
-                    versions={"embedding": "1"},
-                    others={("embedding", "2"): LocalBackend(tiny_engine, "embedding", "2")})
-    with TestClient(create_http_app(router)) as c:
+    with app_client({"embedding": replica(engine)}, versions={"embedding": "1"},
+                    others={("embedding", "2"): replica(tiny_engine, "embedding", "2")}) as c:
         meta = c.get("/v2/models/embedding").json()
         assert meta["versions"] == ["1", "2"] and meta["outputs"][0]["shape"] == [-1, 384]
         assert c.get("/v2/models/embedding/versions/2").json()["outputs"][0]["shape"] == [-1, 32]

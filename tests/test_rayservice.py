@@ -28,10 +28,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.servers import BIN, REPO, _stop, free_port, wait_for
+from tests.helpers import BIN, REPO, SENTENCE, free_port, stop_process, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-SENTENCE = "This is an example sentence."
 
 
 def manifest() -> dict:
@@ -145,7 +144,7 @@ def replay() -> Iterator[tuple[Replay, dict]]:
         yield r, serve_config
     finally:
         for proc in reversed(r.nodes):
-            _stop(proc)
+            stop_process(proc)
         for link in (temp / "cleanup").glob("*"):
             shutil.rmtree(link.resolve(), ignore_errors=True)
         shutil.rmtree(temp, ignore_errors=True)

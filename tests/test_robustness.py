@@ -17,7 +17,6 @@ import gzip
 import json
 import os
 import signal
-import struct
 import time
 from collections import Counter
 from typing import Any
@@ -30,12 +29,11 @@ import yaml
 
 from serve_app.proto import inference_pb2 as pb
 from serve_app.proto import inference_pb2_grpc as pb_grpc
-from tests.servers import free_port, serve_config, start_server
-from tests.test_grpc import infer_request
+from serve_app.protocols.v2_codec import join_bytes_tensor
+from tests.helpers import SENTENCE, free_port, infer_request, serve_config, start_server
 
 pytestmark = pytest.mark.e2e
 
-SENTENCE = "This is an example sentence."
 MAX_INPUTS = 64
 MAX_CHARS = 5000
 MAX_BODY = 256 * 1024
@@ -109,10 +107,6 @@ def v2_binary(case: str, raw: bytes, header_len: str | None = None) -> tuple:
     return (case, "POST", V2, head + raw, headers, 400)
 
 
-def blen(*items: bytes) -> bytes:
-    return b"".join(struct.pack("<I", len(i)) + i for i in items)
-
-
 BIG = "x" * (MAX_BODY + 10)
 # (id, method, path, body, extra headers, status)
 HTTP_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
@@ -173,9 +167,9 @@ HTTP_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("v2-unknown-model", "POST", "/v2/models/nope/infer", v2(["a"]), JSON, 404),
     ("v2-unknown-version", "POST", "/v2/models/embedding/versions/9/infer", v2(["a"]), JSON,
      404),
-    v2_binary("v2-binary-header-too-long", blen(b"a"), header_len="99999"),
-    v2_binary("v2-binary-header-not-int", blen(b"a"), header_len="abc"),
-    v2_binary("v2-binary-invalid-utf8", blen(b"\xff\xfe")),
+    v2_binary("v2-binary-header-too-long", join_bytes_tensor([b"a"]), header_len="99999"),
+    v2_binary("v2-binary-header-not-int", join_bytes_tensor([b"a"]), header_len="abc"),
+    v2_binary("v2-binary-invalid-utf8", join_bytes_tensor([b"\xff\xfe"])),
     v2_binary("v2-binary-truncated-element", b"\x09\x00\x00\x00ab"),
     ("v2-oversize-body", "POST", V2, v2([BIG]), JSON, 413),
 ]
@@ -507,14 +501,14 @@ def test_replica_killed_under_load_fails_cleanly_and_recovers(server, http, refe
     ingress answers 503 at once and keeps every deadline."""
     deadline_s = 8.0
     log: list[tuple[float, int, float]] = []
-    colocated = not server.find("ServeReplica:serve_app:model-embedding")
+    colocated = not server.processes_named("ServeReplica:serve_app:model-embedding")
 
     async def main() -> float:
         stop = asyncio.Event()
         load = asyncio.create_task(steady_load(server, stop, 6, deadline_s, log))
         await asyncio.sleep(3)
-        (replica,) = (server.find("ServeReplica:serve_app:model-embedding")
-                      or server.find("ServeReplica:serve_app:Ingress"))
+        (replica,) = (server.processes_named("ServeReplica:serve_app:model-embedding")
+                      or server.processes_named("ServeReplica:serve_app:Ingress"))
         killed_at = time.monotonic()
         os.kill(replica.pid, signal.SIGKILL)
         # run on until 5 s in a row have been all successes (the replacement serves), or 120 s

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.servers import BIN, free_port, serve_config, start_server
+from tests.helpers import BIN, free_port, serve_config, start_server
 
 pytestmark = pytest.mark.e2e
 TEXT = "a rolling update must not drop this request"

@@ -14,18 +14,20 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from serve_app.config import LimitOptions, ModelConfig
+from serve_app.context import ServerContext
+from serve_app.dataplane import DataPlane
 from serve_app.engine import EmbeddingEngine
 from serve_app.http import create_http_app
-from serve_app.local import LocalBackend
-from serve_app.router import Router
+from tests.helpers import replica
 
 
 @pytest.fixture(scope="module")
 def schema(tiny_model):
     engine = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="mean"))))
-    router = Router({"embedding": LocalBackend(engine, "embedding")},
-                    limits=LimitOptions(max_inputs_per_request=64, max_body_bytes=65536))
-    return schemathesis.openapi.from_asgi("/openapi.json", create_http_app(router))
+    limits = LimitOptions(max_inputs_per_request=64, max_body_bytes=65536)
+    dataplane = DataPlane({"embedding": replica(engine)}, limits=limits)
+    context = ServerContext(max_body_bytes=limits.max_body_bytes)
+    return schemathesis.openapi.from_asgi("/openapi.json", create_http_app(dataplane, context))
 
 
 def operations(schema) -> list:

@@ -1,5 +1,6 @@
-"""What every HTTP protocol adapter shares: body reading, JSON encoding, input checks, and the
-route class that turns domain errors into each protocol's own error response."""
+"""What the HTTP protocol adapters share: body reading, JSON encoding, input checks, KServe's
+error body and model card, the protocol a path belongs to, and the route class that turns domain
+errors into each protocol's own error response. No adapter imports another; they import this."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
+from serve_app.context import ServerContext
+from serve_app.dataplane import DataPlane
 from serve_app.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -28,8 +31,6 @@ from serve_app.errors import (
     Unauthorized,
     lookup,
 )
-from serve_app.metrics import protocol_of
-from serve_app.router import Router
 from serve_app.types import EmbedResult
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,20 @@ HTTP_STATUS: dict[type[ServeAppError], int] = {
 TIMEOUT_HEADERS = ("x-request-timeout", "x-stainless-timeout")
 
 M = TypeVar("M", bound=BaseModel)
+
+
+OWNED_BY = "serve_app"
+
+
+def protocol_of(path: str) -> str:
+    """The protocol an HTTP path belongs to (the metrics label, the error body's shape)."""
+    if path.startswith("/v2"):
+        return "v2"
+    if path.startswith("/openai/") or path.startswith("/v1/embeddings"):
+        return "openai"
+    if path.startswith("/v1/"):
+        return "kserve_v1"
+    return "other"
 
 
 def http_status(err: ServeAppError) -> int:
@@ -77,14 +92,29 @@ def json_response(
     )
 
 
-def router_of(request: Request) -> Router:
-    return request.app.state.router
+def kserve_error(err: ServeAppError) -> Response:
+    """KServe V1's and Open Inference REST's error body: ``{"error": "<message>"}``."""
+    status = http_status(err)
+    return json_response({"error": err.message}, status_code=status, headers=error_headers(status))
+
+
+def model_card(name: str, created: int) -> dict[str, Any]:
+    """An OpenAI model object; KServe V1's model list carries the same fields."""
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
+
+
+def dataplane_of(request: Request) -> DataPlane:
+    return request.app.state.dataplane
+
+
+def context_of(request: Request) -> ServerContext:
+    return request.app.state.context
 
 
 async def read_body(request: Request) -> bytes:
     """The request body, decompressed when it says ``Content-Encoding: gzip`` or ``deflate``;
     :class:`PayloadTooLarge` past ``limits.max_body_bytes``, before or after decompression."""
-    limit = router_of(request).limits.max_body_bytes
+    limit = context_of(request).max_body_bytes
     too_large = PayloadTooLarge(
         f"request body exceeds {limit} bytes (max_body_bytes); send fewer or shorter inputs"
     )
@@ -194,16 +224,19 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}"
 
 
-def respond(request: Request, model: str, result: EmbedResult,
+def respond(request: Request, protocol: str, model: str, n: int, result: EmbedResult,
             render: Callable[[], Response]) -> Response:
-    """``render()`` the answer, timing the encoding, and add text-embeddings-inference's timing
-    headers (milliseconds): ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
-    ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time`` (the
-    ingress's whole handling, encoding included). The access log gets the same figures."""
+    """Count the ``n`` inputs embedded, ``render()`` the answer, timing the encoding, and add
+    text-embeddings-inference's timing headers (milliseconds): ``x-compute-tokens``,
+    ``x-tokenization-time``, ``x-queue-time``, ``x-inference-time``, ``x-compute-time`` (the
+    three together) and ``x-total-time`` (the ingress's whole handling, encoding included).
+    The access log gets the same figures."""
+    metrics = context_of(request).metrics
+    metrics.observe_embedding(model, protocol, n, result)
     t0 = time.perf_counter()
     response = render()
     done = time.perf_counter()
-    router_of(request).metrics.observe_encode(model, done - t0)
+    metrics.observe_encode(model, done - t0)
     compute = result.tokenize_s + result.queue_s + result.inference_s
     timings = {
         "x-compute-tokens": str(result.prompt_tokens),
@@ -244,8 +277,8 @@ def error_route_class(render: Renderer) -> type[APIRoute]:
                 except Exception:
                     log.exception("unexpected error on %s %s", request.method, request.url.path)
                     err = InferenceFailed("internal server error")
-                router_of(request).metrics.observe_error(protocol_of(request.url.path),
-                                                         type(err).__name__)
+                context_of(request).metrics.observe_error(protocol_of(request.url.path),
+                                                          type(err).__name__)
                 return render(err)
 
             return handle

@@ -8,31 +8,24 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from serve_app.errors import InvalidInput, ModelNotReady, ServeAppError
+from serve_app.errors import InvalidInput, ModelNotReady
 from serve_app.protocols.common import (
     check_texts,
-    error_headers,
+    dataplane_of,
     error_route_class,
-    http_status,
     json_response,
+    kserve_error,
+    model_card,
     parse_json,
     read_body,
     request_id,
     respond,
-    router_of,
     timeout_of,
 )
-from serve_app.protocols.openai import model_card
 from serve_app.types import EmbedRequest, deadline
 
-
-def render_error(err: ServeAppError) -> Response:
-    """KServe's (and Open Inference REST's) error body: ``{"error": "<message>"}``."""
-    status = http_status(err)
-    return json_response({"error": err.message}, status_code=status, headers=error_headers(status))
-
-
-router = APIRouter(route_class=error_route_class(render_error), tags=["kserve-v1"])
+PROTOCOL = "kserve_v1"
+router = APIRouter(route_class=error_route_class(kserve_error), tags=["kserve-v1"])
 
 _PREDICT_SCHEMA = {
     "requestBody": {
@@ -57,30 +50,29 @@ _PREDICT_SCHEMA = {
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
-    r = router_of(request)
+    dp = dataplane_of(request)
     return json_response(
         {
-            "models": r.names,
+            "models": dp.names,
             "object": "list",
-            "data": [model_card(n, r.created) for n in r.names],
+            "data": [model_card(n, dp.created) for n in dp.names],
         }
     )
 
 
 @router.get("/v1/models/{name}")
 async def model_status(name: str, request: Request) -> Response:
-    r = router_of(request)
-    r.backend(name)
-    if not await r.ready(name):
+    dp = dataplane_of(request)
+    if not await dp.ready(name):
         raise ModelNotReady(f"model {name!r} is not ready")
-    return json_response({"name": name, "ready": True, **model_card(name, r.created)})
+    return json_response({"name": name, "ready": True, **model_card(name, dp.created)})
 
 
 @router.post("/v1/models/{name}:predict", openapi_extra=_PREDICT_SCHEMA)
 async def predict(name: str, request: Request) -> Response:
     """``{"instances": [str, ...], "truncate"?: bool}`` -> ``{"predictions": [[float, ...]]}``."""
-    r = router_of(request)
-    r.backend(name)
+    dp = dataplane_of(request)
+    dp.backend(name)
     data = parse_json(await read_body(request))
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object with 'instances'")
@@ -94,9 +86,9 @@ async def predict(name: str, request: Request) -> Response:
     truncate = data.get("truncate", True)
     if type(truncate) is not bool:
         raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
-    result = await r.embed(
+    result = await dp.embed(
         EmbedRequest(model=name, inputs=texts, truncate=truncate, request_id=request_id(request),
-                     deadline=deadline(timeout_of(request)), protocol="kserve_v1")
+                     deadline=deadline(timeout_of(request)))
     )
-    return respond(request, name, result,
+    return respond(request, PROTOCOL, name, len(texts), result,
                    lambda: json_response({"predictions": result.embeddings}))

@@ -11,21 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
 from serve_app.protocols.common import (
+    dataplane_of,
     error_headers,
     error_route_class,
     http_status,
     json_response,
+    model_card,
     parse_json,
     read_body,
     request_id,
     respond,
-    router_of,
     timeout_of,
     validate,
 )
 from serve_app.types import EmbedRequest, EmbedResult, Input, deadline
 
-OWNED_BY = "serve_app"
+PROTOCOL = "openai"
 
 _INPUT_HELP = (
     "'input' must be a non-empty string, a non-empty list of strings, a list of token ids, or a "
@@ -133,8 +134,6 @@ async def create_embeddings(request: Request) -> Response:
     # Check 'input' before pydantic does: its messages for a four-way union are unreadable.
     inputs = _inputs(data["input"]) if isinstance(data, dict) and "input" in data else ()
     body = validate(EmbeddingRequest, data)
-    router_ = router_of(request)
-    router_.backend(body.model)
     req = EmbedRequest(
         model=body.model,
         inputs=inputs,
@@ -142,27 +141,22 @@ async def create_embeddings(request: Request) -> Response:
         dimensions=body.dimensions,
         request_id=request_id(request),
         deadline=deadline(timeout_of(request)),
-        protocol="openai",
     )
-    result = await router_.embed(req)
-    return respond(request, body.model, result,
+    result = await dataplane_of(request).embed(req)
+    return respond(request, PROTOCOL, body.model, len(inputs), result,
                    lambda: render_embeddings(result, body.model, body.encoding_format))
-
-
-def model_card(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
 
 
 @router.get("/openai/v1/models")
 async def list_models(request: Request) -> Response:
-    r = router_of(request)
+    dp = dataplane_of(request)
     return json_response(
-        {"object": "list", "data": [model_card(n, r.created) for n in r.names]}
+        {"object": "list", "data": [model_card(n, dp.created) for n in dp.names]}
     )
 
 
 @router.get("/openai/v1/models/{name}")
 async def retrieve_model(name: str, request: Request) -> Response:
-    r = router_of(request)
-    r.backend(name)
-    return json_response(model_card(name, r.created))
+    dp = dataplane_of(request)
+    dp.backend(name)
+    return json_response(model_card(name, dp.created))

@@ -13,17 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.errors import InvalidInput, ModelNotReady
 from serve_app.protocols.common import (
+    dataplane_of,
     error_route_class,
     json_response,
+    kserve_error,
     parse_json,
     read_body,
     request_id,
     respond,
-    router_of,
     timeout_of,
     validate,
 )
-from serve_app.protocols.kserve_v1 import render_error
 from serve_app.protocols.v2_codec import (
     OUTPUT_NAME,
     check_outputs,
@@ -35,7 +35,7 @@ from serve_app.protocols.v2_codec import (
 )
 from serve_app.types import EmbedRequest, EmbedResult, deadline
 
-PLATFORM = "serve_app_huggingface"
+PROTOCOL = "v2"
 _HEADER_LEN = "inference-header-content-length"
 _UNSUPPORTED_PARAMS = ("shared_memory_region", "classification")
 
@@ -127,14 +127,14 @@ def _wants_binary(req: InferRequest) -> bool:
     return bool(req.parameters.get("binary_data_output", False))
 
 
-router = APIRouter(route_class=error_route_class(render_error), tags=["v2"])
+router = APIRouter(route_class=error_route_class(kserve_error), tags=["v2"])
 
 
 @router.get("/v2")
 async def server_metadata(request: Request) -> Response:
-    r = router_of(request)
+    dp = dataplane_of(request)
     return json_response(
-        {"name": r.server_name, "version": r.server_version, "extensions": ["binary_tensor_data"]}
+        {"name": dp.server_name, "version": dp.server_version, "extensions": ["binary_tensor_data"]}
     )
 
 
@@ -145,25 +145,22 @@ async def live() -> Response:
 
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> Response:
-    ok = await router_of(request).all_ready()
+    ok = await dataplane_of(request).all_ready()
     return json_response({"ready": ok}, status_code=200 if ok else 503)
 
 
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}")
 async def metadata(name: str, request: Request, version: str | None = None) -> Response:
-    r = router_of(request)
-    r.check_version(name, version)
-    info = await r.info(name, version=version)
-    return json_response(model_metadata(name, r.model_versions(name), info.dim, PLATFORM))
+    dp = dataplane_of(request)
+    info = await dp.info(name, version)
+    return json_response(model_metadata(name, dp.model_versions(name), info.dim))
 
 
 @router.get("/v2/models/{name}/ready")
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
-    r = router_of(request)
-    r.check_version(name, version)
-    if not await r.ready(name, version):
+    if not await dataplane_of(request).ready(name, version):
         raise ModelNotReady(f"model {name!r} is not ready")
     return json_response({"name": name, "ready": True})
 
@@ -172,13 +169,12 @@ async def model_ready(name: str, request: Request, version: str | None = None) -
 @router.get("/v2/models/{name}/versions/{version}/stats")
 async def statistics(name: str, request: Request, version: str | None = None) -> Response:
     """A subset of Triton's statistics extension: forward passes by batch size (one replica)."""
-    r = router_of(request)
-    r.check_version(name, version)
-    s = await r.stats(name, version)
+    dp = dataplane_of(request)
+    s = await dp.stats(name, version)
     return json_response({
         "model_stats": [{
             "name": name,
-            "version": version or r.version(name),
+            "version": version or dp.version(name),
             "inference_count": s["texts"],
             "execution_count": s["passes"],
             # serve_app's own: inputs dropped unrun (caller gone, deadline passed), requests
@@ -206,8 +202,8 @@ _INFER_SCHEMA = {
 @router.post("/v2/models/{name}/infer", openapi_extra=_INFER_SCHEMA)
 @router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_INFER_SCHEMA)
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
-    r = router_of(request)
-    r.check_version(name, version)
+    dp = dataplane_of(request)
+    dp.backend(name, version)
     header, binary = _split_body(await read_body(request), request.headers.get(_HEADER_LEN))
     req = validate(InferRequest, parse_json(header))
     if len(req.inputs) != 1:
@@ -219,7 +215,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     opts = infer_options(req.parameters)
     rid = request_id(request)
     timeout = opts.timeout_s if opts.timeout_s is not None else timeout_of(request)
-    result = await r.embed(
+    result = await dp.embed(
         EmbedRequest(
             model=name,
             inputs=texts,
@@ -227,12 +223,11 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
             dimensions=opts.dimensions,
             request_id=rid,
             deadline=deadline(timeout),
-            protocol="v2",
             version=version,
         )
     )
-    served = version or r.version(name)
-    return respond(request, name, result,
+    served = version or dp.version(name)
+    return respond(request, PROTOCOL, name, len(texts), result,
                    lambda: render_infer(name, served, req.id or rid, result, binary_out))
 
 

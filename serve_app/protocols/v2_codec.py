@@ -1,4 +1,4 @@
-"""Open Inference (V2) tensor rules shared by the REST and gRPC adapters.
+"""Open Inference (V2) rules shared by the REST and gRPC adapters: tensors, parameters, metadata.
 
 BYTES elements on the wire: each a 4-byte little-endian length, then that many bytes. Text inputs
 are one BYTES tensor of shape ``[n]`` or ``[n, 1]``; the output ``output-0`` is FP32 ``[n, dim]``.
@@ -15,6 +15,7 @@ import numpy as np
 
 from serve_app.errors import InvalidInput
 
+PLATFORM = "serve_app_huggingface"
 INPUT_NAME = "text"
 OUTPUT_NAME = "output-0"
 _LEN = struct.Struct("<I")
@@ -116,12 +117,12 @@ def check_outputs(names: Sequence[str]) -> None:
             raise InvalidInput(f"unknown output '{n}'; this model has one output, '{OUTPUT_NAME}'")
 
 
-def model_metadata(name: str, versions: Sequence[str], dim: int,
-                   platform: str) -> dict[str, Any]:
+def model_metadata(name: str, versions: Sequence[str], dim: int) -> dict[str, Any]:
+    """The model metadata answer, as a dict of both transports' field names."""
     return {
         "name": name,
         "versions": list(versions),
-        "platform": platform,
+        "platform": PLATFORM,
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, dim]}],
     }

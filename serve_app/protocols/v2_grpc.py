@@ -1,6 +1,6 @@
 """Open Inference Protocol (V2) over gRPC: ``inference.GRPCInferenceService``.
 
-Protobuf in, :class:`EmbedRequest` through the router, protobuf out. Domain errors become gRPC
+Protobuf in, :class:`EmbedRequest` through the data plane, protobuf out. Domain errors become gRPC
 status codes here, once. Text arrives in ``contents.bytes_contents`` or ``raw_input_contents``;
 the answer uses the same style (raw float32 bytes, or ``contents.fp32_contents``).
 """
@@ -16,7 +16,9 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
-from serve_app.config import grpc_default_application
+from serve_app.context import ServerContext
+from serve_app.dataplane import DataPlane
+from serve_app.env import grpc_default_application
 from serve_app.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -30,7 +32,6 @@ from serve_app.errors import (
 )
 from serve_app.proto import inference_pb2 as pb
 from serve_app.proto import inference_pb2_grpc as pb_grpc
-from serve_app.protocols.v2 import PLATFORM
 from serve_app.protocols.v2_codec import (
     OUTPUT_NAME,
     check_outputs,
@@ -40,7 +41,6 @@ from serve_app.protocols.v2_codec import (
     split_bytes_tensor,
     texts_from_elements,
 )
-from serve_app.router import Router
 from serve_app.types import EmbedRequest, deadline
 
 log = logging.getLogger(__name__)
@@ -119,27 +119,27 @@ def to_embed_request(req: pb.ModelInferRequest) -> tuple[EmbedRequest, bool]:
     opts = infer_options(_params(req.parameters))
     embed = EmbedRequest(model=req.model_name, inputs=texts, truncate=opts.truncate,
                          dimensions=opts.dimensions, request_id=req.id,
-                         deadline=deadline(opts.timeout_s), protocol=PROTOCOL,
-                         version=req.model_version or None)
+                         deadline=deadline(opts.timeout_s), version=req.model_version or None)
     return embed, raw
 
 
 class GrpcInference:
-    """The six RPCs over a :class:`Router`. Each takes the request and a context with
+    """The six RPCs over a :class:`DataPlane`. Each takes the request and a context with
     ``set_code``/``set_details`` and never raises. The context parameter is named
     ``grpc_context`` because that is the name Ray Serve passes its gRPC context under."""
 
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    def __init__(self, dataplane: DataPlane, context: ServerContext) -> None:
+        self.dataplane = dataplane
+        self.context = context
 
     async def _guard(self, method: str, call: Any, empty: Any, grpc_context: StatusContext,
                      open_method: bool = False) -> Any:
         t0 = time.perf_counter()
-        metrics = self.router.metrics
+        metrics = self.context.metrics
         status = grpc.StatusCode.OK
         try:
             if not open_method:
-                self.router.api_keys.check(_authorization(grpc_context))
+                self.context.api_keys.check(_authorization(grpc_context))
             return await call()
         except ServeAppError as e:
             status = grpc_status(e)
@@ -164,7 +164,7 @@ class GrpcInference:
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           grpc_context: StatusContext) -> pb.ServerReadyResponse:
         async def call() -> pb.ServerReadyResponse:
-            return pb.ServerReadyResponse(ready=await self.router.all_ready())
+            return pb.ServerReadyResponse(ready=await self.dataplane.all_ready())
 
         return await self._guard("ServerReady", call, pb.ServerReadyResponse(), grpc_context,
                                  open_method=True)
@@ -172,17 +172,16 @@ class GrpcInference:
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          grpc_context: StatusContext) -> pb.ModelReadyResponse:
         async def call() -> pb.ModelReadyResponse:
-            version = request.version or None
-            self.router.check_version(request.name, version)
-            return pb.ModelReadyResponse(ready=await self.router.ready(request.name, version))
+            ready = await self.dataplane.ready(request.name, request.version or None)
+            return pb.ModelReadyResponse(ready=ready)
 
         return await self._guard("ModelReady", call, pb.ModelReadyResponse(), grpc_context)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              grpc_context: StatusContext) -> pb.ServerMetadataResponse:
         async def call() -> pb.ServerMetadataResponse:
-            return pb.ServerMetadataResponse(name=self.router.server_name,
-                                             version=self.router.server_version,
+            return pb.ServerMetadataResponse(name=self.dataplane.server_name,
+                                             version=self.dataplane.server_version,
                                              extensions=["binary_tensor_data"])
 
         return await self._guard("ServerMetadata", call, pb.ServerMetadataResponse(),
@@ -191,13 +190,9 @@ class GrpcInference:
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             grpc_context: StatusContext) -> pb.ModelMetadataResponse:
         async def call() -> pb.ModelMetadataResponse:
-            version = request.version or None
-            self.router.check_version(request.name, version)
-            info = await self.router.info(request.name, version=version)
-            versions = self.router.model_versions(request.name)
-            return pb.ModelMetadataResponse(
-                **model_metadata(request.name, versions, info.dim, PLATFORM)
-            )
+            info = await self.dataplane.info(request.name, request.version or None)
+            versions = self.dataplane.model_versions(request.name)
+            return pb.ModelMetadataResponse(**model_metadata(request.name, versions, info.dim))
 
         return await self._guard("ModelMetadata", call, pb.ModelMetadataResponse(),
                                  grpc_context)
@@ -205,13 +200,15 @@ class GrpcInference:
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          grpc_context: StatusContext) -> pb.ModelInferResponse:
         async def call() -> pb.ModelInferResponse:
-            self.router.check_version(request.model_name, request.model_version or None)
-            limit = self.router.limits.max_body_bytes
+            self.dataplane.backend(request.model_name, request.model_version or None)
+            limit = self.context.max_body_bytes
             if request.ByteSize() > limit:
                 raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
                                       "send fewer or shorter inputs")
             embed, raw = to_embed_request(request)
-            result = await self.router.embed(embed)
+            result = await self.dataplane.embed(embed)
+            self.context.metrics.observe_embedding(embed.model, PROTOCOL, len(embed.inputs),
+                                                   result)
             t0 = time.perf_counter()
             vectors = result.embeddings
             out = pb.ModelInferResponse.InferOutputTensor(
@@ -219,7 +216,7 @@ class GrpcInference:
             )
             resp = pb.ModelInferResponse(
                 model_name=request.model_name,
-                model_version=embed.version or self.router.version(request.model_name),
+                model_version=embed.version or self.dataplane.version(request.model_name),
                 id=request.id or str(uuid.uuid4()),
             )
             resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
@@ -228,7 +225,7 @@ class GrpcInference:
             else:
                 out.contents.CopyFrom(_fp32_contents(vectors))
             resp.outputs.append(out)
-            self.router.metrics.observe_encode(request.model_name, time.perf_counter() - t0)
+            self.context.metrics.observe_encode(request.model_name, time.perf_counter() - t0)
             return resp
 
         return await self._guard("ModelInfer", call, pb.ModelInferResponse(), grpc_context)
@@ -258,7 +255,7 @@ def add_inference_servicer(servicer: Any, server: Any) -> None:
     Ray's proxy routes a call without ``application`` metadata only while a single application
     exists; KServe and Triton clients never send it. On Ray's proxy, calls to this service that
     name no application are therefore sent to serve_app's application
-    (:func:`serve_app.config.grpc_default_application`); calls that name one go where they say.
+    (:func:`serve_app.env.grpc_default_application`); calls that name one go where they say.
     """
     factory = getattr(server, "service_handler_factory", None)
     if factory is not None:

@@ -1,7 +1,10 @@
-"""What the protocol adapters talk to: models by name, their metadata, readiness. No Ray here.
+"""The data plane every protocol adapter calls: models by name and version, their readiness and
+metadata, and embedding. No Ray, no HTTP, no protocol: the REST adapters and the gRPC servicer
+translate their wire format to these calls and back.
 
-A :class:`ModelBackend` is one model seen from the ingress: in a Serve app a deployment handle
-(``serve_app.deployments``), in unit tests an in-process runner.
+A :class:`ModelBackend` is one model seen from the ingress: a deployment handle in a Serve app with
+separate model deployments (:class:`serve_app.deployments.HandleBackend`), or the model itself
+(:class:`serve_app.replica.ModelReplica`) when it runs in the ingress replica.
 """
 
 from __future__ import annotations
@@ -12,10 +15,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from serve_app import __version__
-from serve_app.auth import ApiKeys
 from serve_app.config import LimitOptions
-from serve_app.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
-from serve_app.metrics import Metrics
+from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
 
@@ -35,48 +36,40 @@ class ModelBackend(Protocol):
         ...
 
 
-class Router:
-    """Routes requests to models by name (and version) and caches their metadata.
+class DataPlane:
+    """Serves the models in ``backends`` (each name's default version) and ``others`` (more
+    versions of those names, keyed by (name, version)).
 
-    ``backends`` holds each name's default version, the one requests without a version get;
-    ``others`` more versions of those names, keyed by (name, version). ``info`` raises
-    :class:`ModelNotFound` for an unknown name or version and :class:`ModelNotReady` while the
-    model has not answered yet (it is loading, or has no replica).
+    ``info`` raises :class:`ModelNotFound` for an unknown name or version and
+    :class:`ModelNotReady` while the model has not answered yet (loading, or no replica). Model
+    metadata is cached once known. :meth:`embed` checks a request against ``limits`` and the
+    model before any model work: the one place requests are validated after parsing.
     """
 
     def __init__(
         self,
         backends: Mapping[str, ModelBackend],
+        versions: Mapping[str, str] | None = None,
+        others: Mapping[tuple[str, str], ModelBackend] | None = None,
+        limits: LimitOptions | None = None,
         server_name: str = "serve_app",
-        versions: dict[str, str] | None = None,
         ready_timeout_s: float = 2.0,
         load_timeout_s: float = 30.0,
-        metrics: Metrics | None = None,
-        api_keys: ApiKeys | None = None,
-        limits: LimitOptions | None = None,
-        others: Mapping[tuple[str, str], ModelBackend] | None = None,
     ) -> None:
         self._backends = backends
         self._others = others or {}
+        self._versions = dict(versions or {})
         self._info: dict[tuple[str, str], ModelInfo] = {}
+        self.limits = limits or LimitOptions()
         self.server_name = server_name
         self.server_version = __version__
-        self.versions = versions or {}
+        self.created = int(time.time())
         self._ready_timeout_s = ready_timeout_s
         self._load_timeout_s = load_timeout_s
-        self.created = int(time.time())
-        self.metrics = metrics or Metrics()
-        self.api_keys = api_keys or ApiKeys()
-        self.limits = limits or LimitOptions()
         self.draining = False
         self.in_flight = 0
-        self.metrics.watch_queue(self._queue_depth)
 
-    def _queue_depth(self) -> dict[str, int]:
-        depth = {n: b.queued_inputs() for n, b in self._backends.items()}
-        for (name, _), b in self._others.items():
-            depth[name] = depth.get(name, 0) + b.queued_inputs()
-        return depth
+    # -- models ----------------------------------------------------------------------------
 
     @property
     def names(self) -> list[str]:
@@ -84,7 +77,7 @@ class Router:
 
     def version(self, name: str) -> str:
         """The default version of ``name``: what V2 reports and unversioned requests get."""
-        return self.versions.get(name, "1")
+        return self._versions.get(name, "1")
 
     def model_versions(self, name: str) -> list[str]:
         """Every served version of ``name``, the default first."""
@@ -109,10 +102,14 @@ class Router:
                 f"{self.model_versions(name)}", param="model",
             ) from None
 
-    def check_version(self, name: str, version: str | None) -> None:
-        self.backend(name, version)
+    def queue_depth(self) -> dict[str, int]:
+        """Inputs in flight per model name, every version together."""
+        depth = {n: b.queued_inputs() for n, b in self._backends.items()}
+        for (name, _), b in self._others.items():
+            depth[name] = depth.get(name, 0) + b.queued_inputs()
+        return depth
 
-    async def info(self, name: str, wait: bool = False, version: str | None = None) -> ModelInfo:
+    async def info(self, name: str, version: str | None = None, wait: bool = False) -> ModelInfo:
         """Metadata of ``name`` (at ``version``); :class:`ModelNotReady` if the model does not
         answer within the ready timeout (probes, metadata) or, with ``wait``, the load timeout
         (inference, which may wait a while for a model that is still loading)."""
@@ -129,15 +126,26 @@ class Router:
         self._info[key] = info
         return info
 
+    async def stats(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Forward-pass statistics of ``name`` (from one replica when there are several)."""
+        return await self.backend(name, version).stats()
+
+    # -- readiness -------------------------------------------------------------------------
+
     async def ready(self, name: str, version: str | None = None) -> bool:
         """Loaded once (metadata known), able to take requests now, and not shutting down."""
+        backend = self.backend(name, version)
         if self.draining:
             return False
         try:
-            await self.info(name, version=version)
+            await self.info(name, version)
         except ModelNotReady:
             return False
-        return await self.backend(name, version).ready()
+        return await backend.ready()
+
+    async def all_ready(self) -> bool:
+        every = [(n, None) for n in self.names] + list(self._others)
+        return all(await asyncio.gather(*(self.ready(n, v) for n, v in every)))
 
     def drain(self) -> int:
         """Start shutting down: readiness turns false (load balancers stop sending) while
@@ -145,18 +153,11 @@ class Router:
         self.draining = True
         return self.in_flight
 
-    async def all_ready(self) -> bool:
-        every = [(n, None) for n in self.names] + list(self._others)
-        results = await asyncio.gather(*(self.ready(n, v) for n, v in every))
-        return all(results)
+    # -- inference -------------------------------------------------------------------------
 
-    async def stats(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Forward-pass statistics of ``name`` (from one replica when there are several)."""
-        return await self.backend(name, version).stats()
-
-    def check_limits(self, req: EmbedRequest) -> None:
-        """Refuse what no model should see: too many inputs, over-long texts (before any
-        tokenizing), a deadline already passed."""
+    def check(self, req: EmbedRequest) -> None:
+        """Refuse what no model should see: no inputs, too many, over-long texts (before any
+        tokenizing)."""
         if not req.inputs:
             raise InvalidInput("input must not be empty", param="input")
         limit = self.limits.max_inputs_per_request
@@ -174,20 +175,17 @@ class Router:
                     f"input {i} has {len(x)} {what}; the limit is {chars} (max_input_chars)",
                     param="input",
                 )
-        remaining = req.remaining()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the request's deadline passed before it was started")
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        """Validate what the ingress can know about ``req`` and run it on its model."""
-        self.check_limits(req)
+        """Validate ``req`` and run it on its model."""
         backend = self.backend(req.model, req.version)
+        self.check(req)
         if not await backend.ready():  # answer now; never queue behind a model with no replica
             raise ModelNotReady(
                 f"model {req.model!r} is not ready: no running replica; retry shortly",
                 param="model",
             )
-        info = await self.info(req.model, wait=True, version=req.version)
+        info = await self.info(req.model, req.version, wait=True)
         if req.dimensions is not None and not 1 <= req.dimensions <= info.dim:
             raise InvalidInput(
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
@@ -195,8 +193,6 @@ class Router:
             )
         self.in_flight += 1
         try:
-            result = await backend.embed(req)
+            return await backend.embed(req)
         finally:
             self.in_flight -= 1
-        self.metrics.observe_embedding(req.model, req.protocol, len(req.inputs), result)
-        return result
