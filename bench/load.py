@@ -14,12 +14,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import orjson
+
+from serve_app.protocols.v2_codec import join_bytes_tensor
 
 MODEL = "embedding"
 SHORT = "The quick brown fox jumps over the lazy dog near river {i}."  # about 14 tokens
@@ -36,10 +37,6 @@ def texts_for(workload: str, seed: int) -> list[str]:
     n, _, long = WORKLOADS[workload]
     base = LONG if long else SHORT
     return [f"{base.format(i=seed + j)} {seed + j}" for j in range(n)]
-
-
-def _bytes_tensor(texts: list[str]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in texts))
 
 
 def http_sender(protocol: str, session: aiohttp.ClientSession,
@@ -69,7 +66,7 @@ def http_sender(protocol: str, session: aiohttp.ClientSession,
                 {"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}),
                 json_headers)
             return int(orjson.loads(out)["outputs"][0]["shape"][0])
-        raw = _bytes_tensor(texts)
+        raw = join_bytes_tensor([t.encode() for t in texts])
         header = json.dumps({
             "inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
                         "parameters": {"binary_data_size": len(raw)}}],
@@ -97,7 +94,7 @@ def grpc_sender(target: str, application: str | None = None):
     async def send(texts: list[str]) -> int:
         req = pb.ModelInferRequest(model_name=MODEL)
         req.inputs.add(name="text", datatype="BYTES", shape=[len(texts)])
-        req.raw_input_contents.append(_bytes_tensor(texts))
+        req.raw_input_contents.append(join_bytes_tensor([t.encode() for t in texts]))
         resp = await stub.ModelInfer(req, timeout=60, metadata=metadata)
         return int(resp.outputs[0].shape[0])
 

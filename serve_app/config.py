@@ -170,8 +170,8 @@ class ModelConfig(_Strict):
     )
     device: Device = Field("auto", description="auto: CUDA when present, else CPU.")
     dtype: DType = Field("auto", description="auto: fp16 on GPU, fp32 on CPU. bfloat16 on a CPU "
-                         "with AVX512-BF16 or AMX is opt-in: faster, vectors within 0.9999 "
-                         "cosine of fp32's (figures in docs/benchmarks-bf16.md).")
+                         "with AVX512-BF16 or AMX is opt-in: faster, vectors close to fp32's "
+                         "(figures in docs/benchmarks-bf16.md).")
     max_length: int | None = Field(
         None, ge=1, description="Token limit; default: sentence-transformers' max_seq_length."
     )

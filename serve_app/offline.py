@@ -26,8 +26,7 @@ import yaml
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.env import ray_address
-
-IMPORT_PATH = "serve_app.app:build_app"
+from serve_app.launch import IMPORT_PATH
 
 
 def model_from_serve_config(path: str | Path, model: str | None = None,
@@ -79,8 +78,7 @@ def ordered_parquet_sink(output: str) -> Any:
     (``preserve_order`` numbers tasks in input order), its blocks written one after another.
 
     ``Dataset.write_parquet`` hands each task's blocks to ``pyarrow.dataset.write_dataset`` with
-    ``use_threads=True``, which may write them in any order: a CI run found rows 256-319 ahead
-    of 192-255 in the one file of a 600-row job.
+    ``use_threads=True``, which may write them in any order within a file.
     """
     import pyarrow.parquet as pq
     from ray.data.datasource import BlockBasedFileDatasink

@@ -12,7 +12,7 @@ import tritonclient.grpc as triton_grpc
 
 from serve_app.__main__ import build_parser, config_from_args, kserve_deploy, main
 from serve_app.config import AppConfig
-from tests.helpers import BIN, free_port, running
+from tests.helpers import BIN, SENTENCE, free_port, running
 
 KSERVE_ARGS = ["--model_name", "embedding", "--model_id", "sentence-transformers/all-MiniLM-L6-v2",
                "--task", "text_embedding"]
@@ -119,10 +119,10 @@ def test_cli_serves_like_kserve(tmp_path, engine):
            "--http_port", str(port), "--grpc_port", str(grpc_port), "--num_cpus", "1"]
     with running(cmd, f"http://127.0.0.1:{port}", tmp_path / "cli.log") as url:
         r = httpx.post(f"{url}/openai/v1/embeddings",
-                       json={"model": "embedding", "input": "This is an example sentence."})
+                       json={"model": "embedding", "input": SENTENCE})
         assert r.status_code == 200
         np.testing.assert_allclose(r.json()["data"][0]["embedding"],
-                                   engine.embed(["This is an example sentence."])[0][0], atol=1e-6)
+                                   engine.embed([SENTENCE])[0][0], atol=1e-6)
         assert r.json()["usage"]["prompt_tokens"] == 8
         v1 = httpx.post(f"{url}/v1/models/embedding:predict", json={"instances": ["hi"]})
         assert v1.status_code == 200 and len(v1.json()["predictions"][0]) == 384

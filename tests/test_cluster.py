@@ -109,7 +109,7 @@ def test_serve_autoscales_the_model_up_and_back_down(cluster):
     from serve_app.app import build_app
 
     app = build_app({"models": [{"name": "embedding", "deployment": {
-        "num_replicas": None, "num_cpus": 0.5, "max_ongoing_requests": 8,
+        "num_replicas": None, "num_cpus": 0.5,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
                                "target_ongoing_requests": 1, "upscale_delay_s": 1,
                                "downscale_delay_s": 3, "look_back_period_s": 2,

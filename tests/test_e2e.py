@@ -44,7 +44,7 @@ def server(tmp_path_factory, tiny_model, ports):
         "models": [
             {"name": "embedding",
              "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
-             "deployment": {"num_cpus": 1, "max_ongoing_requests": 128}},
+             "deployment": {"num_cpus": 1}},
             {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
              "deployment": {"num_cpus": 0.5}},
         ],

@@ -10,9 +10,10 @@ from sentence_transformers import SentenceTransformer
 from serve_app.config import ModelConfig
 from serve_app.engine import EmbeddingEngine, plan_batches, pool, reduce_dimensions
 from serve_app.errors import InvalidInput, ModelLoadError
+from tests.helpers import SENTENCE
 
 TEXTS = [
-    "This is an example sentence.",
+    SENTENCE,
     "Each sentence is converted",
     "Der schnelle braune Fuchs springt über den faulen Hund.",
     "東京は日本の首都です。",
@@ -41,8 +42,8 @@ def test_default_model_matches_sentence_transformers(engine, minilm_dir):
 def test_kserve_reference_case(engine, minilm_dir):
     """KServe's own e2e check: 384 floats within 1e-6 of sentence-transformers, 8 tokens."""
     st = SentenceTransformer(str(minilm_dir), device="cpu")
-    ours, counts = engine.embed(["This is an example sentence."])
-    ref = st.encode(["This is an example sentence."])
+    ours, counts = engine.embed([SENTENCE])
+    ref = st.encode([SENTENCE])
     assert ours.shape == (1, 384)
     np.testing.assert_allclose(ours, ref, atol=1e-6)
     assert counts.tolist() == [8]

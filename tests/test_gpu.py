@@ -37,7 +37,8 @@ def test_gpu_config_serves_every_protocol_in_fp16(tmp_path, minilm_dir):
     want = SentenceTransformer(str(minilm_dir), device="cpu").encode(TEXTS)
     http, grpc_port = free_port(), free_port()
     with start_server(gpu_config(http, grpc_port), tmp_path) as server:
-        assert server.processes_named("ServeReplica:serve_app:model-embedding-v1")  # separate, on the GPU
+        # the separate topology: the model replica on the GPU
+        assert server.processes_named("ServeReplica:serve_app:model-embedding-v1")
         r = httpx.post(f"{server}/v1/embeddings", json={"model": "embedding", "input": TEXTS},
                        timeout=60)
         assert r.status_code == 200

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -203,10 +202,6 @@ def test_scripts_render_is_a_no_op(tmp_path):
     for manifest, config in module.PAIRS.items():
         current = (REPO / manifest).read_text()
         assert module.render(current, (REPO / config).read_text()) == current, manifest
-
-
-def test_paths_are_relative_to_a_checkout():
-    assert Path(REPO / "k8s" / "README.md").is_file()
 
 
 def test_every_pod_can_receive_the_optional_api_keys():
