@@ -122,6 +122,8 @@ def in_process(workload: str, duration: float, dtype: str = "float32",
     return asyncio.run(run())
 
 
+W2_IN_PROCESS = "W2 in process through the replica's model path (32 clients, no server)"
+
 #: The scheduler's special cases, each switched off alone, against the default replica.
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -460,8 +462,7 @@ def main() -> None:
     extra: dict[str, str] = dict(extra_first)
     if "W2" in a.workloads and a.device == "cpu":
         rate = in_process("W2", a.duration, a.dtype)
-        extra["W2 in process through the replica's model path (32 clients, no server)"] = (
-            f"{rate:.0f}/s")
+        extra[W2_IN_PROCESS] = f"{rate:.0f}/s"
         print(f"W2 through the replica's model path in process: {rate:.0f}/s", flush=True)
     peers = [PEERS[n] for n in (a.peers if a.peers is not None else sorted(PEERS))
              if PEERS[n].installed()]
@@ -483,8 +484,7 @@ def main() -> None:
         "; ".join(f"W1 {r['W1']['p50_ms']:.1f} ms, batch 32 {r['W3']['embeddings_per_s']:.0f}/s, "
                   f"W4 {r['W4']['embeddings_per_s']:.0f}/s" for r in runs))
     if "W2" in a.workloads and a.device == "cpu":
-        key = "W2 in process through the replica's runner and batcher (32 clients, no server)"
-        extra[key] += f" = {rate / ceil['W2']['embeddings_per_s']:.2f}x"
+        extra[W2_IN_PROCESS] += f" = {rate / ceil['W2']['embeddings_per_s']:.2f}x"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"ceiling": ceil, "ceiling_runs": runs, "rows": rows, "extra": extra,
