@@ -85,7 +85,7 @@ def in_process(workload: str, duration: float, dtype: str = "float32",
     """``workload``'s clients calling the replica's own model path in process (admission,
     tokenizing, the batch queue; no server, no HTTP, no Ray): embeddings/s. What the scheduler
     alone reaches, to tell its share of a gap from the server's. ``replica_kw`` switches the
-    replica's special cases (``passes``, ``solo``) for A/B runs."""
+    replica's special cases (``passes``, ``solo``, ``inline_chars``) for A/B runs."""
     import asyncio
 
     import torch
@@ -128,6 +128,7 @@ W2_IN_PROCESS = "W2 in process through the replica's model path (32 clients, no 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "no solo pass": {"solo": False},
+    "no inline tokenizing": {"inline_chars": -1},
     "one pass at a time": {"passes": 1},
 }
 

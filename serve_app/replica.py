@@ -22,6 +22,10 @@ from serve_app.errors import InvalidInput, Overloaded
 from serve_app.scheduler import BatchQueue, Work
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
+#: Requests this short (in characters, or token ids) are tokenized on the event loop, where
+#: that costs less than the two thread switches of the tokenizer pool.
+INLINE_TOKENIZE_CHARS = 512
+
 Enter = Callable[[Work], Awaitable[Any]]
 
 
@@ -30,18 +34,20 @@ class ModelReplica:
 
     A request is admitted only while the inputs held (tokenizing, queued, in a pass) stay within
     ``max_queued_inputs``; past it the request is refused at once with :class:`Overloaded`: the
-    replica's one admission bound. Texts are tokenized on a small thread pool. ``passes``
-    forward passes run at once, sharing ``threads`` torch threads; a pass alone runs on all of
-    them (``solo``). Both special cases won a same-run A/B (docs/benchmarks.md).
+    replica's one admission bound. Short requests (``inline_chars``) are tokenized on the event
+    loop, others on a small thread pool. ``passes`` forward passes run at once, sharing
+    ``threads`` torch threads; a pass alone runs on all of them (``solo``). Each special case
+    won a same-run A/B (docs/benchmarks.md).
     """
 
     def __init__(self, engine: EmbeddingEngine, name: str, version: str = "1",
                  max_queued_inputs: int = 4096, passes: int = 1, threads: int = 1,
-                 solo: bool = True) -> None:
+                 solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS) -> None:
         self.engine = engine
         self.limit = max_queued_inputs
         self.held = 0
         self.refused = 0
+        self._inline = inline_chars
         _, share = plan_parallelism(threads, engine.device, passes)
         compute = functools.partial(engine.forward, threads=share)
         whole = functools.partial(engine.forward, threads=threads)
@@ -82,9 +88,12 @@ class ModelReplica:
 
     async def _embed(self, req: EmbedRequest) -> EmbedResult:
         t0 = time.perf_counter()
-        # off the event loop, which keeps answering while a long request is tokenized
-        seqs, truncated = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, functools.partial(self.engine.prepare, req.inputs, req.truncate))
+        if sum(len(x) for x in req.inputs) <= self._inline:
+            seqs, truncated = self.engine.prepare(req.inputs, req.truncate)
+        else:  # off the event loop, which keeps answering while a long request is tokenized
+            seqs, truncated = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool,
+                functools.partial(self.engine.prepare, req.inputs, req.truncate))
         t1 = time.perf_counter()
         work = Work(seqs, asyncio.get_running_loop().create_future(), req.deadline,
                     asyncio.current_task())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from serve_app.errors import DeadlineExceeded, Overloaded
-from serve_app.replica import ModelReplica
+from serve_app.replica import INLINE_TOKENIZE_CHARS, ModelReplica
 from serve_app.scheduler import BatchQueue, Work
 from serve_app.types import EmbedRequest
 
@@ -269,6 +269,28 @@ def test_replica_drops_a_request_whose_deadline_passed(engine):
     with pytest.raises(DeadlineExceeded):
         asyncio.run(ModelReplica(engine, "m").embed(
             EmbedRequest(model="m", inputs=("x",), deadline=time.time() - 1)))
+
+
+def test_short_requests_are_tokenized_on_the_loop_long_ones_on_the_pool(engine, monkeypatch):
+    where: list[str] = []
+    prepare = engine.prepare
+
+    def recording(*args, **kw):
+        where.append(threading.current_thread().name)
+        return prepare(*args, **kw)
+
+    monkeypatch.setattr(engine, "prepare", recording)
+    short = ("a short text",)
+    long = ("word " * (INLINE_TOKENIZE_CHARS // 5 + 1),)
+
+    async def main():
+        model = ModelReplica(engine, "m")
+        for inputs in (short, long):
+            await model.embed(EmbedRequest(model="m", inputs=inputs))
+
+    asyncio.run(main())
+    assert where[0] == threading.current_thread().name  # the loop's own thread
+    assert where[1].startswith("tokenize")
 
 
 def test_forward_sets_torch_threads_for_its_calling_thread_only(engine):
