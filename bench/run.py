@@ -151,7 +151,9 @@ def scheduler_ab(duration: float, out: Path, rounds: int = 2) -> None:
         return " / ".join(f"{x:.0f}/s" for x in rates)
 
     lines = [
-        "## The scheduler's special cases (in process)",
+        "## The scheduler",
+        "",
+        "### Its special cases, in process",
         "",
         f"Command: `python bench/run.py --scheduler-ab --duration {duration:g}`. Machine: "
         f"{versions()}. Each variant switches one special case of the model replica off; "
@@ -163,7 +165,9 @@ def scheduler_ab(duration: float, out: Path, rounds: int = 2) -> None:
         *(f"| {name} | {cell(name, 'W1')} | {cell(name, 'W2')} | {cell(name, 'W3')} |"
           for name in VARIANTS),
     ]
-    out.write_text("\n".join(lines) + "\n")
+    # what later sections say (served A/B runs, written by hand) stays
+    rest = out.read_text().partition("\n### Served")[2] if out.exists() else ""
+    out.write_text("\n".join(lines) + "\n" + (f"\n### Served{rest}" if rest else ""))
 
 
 #: name -> topology, each through ``python -m serve_app`` (Ray's high-throughput mode): the

