@@ -72,7 +72,7 @@ class ModelReplica:
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         n = len(req.inputs)
-        if not n:
+        if not n:  # the data plane refuses these; here a Work of no texts would never resolve
             raise InvalidInput("input must not be empty", param="input")
         if self.held + n > self.limit:
             self.refused += 1
