@@ -85,8 +85,8 @@ class Metrics:
     def observe_error(self, protocol: str, kind: str) -> None:
         self.errors.labels(self.replica, protocol, kind).inc()
 
-    def observe_embedding(self, model: str, protocol: str, n: int, result: EmbedResult) -> None:
-        self.inputs.labels(self.replica, model, protocol).inc(n)
+    def observe_embedding(self, model: str, protocol: str, result: EmbedResult) -> None:
+        self.inputs.labels(self.replica, model, protocol).inc(len(result.token_counts))
         self.tokens.labels(self.replica, model, protocol).inc(result.prompt_tokens)
         if result.truncated:
             self.truncated.labels(self.replica, model).inc(result.truncated)

@@ -54,10 +54,6 @@ def replica(engine: EmbeddingEngine, name: str = "embedding", version: str = "1"
     return ModelReplica(engine, name, version, **kw)
 
 
-def dataplane(backends: Mapping[str, ModelBackend], **kw: Any) -> DataPlane:
-    return DataPlane(backends, **kw)
-
-
 @contextlib.contextmanager
 def app_client(backends: Mapping[str, ModelBackend] | DataPlane, *,
                limits: LimitOptions | None = None, api_keys: tuple[str, ...] = (),

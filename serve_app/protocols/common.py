@@ -224,15 +224,15 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}"
 
 
-def respond(request: Request, protocol: str, model: str, n: int, result: EmbedResult,
+def respond(request: Request, model: str, result: EmbedResult,
             render: Callable[[], Response]) -> Response:
-    """Count the ``n`` inputs embedded, ``render()`` the answer, timing the encoding, and add
-    text-embeddings-inference's timing headers (milliseconds): ``x-compute-tokens``,
-    ``x-tokenization-time``, ``x-queue-time``, ``x-inference-time``, ``x-compute-time`` (the
-    three together) and ``x-total-time`` (the ingress's whole handling, encoding included).
-    The access log gets the same figures."""
+    """Count the inputs embedded (under the request path's protocol), ``render()`` the
+    answer, timing the encoding, and add text-embeddings-inference's timing headers
+    (milliseconds): ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
+    ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time`` (the
+    ingress's whole handling, encoding included). The access log gets the same figures."""
     metrics = context_of(request).metrics
-    metrics.observe_embedding(model, protocol, n, result)
+    metrics.observe_embedding(model, protocol_of(request.url.path), result)
     t0 = time.perf_counter()
     response = render()
     done = time.perf_counter()

@@ -24,7 +24,6 @@ from serve_app.protocols.common import (
 )
 from serve_app.types import EmbedRequest, deadline
 
-PROTOCOL = "kserve_v1"
 router = APIRouter(route_class=error_route_class(kserve_error), tags=["kserve-v1"])
 
 _PREDICT_SCHEMA = {
@@ -90,5 +89,5 @@ async def predict(name: str, request: Request) -> Response:
         EmbedRequest(model=name, inputs=texts, truncate=truncate, request_id=request_id(request),
                      deadline=deadline(timeout_of(request)))
     )
-    return respond(request, PROTOCOL, name, len(texts), result,
+    return respond(request, name, result,
                    lambda: json_response({"predictions": result.embeddings}))

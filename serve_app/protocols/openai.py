@@ -26,8 +26,6 @@ from serve_app.protocols.common import (
 )
 from serve_app.types import EmbedRequest, EmbedResult, Input, deadline
 
-PROTOCOL = "openai"
-
 _INPUT_HELP = (
     "'input' must be a non-empty string, a non-empty list of strings, a list of token ids, or a "
     "list of token-id lists"
@@ -143,7 +141,7 @@ async def create_embeddings(request: Request) -> Response:
         deadline=deadline(timeout_of(request)),
     )
     result = await dataplane_of(request).embed(req)
-    return respond(request, PROTOCOL, body.model, len(inputs), result,
+    return respond(request, body.model, result,
                    lambda: render_embeddings(result, body.model, body.encoding_format))
 
 

@@ -35,7 +35,6 @@ from serve_app.protocols.v2_codec import (
 )
 from serve_app.types import EmbedRequest, EmbedResult, deadline
 
-PROTOCOL = "v2"
 _HEADER_LEN = "inference-header-content-length"
 _UNSUPPORTED_PARAMS = ("shared_memory_region", "classification")
 
@@ -227,7 +226,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         )
     )
     served = version or dp.version(name)
-    return respond(request, PROTOCOL, name, len(texts), result,
+    return respond(request, name, result,
                    lambda: render_infer(name, served, req.id or rid, result, binary_out))
 
 

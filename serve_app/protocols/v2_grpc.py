@@ -207,8 +207,7 @@ class GrpcInference:
                                       "send fewer or shorter inputs")
             embed, raw = to_embed_request(request)
             result = await self.dataplane.embed(embed)
-            self.context.metrics.observe_embedding(embed.model, PROTOCOL, len(embed.inputs),
-                                                   result)
+            self.context.metrics.observe_embedding(embed.model, PROTOCOL, result)
             t0 = time.perf_counter()
             vectors = result.embeddings
             out = pb.ModelInferResponse.InferOutputTensor(
