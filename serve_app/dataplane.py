@@ -10,6 +10,7 @@ separate model deployments (:class:`serve_app.deployments.HandleBackend`), or th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -17,11 +18,22 @@ from typing import Any, Protocol
 from serve_app import __version__
 from serve_app.config import LimitOptions
 from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
-from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
+from serve_app.types import (
+    INPUT_TYPES,
+    NO_PROMPT,
+    EmbedRequest,
+    EmbedResult,
+    ModelInfo,
+    RerankRequest,
+    RerankResult,
+    Task,
+)
 
 
 class ModelBackend(Protocol):
     async def embed(self, req: EmbedRequest) -> EmbedResult: ...
+
+    async def rerank(self, req: RerankRequest) -> RerankResult: ...
 
     async def info(self) -> ModelInfo: ...
 
@@ -38,7 +50,8 @@ class ModelBackend(Protocol):
 
 class DataPlane:
     """Serves the models in ``backends`` (each name's default version) and ``others`` (more
-    versions of those names, keyed by (name, version)).
+    versions of those names, keyed by (name, version)); ``tasks`` says which names are
+    rerankers (the others embed).
 
     ``info`` raises :class:`ModelNotFound` for an unknown name or version and
     :class:`ModelNotReady` while the model has not answered yet (loading, or no replica). Model
@@ -55,8 +68,10 @@ class DataPlane:
         server_name: str = "serve_app",
         ready_timeout_s: float = 2.0,
         load_timeout_s: float = 30.0,
+        tasks: Mapping[str, Task] | None = None,
     ) -> None:
         self._backends = backends
+        self._tasks = dict(tasks or {})
         self._others = others or {}
         self._versions = dict(versions or {})
         self._info: dict[tuple[str, str], ModelInfo] = {}
@@ -101,6 +116,25 @@ class DataPlane:
                 f"model {name!r} has no version {version!r}; versions: "
                 f"{self.model_versions(name)}", param="model",
             ) from None
+
+    def task(self, name: str) -> Task:
+        self.backend(name)
+        return self._tasks.get(name, "embedding")
+
+    def of_task(self, task: Task) -> list[str]:
+        """The served names that do ``task``."""
+        return [n for n in self.names if self._tasks.get(n, "embedding") == task]
+
+    def reranker(self, name: str | None) -> str:
+        """The reranker a request names, or the only one served when it names none."""
+        if name is not None:
+            return name
+        rerankers = self.of_task("rerank")
+        if len(rerankers) != 1:
+            raise InvalidInput(
+                "no reranker is served here" if not rerankers else
+                f"several rerankers are served ({rerankers}): name one in 'model'", param="model")
+        return rerankers[0]
 
     def queue_depth(self) -> dict[str, int]:
         """Inputs in flight per model name, every version together."""
@@ -155,44 +189,112 @@ class DataPlane:
 
     # -- inference -------------------------------------------------------------------------
 
-    def check(self, req: EmbedRequest) -> None:
-        """Refuse what no model should see: no inputs, too many, over-long texts (before any
+    def _check_inputs(self, inputs: tuple[Any, ...], field: str) -> None:
+        """Refuse what no model should see: no inputs, too many, over-long ones (before any
         tokenizing)."""
-        if not req.inputs:
-            raise InvalidInput("input must not be empty", param="input")
+        if not inputs:
+            raise InvalidInput(f"at least one {field} is required", param=field)
         limit = self.limits.max_inputs_per_request
-        if len(req.inputs) > limit:
+        if len(inputs) > limit:
             raise InvalidInput(
-                f"{len(req.inputs)} inputs in one request; the limit is {limit} "
+                f"{len(inputs)} {field}s in one request; the limit is {limit} "
                 "(max_inputs_per_request): send them in several requests",
-                param="input",
+                param=field,
             )
         chars = self.limits.max_input_chars
-        for i, x in enumerate(req.inputs):
+        for i, x in enumerate(inputs):
             if len(x) > chars:
                 what = "characters" if isinstance(x, str) else "token ids"
                 raise InvalidInput(
-                    f"input {i} has {len(x)} {what}; the limit is {chars} (max_input_chars)",
-                    param="input",
+                    f"{field} {i} has {len(x)} {what}; the limit is {chars} (max_input_chars)",
+                    param=field,
                 )
+
+    def check(self, req: EmbedRequest) -> None:
+        self._check_inputs(req.inputs, "input")
+
+    async def _model(self, name: str, version: str | None, task: Task) -> ModelBackend:
+        """The backend of a model that can take a request now and does ``task``."""
+        backend = self.backend(name, version)
+        if not await backend.ready():  # answer now; never queue behind a model with no replica
+            raise ModelNotReady(
+                f"model {name!r} is not ready: no running replica; retry shortly",
+                param="model",
+            )
+        if self.task(name) != task:
+            raise wrong_task(name, self.task(name))
+        await self.info(name, version, wait=True)
+        return backend
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         """Validate ``req`` and run it on its model."""
-        backend = self.backend(req.model, req.version)
+        self.backend(req.model, req.version)
         self.check(req)
-        if not await backend.ready():  # answer now; never queue behind a model with no replica
-            raise ModelNotReady(
-                f"model {req.model!r} is not ready: no running replica; retry shortly",
-                param="model",
-            )
-        info = await self.info(req.model, req.version, wait=True)
+        backend = await self._model(req.model, req.version, "embedding")
+        info = await self.info(req.model, req.version)
         if req.dimensions is not None and not 1 <= req.dimensions <= info.dim:
             raise InvalidInput(
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
                 param="dimensions",
             )
+        req = resolve_prompt(req, info)
         self.in_flight += 1
         try:
             return await backend.embed(req)
         finally:
             self.in_flight -= 1
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        """Validate ``req`` and score its documents on its model."""
+        self.backend(req.model, req.version)
+        if not req.query:
+            raise InvalidInput("query must be a non-empty string", param="query")
+        self._check_inputs(req.documents, "document")
+        if len(req.query) > self.limits.max_input_chars:
+            raise InvalidInput(f"query has {len(req.query)} characters; the limit is "
+                               f"{self.limits.max_input_chars} (max_input_chars)", param="query")
+        backend = await self._model(req.model, req.version, "rerank")
+        self.in_flight += 1
+        try:
+            return await backend.rerank(req)
+        finally:
+            self.in_flight -= 1
+
+
+def resolve_prompt(req: EmbedRequest, info: ModelInfo) -> EmbedRequest:
+    """``req`` with its ``input_type`` turned into the model's prompt name for it, after
+    checking both against the model's prompts.
+
+    ``prompt_name`` must be one of the model's prompts. ``input_type`` picks the model's prompt
+    of that name or of a synonym (``query``/``search_query``, ``document``/``search_document``/
+    ``passage``); a model without one for that side embeds those texts with no prompt, as
+    asymmetric models without a document prompt (BGE) expect."""
+    names = info.prompt_names()
+    if req.prompt_name is None and req.input_type is None:
+        return req
+    if any(not isinstance(x, str) for x in req.inputs):
+        raise InvalidInput("prompts apply to texts; token-id inputs are used as they are",
+                           param="prompt_name" if req.prompt_name else "input_type")
+    if req.prompt_name is not None:
+        if req.input_type is not None:
+            raise InvalidInput("give prompt_name or input_type, not both", param="input_type")
+        if req.prompt_name not in names:
+            raise InvalidInput(f"model {req.model!r} has no prompt {req.prompt_name!r}; its "
+                               f"prompts: {names}", param="prompt_name")
+        return req
+    synonyms = INPUT_TYPES.get(str(req.input_type))
+    if synonyms is None:
+        raise InvalidInput(f"input_type must be one of {sorted(INPUT_TYPES)}, got "
+                           f"{req.input_type!r}", param="input_type")
+    # no prompt for that side: "" (none), not None, which would add the model's default
+    found = next((n for n in synonyms if n in names), NO_PROMPT)
+    return dataclasses.replace(req, prompt_name=found, input_type=None)
+
+
+def wrong_task(model: str, task: str) -> InvalidInput:
+    """The error for a request the model's task cannot answer."""
+    if task == "rerank":
+        return InvalidInput(f"model {model!r} is a reranker: send it (query, documents) on "
+                            "/rerank, /v1/rerank or V2, not texts to embed", param="model")
+    return InvalidInput(f"model {model!r} is an embedding model, not a reranker: rerank with a "
+                        "model served with task: rerank", param="model")

@@ -25,8 +25,9 @@ from serve_app.http import create_http_app, enable_access_log
 from serve_app.metrics import Metrics
 from serve_app.protocols.v2_grpc import GrpcInference
 from serve_app.replica import ModelReplica
+from serve_app.reranker import RerankEngine
 from serve_app.scheduler import Work
-from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
+from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
 
 log = logging.getLogger(__name__)  # under "serve_app": see _log_through_serve
 _serve_log = logging.getLogger("ray.serve")
@@ -62,7 +63,7 @@ def serve_model(cfg: ModelConfig) -> ModelReplica:
                                         cfg.batching.parallel_passes)
     log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
              cfg.name, cfg.model_id, passes, per_pass)
-    engine = EmbeddingEngine(cfg, num_threads=per_pass)
+    engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(cfg, num_threads=per_pass)
     log.info("model %r: warming up", cfg.name)
     warm = engine.warmup()
     log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
@@ -81,7 +82,8 @@ def serve_model(cfg: ModelConfig) -> ModelReplica:
 @serve.deployment
 class EmbeddingModel:
     """One model's replica (the separate topology): :func:`serve_model` in ``__init__``, then
-    :class:`EmbedRequest` objects in, :class:`EmbedResult` objects out."""
+    :class:`EmbedRequest` (or, for a reranker, :class:`RerankRequest`) objects in, results
+    out."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         _log_through_serve()
@@ -89,6 +91,9 @@ class EmbeddingModel:
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         return await self.model.embed(req)
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        return await self.model.rerank(req)
 
     async def info(self) -> ModelInfo:
         return await self.model.info()
@@ -167,6 +172,7 @@ class HandleBackend:
         self._timeout_s = timeout_s
         self._in_flight = 0
         self._embed = handle.options(method_name="embed")
+        self._rerank = handle.options(method_name="rerank")
         self._info = handle.options(method_name="info")
         self._stats = handle.options(method_name="stats")
 
@@ -180,15 +186,25 @@ class HandleBackend:
         n = len(req.inputs)
         self._in_flight += n
         try:
-            return await self._call(req)
+            result: EmbedResult = await self._call(self._embed, req)
+            return result
         finally:
             self._in_flight -= n
 
-    async def _call(self, req: EmbedRequest) -> EmbedResult:
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        n = len(req.documents)
+        self._in_flight += n
+        try:
+            result: RerankResult = await self._call(self._rerank, req)
+            return result
+        finally:
+            self._in_flight -= n
+
+    async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest) -> Any:
         remaining = req.remaining()
         timeout = self._timeout_s if remaining is None else max(0.0, min(self._timeout_s,
                                                                            remaining))
-        response = self._embed.remote(req)
+        response = method.remote(req)
         try:
             return await asyncio.wait_for(response, timeout)
         except RayTaskError as e:
@@ -246,7 +262,8 @@ class Ingress(GrpcInference):
         self.cfg = cfg
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.dataplane = DataPlane(backends, versions={m.name: m.version for m in defaults},
-                                   others=others, limits=cfg.limits, server_name=cfg.server_name)
+                                   others=others, limits=cfg.limits, server_name=cfg.server_name,
+                                   tasks={m.name: m.task for m in defaults})
         context = ServerContext(Metrics(self.replica), ApiKeys(accepted),
                                 cfg.limits.max_body_bytes)
         super().__init__(self.dataplane, context)

@@ -1,8 +1,9 @@
 """The embedding engine: plain torch + transformers, no Ray and no HTTP.
 
 Steps are separate so batching can be arranged around them and each can be tested alone:
-``tokenize`` (texts -> token ids), ``embed_ids`` (token ids -> vectors: pad, forward, pool,
-normalize), and the pure helpers ``pool`` and ``reduce_dimensions``.
+``tokenize`` (texts -> token ids), ``forward`` (token ids -> vectors: pad, forward, pool,
+normalize), and the pure helpers ``pool`` and ``plan_batches``. :class:`TransformerEngine` holds
+what the embedding engine and the reranker (:mod:`serve_app.reranker`) share.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from serve_app.config import ModelConfig
 from serve_app.errors import InvalidInput, ModelLoadError
 from serve_app.model_files import read_settings, resolve_model_dir
-from serve_app.types import Input, ModelInfo
+from serve_app.quantize import Calibration, calibration_texts
+from serve_app.types import NO_PROMPT, Input, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +88,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling mode {mode!r}")
 
 
-def reduce_dimensions(vectors: np.ndarray, n: int) -> np.ndarray:
-    """Keep the first ``n`` values of each row and L2-normalize again (Matryoshka style)."""
-    cut = np.ascontiguousarray(vectors[:, :n], dtype=np.float32)
-    norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    np.maximum(norms, 1e-12, out=norms)
-    return cut / norms
-
-
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_size: int) -> list[list[int]]:
     """Group indices into forward passes: longest first, so each pass pads little, each pass
     holding at most ``max_size`` sequences and ``max_tokens`` padded tokens (a single sequence
@@ -114,15 +108,25 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_size: int) -> list
     return batches
 
 
-class EmbeddingEngine:
-    """One loaded embedding model.
+class PairIds(list[int]):
+    """A (query, document) pair's token ids; the first ``first`` of them are the query's part
+    (token type 0), the rest the document's (token type 1)."""
 
-    ``embed_ids`` returns float32 ``[n, dim]`` numpy arrays in input order. Errors in caller input
-    raise :class:`InvalidInput`; load problems raise :class:`ModelLoadError`.
-    """
+    __slots__ = ("first",)
+
+    def __init__(self, ids: Sequence[int], first: int) -> None:
+        super().__init__(ids)
+        self.first = first
+
+
+class TransformerEngine:
+    """What every served model shares: the files, the device and dtype, the tokenizer, the token
+    limit, and padded forward inputs. ``auto_class`` names the transformers class to load."""
+
+    auto_class = "AutoModel"
 
     def __init__(self, cfg: ModelConfig, num_threads: int | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        import transformers
 
         t0 = time.perf_counter()
         self.cfg = cfg
@@ -132,16 +136,16 @@ class EmbeddingEngine:
         self.model_dir = resolve_model_dir(cfg.model_id, cfg.model_revision)
         log.info("resolved %s to %s in %.2fs", cfg.model_id, self.model_dir,
                  time.perf_counter() - t0)
-        settings = read_settings(self.model_dir)
+        self.settings = read_settings(self.model_dir)
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         log.info("loading %s from %s on %s/%s", cfg.model_id, self.model_dir, self.device,
                  self.dtype)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 self.model_dir, trust_remote_code=cfg.trust_remote_code
             )
-            model = AutoModel.from_pretrained(
+            model = getattr(transformers, self.auto_class).from_pretrained(
                 self.model_dir, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code
             )
         except (OSError, ValueError) as e:
@@ -150,44 +154,106 @@ class EmbeddingEngine:
 
         model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _HUGE)
         tok_limit = int(self.tokenizer.model_max_length or _HUGE)
-        natural = settings.max_seq_length or min(tok_limit, model_limit)
+        natural = self.settings.max_seq_length or min(tok_limit, model_limit)
         self.max_length = int(cfg.max_length or natural)
         if self.max_length > model_limit:
             raise ModelLoadError(
                 f"max_length {self.max_length} exceeds the model's {model_limit} positions"
             )
-        self.pooling = cfg.pooling if cfg.pooling != "auto" else (settings.pooling or "mean")
-        self.normalize = cfg.normalize if cfg.normalize is not None else (
-            settings.normalize if settings.normalize is not None else True
-        )
-        self.lower_case = settings.do_lower_case
-        self.prompt = (
-            settings.prompts.get(settings.default_prompt_name, "")
-            if settings.default_prompt_name
-            else ""
-        )
-        self.dim = int(model.config.hidden_size)
         self.vocab_size = len(self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
         self.max_batch_tokens = cfg.batching.max_batch_tokens
         self.max_batch_size = cfg.batching.max_batch_size
-        self.load_seconds = time.perf_counter() - t0
-        log.info("loaded %s in %.2fs: dim=%d max_length=%d pooling=%s normalize=%s threads=%d",
-                 cfg.model_id, self.load_seconds, self.dim, self.max_length, self.pooling,
-                 self.normalize, torch.get_num_threads())
+        self.t0 = t0
+
+    def loaded(self, what: str) -> None:
+        self.load_seconds = time.perf_counter() - self.t0
+        log.info("loaded %s in %.2fs: %s max_length=%d threads=%d", self.cfg.model_id,
+                 self.load_seconds, what, self.max_length, torch.get_num_threads())
+
+    def inputs(self, seqs: Sequence[Sequence[int]], threads: int | None) -> dict[str, Any]:
+        """Right-padded ``input_ids``, ``attention_mask`` (and ``token_type_ids``: 1 on the
+        document part of a :class:`PairIds`) on the model's device. ``threads``: the torch
+        threads this call runs on (torch keeps that setting per calling thread)."""
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        types = np.zeros((len(seqs), width), dtype=np.int64) if self.uses_token_types else None
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = s
+            mask[row, : len(s)] = 1
+            if types is not None and isinstance(s, PairIds):
+                types[row, s.first : len(s)] = 1
+        out: dict[str, Any] = {
+            "input_ids": torch.from_numpy(ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
+        if types is not None:
+            out["token_type_ids"] = torch.from_numpy(types).to(self.device)
+        return out
+
+    def check_length(self, i: int, n: int, what: str = "input") -> None:
+        if n > self.max_length:
+            raise InvalidInput(
+                f"{what} {i} has {n} tokens, more than the model's limit of {self.max_length}; "
+                "shorten it or allow truncation", param="input")
+
+
+class EmbeddingEngine(TransformerEngine):
+    """One loaded embedding model.
+
+    ``embed_ids`` returns float32 ``[n, dim]`` numpy arrays in input order. Errors in caller input
+    raise :class:`InvalidInput`; load problems raise :class:`ModelLoadError`. After
+    :meth:`warmup`, ``calibration`` holds the int8/uint8 ranges of the calibration corpus.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_threads: int | None = None) -> None:
+        super().__init__(cfg, num_threads)
+        settings = self.settings
+        self.pooling = cfg.pooling if cfg.pooling != "auto" else (settings.pooling or "mean")
+        self.normalize = cfg.normalize if cfg.normalize is not None else (
+            settings.normalize if settings.normalize is not None else True
+        )
+        self.lower_case = settings.do_lower_case
+        self.prompts = dict(settings.prompts)
+        self.default_prompt = settings.default_prompt_name
+        if self.default_prompt is not None and self.default_prompt not in self.prompts:
+            raise ModelLoadError(f"default_prompt_name {self.default_prompt!r} is not one of "
+                                 f"the model's prompts {sorted(self.prompts)}")
+        self.dim = int(self.model.config.hidden_size)
+        self.calibration: Calibration | None = None
+        self.loaded(f"dim={self.dim} pooling={self.pooling} normalize={self.normalize}")
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> tuple[list[list[int]], int]:
-        """Token ids per text, special tokens included, cut at ``max_length`` when ``truncate``,
-        and how many of the texts were cut. With ``truncate=False`` a text longer than the limit
-        raises :class:`InvalidInput`."""
+    def prompt(self, name: str | None) -> str:
+        """The text of prompt ``name`` (None: the model's default prompt, or none;
+        ``NO_PROMPT``: none)."""
+        if name is None:
+            return self.prompts[self.default_prompt] if self.default_prompt else ""
+        if name == NO_PROMPT:
+            return ""
+        try:
+            return self.prompts[name]
+        except KeyError:
+            raise InvalidInput(
+                f"model has no prompt {name!r}; its prompts: {sorted(self.prompts)}",
+                param="prompt_name") from None
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True,
+                 prompt_name: str | None = None) -> tuple[list[list[int]], int]:
+        """Token ids per text (its prompt before it, as sentence-transformers puts it), special
+        tokens included, cut at ``max_length`` when ``truncate``, and how many of the texts were
+        cut. With ``truncate=False`` a text longer than the limit raises :class:`InvalidInput`."""
+        prompt = self.prompt(prompt_name)
+        if prompt:
+            texts = [prompt + t for t in texts]
         if self.lower_case:
             texts = [t.lower() for t in texts]
-        if self.prompt:
-            texts = [self.prompt + t for t in texts]
         enc = self.tokenizer(
             list(texts),
             add_special_tokens=True,
@@ -200,12 +266,7 @@ class EmbeddingEngine:
         ids: list[list[int]] = enc["input_ids"]
         if not truncate:
             for i, seq in enumerate(ids):
-                if len(seq) > self.max_length:
-                    raise InvalidInput(
-                        f"input {i} has {len(seq)} tokens, more than the model's limit of "
-                        f"{self.max_length}; shorten it or allow truncation",
-                        param="input",
-                    )
+                self.check_length(i, len(seq))
             return ids, 0
         encodings = getattr(enc, "encodings", None)  # fast tokenizers know what they cut
         if encodings:
@@ -243,23 +304,9 @@ class EmbeddingEngine:
         return out
 
     def forward(self, seqs: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
-        """One forward pass over exactly ``seqs`` (padded to the longest): float32 ``[n, dim]``.
-        ``threads``: the torch threads this call runs on (torch keeps that setting per calling
-        thread, so passes on different threads can differ)."""
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = s
-            mask[row, : len(s)] = 1
-        inputs: dict[str, Any] = {
-            "input_ids": torch.from_numpy(ids).to(self.device),
-            "attention_mask": torch.from_numpy(mask).to(self.device),
-        }
-        if self.uses_token_types:
-            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        """One forward pass over exactly ``seqs`` (padded to the longest): float32 ``[n, dim]``,
+        on ``threads`` torch threads (see :meth:`inputs`)."""
+        inputs = self.inputs(seqs, threads)
         with torch.inference_mode():
             hidden = self.model(**inputs).last_hidden_state
             vectors = pool(hidden.float(), inputs["attention_mask"], self.pooling)
@@ -269,31 +316,36 @@ class EmbeddingEngine:
 
     # -- whole requests ------------------------------------------------------------------------
 
-    def prepare(self, inputs: Sequence[Input],
-                truncate: bool = True) -> tuple[list[list[int]], int]:
-        """Token ids for mixed text / token-id inputs, in order, and how many texts were cut."""
+    def prepare(self, inputs: Sequence[Input], truncate: bool = True,
+                prompt_name: str | None = None) -> tuple[list[list[int]], int]:
+        """Token ids for mixed text / token-id inputs, in order, and how many texts were cut;
+        ``prompt_name`` goes before the texts (token ids are used as they are)."""
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         token_inputs = [x for x in inputs if not isinstance(x, str)]
         self.check_token_ids(token_inputs)
         seqs: list[list[int]] = [list(x) if not isinstance(x, str) else [] for x in inputs]
         truncated = 0
         if texts:
-            ids, truncated = self.tokenize([t for _, t in texts], truncate)
+            ids, truncated = self.tokenize([t for _, t in texts], truncate, prompt_name)
             for (i, _), one in zip(texts, ids, strict=True):
                 seqs[i] = one
         return seqs, truncated
 
-    def embed(self, inputs: Sequence[Input], truncate: bool = True) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
+    def embed(self, inputs: Sequence[Input], truncate: bool = True,
+              prompt_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors ``[n, dim]`` float32 and token counts ``[n]`` int64 for ``inputs``."""
-        seqs, _ = self.prepare(inputs, truncate)
+        seqs, _ = self.prepare(inputs, truncate, prompt_name)
         return self.embed_ids(seqs), np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
 
     def warmup(self) -> float:
-        """Run short and full-length batches once so the first request pays no set-up cost."""
+        """Run short and full-length batches once so the first request pays no set-up cost,
+        and fix the int8/uint8 ranges on the calibration corpus, embedded as a request naming
+        no prompt is (``SentenceTransformer.encode(corpus)``)."""
         t0 = time.perf_counter()
         self.embed(["warm up"] * min(8, self.max_batch_size))
         self.embed_ids([[self.pad_id] * self.max_length])
+        texts = calibration_texts(self.cfg.calibration_corpus)
+        self.calibration = Calibration(self.embed(texts)[0])
         return time.perf_counter() - t0
 
     def info(self, name: str, version: str) -> ModelInfo:
@@ -306,4 +358,8 @@ class EmbeddingEngine:
             model_id=self.cfg.model_id,
             pooling=self.pooling,
             normalize=self.normalize,
+            prompts=tuple(self.prompts.items()),
+            default_prompt=self.default_prompt,
+            int8_ranges=None if self.calibration is None else self.calibration.full,
+            calibration_texts=0 if self.calibration is None else self.calibration.texts,
         )

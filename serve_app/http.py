@@ -21,14 +21,16 @@ from serve_app.context import ServerContext
 from serve_app.dataplane import DataPlane
 from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
 from serve_app.metrics import CONTENT_TYPE
-from serve_app.protocols import kserve_v1, openai, v2
-from serve_app.protocols.common import json_response, kserve_error, protocol_of
+from serve_app.protocols import kserve_v1, openai, rerank, v2
+from serve_app.protocols.common import json_response, kserve_error, openai_error, protocol_of
+
+_RENDERERS = {"openai": openai_error, "tei": rerank.render_tei_error}
 
 
 def _render_for_path(path: str, err: ServeAppError) -> Response:
     """Errors raised outside any route (unknown path, wrong method) in the shape the path's
     protocol uses."""
-    return openai.render_error(err) if protocol_of(path) == "openai" else kserve_error(err)
+    return _RENDERERS.get(protocol_of(path), kserve_error)(err)
 
 
 access_log = logging.getLogger("serve_app.access")
@@ -130,7 +132,8 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
     app = FastAPI(
         title="serve_app",
         version=__version__,
-        description="Text embeddings over KServe V1, Open Inference (V2) and OpenAI APIs.",
+        description="Text embeddings and reranking over KServe V1, Open Inference (V2), OpenAI, "
+        "text-embeddings-inference and Cohere APIs.",
     )
     context = context or ServerContext()
     context.metrics.watch_queue(dataplane.queue_depth)
@@ -159,6 +162,8 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
         )
 
     app.include_router(openai.router)
+    app.include_router(rerank.router)
+    app.include_router(rerank.tei_router)
     app.include_router(kserve_v1.router)
     app.include_router(v2.router)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from serve_app.types import EmbedResult
+from serve_app.types import Measured
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -85,7 +85,7 @@ class Metrics:
     def observe_error(self, protocol: str, kind: str) -> None:
         self.errors.labels(self.replica, protocol, kind).inc()
 
-    def observe_embedding(self, model: str, protocol: str, result: EmbedResult) -> None:
+    def observe_embedding(self, model: str, protocol: str, result: Measured) -> None:
         self.inputs.labels(self.replica, model, protocol).inc(len(result.token_counts))
         self.tokens.labels(self.replica, model, protocol).inc(result.prompt_tokens)
         if result.truncated:

@@ -99,6 +99,8 @@ class SentenceTransformerSettings:
     do_lower_case: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    #: a cross-encoder's activation, as sentence-transformers saved it (a dotted torch path)
+    activation: str | None = None
 
 
 def read_settings(model_dir: Path) -> SentenceTransformerSettings:
@@ -129,6 +131,12 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
         raise ModelLoadError("weightedmean pooling is not supported")
     sbert = _read_json(model_dir / "sentence_bert_config.json") or {}
     st_cfg = _read_json(model_dir / "config_sentence_transformers.json") or {}
+    hf_cfg = _read_json(model_dir / "config.json") or {}
+    # where sentence-transformers versions kept it: v4+ in config.json (and v6 in its own file
+    # too), before v4 under another key
+    activation = (st_cfg.get("activation_fn")
+                  or (hf_cfg.get("sentence_transformers") or {}).get("activation_fn")
+                  or hf_cfg.get("sbert_ce_default_activation_function"))
     return SentenceTransformerSettings(
         pooling=pooling,
         normalize=normalize,
@@ -136,4 +144,5 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
         do_lower_case=bool(sbert.get("do_lower_case", False)),
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name") or None,
+        activation=activation or None,
     )

@@ -1,4 +1,5 @@
-"""One model in one replica, without Ray: admission, tokenizing, the batch queue, the answer.
+"""One model in one replica, without Ray: admission, tokenizing, the batch queue, the answer
+(vectors, or reranking scores).
 
 :class:`ModelReplica` is a :class:`serve_app.dataplane.ModelBackend`: the colocated ingress holds
 it directly, a model deployment serves it over Ray, tests and benchmarks call it in process. In a
@@ -11,36 +12,43 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from serve_app.engine import EmbeddingEngine, plan_parallelism, reduce_dimensions
+from serve_app.dataplane import wrong_task
+from serve_app.engine import EmbeddingEngine, plan_parallelism
 from serve_app.errors import InvalidInput, Overloaded
+from serve_app.quantize import reduce_dimensions
+from serve_app.reranker import RerankEngine
 from serve_app.scheduler import BatchQueue, Work
-from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
+from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
 
 #: Requests this short (in characters, or token ids) are tokenized on the event loop, where
 #: that costs less than the two thread switches of the tokenizer pool.
 INLINE_TOKENIZE_CHARS = 512
 
 Enter = Callable[[Work], Awaitable[Any]]
+Prepare = Callable[[], tuple[list[list[int]], int]]
 
 
 class ModelReplica:
-    """Embeds :class:`EmbedRequest` objects with ``engine``.
+    """Embeds :class:`EmbedRequest` objects with an :class:`EmbeddingEngine`, or scores
+    :class:`RerankRequest` objects with a :class:`RerankEngine`.
 
     A request is admitted only while the inputs held (tokenizing, queued, in a pass) stay within
     ``max_queued_inputs``; past it the request is refused at once with :class:`Overloaded`: the
     replica's one admission bound. Short requests (``inline_chars``) are tokenized on the event
     loop, others on a small thread pool. ``passes`` forward passes run at once, sharing
     ``threads`` torch threads; a pass alone runs on all of them (``solo``). Each special case
-    won a same-run A/B (docs/benchmarks.md).
+    won a same-run A/B (docs/benchmarks.md). Vectors are cut to ``dimensions`` and encoded
+    (:mod:`serve_app.quantize`) here, so compact encodings cross to the ingress compact.
     """
 
-    def __init__(self, engine: EmbeddingEngine, name: str, version: str = "1",
+    def __init__(self, engine: EmbeddingEngine | RerankEngine, name: str, version: str = "1",
                  max_queued_inputs: int = 4096, passes: int = 1, threads: int = 1,
                  solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS) -> None:
         self.engine = engine
@@ -70,43 +78,70 @@ class ModelReplica:
     async def _put(self, work: Work) -> None:
         self.queue.put([work])
 
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
-        n = len(req.inputs)
+    @contextmanager
+    def _admit(self, model: str, n: int) -> Iterator[None]:
         if not n:  # the data plane refuses these; here a Work of no texts would never resolve
             raise InvalidInput("input must not be empty", param="input")
         if self.held + n > self.limit:
             self.refused += 1
             raise Overloaded(
-                f"model {req.model!r} is at its queue limit ({self.held} of {self.limit} inputs "
+                f"model {model!r} is at its queue limit ({self.held} of {self.limit} inputs "
                 "held); retry after a short wait"
             )
         self.held += n
         try:
-            return await self._embed(req)
+            yield
         finally:
             self.held -= n
 
-    async def _embed(self, req: EmbedRequest) -> EmbedResult:
+    async def _run(self, prepare: Prepare, chars: int, deadline: float | None
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Tokenize (``prepare``), queue and compute one request: the model's output rows in
+        input order, and what an answer reports (token counts, truncated, timings, passes)."""
         t0 = time.perf_counter()
-        if sum(len(x) for x in req.inputs) <= self._inline:
-            seqs, truncated = self.engine.prepare(req.inputs, req.truncate)
+        if chars <= self._inline:
+            seqs, truncated = prepare()
         else:  # off the event loop, which keeps answering while a long request is tokenized
             seqs, truncated = await asyncio.get_running_loop().run_in_executor(
-                self._tokenize_pool,
-                functools.partial(self.engine.prepare, req.inputs, req.truncate))
+                self._tokenize_pool, prepare)
         t1 = time.perf_counter()
-        work = Work(seqs, asyncio.get_running_loop().create_future(), req.deadline,
+        work = Work(seqs, asyncio.get_running_loop().create_future(), deadline,
                     asyncio.current_task())
         await self._enter(work)
-        vectors = await work.future
+        out = await work.future
         waited = time.perf_counter() - t1
-        if req.dimensions is not None and req.dimensions != self.engine.dim:
-            vectors = reduce_dimensions(vectors, req.dimensions)
         counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         inference = work.inference_s
-        return EmbedResult(embeddings=vectors, token_counts=counts, truncated=truncated,
-                           tokenize_s=t1 - t0, queue_s=max(0.0, waited - inference),
-                           inference_s=inference, passes=self.queue.take_passes())
+        return out, {"token_counts": counts, "truncated": truncated, "tokenize_s": t1 - t0,
+                     "queue_s": max(0.0, waited - inference), "inference_s": inference,
+                     "passes": self.queue.take_passes()}
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        engine = self.engine
+        if not isinstance(engine, EmbeddingEngine):
+            raise wrong_task(req.model, self._info.task)
+        with self._admit(req.model, len(req.inputs)):
+            prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
+                                        req.prompt_name)
+            vectors, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
+                                                req.deadline)
+        if req.dimensions is not None and req.dimensions != engine.dim:
+            vectors = reduce_dimensions(vectors, req.dimensions)
+        if req.encoding != "float":
+            if engine.calibration is None:
+                raise InvalidInput(f"model {req.model!r} was not calibrated for {req.encoding}")
+            vectors = engine.calibration.encode(vectors, req.encoding)
+        return EmbedResult(embeddings=vectors, **measured)
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        engine = self.engine
+        if not isinstance(engine, RerankEngine):
+            raise wrong_task(req.model, self._info.task)
+        with self._admit(req.model, len(req.documents)):
+            prepare = functools.partial(engine.tokenize, req.query, req.documents, req.truncate)
+            chars = len(req.query) * len(req.documents) + sum(map(len, req.documents))
+            logits, measured = await self._run(prepare, chars, req.deadline)
+        return RerankResult(scores=engine.scores(logits, req.raw_scores), **measured)
 
     async def info(self) -> ModelInfo:
         return self._info

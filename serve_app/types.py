@@ -8,11 +8,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 #: One input: a text, or the model tokenizer's complete token ids for one text.
 Input = str | tuple[int, ...]
+#: What a model does: embed texts, or score (query, document) pairs.
+Task = Literal["embedding", "rerank"]
+#: How vectors are answered: float32, or quantized as sentence-transformers' ``quantize_embeddings``
+#: does (int8/uint8: one byte per value on fixed per-dimension ranges; binary/ubinary: sign bits
+#: packed 8 to a byte, as int8 offset by -128 or as uint8).
+Encoding = Literal["float", "int8", "uint8", "binary", "ubinary"]
+ENCODINGS: tuple[Encoding, ...] = ("float", "int8", "uint8", "binary", "ubinary")
+#: ``input_type`` values callers send (Cohere, NVIDIA NIM, nomic) and the prompt names they mean,
+#: the model's own name first.
+INPUT_TYPES: dict[str, tuple[str, ...]] = {
+    "query": ("query", "search_query"),
+    "search_query": ("search_query", "query"),
+    "document": ("document", "search_document", "passage"),
+    "search_document": ("search_document", "document", "passage"),
+}
+#: The prompt name that adds no prompt, not even the model's default.
+NO_PROMPT = ""
 
 
 def deadline(seconds: float | None) -> float | None:
@@ -28,6 +46,11 @@ class EmbedRequest:
     - ``truncate``: cut texts at the model's token limit (True) or refuse longer ones (False).
     - ``dimensions``: keep the first N values of each vector and L2-normalize again.
     - ``version``: the model version (V2); None: the name's default version.
+    - ``prompt_name``: one of the model's prompts (``config_sentence_transformers.json``) put
+      before each text; None: the model's default prompt, if it has one; ``NO_PROMPT``: none.
+    - ``input_type``: ``query`` or ``document`` (or ``search_query``/``search_document``): the
+      data plane turns it into the ``prompt_name`` the model has for it.
+    - ``encoding``: float32 vectors, or one of the compact encodings.
     - ``request_id``: the caller's id, for logs.
     - ``deadline``: wall-clock time (``time.time()``) after which the answer is useless; work
       still queued then is dropped and the caller gets :class:`DeadlineExceeded`.
@@ -40,6 +63,9 @@ class EmbedRequest:
     request_id: str = ""
     deadline: float | None = None
     version: str | None = None
+    prompt_name: str | None = None
+    input_type: str | None = None
+    encoding: Encoding = "float"
 
     def remaining(self) -> float | None:
         """Seconds until the deadline (negative once passed); None without one."""
@@ -47,17 +73,37 @@ class EmbedRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class EmbedResult:
-    """``embeddings``: float32 array ``[n, dim]`` in input order; ``token_counts``: int64 ``[n]``,
-    the tokens each input used after truncation, special tokens included.
+class RerankRequest:
+    """Score each of ``documents`` against ``query`` with reranker ``model``.
 
-    What the replica measured: ``truncated`` texts; seconds spent tokenizing, waiting for a
-    forward pass (``queue_s``) and in forward passes (``inference_s``); and ``passes``, the
-    forward passes the replica finished since its previous answer as (inputs, tokens) pairs, so
-    every pass is reported exactly once, whichever answer carries it.
+    ``raw_scores``: the model's logits instead of its activation (sigmoid for one-label
+    cross-encoders); ``truncate``: cut a (query, document) pair longer than the model's limit
+    the way sentence-transformers does (longest first), or refuse it. Other fields as in
+    :class:`EmbedRequest`.
     """
 
-    embeddings: np.ndarray
+    model: str
+    query: str
+    documents: tuple[str, ...]
+    raw_scores: bool = False
+    truncate: bool = True
+    request_id: str = ""
+    deadline: float | None = None
+    version: str | None = None
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Measured:
+    """What the replica measured for one answer. ``token_counts``: int64 ``[n]``, the tokens
+    each input (text, or query and document pair) used after truncation, special tokens and
+    prompt included; ``truncated`` inputs; seconds spent tokenizing, waiting for a forward pass
+    (``queue_s``) and in forward passes (``inference_s``); and ``passes``, the forward passes
+    the replica finished since its previous answer as (inputs, tokens) pairs, so every pass is
+    reported exactly once, whichever answer carries it."""
+
     token_counts: np.ndarray
     truncated: int = 0
     tokenize_s: float = 0.0
@@ -68,6 +114,21 @@ class EmbedResult:
     @property
     def prompt_tokens(self) -> int:
         return int(self.token_counts.sum())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmbedResult(Measured):
+    """``embeddings`` ``[n, dim]`` in input order: float32, or for a compact encoding int8 /
+    uint8 (``[n, dim]``; binary and ubinary ``[n, ceil(dim / 8)]``)."""
+
+    embeddings: np.ndarray
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RerankResult(Measured):
+    """``scores``: float32 ``[n]``, one per document in request order."""
+
+    scores: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +143,14 @@ class ModelInfo:
     model_id: str
     pooling: str
     normalize: bool
+    task: Task = "embedding"
+    #: the model's prompts by name, and the one texts get when a request names none
+    prompts: tuple[tuple[str, str], ...] = ()
+    default_prompt: str | None = None
+    #: int8/uint8 ranges, float32 ``[2, dim]`` (per-dimension low and high), fixed at warm-up
+    #: on :attr:`calibration_texts` texts of the calibration corpus; None for rerankers
+    int8_ranges: np.ndarray | None = None
+    calibration_texts: int = 0
+
+    def prompt_names(self) -> list[str]:
+        return [n for n, _ in self.prompts]

@@ -18,7 +18,8 @@ from serve_app.auth import ApiKeys
 from serve_app.config import CorsOptions, LimitOptions
 from serve_app.context import ServerContext
 from serve_app.dataplane import DataPlane, ModelBackend
-from serve_app.engine import EmbeddingEngine, reduce_dimensions
+from serve_app.engine import EmbeddingEngine
+from serve_app.quantize import reduce_dimensions
 from serve_app.errors import DeadlineExceeded
 from serve_app.http import create_http_app
 from serve_app.local import (  # noqa: F401  (re-exported for the end-to-end tests)

@@ -20,7 +20,7 @@ from serve_app.proto import inference_pb2 as pb
 from serve_app.protocols import openai as oai
 from serve_app.protocols.common import check_texts
 from serve_app.protocols.v2_codec import fp32_bytes, join_bytes_tensor
-from serve_app.protocols.v2_grpc import _fp32_contents, to_embed_request
+from serve_app.protocols.v2_grpc import _contents, to_request
 from serve_app.types import EmbedResult
 from tests.helpers import FakeBackend, app_client, fake_vector
 
@@ -94,7 +94,7 @@ def test_grpc_request_decodes_to_the_texts_sent(items, raw):
     else:
         inp.contents.bytes_contents.extend(encoded)
     wire = pb.ModelInferRequest.FromString(req.SerializeToString())
-    embed, was_raw = to_embed_request(wire)
+    embed, was_raw = to_request(wire)
     assert list(embed.inputs) == items and was_raw == raw
 
 
@@ -105,12 +105,12 @@ def test_grpc_arbitrary_messages_decode_or_fail_cleanly(data):
     except Exception:  # not a protobuf at all: grpc never hands it to us
         return
     with contextlib.suppress(InvalidInput):
-        to_embed_request(req)
+        to_request(req)
 
 
 @given(vectors)
-def test_grpc_fp32_contents_decode_to_the_vectors(v):
-    contents = pb.InferTensorContents.FromString(_fp32_contents(v).SerializeToString())
+def test_grpc_contents_decode_to_the_vectors(v):
+    contents = pb.InferTensorContents.FromString(_contents(v).SerializeToString())
     np.testing.assert_array_equal(np.array(contents.fp32_contents, np.float32), v.reshape(-1))
     assert np.frombuffer(fp32_bytes(v), "<f4").reshape(v.shape).tolist() == v.tolist()
 

@@ -61,7 +61,6 @@ def test_texts_from_elements_accepts_both_shapes():
         ([b"a"], [1, 1, 1], "BYTES", r"expected \[n\] or \[n, 1\]"),
         ([], [0], "BYTES", "is empty"),
         ([b"\xff\xfe"], [1], "BYTES", "not valid UTF-8"),
-        ([b""], [1], "BYTES", "empty string"),
         ([5], [1], "BYTES", "must be a string"),
         ([b"a"], [-1], "BYTES", "negative"),
     ],

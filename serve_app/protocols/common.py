@@ -31,7 +31,7 @@ from serve_app.errors import (
     Unauthorized,
     lookup,
 )
-from serve_app.types import EmbedResult
+from serve_app.types import Measured
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,10 @@ def protocol_of(path: str) -> str:
     """The protocol an HTTP path belongs to (the metrics label, the error body's shape)."""
     if path.startswith("/v2"):
         return "v2"
-    if path.startswith("/openai/") or path.startswith("/v1/embeddings"):
+    if path.startswith(("/openai/", "/v1/embeddings", "/v1/rerank")):
         return "openai"
+    if path.startswith("/rerank"):
+        return "tei"
     if path.startswith("/v1/"):
         return "kserve_v1"
     return "other"
@@ -96,6 +98,22 @@ def kserve_error(err: ServeAppError) -> Response:
     """KServe V1's and Open Inference REST's error body: ``{"error": "<message>"}``."""
     status = http_status(err)
     return json_response({"error": err.message}, status_code=status, headers=error_headers(status))
+
+
+def openai_error(err: ServeAppError) -> Response:
+    """OpenAI's error body, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP
+    status of the error (the embeddings and the Cohere-shaped rerank routes)."""
+    status = http_status(err)
+    if isinstance(err, ModelNotFound):
+        etype, code = "invalid_request_error", "model_not_found"
+    elif isinstance(err, Unauthorized):
+        etype, code = "invalid_request_error", "invalid_api_key"
+    elif status < 500:
+        etype, code = "invalid_request_error", None
+    else:
+        etype, code = "server_error", None
+    body = {"error": {"message": err.message, "type": etype, "param": err.param, "code": code}}
+    return json_response(body, status_code=status, headers=error_headers(status))
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:
@@ -204,8 +222,9 @@ def _first_param(errors: Any) -> str | None:
     return None
 
 
-def check_texts(items: Any, field: str) -> tuple[str, ...]:
-    """A non-empty list of non-empty strings, as a tuple. Names ``field`` in every message."""
+def check_texts(items: Any, field: str, allow_empty: bool = False) -> tuple[str, ...]:
+    """A non-empty list of strings (non-empty ones unless ``allow_empty``), as a tuple. Names
+    ``field`` in every message."""
     if not isinstance(items, list):
         raise InvalidInput(f"'{field}' must be a list of strings", param=field)
     if not items:
@@ -215,7 +234,7 @@ def check_texts(items: Any, field: str) -> tuple[str, ...]:
             raise InvalidInput(
                 f"'{field}[{i}]' must be a string, got {type(x).__name__}", param=field
             )
-        if not x:
+        if not x and not allow_empty:
             raise InvalidInput(f"'{field}[{i}]' is an empty string", param=field)
     return tuple(items)
 
@@ -224,9 +243,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}"
 
 
-def respond(request: Request, model: str, result: EmbedResult,
+def respond(request: Request, model: str, result: Measured,
             render: Callable[[], Response]) -> Response:
-    """Count the inputs embedded (under the request path's protocol), ``render()`` the
+    """Count the inputs computed (under the request path's protocol), ``render()`` the
     answer, timing the encoding, and add text-embeddings-inference's timing headers
     (milliseconds): ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
     ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time`` (the

@@ -9,14 +9,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
+from serve_app.errors import InvalidInput
 from serve_app.protocols.common import (
     dataplane_of,
-    error_headers,
     error_route_class,
-    http_status,
     json_response,
     model_card,
+    openai_error,
     parse_json,
     read_body,
     request_id,
@@ -34,7 +33,8 @@ _INPUT_HELP = (
 
 class EmbeddingRequest(BaseModel):
     """``{"input": str | [str] | [int] | [[int]], "model": str, "encoding_format"?: "float" |
-    "base64", "dimensions"?: int, "user"?: str}``. Unknown fields are accepted and ignored."""
+    "base64" | "int8" | "uint8" | "binary" | "ubinary", "dimensions"?: int, "user"?: str,
+    "prompt_name"?: str, "input_type"?: str}``. Unknown fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -42,9 +42,19 @@ class EmbeddingRequest(BaseModel):
         description="Text(s) or token ids to embed."
     )
     model: StrictStr = Field(description="The served model name.")
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] = Field(
+        "float", description="float or base64 (float32 bytes), or a compact encoding as "
+        "sentence-transformers' quantize_embeddings makes it, answered as a list of integers: "
+        "int8/uint8 (one per dimension, on the ranges the model's metadata reports), "
+        "binary/ubinary (sign bits packed 8 to a byte, as int8 or uint8).")
     dimensions: StrictInt | None = Field(None, description="Keep the first N values, renormalize.")
     user: StrictStr | None = None
+    prompt_name: StrictStr | None = Field(
+        None, description="One of the model's prompts (text-embeddings-inference's field), put "
+        "before each text.")
+    input_type: StrictStr | None = Field(
+        None, description="query or document (also search_query, search_document), as Cohere "
+        "and NVIDIA NIM name it: the model's prompt for that side.")
     truncate: StrictBool = Field(
         True, description="serve_app extension (as in text-embeddings-inference): false refuses "
         "inputs over the model's token limit with a 400 instead of cutting them."
@@ -81,23 +91,8 @@ def _inputs(value: Any) -> tuple[Input, ...]:
     raise InvalidInput(_INPUT_HELP, param="input")
 
 
-def render_error(err: ServeAppError) -> Response:
-    """``{"error": {"message", "type", "param", "code"}}`` with the HTTP status of the error."""
-    status = http_status(err)
-    if isinstance(err, ModelNotFound):
-        etype, code = "invalid_request_error", "model_not_found"
-    elif isinstance(err, Unauthorized):
-        etype, code = "invalid_request_error", "invalid_api_key"
-    elif status < 500:
-        etype, code = "invalid_request_error", None
-    else:
-        etype, code = "server_error", None
-    body = {"error": {"message": err.message, "type": etype, "param": err.param, "code": code}}
-    return json_response(body, status_code=status, headers=error_headers(status))
-
-
 def render_embeddings(result: EmbedResult, model: str, encoding: str) -> Response:
-    vectors = result.embeddings
+    vectors = result.embeddings  # int8/uint8 for compact encodings: orjson writes integers
     if encoding == "base64":
         le = vectors.astype("<f4", copy=False)
         items: list[Any] = [base64.b64encode(le[i].tobytes()).decode() for i in range(len(le))]
@@ -115,7 +110,7 @@ def render_embeddings(result: EmbedResult, model: str, encoding: str) -> Respons
     )
 
 
-router = APIRouter(route_class=error_route_class(render_error), tags=["openai"])
+router = APIRouter(route_class=error_route_class(openai_error), tags=["openai"])
 
 _BODY_SCHEMA = {
     "requestBody": {
@@ -139,6 +134,9 @@ async def create_embeddings(request: Request) -> Response:
         dimensions=body.dimensions,
         request_id=request_id(request),
         deadline=deadline(timeout_of(request)),
+        prompt_name=body.prompt_name,
+        input_type=body.input_type,
+        encoding="float" if body.encoding_format == "base64" else body.encoding_format,
     )
     result = await dataplane_of(request).embed(req)
     return respond(request, body.model, result,

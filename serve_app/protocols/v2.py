@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,15 +26,18 @@ from serve_app.protocols.common import (
     validate,
 )
 from serve_app.protocols.v2_codec import (
-    OUTPUT_NAME,
+    OUTPUTS,
     check_outputs,
-    fp32_bytes,
+    datatype_of,
     infer_options,
     model_metadata,
+    model_parameters,
+    rerank_inputs,
     split_bytes_tensor,
+    tensor_bytes,
     texts_from_elements,
 )
-from serve_app.types import EmbedRequest, EmbedResult, deadline
+from serve_app.types import EmbedRequest, Measured, RerankRequest, Task, deadline
 
 _HEADER_LEN = "inference-header-content-length"
 _UNSUPPORTED_PARAMS = ("shared_memory_region", "classification")
@@ -115,13 +119,27 @@ def _input_texts(inp: InferInput, binary: memoryview) -> tuple[tuple[str, ...], 
     return texts_from_elements(elements, inp.shape, inp.datatype, inp.name), used
 
 
-def _wants_binary(req: InferRequest) -> bool:
+def _input_tensors(inputs: list[InferInput], binary: memoryview) -> dict[str, tuple[str, ...]]:
+    """Each input tensor's texts by name; the binary bytes must be claimed exactly."""
+    tensors: dict[str, tuple[str, ...]] = {}
+    used = 0
+    for inp in inputs:
+        if inp.name in tensors:
+            raise InvalidInput(f"input '{inp.name}' is given twice")
+        tensors[inp.name], n = _input_texts(inp, binary[used:])
+        used += n
+    if used != len(binary):
+        raise InvalidInput(f"{len(binary) - used} binary bytes follow the tensors unclaimed")
+    return tensors
+
+
+def _wants_binary(req: InferRequest, task: Task) -> bool:
     if req.outputs:
         for out in req.outputs:
             for p in _UNSUPPORTED_PARAMS:
                 if p in out.parameters:
                     raise InvalidInput(f"output parameter '{p}' is not supported")
-        check_outputs([o.name for o in req.outputs])
+        check_outputs([o.name for o in req.outputs], task)
         return bool(req.outputs[0].parameters.get("binary_data", False))
     return bool(req.parameters.get("binary_data_output", False))
 
@@ -153,7 +171,8 @@ async def ready(request: Request) -> Response:
 async def metadata(name: str, request: Request, version: str | None = None) -> Response:
     dp = dataplane_of(request)
     info = await dp.info(name, version)
-    return json_response(model_metadata(name, dp.model_versions(name), info.dim))
+    return json_response({**model_metadata(name, dp.model_versions(name), info),
+                          "parameters": model_parameters(info)})
 
 
 @router.get("/v2/models/{name}/ready")
@@ -203,49 +222,51 @@ _INFER_SCHEMA = {
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     dp = dataplane_of(request)
     dp.backend(name, version)
+    task = dp.task(name)
     header, binary = _split_body(await read_body(request), request.headers.get(_HEADER_LEN))
     req = validate(InferRequest, parse_json(header))
-    if len(req.inputs) != 1:
-        raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
-    texts, used = _input_texts(req.inputs[0], binary)
-    if used != len(binary):
-        raise InvalidInput(f"{len(binary) - used} binary bytes follow the tensors unclaimed")
-    binary_out = _wants_binary(req)
+    tensors = _input_tensors(req.inputs, binary)
+    binary_out = _wants_binary(req, task)
     opts = infer_options(req.parameters)
     rid = request_id(request)
     timeout = opts.timeout_s if opts.timeout_s is not None else timeout_of(request)
-    result = await dp.embed(
-        EmbedRequest(
-            model=name,
-            inputs=texts,
-            truncate=opts.truncate,
-            dimensions=opts.dimensions,
-            request_id=rid,
-            deadline=deadline(timeout),
-            version=version,
-        )
-    )
+    result: Measured
+    if task == "rerank":
+        query, documents = rerank_inputs(tensors)
+        result = await dp.rerank(RerankRequest(
+            model=name, query=query, documents=documents, raw_scores=opts.raw_scores,
+            truncate=opts.truncate, request_id=rid, deadline=deadline(timeout), version=version))
+        array = result.scores
+    else:
+        if len(tensors) != 1:
+            raise InvalidInput(f"expected exactly one input tensor of texts, got {len(tensors)}")
+        (texts,) = tensors.values()
+        result = await dp.embed(EmbedRequest(
+            model=name, inputs=texts, truncate=opts.truncate, dimensions=opts.dimensions,
+            request_id=rid, deadline=deadline(timeout), version=version,
+            prompt_name=opts.prompt_name, input_type=opts.input_type, encoding=opts.encoding))
+        array = result.embeddings
     served = version or dp.version(name)
-    return respond(request, name, result,
-                   lambda: render_infer(name, served, req.id or rid, result, binary_out))
+    return respond(request, name, result, lambda: render_infer(
+        name, served, req.id or rid, OUTPUTS[task], array, result.prompt_tokens, binary_out))
 
 
-def render_infer(name: str, version: str, response_id: str, result: EmbedResult,
-                 binary_out: bool) -> Response:
-    """The V2 answer: JSON data, or a JSON header followed by raw float32 bytes."""
-    vectors = result.embeddings
-    output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(vectors.shape)}
+def render_infer(name: str, version: str, response_id: str, output_name: str, array: np.ndarray,
+                 prompt_tokens: int, binary_out: bool) -> Response:
+    """The V2 answer: JSON data, or a JSON header followed by the raw little-endian bytes."""
+    output: dict[str, Any] = {"name": output_name, "datatype": datatype_of(array),
+                              "shape": list(array.shape)}
     body: dict[str, Any] = {
         "model_name": name,
         "model_version": version,
         "id": response_id,
-        "parameters": {"prompt_tokens": result.prompt_tokens},
+        "parameters": {"prompt_tokens": prompt_tokens},
         "outputs": [output],
     }
     if not binary_out:
-        output["data"] = vectors.reshape(-1)
+        output["data"] = array.reshape(-1)
         return json_response(body)
-    raw = fp32_bytes(vectors)
+    raw = tensor_bytes(array)
     output["parameters"] = {"binary_data_size": len(raw)}
     head = orjson.dumps(body)
     return Response(

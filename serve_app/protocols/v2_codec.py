@@ -1,7 +1,12 @@
 """Open Inference (V2) rules shared by the REST and gRPC adapters: tensors, parameters, metadata.
 
-BYTES elements on the wire: each a 4-byte little-endian length, then that many bytes. Text inputs
-are one BYTES tensor of shape ``[n]`` or ``[n, 1]``; the output ``output-0`` is FP32 ``[n, dim]``.
+BYTES elements on the wire: each a 4-byte little-endian length, then that many bytes.
+
+- An embedding model takes one BYTES tensor of texts, shape ``[n]`` or ``[n, 1]``, and answers
+  ``output-0``: FP32 ``[n, dim]``, or with parameter ``encoding_format`` INT8 / UINT8
+  ``[n, dim]`` (int8, uint8) or ``[n, ceil(dim / 8)]`` (binary, ubinary).
+- A reranker takes ``query`` (BYTES ``[1]``) and ``documents`` (BYTES ``[n]``) and answers
+  ``scores``: FP32 ``[n]`` in document order.
 """
 
 from __future__ import annotations
@@ -14,10 +19,18 @@ from typing import Any
 import numpy as np
 
 from serve_app.errors import InvalidInput
+from serve_app.types import ENCODINGS, Encoding, ModelInfo, Task
 
 PLATFORM = "serve_app_huggingface"
 INPUT_NAME = "text"
 OUTPUT_NAME = "output-0"
+QUERY_INPUT = "query"
+DOCUMENTS_INPUT = "documents"
+SCORES_OUTPUT = "scores"
+OUTPUTS: dict[Task, str] = {"embedding": OUTPUT_NAME, "rerank": SCORES_OUTPUT}
+#: the V2 datatype of each numpy dtype an answer holds
+DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int8): "INT8",
+             np.dtype(np.uint8): "UINT8"}
 _LEN = struct.Struct("<I")
 
 
@@ -50,6 +63,17 @@ def fp32_bytes(vectors: np.ndarray) -> bytes:
     return np.ascontiguousarray(vectors, dtype="<f4").tobytes()
 
 
+def tensor_bytes(array: np.ndarray) -> bytes:
+    """Row-major little-endian bytes of an FP32, INT8 or UINT8 answer."""
+    if array.dtype == np.float32:
+        return fp32_bytes(array)
+    return np.ascontiguousarray(array).tobytes()
+
+
+def datatype_of(array: np.ndarray) -> str:
+    return DATATYPES[array.dtype]
+
+
 def texts_from_elements(
     elements: Sequence[bytes | str], shape: Sequence[int], datatype: str, name: str
 ) -> tuple[str, ...]:
@@ -78,9 +102,7 @@ def texts_from_elements(
             raise InvalidInput(
                 f"input '{name}' element {i} must be a string, got {type(e).__name__}"
             )
-        if not e:
-            raise InvalidInput(f"input '{name}' element {i} is an empty string")
-        texts.append(e)
+        texts.append(e)  # "" too: KServe's runtime and sentence-transformers embed it
     return tuple(texts)
 
 
@@ -91,11 +113,23 @@ class InferOptions:
     dimensions: int | None = None
     truncate: bool = True
     timeout_s: float | None = None
+    prompt_name: str | None = None
+    input_type: str | None = None
+    encoding: Encoding = "float"
+    raw_scores: bool = False
+
+
+def _optional_str(params: Mapping[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    if value is not None and type(value) is not str:
+        raise InvalidInput(f"parameter '{key}' must be a string, got {value!r}")
+    return value
 
 
 def infer_options(params: Mapping[str, Any]) -> InferOptions:
-    """Read ``dimensions`` (int), ``truncate`` (bool) and ``timeout`` (int microseconds, as in
-    Triton) from V2 request parameters."""
+    """Read ``dimensions`` (int), ``truncate`` (bool), ``timeout`` (int microseconds, as in
+    Triton), ``prompt_name`` / ``input_type`` (str), ``encoding_format`` (str: float, int8,
+    uint8, binary, ubinary) and ``raw_scores`` (bool, rerankers) from V2 request parameters."""
     dims = params.get("dimensions")
     if dims is not None and (type(dims) is not int):
         raise InvalidInput(f"parameter 'dimensions' must be an integer, got {dims!r}")
@@ -107,22 +141,60 @@ def infer_options(params: Mapping[str, Any]) -> InferOptions:
         raise InvalidInput(
             f"parameter 'timeout' must be a positive integer of microseconds, got {timeout!r}"
         )
+    encoding = params.get("encoding_format", "float")
+    if encoding not in ENCODINGS:
+        raise InvalidInput(f"parameter 'encoding_format' must be one of {list(ENCODINGS)}, got "
+                           f"{encoding!r}")
+    raw_scores = params.get("raw_scores", False)
+    if type(raw_scores) is not bool:
+        raise InvalidInput(f"parameter 'raw_scores' must be a boolean, got {raw_scores!r}")
     return InferOptions(dimensions=dims, truncate=truncate,
-                        timeout_s=None if timeout is None else timeout / 1e6)
+                        timeout_s=None if timeout is None else timeout / 1e6,
+                        prompt_name=_optional_str(params, "prompt_name"),
+                        input_type=_optional_str(params, "input_type"),
+                        encoding=encoding, raw_scores=raw_scores)
 
 
-def check_outputs(names: Sequence[str]) -> None:
+def check_outputs(names: Sequence[str], task: Task = "embedding") -> None:
+    out = OUTPUTS[task]
     for n in names:
-        if n != OUTPUT_NAME:
-            raise InvalidInput(f"unknown output '{n}'; this model has one output, '{OUTPUT_NAME}'")
+        if n != out:
+            raise InvalidInput(f"unknown output '{n}'; this model has one output, '{out}'")
 
 
-def model_metadata(name: str, versions: Sequence[str], dim: int) -> dict[str, Any]:
+def rerank_inputs(tensors: Mapping[str, tuple[str, ...]]) -> tuple[str, tuple[str, ...]]:
+    """The query and documents of a reranker's input tensors, by name."""
+    if set(tensors) != {QUERY_INPUT, DOCUMENTS_INPUT}:
+        raise InvalidInput(f"a reranker takes two BYTES inputs, '{QUERY_INPUT}' (one text) and "
+                           f"'{DOCUMENTS_INPUT}', got {sorted(tensors)}")
+    query = tensors[QUERY_INPUT]
+    if len(query) != 1:
+        raise InvalidInput(f"input '{QUERY_INPUT}' must hold one text, got {len(query)}")
+    return query[0], tensors[DOCUMENTS_INPUT]
+
+
+def model_metadata(name: str, versions: Sequence[str], info: ModelInfo) -> dict[str, Any]:
     """The model metadata answer, as a dict of both transports' field names."""
-    return {
-        "name": name,
-        "versions": list(versions),
-        "platform": PLATFORM,
-        "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, dim]}],
-    }
+    if info.task == "rerank":
+        inputs = [{"name": QUERY_INPUT, "datatype": "BYTES", "shape": [1]},
+                  {"name": DOCUMENTS_INPUT, "datatype": "BYTES", "shape": [-1]}]
+        outputs = [{"name": SCORES_OUTPUT, "datatype": "FP32", "shape": [-1]}]
+    else:
+        inputs = [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
+        outputs = [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, info.dim]}]
+    return {"name": name, "versions": list(versions), "platform": PLATFORM, "inputs": inputs,
+            "outputs": outputs}
+
+
+def model_parameters(info: ModelInfo) -> dict[str, Any]:
+    """What REST metadata adds under ``parameters`` (gRPC's message has no room for it): the
+    task, and for an embedding model its prompts, encodings and int8/uint8 ranges."""
+    if info.task == "rerank":
+        return {"task": info.task, "max_length": info.max_length}
+    out: dict[str, Any] = {"task": info.task, "max_length": info.max_length,
+                           "prompts": dict(info.prompts), "default_prompt": info.default_prompt,
+                           "encodings": list(ENCODINGS)}
+    if info.int8_ranges is not None:
+        out["int8_ranges"] = {"min": info.int8_ranges[0], "max": info.int8_ranges[1],
+                              "calibration_texts": info.calibration_texts}
+    return out

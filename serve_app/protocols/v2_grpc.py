@@ -33,15 +33,18 @@ from serve_app.errors import (
 from serve_app.proto import inference_pb2 as pb
 from serve_app.proto import inference_pb2_grpc as pb_grpc
 from serve_app.protocols.v2_codec import (
-    OUTPUT_NAME,
+    OUTPUTS,
     check_outputs,
+    datatype_of,
     fp32_bytes,
     infer_options,
     model_metadata,
+    rerank_inputs,
     split_bytes_tensor,
+    tensor_bytes,
     texts_from_elements,
 )
-from serve_app.types import EmbedRequest, deadline
+from serve_app.types import EmbedRequest, Measured, RerankRequest, Task, deadline
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,14 @@ def _params(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
     return out
 
 
-def _fp32_contents(vectors: np.ndarray) -> pb.InferTensorContents:
-    """fp32_contents from numpy without a Python float per value: field 6 as packed bytes."""
-    raw = fp32_bytes(vectors)
+def _contents(array: np.ndarray) -> pb.InferTensorContents:
+    """The answer as typed contents. FP32 from numpy without a Python float per value (field 6
+    as packed bytes); INT8 and UINT8 in int_contents / uint_contents."""
+    if array.dtype == np.int8:
+        return pb.InferTensorContents(int_contents=array.reshape(-1).tolist())
+    if array.dtype == np.uint8:
+        return pb.InferTensorContents(uint_contents=array.reshape(-1).tolist())
+    raw = fp32_bytes(array)
     n, header = len(raw), bytearray([0x32])  # field 6, wire type 2 (length-delimited)
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -99,28 +107,45 @@ def _fp32_contents(vectors: np.ndarray) -> pb.InferTensorContents:
     return pb.InferTensorContents.FromString(bytes(header) + raw)
 
 
-def to_embed_request(req: pb.ModelInferRequest) -> tuple[EmbedRequest, bool]:
-    """The internal request, and whether the texts came as raw input contents."""
-    if len(req.inputs) != 1:
-        raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
-    inp = req.inputs[0]
+def _tensors(req: pb.ModelInferRequest) -> tuple[dict[str, tuple[str, ...]], bool]:
+    """Each input tensor's texts by name, and whether they came as raw input contents."""
     raw = len(req.raw_input_contents) > 0
-    if raw:
-        if len(req.raw_input_contents) != 1:
-            raise InvalidInput(f"raw_input_contents has {len(req.raw_input_contents)} entries "
-                               "for 1 input")
-        if inp.contents.bytes_contents:
-            raise InvalidInput(f"input '{inp.name}' has both contents and raw_input_contents")
-        elements: list[bytes] = split_bytes_tensor(req.raw_input_contents[0])
-    else:
-        elements = list(inp.contents.bytes_contents)
-    texts = texts_from_elements(elements, list(inp.shape), inp.datatype, inp.name)
-    check_outputs([o.name for o in req.outputs])
+    if raw and len(req.raw_input_contents) != len(req.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(req.raw_input_contents)} entries "
+                           f"for {len(req.inputs)} inputs")
+    tensors: dict[str, tuple[str, ...]] = {}
+    for k, inp in enumerate(req.inputs):
+        if inp.name in tensors:
+            raise InvalidInput(f"input '{inp.name}' is given twice")
+        if raw:
+            if inp.contents.bytes_contents:
+                raise InvalidInput(f"input '{inp.name}' has both contents and raw_input_contents")
+            elements: list[bytes] = split_bytes_tensor(req.raw_input_contents[k])
+        else:
+            elements = list(inp.contents.bytes_contents)
+        tensors[inp.name] = texts_from_elements(elements, list(inp.shape), inp.datatype, inp.name)
+    return tensors, raw
+
+
+def to_request(req: pb.ModelInferRequest, task: Task = "embedding"
+               ) -> tuple[EmbedRequest | RerankRequest, bool]:
+    """The internal request for a model doing ``task``, and whether the texts came as raw
+    input contents."""
+    if task == "embedding" and len(req.inputs) != 1:
+        raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
+    tensors, raw = _tensors(req)
+    check_outputs([o.name for o in req.outputs], task)
     opts = infer_options(_params(req.parameters))
-    embed = EmbedRequest(model=req.model_name, inputs=texts, truncate=opts.truncate,
-                         dimensions=opts.dimensions, request_id=req.id,
-                         deadline=deadline(opts.timeout_s), version=req.model_version or None)
-    return embed, raw
+    common: dict[str, Any] = {"model": req.model_name, "truncate": opts.truncate,
+                              "request_id": req.id, "deadline": deadline(opts.timeout_s),
+                              "version": req.model_version or None}
+    if task == "rerank":
+        query, documents = rerank_inputs(tensors)
+        return RerankRequest(query=query, documents=documents, raw_scores=opts.raw_scores,
+                             **common), raw
+    (texts,) = tensors.values()
+    return EmbedRequest(inputs=texts, dimensions=opts.dimensions, prompt_name=opts.prompt_name,
+                        input_type=opts.input_type, encoding=opts.encoding, **common), raw
 
 
 class GrpcInference:
@@ -192,7 +217,7 @@ class GrpcInference:
         async def call() -> pb.ModelMetadataResponse:
             info = await self.dataplane.info(request.name, request.version or None)
             versions = self.dataplane.model_versions(request.name)
-            return pb.ModelMetadataResponse(**model_metadata(request.name, versions, info.dim))
+            return pb.ModelMetadataResponse(**model_metadata(request.name, versions, info))
 
         return await self._guard("ModelMetadata", call, pb.ModelMetadataResponse(),
                                  grpc_context)
@@ -205,24 +230,30 @@ class GrpcInference:
             if request.ByteSize() > limit:
                 raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
                                       "send fewer or shorter inputs")
-            embed, raw = to_embed_request(request)
-            result = await self.dataplane.embed(embed)
-            self.context.metrics.observe_embedding(embed.model, PROTOCOL, result)
+            task = self.dataplane.task(request.model_name)
+            internal, raw = to_request(request, task)
+            result: Measured
+            if isinstance(internal, RerankRequest):
+                result = await self.dataplane.rerank(internal)
+                array = result.scores
+            else:
+                result = await self.dataplane.embed(internal)
+                array = result.embeddings
+            self.context.metrics.observe_embedding(internal.model, PROTOCOL, result)
             t0 = time.perf_counter()
-            vectors = result.embeddings
             out = pb.ModelInferResponse.InferOutputTensor(
-                name=OUTPUT_NAME, datatype="FP32", shape=list(vectors.shape)
+                name=OUTPUTS[task], datatype=datatype_of(array), shape=list(array.shape)
             )
             resp = pb.ModelInferResponse(
                 model_name=request.model_name,
-                model_version=embed.version or self.dataplane.version(request.model_name),
+                model_version=internal.version or self.dataplane.version(request.model_name),
                 id=request.id or str(uuid.uuid4()),
             )
             resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
             if raw:
-                resp.raw_output_contents.append(fp32_bytes(vectors))
+                resp.raw_output_contents.append(tensor_bytes(array))
             else:
-                out.contents.CopyFrom(_fp32_contents(vectors))
+                out.contents.CopyFrom(_contents(array))
             resp.outputs.append(out)
             self.context.metrics.observe_encode(request.model_name, time.perf_counter() - t0)
             return resp
