@@ -28,8 +28,10 @@ from serve_app.config import (
     ModelConfig,
 )
 from serve_app.launch import IMPORT_PATH
+from serve_app.types import Task
 
-SUPPORTED_TASKS = ("text_embedding",)
+#: KServe's --task values served here, and the model task each means
+SUPPORTED_TASKS: dict[str, Task] = {"text_embedding": "embedding", "rerank": "rerank"}
 DASHBOARD_HELP = ("Also start Ray's dashboard (port 8265; `serve deploy` and `serve status` "
                   "need it). Off by default: its processes hold about 1 GB.")
 GRPC_SERVICER = "serve_app.protocols.v2_grpc.add_inference_servicer"
@@ -54,7 +56,8 @@ class _Refuse(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serve_app",
-        description="Serve a HuggingFace text-embedding model (KServe huggingfaceserver flags).",
+        description="Serve a HuggingFace text-embedding or reranking model (KServe "
+        "huggingfaceserver flags).",
         allow_abbrev=False,
     )
     p.add_argument("--model_name", default="model", help="Name clients use (KServe: 'model').")
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
                    help="auto: float16 on GPU, float32 on CPU.")
     p.add_argument("--task", default="text_embedding",
-                   help=f"Only {', '.join(SUPPORTED_TASKS)} is served.")
+                   help=f"One of {', '.join(SUPPORTED_TASKS)} (a one-label cross-encoder).")
     p.add_argument("--backend", default="auto", choices=["auto", "huggingface"],
                    help="Only the HuggingFace backend exists here.")
     p.add_argument("--http_port", type=int, default=8080, help="HTTP port (KServe: 8080).")
@@ -135,6 +138,7 @@ def config_from_args(
             name=args.model_name,
             model_id=model_id,
             model_revision=args.model_revision,
+            task=SUPPORTED_TASKS[args.task],
             trust_remote_code=args.trust_remote_code,
             max_length=args.max_length,
             dtype=_DTYPES[args.dtype],

@@ -3,7 +3,8 @@
 Command line::
 
     python -m serve_app.client texts.jsonl vectors.npy --url http://127.0.0.1:8000 \\
-        --model embedding --protocol openai --batch-size 64 --concurrency 4
+        --model embedding --protocol openai --batch-size 64 --concurrency 4 \
+        --prompt-name document     # an asymmetric model's prompt for the texts indexed
 
 Python::
 
@@ -100,7 +101,7 @@ class EmbeddingClient:
     def __init__(self, url: str, model: str = "embedding", protocol: str = "openai",
                  batch_size: int = 64, concurrency: int = 4, api_key: str | None = None,
                  timeout: float = 120.0, max_retries: int = 10, backoff_s: float = 0.5,
-                 progress: bool = False) -> None:
+                 progress: bool = False, prompt_name: str | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if batch_size < 1 or concurrency < 1:
@@ -110,11 +111,12 @@ class EmbeddingClient:
         self.api_key, self.timeout = api_key, timeout
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.progress = progress
+        self.prompt_name = prompt_name
         self.last = Progress()
 
     def _transport(self) -> Transport:
         return transport(self.url, self.model, self.protocol, self.api_key, self.timeout,
-                         self.concurrency)
+                         self.concurrency, self.prompt_name)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors for ``texts``, float32 ``[n, dim]``, in order."""
@@ -136,11 +138,12 @@ class EmbeddingClient:
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
         meta = {"source": str(Path(source).resolve()), "rows": len(texts),
-                "batch_size": self.batch_size, "model": self.model}
+                "batch_size": self.batch_size, "model": self.model,
+                "prompt_name": self.prompt_name}
         meta_file = partial / "run.json"
         if resume and meta_file.exists() and json.loads(meta_file.read_text()) != meta:
-            raise ClientError(f"{partial} belongs to another run (source, rows, batch size or "
-                              "model differ); remove it or run without --resume")
+            raise ClientError(f"{partial} belongs to another run (source, rows, batch size, "
+                              "model or prompt differ); remove it or run without --resume")
         meta_file.write_text(json.dumps(meta))
         done = {int(p.stem) for p in partial.glob("*.npy")}
 
@@ -263,6 +266,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="server base URL (gRPC: host:port, e.g. 127.0.0.1:9000)")
     p.add_argument("--model", default="embedding")
     p.add_argument("--protocol", choices=PROTOCOLS, default="openai")
+    p.add_argument("--prompt-name", default=None,
+                   help="the model's prompt for these texts, e.g. document when indexing a corpus "
+                        "for an asymmetric model (E5, BGE, nomic); default: the model's default")
     p.add_argument("--field", default="text", help="JSONL field or Parquet column")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=4)
@@ -285,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     client = EmbeddingClient(args.url, args.model, args.protocol, args.batch_size,
                              args.concurrency, api_key, args.timeout, args.max_retries,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, prompt_name=args.prompt_name)
     try:
         done = client.embed_file(args.input, args.output, args.field, args.resume)
     except (ClientError, OSError, ValueError) as e:

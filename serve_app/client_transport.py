@@ -37,7 +37,7 @@ def _retry_after(headers: Any) -> float | None:
 
 class _Http:
     def __init__(self, url: str, model: str, protocol: str, api_key: str | None,
-                 timeout: float, concurrency: int) -> None:
+                 timeout: float, concurrency: int, prompt_name: str | None = None) -> None:
         import httpx
 
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -46,19 +46,22 @@ class _Http:
                                          timeout=timeout, limits=limits)
         self._model = model
         self._protocol = protocol
+        self._prompt = {"prompt_name": prompt_name} if prompt_name else {}
         self._errors: tuple[type[BaseException], ...] = (httpx.TransportError,)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         try:
             if self._protocol == "openai":
                 r = await self._client.post("/v1/embeddings", json={
-                    "model": self._model, "input": list(texts), "encoding_format": "base64"})
+                    "model": self._model, "input": list(texts), "encoding_format": "base64",
+                    **self._prompt})
             else:
                 raw = join_bytes_tensor([t.encode() for t in texts])
                 head = json.dumps({
                     "inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
                                 "parameters": {"binary_data_size": len(raw)}}],
                     "outputs": [{"name": "output-0", "parameters": {"binary_data": True}}],
+                    "parameters": self._prompt,
                 }).encode()
                 r = await self._client.post(
                     f"/v2/models/{self._model}/infer", content=head + raw,
@@ -83,7 +86,8 @@ class _Http:
 
 
 class _Grpc:
-    def __init__(self, url: str, model: str, api_key: str | None, timeout: float) -> None:
+    def __init__(self, url: str, model: str, api_key: str | None, timeout: float,
+                 prompt_name: str | None = None) -> None:
         import grpc
 
         from serve_app.proto import inference_pb2 as pb
@@ -97,12 +101,15 @@ class _Grpc:
         self._model = model
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._timeout = timeout
+        self._prompt_name = prompt_name
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         pb, grpc = self._pb, self._grpc
         req = pb.ModelInferRequest(model_name=self._model)
         req.inputs.add(name="text", datatype="BYTES", shape=[len(texts)])
         req.raw_input_contents.append(join_bytes_tensor([t.encode() for t in texts]))
+        if self._prompt_name:
+            req.parameters["prompt_name"].string_param = self._prompt_name
         try:
             resp = await self._stub.ModelInfer(req, timeout=self._timeout,
                                                metadata=self._metadata)
@@ -123,8 +130,9 @@ Transport = _Http | _Grpc
 
 
 def transport(url: str, model: str, protocol: str, api_key: str | None, timeout: float,
-              concurrency: int) -> Transport:
-    """The transport for ``protocol`` (one of :data:`PROTOCOLS`)."""
+              concurrency: int, prompt_name: str | None = None) -> Transport:
+    """The transport for ``protocol`` (one of :data:`PROTOCOLS`); ``prompt_name`` goes with
+    every batch."""
     if protocol == "grpc":
-        return _Grpc(url, model, api_key, timeout)
-    return _Http(url, model, protocol, api_key, timeout, concurrency)
+        return _Grpc(url, model, api_key, timeout, prompt_name)
+    return _Http(url, model, protocol, api_key, timeout, concurrency, prompt_name)

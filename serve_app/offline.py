@@ -52,11 +52,14 @@ def model_from_serve_config(path: str | Path, model: str | None = None,
 class EmbedBatch:
     """A Ray Data worker: loads the engine once, then embeds one Arrow batch at a time."""
 
-    def __init__(self, cfg: ModelConfig, column: str, threads: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, column: str, threads: int | None = None,
+                 prompt_name: str | None = None) -> None:
         from serve_app.engine import EmbeddingEngine
 
         self.engine = EmbeddingEngine(cfg, num_threads=threads)
         self.column = column
+        self.prompt_name = prompt_name
+        self.engine.prompt(prompt_name)  # an unknown name fails here, before any batch
 
     def __call__(self, batch: Any) -> Any:
         import numpy as np
@@ -67,7 +70,7 @@ class EmbedBatch:
         if bad is not None:
             raise ValueError(f"column {self.column!r} holds an empty or non-text value "
                              f"({texts[bad]!r})")
-        vectors, _ = self.engine.embed(texts)
+        vectors, _ = self.engine.embed(texts, prompt_name=self.prompt_name)
         flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=pa.float32())
         return batch.append_column(
             "embedding", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
@@ -105,10 +108,16 @@ def read_dataset(source: str, column: str) -> Any:
 
 def embed_dataset(source: str, output: str, cfg: ModelConfig, column: str = "text",
                   workers: int | None = None, batch_size: int = 256,
-                  num_cpus: float | None = None, num_gpus: float | None = None) -> dict[str, Any]:
-    """Run the job on the connected Ray cluster; returns what it did."""
+                  num_cpus: float | None = None, num_gpus: float | None = None,
+                  prompt_name: str | None = None) -> dict[str, Any]:
+    """Run the job on the connected Ray cluster; returns what it did. ``prompt_name``: the
+    model's prompt for these texts (``document`` when indexing a corpus for an asymmetric
+    model), else its default prompt."""
     import ray
     import ray.data
+
+    if cfg.task != "embedding":
+        raise ValueError(f"model {cfg.name!r} is a {cfg.task} model; the job embeds texts")
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -122,7 +131,8 @@ def embed_dataset(source: str, output: str, cfg: ModelConfig, column: str = "tex
     threads = max(1, int(cpus)) if cpus else None
     t0 = time.perf_counter()
     ds = read_dataset(source, column).map_batches(
-        EmbedBatch, fn_constructor_args=(cfg, column, threads), batch_size=batch_size,
+        EmbedBatch, fn_constructor_args=(cfg, column, threads, prompt_name),
+        batch_size=batch_size,
         batch_format="pyarrow", concurrency=workers, num_cpus=cpus, num_gpus=gpus,
     )
     ds.write_datasink(ordered_parquet_sink(output))
@@ -148,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="rows per engine call")
     p.add_argument("--num-cpus", type=float, default=None, help="default: the model's num_cpus")
     p.add_argument("--num-gpus", type=float, default=None, help="default: the model's num_gpus")
+    p.add_argument("--prompt-name", default=None,
+                   help="the model's prompt for these texts (config_sentence_transformers.json), "
+                        "e.g. document when indexing a corpus; default: the model's default")
     return p
 
 
@@ -163,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ray.init(address=ray_address())
     try:
         report = embed_dataset(args.input, args.output, cfg, args.column, args.workers,
-                               args.batch_size, args.num_cpus, args.num_gpus)
+                               args.batch_size, args.num_cpus, args.num_gpus,
+                               args.prompt_name)
     finally:
         ray.shutdown()
     print(json.dumps(report))
