@@ -103,3 +103,58 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Ti
         return d
 
     return build
+
+
+@pytest.fixture(scope="session")
+def cross_encoder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> TinyFactory:
+    """Build a small random one-label cross-encoder (BERT, MiniLM's tokenizer).
+
+    ``saved_by``: "transformers" writes a plain sequence-classification directory (the default
+    sigmoid applies); "sentence-transformers" saves it through ``CrossEncoder`` with
+    ``activation`` (a torch.nn class name) in its config. ``labels``: other label counts make
+    models serve_app must refuse."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    made: dict[tuple, Path] = {}
+
+    def build(saved_by: str = "transformers", activation: str = "Identity",
+              max_position_embeddings: int = 128, labels: int = 1) -> Path:
+        key = (saved_by, activation, max_position_embeddings, labels)
+        if key in made:
+            return made[key]
+        d = tmp_path_factory.mktemp("cross-encoder")
+        torch.manual_seed(1)
+        cfg = BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=max_position_embeddings,
+            num_labels=labels, initializer_range=0.5,  # wide weights: scores that differ
+        )
+        BertForSequenceClassification(cfg).eval().save_pretrained(d)
+        for f in _TOKENIZER_FILES:
+            shutil.copy(minilm_dir / f, d / f)
+        if saved_by == "sentence-transformers":
+            from sentence_transformers import CrossEncoder
+
+            act = getattr(torch.nn, activation)()
+            out = tmp_path_factory.mktemp("cross-encoder-st")
+            CrossEncoder(str(d), activation_fn=act).save_pretrained(str(out))
+            d = out
+        made[key] = d
+        return d
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def prompted_minilm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """all-MiniLM-L6-v2 with the prompts of an asymmetric model (as E5 names them), no default:
+    its files linked, its config_sentence_transformers.json rewritten."""
+    d = tmp_path_factory.mktemp("minilm-prompts")
+    for f in minilm_dir.iterdir():
+        if f.name != "config_sentence_transformers.json":
+            (d / f.name).symlink_to(f)
+    (d / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "document": "passage: ", "plain": ""},
+         "default_prompt_name": None}))
+    return d

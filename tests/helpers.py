@@ -19,7 +19,6 @@ from serve_app.config import CorsOptions, LimitOptions
 from serve_app.context import ServerContext
 from serve_app.dataplane import DataPlane, ModelBackend
 from serve_app.engine import EmbeddingEngine
-from serve_app.quantize import reduce_dimensions
 from serve_app.errors import DeadlineExceeded
 from serve_app.http import create_http_app
 from serve_app.local import (  # noqa: F401  (re-exported for the end-to-end tests)
@@ -40,6 +39,7 @@ from serve_app.proto import inference_pb2 as pb
 from serve_app.proto import inference_pb2_grpc as pb_grpc
 from serve_app.protocols.v2_codec import join_bytes_tensor
 from serve_app.protocols.v2_grpc import GrpcInference, add_inference_servicer
+from serve_app.quantize import reduce_dimensions
 from serve_app.replica import ModelReplica
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 

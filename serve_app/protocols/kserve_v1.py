@@ -81,7 +81,7 @@ async def predict(name: str, request: Request) -> Response:
         field = "inputs"
     else:
         raise InvalidInput("request body must have 'instances' (or 'inputs'): a list of strings")
-    texts = check_texts(data[field], field)
+    texts = check_texts(data[field], field, allow_empty=True)  # "" embeds, as in KServe
     truncate = data.get("truncate", True)
     if type(truncate) is not bool:
         raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
