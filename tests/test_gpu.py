@@ -57,3 +57,37 @@ def test_gpu_config_serves_every_protocol_in_fp16(tmp_path, minilm_dir):
                             json={"model": "embedding", "input": TEXTS[:2] * 64}, timeout=60)
                  for _ in range(4)]
         assert {b.status_code for b in burst} == {200}
+
+
+def test_reranker_prompts_and_int8_in_fp16_on_gpu(cross_encoder, prompted_minilm):
+    """The retrieval paths on CUDA in fp16 against sentence-transformers in fp32 on the CPU:
+    reranking scores, prompted vectors, and int8 codes on ranges calibrated on the GPU."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+    from sentence_transformers.util import quantize_embeddings
+
+    from serve_app.config import ModelConfig
+    from serve_app.engine import EmbeddingEngine
+    from serve_app.quantize import calibration_texts
+    from serve_app.reranker import RerankEngine
+
+    query = "what do cats eat"
+    docs = ["Cats are carnivores and eat meat.", "The stock market fell today.", "word " * 200]
+    ce = cross_encoder()
+    gpu = RerankEngine(ModelConfig(model_id=str(ce), task="rerank", device="cuda"))
+    assert gpu.dtype == torch.float16
+    want = CrossEncoder(str(ce), device="cpu").predict([(query, d) for d in docs])
+    np.testing.assert_allclose(gpu.rerank(query, docs), want, atol=5e-3)
+
+    engine = EmbeddingEngine(ModelConfig(model_id=str(prompted_minilm), device="cuda"))
+    engine.warmup()
+    st = SentenceTransformer(str(prompted_minilm), device="cpu")
+    got, _ = engine.embed(TEXTS, prompt_name="query")
+    ref = st.encode(TEXTS, prompt_name="query")
+    cosine = (got * ref).sum(axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() > 0.999, cosine
+    assert engine.calibration is not None
+    codes = engine.calibration.encode(got, "int8")
+    expected = quantize_embeddings(ref, "int8",
+                                   calibration_embeddings=st.encode(calibration_texts()))
+    assert np.abs(codes.astype(int) - expected.astype(int)).max() <= 3
+    assert (codes == expected).mean() > 0.8
