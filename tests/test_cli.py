@@ -35,6 +35,13 @@ def test_kserve_flags_map_to_the_app_config():
     assert m.deployment.num_cpus == 4 and m.deployment.num_gpus == 0
 
 
+def test_task_rerank_serves_a_reranker():
+    cfg, _ = config_from_args(["--model_name", "reranker", "--model_id", "/models/ce",
+                               "--task", "rerank"])
+    assert cfg.models[0].task == "rerank"
+    assert config_from_args(KSERVE_ARGS)[0].models[0].task == "embedding"
+
+
 def test_gpu_node_gets_a_gpu_replica():
     cfg, _ = config_from_args(KSERVE_ARGS, cpus=8, gpus=1)
     assert cfg.models[0].deployment.num_gpus == 1
@@ -60,7 +67,8 @@ def test_model_dir_is_used_without_model_id(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--task", "fill_mask"], "--task 'fill_mask' is not supported; supported: text_embedding"),
+        (["--task", "fill_mask"],
+         "--task 'fill_mask' is not supported; supported: text_embedding, rerank"),
         (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
         (["--model_nam", "x"], "unrecognized arguments"),  # no silent abbreviations
         (["--disable_special_tokens"], "--disable_special_tokens is not supported"),
