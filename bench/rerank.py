@@ -154,11 +154,20 @@ def infinity(path: Path):
         subprocess.run(["bash", str(PEER), "stop"], capture_output=True, timeout=120)
 
 
-def render(ceil: dict[str, float], rows: dict[str, dict[str, dict[str, float]]], device: str,
-           command: str) -> str:
+def machine(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"one {torch.cuda.get_device_name()} (fp16)"
+    return f"{os.cpu_count()} cores, load generator on the same cores (fp32)"
+
+
+def render(ceil: dict[str, float], rows: dict[str, dict[str, dict[str, float]]], where: str,
+           command: str, gpu: bool = False) -> str:
+    """The run as a section of docs/benchmarks.md (bench/run.py appends it there)."""
     lines = [
-        "# Reranking benchmark", "",
-        f"`{command}` on {device}: a cross-encoder the size of ms-marco-MiniLM-L-6-v2 (seeded "
+        "## Reranking" + (" on a GPU" if gpu else ""), "",
+        f"`{command}` on {where}: a cross-encoder the size of ms-marco-MiniLM-L-6-v2 (seeded "
         f"random weights), about {ceil['tokens_per_pair']:.0f} tokens a pair. R1: one query and "
         "20 documents from one client (p50 latency); R2: one query and 50 documents from each "
         "of 4 clients (pairs/s). The ceiling is the engine's forward passes in process (batches "
@@ -200,9 +209,10 @@ def main() -> None:
                     rows["infinity-emb 0.0.78, `/v1/rerank`"] = measure(
                         url, "/v1/rerank", "embedding", a.duration)
         print(json.dumps(rows), flush=True)
-    Path(a.out).write_text(render(ceil, rows, a.device, command))
-    Path(a.out).with_suffix(".json").write_text(json.dumps({"ceiling": ceil, "rows": rows},
-                                                           indent=1))
+    where = machine(a.device)
+    Path(a.out).write_text(render(ceil, rows, where, command, a.device == "cuda"))
+    Path(a.out).with_suffix(".json").write_text(json.dumps(
+        {"ceiling": ceil, "rows": rows, "machine": where, "command": command}, indent=1))
     print(Path(a.out).read_text())
 
 

@@ -1,7 +1,8 @@
 """Retrieval end to end: one app serving an embedding model with query/document prompts (the real
-MiniLM weights) and a reranker (a tiny cross-encoder built here) through the default entry point
-on loopback; the openai SDK (``extra_body``), httpx, tritonclient over HTTP and gRPC, and the bulk
-client, each against sentence-transformers."""
+MiniLM weights) and a reranker (a tiny cross-encoder built here), each in its own model
+deployment, through the default entry point on loopback; the openai SDK (``extra_body``),
+httpx, tritonclient over HTTP and gRPC, and the bulk client, each against
+sentence-transformers."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def ports():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, prompted_minilm, cross_encoder, ports):
-    config = serve_config(ports["http"], {"models": [
+    # separate deployments: requests and results cross to the model replicas over Ray (the
+    # in-process tests cover the colocated path)
+    config = serve_config(ports["http"], {"topology": "separate", "models": [
         {"name": "embedding", "model_id": str(prompted_minilm), "deployment": {"num_cpus": 1}},
         {"name": "reranker", "model_id": str(cross_encoder()), "task": "rerank",
          "deployment": {"num_cpus": 0.5}},

@@ -27,3 +27,53 @@ def test_sink_keeps_block_and_task_order(tmp_path):
     assert table.column("id").to_pylist() == list(range(rows))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"w_00000{i}.parquet" for i in range(3)]
+
+
+def test_embed_batch_applies_the_prompt_name(prompted_minilm):
+    """The job's worker embeds with the prompt it is given, as sentence-transformers does, and
+    refuses a name the model lacks before any batch."""
+    import numpy as np
+    import pytest
+    from sentence_transformers import SentenceTransformer
+
+    from serve_app.config import ModelConfig
+    from serve_app.errors import InvalidInput
+    from serve_app.offline import EmbedBatch
+
+    cfg = ModelConfig(model_id=str(prompted_minilm))
+    texts = ["a corpus passage about cats", "another passage"]
+    out = EmbedBatch(cfg, "body", 1, prompt_name="document")(pa.table({"body": texts}))
+    want = SentenceTransformer(str(prompted_minilm), device="cpu").encode(
+        texts, prompt_name="document")
+    np.testing.assert_allclose(np.array(out.column("embedding").to_pylist()), want, atol=1e-5)
+    with pytest.raises(InvalidInput, match="no prompt 'doc'"):
+        EmbedBatch(cfg, "body", 1, prompt_name="doc")
+
+
+def test_job_command_line_passes_the_prompt_name(tmp_path, monkeypatch):
+    import ray
+    import yaml
+
+    from serve_app import offline
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "serve_app", "import_path": "serve_app.app:build_app", "args": {}}]}))
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(offline, "embed_dataset",
+                        lambda *a: seen.setdefault("args", a) and {"rows": 0})
+    assert offline.main(["--config", str(config), "--input", "x.txt", "--output", "out",
+                         "--prompt-name", "document"]) == 0
+    assert seen["args"][-1] == "document"
+
+
+def test_job_refuses_a_reranker():
+    import pytest
+
+    from serve_app.config import ModelConfig
+    from serve_app.offline import embed_dataset
+
+    with pytest.raises(ValueError, match="rerank model"):
+        embed_dataset("in", "out", ModelConfig(name="ce", task="rerank"))
