@@ -138,8 +138,9 @@ class EmbeddingClient:
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
         meta = {"source": str(Path(source).resolve()), "rows": len(texts),
-                "batch_size": self.batch_size, "model": self.model,
-                "prompt_name": self.prompt_name}
+                "batch_size": self.batch_size, "model": self.model}
+        if self.prompt_name:  # only then: partial runs from before the option stay resumable
+            meta["prompt_name"] = self.prompt_name
         meta_file = partial / "run.json"
         if resume and meta_file.exists() and json.loads(meta_file.read_text()) != meta:
             raise ClientError(f"{partial} belongs to another run (source, rows, batch size, "

@@ -128,7 +128,7 @@ HTTP_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("oai-dimensions-negative", "POST", OAI, oai(input="x", dimensions=-5), JSON, 400),
     ("oai-dimensions-huge", "POST", OAI, oai(input="x", dimensions=10**12), JSON, 400),
     ("oai-dimensions-string", "POST", OAI, oai(input="x", dimensions="8"), JSON, 400),
-    ("oai-encoding-format", "POST", OAI, oai(input="x", encoding_format="int8"), JSON, 400),
+    ("oai-encoding-format", "POST", OAI, oai(input="x", encoding_format="int4"), JSON, 400),
     ("oai-unknown-model", "POST", OAI, b'{"model": "nope", "input": "x"}', JSON, 404),
     ("oai-too-many-inputs", "POST", OAI, oai(input=["a"] * (MAX_INPUTS + 1)), JSON, 400),
     ("oai-input-too-long", "POST", OAI, oai(input="y" * (MAX_CHARS + 1)), JSON, 400),
@@ -143,7 +143,7 @@ HTTP_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("v1-instances-a-string", "POST", V1, b'{"instances": "abc"}', JSON, 400),
     ("v1-instances-empty", "POST", V1, b'{"instances": []}', JSON, 400),
     ("v1-instances-numbers", "POST", V1, b'{"instances": [1, 2]}', JSON, 400),
-    ("v1-instances-empty-string", "POST", V1, b'{"instances": [""]}', JSON, 400),
+    ("v1-instances-null-item", "POST", V1, b'{"instances": ["a", null]}', JSON, 400),
     ("v1-no-instances", "POST", V1, b'{"data": ["x"]}', JSON, 400),
     ("v1-unknown-model", "POST", "/v1/models/nope:predict", b'{"instances": ["x"]}', JSON, 404),
     ("v1-bad-gzip", "POST", V1, b"not gzip", {**JSON, "content-encoding": "gzip"}, 400),
@@ -178,8 +178,12 @@ HTTP_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
 def assert_error_shape(path: str, r: httpx.Response, status: int) -> None:
     assert r.status_code == status, (r.status_code, r.text[:300])
     body = r.json()
+    if path == "/rerank":  # text-embeddings-inference's error body
+        assert set(body) == {"error", "error_type"} and body["error_type"] == "Validation"
+        assert r.headers.get("x-request-id")
+        return
     assert set(body) == {"error"}, body
-    if path.startswith("/v1/embeddings") or path.startswith("/openai/"):
+    if path.startswith(("/v1/embeddings", "/openai/", "/v1/rerank")):
         err = body["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
         assert err["type"] == "invalid_request_error"
