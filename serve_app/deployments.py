@@ -183,20 +183,18 @@ class HandleBackend:
         return self._in_flight
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        n = len(req.inputs)
-        self._in_flight += n
-        try:
-            result: EmbedResult = await self._call(self._embed, req)
-            return result
-        finally:
-            self._in_flight -= n
+        result: EmbedResult = await self._counted(self._embed, req, len(req.inputs))
+        return result
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
-        n = len(req.documents)
+        result: RerankResult = await self._counted(self._rerank, req, len(req.documents))
+        return result
+
+    async def _counted(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
+                       n: int) -> Any:
         self._in_flight += n
         try:
-            result: RerankResult = await self._call(self._rerank, req)
-            return result
+            return await self._call(method, req)
         finally:
             self._in_flight -= n
 

@@ -170,6 +170,9 @@ def test_v2_reranker_metadata_and_infer(client, expected):
                      _rerank_body()["inputs"][1]]}, "must hold one text"),
         ({**_rerank_body(), "outputs": [{"name": "output-0"}]}, "unknown output 'output-0'"),
         (_rerank_body(raw_scores="yes"), "raw_scores"),
+        (_rerank_body(prompt_name="query"), "['prompt_name'] do not apply"),
+        (_rerank_body(encoding_format="int8", dimensions=4),
+         "['dimensions', 'encoding_format'] do not apply"),
     ],
 )
 def test_v2_rerank_errors(client, body, contains):
@@ -265,6 +268,9 @@ def test_v2_prompt_and_encoding_parameters(client, models):
     bad = client.post("/v2/models/embedding/infer",
                       json={**body, "parameters": {"encoding_format": "base64"}})
     assert bad.status_code == 400 and "encoding_format" in bad.json()["error"]
+    bad = client.post("/v2/models/embedding/infer",
+                      json={**body, "parameters": {"raw_scores": True}})
+    assert bad.status_code == 400 and "['raw_scores'] do not apply" in bad.json()["error"]
     meta = client.get("/v2/models/embedding").json()["parameters"]
     assert meta["prompts"] == {"query": "query: ", "document": "passage: ", "plain": ""}
     assert meta["encodings"] == ["float", "int8", "uint8", "binary", "ubinary"]

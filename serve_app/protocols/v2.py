@@ -28,6 +28,7 @@ from serve_app.protocols.common import (
 from serve_app.protocols.v2_codec import (
     OUTPUTS,
     check_outputs,
+    check_task_options,
     datatype_of,
     infer_options,
     model_metadata,
@@ -228,6 +229,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     tensors = _input_tensors(req.inputs, binary)
     binary_out = _wants_binary(req, task)
     opts = infer_options(req.parameters)
+    check_task_options(opts, task)
     rid = request_id(request)
     timeout = opts.timeout_s if opts.timeout_s is not None else timeout_of(request)
     result: Measured

@@ -155,6 +155,20 @@ def infer_options(params: Mapping[str, Any]) -> InferOptions:
                         encoding=encoding, raw_scores=raw_scores)
 
 
+def check_task_options(opts: InferOptions, task: Task) -> None:
+    """Refuse parameters the model's task has no use for, rather than ignore them."""
+    if task == "rerank":
+        given = [name for name, value in (("dimensions", opts.dimensions),
+                                          ("prompt_name", opts.prompt_name),
+                                          ("input_type", opts.input_type)) if value is not None]
+        if opts.encoding != "float":
+            given.append("encoding_format")
+    else:
+        given = ["raw_scores"] if opts.raw_scores else []
+    if given:
+        raise InvalidInput(f"parameter(s) {given} do not apply to a model with task {task!r}")
+
+
 def check_outputs(names: Sequence[str], task: Task = "embedding") -> None:
     out = OUTPUTS[task]
     for n in names:

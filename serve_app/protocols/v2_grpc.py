@@ -35,6 +35,7 @@ from serve_app.proto import inference_pb2_grpc as pb_grpc
 from serve_app.protocols.v2_codec import (
     OUTPUTS,
     check_outputs,
+    check_task_options,
     datatype_of,
     fp32_bytes,
     infer_options,
@@ -136,6 +137,7 @@ def to_request(req: pb.ModelInferRequest, task: Task = "embedding"
     tensors, raw = _tensors(req)
     check_outputs([o.name for o in req.outputs], task)
     opts = infer_options(_params(req.parameters))
+    check_task_options(opts, task)
     common: dict[str, Any] = {"model": req.model_name, "truncate": opts.truncate,
                               "request_id": req.id, "deadline": deadline(opts.timeout_s),
                               "version": req.model_version or None}
