@@ -28,17 +28,15 @@ from serve_app.protocols.common import (
 from serve_app.protocols.v2_codec import (
     OUTPUTS,
     check_outputs,
-    check_task_options,
     datatype_of,
-    infer_options,
+    internal_request,
     model_metadata,
     model_parameters,
-    rerank_inputs,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
 )
-from serve_app.types import EmbedRequest, Measured, RerankRequest, Task, deadline
+from serve_app.types import Measured, RerankRequest, Task
 
 _HEADER_LEN = "inference-header-content-length"
 _UNSUPPORTED_PARAMS = ("shared_memory_region", "classification")
@@ -228,25 +226,15 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     req = validate(InferRequest, parse_json(header))
     tensors = _input_tensors(req.inputs, binary)
     binary_out = _wants_binary(req, task)
-    opts = infer_options(req.parameters)
-    check_task_options(opts, task)
     rid = request_id(request)
-    timeout = opts.timeout_s if opts.timeout_s is not None else timeout_of(request)
+    internal = internal_request(name, task, tensors, req.parameters, rid, version,
+                                timeout_of(request))
     result: Measured
-    if task == "rerank":
-        query, documents = rerank_inputs(tensors)
-        result = await dp.rerank(RerankRequest(
-            model=name, query=query, documents=documents, raw_scores=opts.raw_scores,
-            truncate=opts.truncate, request_id=rid, deadline=deadline(timeout), version=version))
+    if isinstance(internal, RerankRequest):
+        result = await dp.rerank(internal)
         array = result.scores
     else:
-        if len(tensors) != 1:
-            raise InvalidInput(f"expected exactly one input tensor of texts, got {len(tensors)}")
-        (texts,) = tensors.values()
-        result = await dp.embed(EmbedRequest(
-            model=name, inputs=texts, truncate=opts.truncate, dimensions=opts.dimensions,
-            request_id=rid, deadline=deadline(timeout), version=version,
-            prompt_name=opts.prompt_name, input_type=opts.input_type, encoding=opts.encoding))
+        result = await dp.embed(internal)
         array = result.embeddings
     served = version or dp.version(name)
     return respond(request, name, result, lambda: render_infer(

@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from serve_app.errors import InvalidInput
-from serve_app.types import ENCODINGS, Encoding, ModelInfo, Task
+from serve_app.types import (
+    ENCODINGS,
+    EmbedRequest,
+    Encoding,
+    ModelInfo,
+    RerankRequest,
+    Task,
+    deadline,
+)
 
 PLATFORM = "serve_app_huggingface"
 INPUT_NAME = "text"
@@ -174,6 +182,28 @@ def check_outputs(names: Sequence[str], task: Task = "embedding") -> None:
     for n in names:
         if n != out:
             raise InvalidInput(f"unknown output '{n}'; this model has one output, '{out}'")
+
+
+def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ...]],
+                     params: Mapping[str, Any], request_id: str, version: str | None,
+                     timeout_s: float | None = None) -> EmbedRequest | RerankRequest:
+    """The internal request of one V2 inference for a model doing ``task``: its input tensors'
+    texts by name and its request ``parameters``; the ``timeout`` parameter, when given, wins
+    over ``timeout_s`` (the transport's own)."""
+    opts = infer_options(params)
+    check_task_options(opts, task)
+    common: dict[str, Any] = {
+        "model": model, "truncate": opts.truncate, "request_id": request_id, "version": version,
+        "deadline": deadline(opts.timeout_s if opts.timeout_s is not None else timeout_s)}
+    if task == "rerank":
+        query, documents = rerank_inputs(tensors)
+        return RerankRequest(query=query, documents=documents, raw_scores=opts.raw_scores,
+                             **common)
+    if len(tensors) != 1:
+        raise InvalidInput(f"expected exactly one input tensor of texts, got {len(tensors)}")
+    (texts,) = tensors.values()
+    return EmbedRequest(inputs=texts, dimensions=opts.dimensions, prompt_name=opts.prompt_name,
+                        input_type=opts.input_type, encoding=opts.encoding, **common)
 
 
 def rerank_inputs(tensors: Mapping[str, tuple[str, ...]]) -> tuple[str, tuple[str, ...]]:

@@ -35,17 +35,15 @@ from serve_app.proto import inference_pb2_grpc as pb_grpc
 from serve_app.protocols.v2_codec import (
     OUTPUTS,
     check_outputs,
-    check_task_options,
     datatype_of,
     fp32_bytes,
-    infer_options,
+    internal_request,
     model_metadata,
-    rerank_inputs,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
 )
-from serve_app.types import EmbedRequest, Measured, RerankRequest, Task, deadline
+from serve_app.types import EmbedRequest, Measured, RerankRequest, Task
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +134,9 @@ def to_request(req: pb.ModelInferRequest, task: Task = "embedding"
         raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
     tensors, raw = _tensors(req)
     check_outputs([o.name for o in req.outputs], task)
-    opts = infer_options(_params(req.parameters))
-    check_task_options(opts, task)
-    common: dict[str, Any] = {"model": req.model_name, "truncate": opts.truncate,
-                              "request_id": req.id, "deadline": deadline(opts.timeout_s),
-                              "version": req.model_version or None}
-    if task == "rerank":
-        query, documents = rerank_inputs(tensors)
-        return RerankRequest(query=query, documents=documents, raw_scores=opts.raw_scores,
-                             **common), raw
-    (texts,) = tensors.values()
-    return EmbedRequest(inputs=texts, dimensions=opts.dimensions, prompt_name=opts.prompt_name,
-                        input_type=opts.input_type, encoding=opts.encoding, **common), raw
+    internal = internal_request(req.model_name, task, tensors, _params(req.parameters), req.id,
+                                req.model_version or None)
+    return internal, raw
 
 
 class GrpcInference:
