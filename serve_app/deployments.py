@@ -65,7 +65,7 @@ def serve_model(cfg: ModelConfig) -> ModelReplica:
              cfg.name, cfg.model_id, passes, per_pass)
     engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(cfg, num_threads=per_pass)
     log.info("model %r: warming up", cfg.name)
-    warm = engine.warmup()
+    warm = engine.warmup(threads)
     log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
              time.perf_counter() - t0)
     model = ModelReplica(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads)

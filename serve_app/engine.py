@@ -366,15 +366,22 @@ class EmbeddingEngine(TransformerEngine):
         seqs, _ = self.prepare(inputs, truncate, prompt_name)
         return self.embed_ids(seqs), np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
 
-    def warmup(self) -> float:
+    def warmup(self, threads: int | None = None) -> float:
         """Run short and full-length batches once so the first request pays no set-up cost,
         and fix the int8/uint8 ranges on the calibration corpus, embedded as a request naming
-        no prompt is (``SentenceTransformer.encode(corpus)``)."""
+        no prompt is (``SentenceTransformer.encode(corpus)``). ``threads``: torch threads for
+        this, on the calling thread (a replica's whole share: nothing else runs yet)."""
         t0 = time.perf_counter()
-        self.embed(["warm up"] * min(8, self.max_batch_size))
-        self.embed_ids([[self.pad_id] * self.max_length])
-        texts = calibration_texts(self.cfg.calibration_corpus)
-        self.calibration = Calibration(self.embed(texts)[0])
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self.embed(["warm up"] * min(8, self.max_batch_size))
+            self.embed_ids([[self.pad_id] * self.max_length])
+            texts = calibration_texts(self.cfg.calibration_corpus)
+            self.calibration = Calibration(self.embed(texts)[0])
+        finally:
+            torch.set_num_threads(before)
         return time.perf_counter() - t0
 
     def info(self, name: str, version: str) -> ModelInfo:

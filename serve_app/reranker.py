@@ -110,11 +110,12 @@ class RerankEngine(TransformerEngine):
         pairs, _ = self.tokenize(query, documents)
         return self.scores(self.forward(pairs), raw)
 
-    def warmup(self) -> float:
-        """Run a short and a full-length pass once so the first request pays no set-up cost."""
+    def warmup(self, threads: int | None = None) -> float:
+        """Run a short and a full-length pass once so the first request pays no set-up cost,
+        on ``threads`` torch threads (as :meth:`serve_app.engine.EmbeddingEngine.warmup`)."""
         t0 = time.perf_counter()
         self.rerank("warm up", ["warm up"] * min(8, self.max_batch_size))
-        self.forward([PairIds([self.pad_id] * self.max_length, self.max_length // 2)])
+        self.forward([PairIds([self.pad_id] * self.max_length, self.max_length // 2)], threads)
         return time.perf_counter() - t0
 
     def info(self, name: str, version: str) -> ModelInfo:
