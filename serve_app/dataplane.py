@@ -216,13 +216,13 @@ class DataPlane:
     async def _model(self, name: str, version: str | None, task: Task) -> ModelBackend:
         """The backend of a model that can take a request now and does ``task``."""
         backend = self.backend(name, version)
+        if self.task(name) != task:  # a mistake whatever the model's state
+            raise wrong_task(name, self.task(name))
         if not await backend.ready():  # answer now; never queue behind a model with no replica
             raise ModelNotReady(
                 f"model {name!r} is not ready: no running replica; retry shortly",
                 param="model",
             )
-        if self.task(name) != task:
-            raise wrong_task(name, self.task(name))
         await self.info(name, version, wait=True)
         return backend
 
