@@ -386,15 +386,9 @@ class EmbeddingEngine(TransformerEngine):
 
     def info(self, name: str, version: str) -> ModelInfo:
         return ModelInfo(
-            name=name,
-            version=version,
-            dim=self.dim,
-            max_length=self.max_length,
-            vocab_size=self.vocab_size,
-            model_id=self.cfg.model_id,
-            pooling=self.pooling,
-            normalize=self.normalize,
-            prompts=tuple(self.prompts.items()),
+            name=name, version=version, dim=self.dim, max_length=self.max_length,
+            vocab_size=self.vocab_size, model_id=self.cfg.model_id, pooling=self.pooling,
+            normalize=self.normalize, prompts=tuple(self.prompts.items()),
             default_prompt=self.default_prompt,
             int8_ranges=None if self.calibration is None else self.calibration.full,
             calibration_texts=0 if self.calibration is None else self.calibration.texts,
