@@ -95,13 +95,19 @@ class Progress:
         return self.inputs / self.seconds if self.seconds else 0.0
 
 
+#: The level bulk batches wait at by default: below interactive requests (level 1, the
+#: default), so a running job never delays search (0 sends none).
+BULK_PRIORITY = 10
+
+
 class EmbeddingClient:
     """Embeds many texts against a serve_app (or any server speaking the chosen protocol)."""
 
     def __init__(self, url: str, model: str = "embedding", protocol: str = "openai",
                  batch_size: int = 64, concurrency: int = 4, api_key: str | None = None,
                  timeout: float = 120.0, max_retries: int = 10, backoff_s: float = 0.5,
-                 progress: bool = False, prompt_name: str | None = None) -> None:
+                 progress: bool = False, prompt_name: str | None = None,
+                 priority: int = BULK_PRIORITY) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if batch_size < 1 or concurrency < 1:
@@ -112,11 +118,12 @@ class EmbeddingClient:
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.progress = progress
         self.prompt_name = prompt_name
+        self.priority = priority
         self.last = Progress()
 
     def _transport(self) -> Transport:
         return transport(self.url, self.model, self.protocol, self.api_key, self.timeout,
-                         self.concurrency, self.prompt_name)
+                         self.concurrency, self.prompt_name, self.priority)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors for ``texts``, float32 ``[n, dim]``, in order."""
@@ -267,6 +274,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="server base URL (gRPC: host:port, e.g. 127.0.0.1:9000)")
     p.add_argument("--model", default="embedding")
     p.add_argument("--protocol", choices=PROTOCOLS, default="openai")
+    p.add_argument("--priority", type=int, default=BULK_PRIORITY,
+                   help="priority level of every batch (1 the highest; default: a low level, so "
+                        "interactive requests go first; 0 sends none)")
     p.add_argument("--prompt-name", default=None,
                    help="the model's prompt for these texts, e.g. document when indexing a corpus "
                         "for an asymmetric model (E5, BGE, nomic); default: the model's default")
@@ -292,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     client = EmbeddingClient(args.url, args.model, args.protocol, args.batch_size,
                              args.concurrency, api_key, args.timeout, args.max_retries,
-                             progress=not args.no_progress, prompt_name=args.prompt_name)
+                             progress=not args.no_progress, prompt_name=args.prompt_name,
+                             priority=args.priority)
     try:
         done = client.embed_file(args.input, args.output, args.field, args.resume)
     except (ClientError, OSError, ValueError) as e:

@@ -37,7 +37,8 @@ def _retry_after(headers: Any) -> float | None:
 
 class _Http:
     def __init__(self, url: str, model: str, protocol: str, api_key: str | None,
-                 timeout: float, concurrency: int, prompt_name: str | None = None) -> None:
+                 timeout: float, concurrency: int, prompt_name: str | None = None,
+                 priority: int = 0) -> None:
         import httpx
 
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -46,7 +47,9 @@ class _Http:
                                          timeout=timeout, limits=limits)
         self._model = model
         self._protocol = protocol
-        self._prompt = {"prompt_name": prompt_name} if prompt_name else {}
+        self._prompt: dict[str, Any] = {"prompt_name": prompt_name} if prompt_name else {}
+        if priority:
+            self._prompt["priority"] = priority
         self._errors: tuple[type[BaseException], ...] = (httpx.TransportError,)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -87,7 +90,7 @@ class _Http:
 
 class _Grpc:
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float,
-                 prompt_name: str | None = None) -> None:
+                 prompt_name: str | None = None, priority: int = 0) -> None:
         import grpc
 
         from serve_app.proto import inference_pb2 as pb
@@ -102,6 +105,7 @@ class _Grpc:
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._timeout = timeout
         self._prompt_name = prompt_name
+        self._priority = priority
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         pb, grpc = self._pb, self._grpc
@@ -110,6 +114,8 @@ class _Grpc:
         req.raw_input_contents.append(join_bytes_tensor([t.encode() for t in texts]))
         if self._prompt_name:
             req.parameters["prompt_name"].string_param = self._prompt_name
+        if self._priority:
+            req.parameters["priority"].int64_param = self._priority
         try:
             resp = await self._stub.ModelInfer(req, timeout=self._timeout,
                                                metadata=self._metadata)
@@ -130,9 +136,10 @@ Transport = _Http | _Grpc
 
 
 def transport(url: str, model: str, protocol: str, api_key: str | None, timeout: float,
-              concurrency: int, prompt_name: str | None = None) -> Transport:
-    """The transport for ``protocol`` (one of :data:`PROTOCOLS`); ``prompt_name`` goes with
-    every batch."""
+              concurrency: int, prompt_name: str | None = None, priority: int = 0
+              ) -> Transport:
+    """The transport for ``protocol`` (one of :data:`PROTOCOLS`); ``prompt_name`` and
+    ``priority`` (when not 0) go with every batch."""
     if protocol == "grpc":
-        return _Grpc(url, model, api_key, timeout, prompt_name)
-    return _Http(url, model, protocol, api_key, timeout, concurrency, prompt_name)
+        return _Grpc(url, model, api_key, timeout, prompt_name, priority)
+    return _Http(url, model, protocol, api_key, timeout, concurrency, prompt_name, priority)

@@ -276,7 +276,7 @@ class CorsOptions(_Strict):
     allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])
     allow_headers: list[str] = Field(
         default_factory=lambda: ["Authorization", "Content-Type", "X-Request-Id",
-                                 "X-Request-Timeout"]
+                                 "X-Request-Timeout", "X-Priority"]
     )
     allow_credentials: bool = False
     max_age: int = Field(600, ge=0, description="Seconds browsers cache a preflight answer.")

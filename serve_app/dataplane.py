@@ -10,15 +10,18 @@ separate model deployments (:class:`serve_app.deployments.HandleBackend`), or th
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from serve_app import __version__
 from serve_app.config import LimitOptions
 from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serve_app.types import (
+    DEFAULT_LEVEL,
     INPUT_TYPES,
     NO_PROMPT,
     EmbedRequest,
@@ -83,6 +86,7 @@ class DataPlane:
         self._load_timeout_s = load_timeout_s
         self.draining = False
         self.in_flight = 0
+        self._levels: collections.Counter[tuple[str, int]] = collections.Counter()
 
     # -- models ----------------------------------------------------------------------------
 
@@ -135,6 +139,21 @@ class DataPlane:
                 "no reranker is served here" if not rerankers else
                 f"several rerankers are served ({rerankers}): name one in 'model'", param="model")
         return rerankers[0]
+
+    def depth_by_level(self) -> dict[tuple[str, int], int]:
+        """Inputs in flight per (model name, priority level); levels seen once stay, at 0."""
+        return dict(self._levels)
+
+    @contextlib.contextmanager
+    def _flight(self, model: str, level: int, n: int) -> Iterator[None]:
+        key = (model, level or DEFAULT_LEVEL)
+        self.in_flight += 1
+        self._levels[key] += n
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._levels[key] -= n
 
     def queue_depth(self) -> dict[str, int]:
         """Inputs in flight per model name, every version together."""
@@ -238,11 +257,8 @@ class DataPlane:
                 param="dimensions",
             )
         req = resolve_prompt(req, info)
-        self.in_flight += 1
-        try:
+        with self._flight(req.model, req.priority, len(req.inputs)):
             return await backend.embed(req)
-        finally:
-            self.in_flight -= 1
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
         """Validate ``req`` and score its documents on its model."""
@@ -254,11 +270,8 @@ class DataPlane:
             raise InvalidInput(f"query has {len(req.query)} characters; the limit is "
                                f"{self.limits.max_input_chars} (max_input_chars)", param="query")
         backend = await self._model(req.model, req.version, "rerank")
-        self.in_flight += 1
-        try:
+        with self._flight(req.model, req.priority, len(req.documents)):
             return await backend.rerank(req)
-        finally:
-            self.in_flight -= 1
 
 
 def resolve_prompt(req: EmbedRequest, info: ModelInfo) -> EmbedRequest:

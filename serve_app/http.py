@@ -136,7 +136,7 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
         "text-embeddings-inference and Cohere APIs.",
     )
     context = context or ServerContext()
-    context.metrics.watch_queue(dataplane.queue_depth)
+    context.metrics.watch_queue(dataplane.queue_depth, dataplane.depth_by_level)
     app.state.dataplane = dataplane
     app.state.context = context
 

@@ -3,8 +3,12 @@
 Requests enter as :class:`Work` (one request's token ids) through the replica's ``@serve.batch``
 method (:mod:`serve_app.deployments`) and wait in :class:`BatchQueue`, which forms each pass once:
 
-- oldest request first, each request's texts longest first (so a large request's passes pad
-  little);
+- the highest priority level first (1 is the highest; Triton's convention), and within a level
+  the oldest request first, each request's texts longest first (so a large request's passes pad
+  little); a pass holds one level's work only, so a query never waits inside a pass of bulk
+  texts;
+- no level starves: while lower levels wait, every ``FAIR_EVERY``-th pass serves the level of
+  the oldest waiting request instead, so a lower level gets at least one pass in ``FAIR_EVERY``;
 - at most ``max_batch_size`` texts and ``max_batch_tokens`` padded tokens (texts x the longest
   one) per pass; a single text over the token budget still gets a pass of its own;
 - work whose caller went away (its task is done or being cancelled) or whose deadline passed is
@@ -12,13 +16,15 @@ method (:mod:`serve_app.deployments`) and wait in :class:`BatchQueue`, which for
 
 A pass starts as soon as the model is idle, so while passes run, arrivals pile up and the next
 pass is full: no timer decides when a batch closes. With ``passes`` > 1, that many passes run at
-once on their own threads, each on its share of the replica's torch threads.
+once on their own threads, each on its share of the replica's torch threads; work of a higher
+level than every running pass starts a pass on a free thread at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +34,10 @@ from typing import Any
 import numpy as np
 
 from serve_app.errors import DeadlineExceeded
+from serve_app.types import DEFAULT_LEVEL
+
+#: While lower levels wait, one pass in this many serves the oldest waiting request's level.
+FAIR_EVERY = 4
 
 Seqs = list[list[int]]
 #: computes one forward pass: token-id sequences -> float32 ``[n, dim]``
@@ -45,12 +55,15 @@ class Work:
     ``future`` gets float32 ``[n, dim]`` in input order once every sequence has run, or the
     error that ended the request. ``owner`` is the task that awaits it: once that task is done
     or being cancelled, nobody wants the answer. ``deadline`` is wall-clock (``time.time()``).
+    ``level``: its priority level, 1 the highest.
     """
 
     seqs: Seqs
     future: asyncio.Future[np.ndarray]
     deadline: float | None = None
     owner: asyncio.Task[Any] | None = None
+    level: int = DEFAULT_LEVEL
+    arrival: int = 0  # the queue's arrival number
     order: list[int] = field(default_factory=list)  # indices longest first
     taken: int = 0  # how many of ``order`` are in a pass already
     left: int = 0  # sequences not computed yet
@@ -127,9 +140,10 @@ class BatchQueue:
     ``compute`` runs a pass on one of ``passes`` worker threads. A pass starts whenever none
     runs; another starts beside running ones only when at least ``max_batch_size // passes``
     texts wait, so a few stragglers join the next full pass instead of taking a worker (and its
-    cores) for a pass of one text. Passes starting at the same moment split the waiting texts
-    between them. ``solo``, when given, computes a pass that is alone (nothing else runs or
-    waits); no other pass starts until it ends, so it may use every thread of the replica.
+    cores) for a pass of one text, unless they are of a higher level than every running pass.
+    Passes starting at the same moment split the waiting texts between them. ``solo``, when
+    given, computes a pass that is alone (nothing else runs or waits); no other pass starts
+    until it ends, so it may use every thread of the replica.
     """
 
     def __init__(self, compute: Compute, max_batch_size: int, max_batch_tokens: int,
@@ -140,10 +154,13 @@ class BatchQueue:
         self._max_tokens = max_batch_tokens
         self._passes = passes
         self._fill = max(1, max_batch_size // passes)
-        self._waiting: collections.deque[Work] = collections.deque()
-        self._queued = 0  # sequences waiting, not in a pass
+        self._waiting: dict[int, collections.deque[Work]] = {}
+        self._queued: collections.Counter[int] = collections.Counter()  # texts waiting by level
+        self._arrivals = itertools.count()
         self._workers: set[asyncio.Task[None]] = set()
         self._forming = 0  # workers started whose pass is not formed yet
+        self._running: collections.Counter[int] = collections.Counter()  # passes by level
+        self._passed_over = 0  # passes of a higher level formed while a lower one waited
         self._solo_running = False
         self._executor = ThreadPoolExecutor(passes, thread_name_prefix="forward")
         self.stats = BatchStats()
@@ -152,7 +169,11 @@ class BatchQueue:
     @property
     def queued(self) -> int:
         """Texts waiting for a pass."""
-        return self._queued
+        return self._queued.total()
+
+    def queued_by_level(self) -> dict[int, int]:
+        """Texts waiting for a pass, per priority level."""
+        return {level: n for level, n in sorted(self._queued.items()) if n}
 
     @property
     def running(self) -> int:
@@ -162,8 +183,9 @@ class BatchQueue:
     def put(self, works: Iterable[Work]) -> None:
         """Queue ``works`` (in order) and start the passes they allow."""
         for w in works:
-            self._waiting.append(w)
-            self._queued += w.untaken
+            w.arrival = next(self._arrivals)
+            self._waiting.setdefault(w.level, collections.deque()).append(w)
+            self._queued[w.level] += w.untaken
         self._start_passes()
 
     def take_passes(self) -> tuple[tuple[int, int], ...]:
@@ -171,9 +193,15 @@ class BatchQueue:
         out, self._unreported = tuple(self._unreported), []
         return out
 
+    def _urgent(self) -> bool:
+        """Work waits of a higher level than every running pass."""
+        running = [level for level, n in self._running.items() if n]
+        waiting = [level for level, n in self._queued.items() if n]
+        return bool(running and waiting) and min(waiting) < min(running)
+
     def _start_passes(self) -> None:
-        while self._queued and len(self._workers) < self._passes and not self._solo_running:
-            if self._workers and self._queued < self._fill:
+        while self.queued and len(self._workers) < self._passes and not self._solo_running:
+            if self._workers and self.queued < self._fill and not self._urgent():
                 return  # a running pass ends soon and takes these
             worker = asyncio.get_running_loop().create_task(self._run_pass())
             self._forming += 1
@@ -184,17 +212,42 @@ class BatchQueue:
         self._workers.discard(worker)
         self._start_passes()
 
-    def _form(self) -> Pass:
-        """The next pass: oldest work first, each one's texts longest first, within the count
-        and padded-token budgets; unwanted work is dropped on the way."""
-        cap = min(self._max_size, -(-self._queued // max(1, self._forming)))
+    def _level(self) -> int | None:
+        """The level the next pass serves: the highest waiting, or on every FAIR_EVERY-th pass
+        while lower levels wait, the level of the oldest waiting request."""
+        levels = sorted(level for level, q in self._waiting.items() if q)
+        if not levels:
+            return None
+        if len(levels) == 1:
+            self._passed_over = 0
+            return levels[0]
+        self._passed_over += 1
+        if self._passed_over < FAIR_EVERY:
+            return levels[0]
+        self._passed_over = 0
+        return min(levels, key=lambda level: self._waiting[level][0].arrival)
+
+    def _form(self) -> tuple[Pass, int]:
+        """The next pass and its level: that level's oldest work first, each one's texts
+        longest first, within the count and padded-token budgets; unwanted work is dropped on
+        the way."""
+        batch: Pass = []
+        level = self._level()
+        while level is not None and not batch:
+            batch = self._form_level(level)
+            level = self._level() if not batch else level
+        return batch, level or DEFAULT_LEVEL
+
+    def _form_level(self, level: int) -> Pass:
+        waiting = self._waiting[level]
+        cap = min(self._max_size, -(-self._queued[level] // max(1, self._forming)))
         batch: Pass = []
         width = 0
-        while self._waiting:
-            w = self._waiting[0]
+        while waiting:
+            w = waiting[0]
             if w.unwanted():
-                self._waiting.popleft()
-                self._queued -= w.untaken
+                waiting.popleft()
+                self._queued[level] -= w.untaken
                 self.stats.dropped += w.untaken
                 w.drop()
                 continue
@@ -206,19 +259,20 @@ class BatchQueue:
                 batch.append((w, i))
                 width = wider
                 w.taken += 1
-                self._queued -= 1
-            self._waiting.popleft()
+                self._queued[level] -= 1
+            waiting.popleft()
         return batch
 
     async def _run_pass(self) -> None:
-        batch = self._form()
+        batch, level = self._form()
         self._forming -= 1
         if not batch:
             return
         seqs = [w.seqs[i] for w, i in batch]
-        alone = self._solo is not None and not self._queued and len(self._workers) == 1
+        alone = self._solo is not None and not self.queued and len(self._workers) == 1
         compute = self._solo if alone and self._solo is not None else self._compute
         self._solo_running = alone
+        self._running[level] += 1
         t0 = time.perf_counter()
         try:
             vectors = await asyncio.get_running_loop().run_in_executor(
@@ -230,6 +284,7 @@ class BatchQueue:
             return
         finally:
             self._solo_running = False
+            self._running[level] -= 1
         seconds = time.perf_counter() - t0
         tokens = sum(len(s) for s in seqs)
         self.stats.record(len(seqs), tokens, seconds)

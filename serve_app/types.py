@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+
+from serve_app.errors import InvalidInput
 
 #: One input: a text, or the model tokenizer's complete token ids for one text.
 Input = str | tuple[int, ...]
@@ -29,8 +31,25 @@ INPUT_TYPES: dict[str, tuple[str, ...]] = {
     "document": ("document", "search_document", "passage"),
     "search_document": ("search_document", "document", "passage"),
 }
+#: The level of requests that name none (Triton's 0): the highest, interactive one.
+DEFAULT_LEVEL = 1
+#: The lowest priority level a request may name (levels are 1 to this; 0 means the default).
+MAX_PRIORITY = 1000
 #: The prompt name that adds no prompt, not even the model's default.
 NO_PROMPT = ""
+
+
+def priority(value: Any, where: str = "priority", text: bool = False) -> int:
+    """A request's priority level from the wire (an int; with ``text``, a header's digits): 0
+    (the default) to :data:`MAX_PRIORITY`; anything else is :class:`InvalidInput` naming
+    ``where``."""
+    if text and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if type(value) is not int or not 0 <= value <= MAX_PRIORITY:
+        raise InvalidInput(f"{where} must be an integer from 0 (the default, highest level) to "
+                           f"{MAX_PRIORITY} (1 is the highest level), got {value!r}",
+                           param="priority")
+    return value
 
 
 def deadline(seconds: float | None) -> float | None:
@@ -51,6 +70,8 @@ class EmbedRequest:
     - ``input_type``: ``query`` or ``document`` (or ``search_query``/``search_document``): the
       data plane turns it into the ``prompt_name`` the model has for it.
     - ``encoding``: float32 vectors, or one of the compact encodings.
+    - ``priority``: the level its texts wait at in the replica's queue, as in Triton: 1 the
+      highest, larger numbers lower, 0 the default (1, interactive).
     - ``request_id``: the caller's id, for logs.
     - ``deadline``: wall-clock time (``time.time()``) after which the answer is useless; work
       still queued then is dropped and the caller gets :class:`DeadlineExceeded`.
@@ -66,6 +87,7 @@ class EmbedRequest:
     prompt_name: str | None = None
     input_type: str | None = None
     encoding: Encoding = "float"
+    priority: int = 0
 
     def remaining(self) -> float | None:
         """Seconds until the deadline (negative once passed); None without one."""
@@ -90,6 +112,7 @@ class RerankRequest:
     request_id: str = ""
     deadline: float | None = None
     version: str | None = None
+    priority: int = 0
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()

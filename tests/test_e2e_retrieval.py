@@ -16,9 +16,17 @@ from sentence_transformers import CrossEncoder, SentenceTransformer
 from sentence_transformers.util import quantize_embeddings
 from tritonclient.utils import InferenceServerException
 
-from serve_app.client import EmbeddingClient
+from serve_app.client import BULK_PRIORITY, EmbeddingClient
 from serve_app.quantize import calibration_texts
-from tests.helpers import SENTENCE, TEXTS, free_port, serve_config, start_server
+from tests.helpers import (
+    SENTENCE,
+    TEXTS,
+    free_port,
+    sample,
+    scrape,
+    serve_config,
+    start_server,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -182,8 +190,13 @@ def test_tritonclient_grpc_rerank_and_ubinary(server, ports, st, scores):
 
 
 @pytest.mark.parametrize("protocol", ["openai", "v2", "grpc"])
-def test_bulk_client_sends_the_prompt_name(server, ports, st, protocol):
+def test_bulk_client_sends_the_prompt_name_at_a_low_priority(server, ports, st, protocol):
     url = f"127.0.0.1:{ports['grpc']}" if protocol == "grpc" else server
+    waits = "serve_app_priority_queue_seconds_count"
+    labels = {"model": "embedding", "priority": str(BULK_PRIORITY)}
+    before = sample(scrape(httpx.get(f"{server}/metrics").text), waits, **labels)
     client = EmbeddingClient(url, protocol=protocol, batch_size=2, prompt_name="document")
     np.testing.assert_allclose(client.embed(TEXTS), st.encode(TEXTS, prompt_name="document"),
                                atol=1e-5)
+    after = sample(scrape(httpx.get(f"{server}/metrics").text), waits, **labels)
+    assert after - before == 2  # both batches waited at the bulk level

@@ -14,7 +14,7 @@ import pytest
 
 from serve_app.errors import DeadlineExceeded, Overloaded
 from serve_app.replica import INLINE_TOKENIZE_CHARS, ModelReplica
-from serve_app.scheduler import BatchQueue, Work
+from serve_app.scheduler import FAIR_EVERY, BatchQueue, Work
 from serve_app.types import EmbedRequest
 
 
@@ -49,14 +49,14 @@ class Gate:
 
 
 def work(*seqs: list[int], deadline: float | None = None,
-         owner: asyncio.Task | None = None) -> Work:
+         owner: asyncio.Task | None = None, level: int = 1) -> Work:
     return Work([list(s) for s in seqs], asyncio.get_running_loop().create_future(), deadline,
-                owner)
+                owner, level=level)
 
 
-def one(i: int) -> Work:
-    """A request of one one-token text, token id ``i``."""
-    return work([i])
+def one(i: int, level: int = 1) -> Work:
+    """A request of one one-token text, token id ``i``, at priority ``level``."""
+    return work([i], level=level)
 
 
 def run(coro) -> None:
@@ -195,6 +195,65 @@ def test_a_second_pass_starts_only_for_half_a_batch_and_passes_split_the_queue()
         queue.put([one(i) for i in range(6, 16)])
         assert sorted(map(len, [await gate.started(), await gate.started()])) == [5, 5]
         gate.release(2)
+
+    run(main())
+
+
+def test_the_highest_level_waiting_forms_the_next_pass_alone():
+    """Level 1 goes before older level-10 work, and a pass holds one level only: the query's
+    pass is not filled with bulk texts."""
+    async def main():
+        gate = Gate()
+        queue = BatchQueue(gate, max_batch_size=16, max_batch_tokens=10_000)
+        queue.put([one(1, level=10)])
+        assert await gate.started() == [1]
+        queue.put([one(2, level=10), one(3, level=10), one(4), one(5, level=3)])
+        assert queue.queued_by_level() == {1: 1, 3: 1, 10: 2}
+        gate.release()
+        assert await gate.started() == [4]
+        gate.release()
+        assert await gate.started() == [5]
+        gate.release()
+        assert await gate.started() == [2, 3]
+        gate.release()
+
+    run(main())
+
+
+def test_a_lower_level_gets_one_pass_in_fair_every_under_a_steady_stream():
+    async def main():
+        gate = Gate()
+        queue = BatchQueue(gate, max_batch_size=1, max_batch_tokens=10_000)
+        queue.put([one(0)])
+        assert await gate.started() == [0]
+        bulk = one(99, level=10)
+        queue.put([bulk, one(1)])
+        served = []
+        for i in range(2, 2 + 2 * FAIR_EVERY):
+            queue.put([one(i)])  # a query keeps arriving while every pass runs
+            gate.release()
+            served.append((await gate.started())[0])
+        gate.release(len(served) + 1)
+        assert 99 in served[:FAIR_EVERY]  # served within FAIR_EVERY passes
+        await bulk.future
+
+    run(main())
+
+
+def test_work_above_every_running_pass_starts_a_pass_beside_them():
+    """Below half a batch a second pass waits for the running one, except for work of a
+    higher level than it: a query does not wait behind a bulk pass while a thread is free."""
+    async def main():
+        gate = Gate()
+        queue = BatchQueue(gate, max_batch_size=32, max_batch_tokens=10_000, passes=2)
+        queue.put([one(1, level=10)])
+        assert await gate.started() == [1]
+        queue.put([one(2, level=10)])
+        queue.put([one(3)])
+        assert await gate.started() == [3]  # beside the running bulk pass, at once
+        gate.release(2)
+        assert await gate.started() == [2]
+        gate.release()
 
     run(main())
 

@@ -31,7 +31,7 @@ from serve_app.errors import (
     Unauthorized,
     lookup,
 )
-from serve_app.types import Measured
+from serve_app.types import DEFAULT_LEVEL, Measured, priority
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,15 @@ def timeout_of(request: Request) -> float | None:
     return None
 
 
+def priority_of(request: Request, given: Any = None) -> int:
+    """The request's priority level: ``given`` (a body field or V2 parameter) when the caller
+    set it, else the ``X-Priority`` header, else 0 (the default, highest level)."""
+    if given is not None:
+        return priority(given)
+    header = request.headers.get("x-priority")
+    return 0 if header is None else priority(header, "header X-Priority", text=True)
+
+
 def request_id(request: Request) -> str:
     """The caller's ``X-Request-Id``, or the one the HTTP app created for this request."""
     return str(getattr(request.state, "request_id", "")) or request.headers.get(
@@ -244,14 +253,16 @@ def _ms(seconds: float) -> str:
 
 
 def respond(request: Request, model: str, result: Measured,
-            render: Callable[[], Response]) -> Response:
-    """Count the inputs computed (under the request path's protocol), ``render()`` the
+            render: Callable[[], Response], level: int = 0) -> Response:
+    """Count the inputs computed (under the request path's protocol; the queue wait under
+    priority ``level``), ``render()`` the
     answer, timing the encoding, and add text-embeddings-inference's timing headers
     (milliseconds): ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
     ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time`` (the
     ingress's whole handling, encoding included). The access log gets the same figures."""
     metrics = context_of(request).metrics
-    metrics.observe_embedding(model, protocol_of(request.url.path), result)
+    metrics.observe_embedding(model, protocol_of(request.url.path), result,
+                              level or DEFAULT_LEVEL)
     t0 = time.perf_counter()
     response = render()
     done = time.perf_counter()

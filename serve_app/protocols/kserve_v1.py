@@ -17,6 +17,7 @@ from serve_app.protocols.common import (
     kserve_error,
     model_card,
     parse_json,
+    priority_of,
     read_body,
     request_id,
     respond,
@@ -39,6 +40,9 @@ _PREDICT_SCHEMA = {
                         "inputs": {"type": "array", "items": {"type": "string"}},
                         "truncate": {"type": "boolean", "default": True,
                                      "description": "false: refuse over-long texts (400)"},
+                        "priority": {"type": "integer", "minimum": 0,
+                                     "description": "1 the highest level, larger lower, 0 the "
+                                     "default (1); or the X-Priority header"},
                     },
                 }
             }
@@ -85,9 +89,10 @@ async def predict(name: str, request: Request) -> Response:
     truncate = data.get("truncate", True)
     if type(truncate) is not bool:
         raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
+    level = priority_of(request, data.get("priority"))
     result = await dp.embed(
         EmbedRequest(model=name, inputs=texts, truncate=truncate, request_id=request_id(request),
-                     deadline=deadline(timeout_of(request)))
+                     deadline=deadline(timeout_of(request)), priority=level)
     )
     return respond(request, name, result,
-                   lambda: json_response({"predictions": result.embeddings}))
+                   lambda: json_response({"predictions": result.embeddings}), level)

@@ -17,6 +17,7 @@ from serve_app.protocols.common import (
     model_card,
     openai_error,
     parse_json,
+    priority_of,
     read_body,
     request_id,
     respond,
@@ -55,6 +56,9 @@ class EmbeddingRequest(BaseModel):
     input_type: StrictStr | None = Field(
         None, description="query or document (also search_query, search_document), as Cohere "
         "and NVIDIA NIM name it: the model's prompt for that side.")
+    priority: int | None = Field(
+        None, description="serve_app extension: the level the texts wait at, as in Triton: 1 "
+        "the highest, larger numbers lower, 0 the default (1). The X-Priority header works too.")
     truncate: StrictBool = Field(
         True, description="serve_app extension (as in text-embeddings-inference): false refuses "
         "inputs over the model's token limit with a 400 instead of cutting them."
@@ -137,10 +141,12 @@ async def create_embeddings(request: Request) -> Response:
         prompt_name=body.prompt_name,
         input_type=body.input_type,
         encoding="float" if body.encoding_format == "base64" else body.encoding_format,
+        priority=priority_of(request, data.get("priority")),
     )
     result = await dataplane_of(request).embed(req)
     return respond(request, body.model, result,
-                   lambda: render_embeddings(result, body.model, body.encoding_format))
+                   lambda: render_embeddings(result, body.model, body.encoding_format),
+                   req.priority)
 
 
 @router.get("/openai/v1/models")

@@ -37,6 +37,7 @@ from serve_app.protocols.common import (
     json_response,
     openai_error,
     parse_json,
+    priority_of,
     read_body,
     request_id,
     respond,
@@ -69,6 +70,8 @@ class _Options(BaseModel):
     raw_scores: StrictBool = Field(False, description="Logits instead of the model's activation.")
     truncate: StrictBool = Field(True, description="Cut (query, document) pairs over the "
                                  "model's token limit, longest part first; false: refuse them.")
+    priority: int | None = Field(None, description="1 the highest level, larger lower, 0 the "
+                                 "default (1); or the X-Priority header.")
 
 
 class TeiRerank(_Options):
@@ -101,20 +104,19 @@ def _ranked(scores: np.ndarray, top_n: int | None = None) -> list[int]:
 
 
 async def _score(request: Request, body: _Options, documents: tuple[str, ...]
-                 ) -> tuple[str, RerankResult]:
+                 ) -> tuple[RerankRequest, RerankResult]:
     dp = dataplane_of(request)
-    model = dp.reranker(body.model)
-    result = await dp.rerank(RerankRequest(
-        model=model, query=body.query, documents=documents, raw_scores=body.raw_scores,
-        truncate=body.truncate, request_id=request_id(request),
-        deadline=deadline(timeout_of(request))))
-    return model, result
+    req = RerankRequest(
+        model=dp.reranker(body.model), query=body.query, documents=documents,
+        raw_scores=body.raw_scores, truncate=body.truncate, request_id=request_id(request),
+        deadline=deadline(timeout_of(request)), priority=priority_of(request, body.priority))
+    return req, await dp.rerank(req)
 
 
 async def _cohere(request: Request, data: Any) -> Response:
     body = validate(CohereRerank, data)
     texts = tuple(d if isinstance(d, str) else d.text for d in body.documents)
-    model, result = await _score(request, body, texts)
+    req, result = await _score(request, body, texts)
 
     def render() -> Response:
         results: list[dict[str, Any]] = []
@@ -125,11 +127,11 @@ async def _cohere(request: Request, data: Any) -> Response:
             results.append(item)
         tokens = result.prompt_tokens
         return json_response({
-            "id": request_id(request) or str(uuid.uuid4()), "model": model, "results": results,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "id": request_id(request) or str(uuid.uuid4()), "model": req.model,
+            "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
-    return respond(request, model, result, render)
+    return respond(request, req.model, result, render, req.priority)
 
 
 _TEI_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
@@ -148,7 +150,7 @@ async def tei_rerank(request: Request) -> Response:
         return await _cohere(request, data)
     body = validate(TeiRerank, data)
     texts = tuple(body.texts)
-    model, result = await _score(request, body, texts)
+    req, result = await _score(request, body, texts)
 
     def render() -> Response:
         out: list[dict[str, Any]] = []
@@ -159,7 +161,7 @@ async def tei_rerank(request: Request) -> Response:
             out.append(item)
         return json_response(out)
 
-    return respond(request, model, result, render)
+    return respond(request, req.model, result, render, req.priority)
 
 
 @router.post("/v1/rerank", openapi_extra=_COHERE_SCHEMA)

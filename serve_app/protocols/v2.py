@@ -19,6 +19,7 @@ from serve_app.protocols.common import (
     json_response,
     kserve_error,
     parse_json,
+    priority_of,
     read_body,
     request_id,
     respond,
@@ -228,7 +229,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     binary_out = _wants_binary(req, task)
     rid = request_id(request)
     internal = internal_request(name, task, tensors, req.parameters, rid, version,
-                                timeout_of(request))
+                                timeout_of(request), priority_of(request))
     result: Measured
     if isinstance(internal, RerankRequest):
         result = await dp.rerank(internal)
@@ -238,7 +239,8 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         array = result.embeddings
     served = version or dp.version(name)
     return respond(request, name, result, lambda: render_infer(
-        name, served, req.id or rid, OUTPUTS[task], array, result.prompt_tokens, binary_out))
+        name, served, req.id or rid, OUTPUTS[task], array, result.prompt_tokens, binary_out),
+        internal.priority)
 
 
 def render_infer(name: str, version: str, response_id: str, output_name: str, array: np.ndarray,

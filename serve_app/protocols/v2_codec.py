@@ -27,6 +27,7 @@ from serve_app.types import (
     RerankRequest,
     Task,
     deadline,
+    priority,
 )
 
 PLATFORM = "serve_app_huggingface"
@@ -125,6 +126,7 @@ class InferOptions:
     input_type: str | None = None
     encoding: Encoding = "float"
     raw_scores: bool = False
+    priority: int | None = None
 
 
 def _optional_str(params: Mapping[str, Any], key: str) -> str | None:
@@ -137,7 +139,8 @@ def _optional_str(params: Mapping[str, Any], key: str) -> str | None:
 def infer_options(params: Mapping[str, Any]) -> InferOptions:
     """Read ``dimensions`` (int), ``truncate`` (bool), ``timeout`` (int microseconds, as in
     Triton), ``prompt_name`` / ``input_type`` (str), ``encoding_format`` (str: float, int8,
-    uint8, binary, ubinary) and ``raw_scores`` (bool, rerankers) from V2 request parameters."""
+    uint8, binary, ubinary), ``raw_scores`` (bool, rerankers) and ``priority`` (int, as in
+    Triton) from V2 request parameters."""
     dims = params.get("dimensions")
     if dims is not None and (type(dims) is not int):
         raise InvalidInput(f"parameter 'dimensions' must be an integer, got {dims!r}")
@@ -160,7 +163,9 @@ def infer_options(params: Mapping[str, Any]) -> InferOptions:
                         timeout_s=None if timeout is None else timeout / 1e6,
                         prompt_name=_optional_str(params, "prompt_name"),
                         input_type=_optional_str(params, "input_type"),
-                        encoding=encoding, raw_scores=raw_scores)
+                        encoding=encoding, raw_scores=raw_scores,
+                        priority=None if params.get("priority") is None else priority(
+                            params["priority"], "parameter 'priority'"))
 
 
 def check_task_options(opts: InferOptions, task: Task) -> None:
@@ -186,15 +191,17 @@ def check_outputs(names: Sequence[str], task: Task = "embedding") -> None:
 
 def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ...]],
                      params: Mapping[str, Any], request_id: str, version: str | None,
-                     timeout_s: float | None = None) -> EmbedRequest | RerankRequest:
+                     timeout_s: float | None = None, level: int = 0
+                     ) -> EmbedRequest | RerankRequest:
     """The internal request of one V2 inference for a model doing ``task``: its input tensors'
-    texts by name and its request ``parameters``; the ``timeout`` parameter, when given, wins
-    over ``timeout_s`` (the transport's own)."""
+    texts by name and its request ``parameters``; the ``timeout`` and ``priority`` parameters,
+    when given, win over ``timeout_s`` and ``level`` (the transport's own: headers, metadata)."""
     opts = infer_options(params)
     check_task_options(opts, task)
     common: dict[str, Any] = {
         "model": model, "truncate": opts.truncate, "request_id": request_id, "version": version,
-        "deadline": deadline(opts.timeout_s if opts.timeout_s is not None else timeout_s)}
+        "deadline": deadline(opts.timeout_s if opts.timeout_s is not None else timeout_s),
+        "priority": opts.priority if opts.priority is not None else level}
     if task == "rerank":
         query, documents = rerank_inputs(tensors)
         return RerankRequest(query=query, documents=documents, raw_scores=opts.raw_scores,

@@ -43,7 +43,14 @@ from serve_app.protocols.v2_codec import (
     tensor_bytes,
     texts_from_elements,
 )
-from serve_app.types import EmbedRequest, Measured, RerankRequest, Task
+from serve_app.types import (
+    DEFAULT_LEVEL,
+    EmbedRequest,
+    Measured,
+    RerankRequest,
+    Task,
+    priority,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +79,10 @@ def grpc_status(err: ServeAppError) -> grpc.StatusCode:
     return lookup(GRPC_STATUS, err, grpc.StatusCode.INTERNAL)
 
 
-def _authorization(context: Any) -> str | None:
-    """The ``authorization`` metadata value, if the caller sent one."""
+def _metadata(context: Any, name: str) -> str | None:
+    """The ``name`` metadata value (``authorization``, ``x-priority``), if the caller sent one."""
     for key, value in getattr(context, "invocation_metadata", lambda: ())() or ():
-        if key.lower() == "authorization":
+        if key.lower() == name:
             return str(value)
     return None
 
@@ -126,16 +133,17 @@ def _tensors(req: pb.ModelInferRequest) -> tuple[dict[str, tuple[str, ...]], boo
     return tensors, raw
 
 
-def to_request(req: pb.ModelInferRequest, task: Task = "embedding"
+def to_request(req: pb.ModelInferRequest, task: Task = "embedding", level: int = 0
                ) -> tuple[EmbedRequest | RerankRequest, bool]:
-    """The internal request for a model doing ``task``, and whether the texts came as raw
-    input contents."""
+    """The internal request for a model doing ``task`` (``level``: the ``x-priority``
+    metadata's, used when no ``priority`` parameter is given), and whether the texts came as
+    raw input contents."""
     if task == "embedding" and len(req.inputs) != 1:
         raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
     tensors, raw = _tensors(req)
     check_outputs([o.name for o in req.outputs], task)
     internal = internal_request(req.model_name, task, tensors, _params(req.parameters), req.id,
-                                req.model_version or None)
+                                req.model_version or None, level=level)
     return internal, raw
 
 
@@ -155,7 +163,7 @@ class GrpcInference:
         status = grpc.StatusCode.OK
         try:
             if not open_method:
-                self.context.api_keys.check(_authorization(grpc_context))
+                self.context.api_keys.check(_metadata(grpc_context, "authorization"))
             return await call()
         except ServeAppError as e:
             status = grpc_status(e)
@@ -222,7 +230,9 @@ class GrpcInference:
                 raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
                                       "send fewer or shorter inputs")
             task = self.dataplane.task(request.model_name)
-            internal, raw = to_request(request, task)
+            header = _metadata(grpc_context, "x-priority")
+            level = 0 if header is None else priority(header, "metadata x-priority", text=True)
+            internal, raw = to_request(request, task, level)
             result: Measured
             if isinstance(internal, RerankRequest):
                 result = await self.dataplane.rerank(internal)
@@ -230,7 +240,8 @@ class GrpcInference:
             else:
                 result = await self.dataplane.embed(internal)
                 array = result.embeddings
-            self.context.metrics.observe_embedding(internal.model, PROTOCOL, result)
+            self.context.metrics.observe_embedding(internal.model, PROTOCOL, result,
+                                                   internal.priority or DEFAULT_LEVEL)
             t0 = time.perf_counter()
             out = pb.ModelInferResponse.InferOutputTensor(
                 name=OUTPUTS[task], datatype=datatype_of(array), shape=list(array.shape)
