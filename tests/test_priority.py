@@ -97,3 +97,13 @@ def test_metrics_show_waiting_time_and_inputs_per_level(fake):
         stub.ModelInfer(infer_request(["a"]), metadata=(("x-priority", "3"),))
     assert sample(scrape(metrics.render().decode()), waits, model="embedding",
                   priority="3") == 1
+
+
+def test_v2_statistics_show_texts_waiting_per_level():
+    class Busy(FakeBackend):
+        async def stats(self):
+            return {"texts": 0, "passes": 0, "batches": [], "queued_by_priority": {1: 2, 10: 64}}
+
+    with app_client({"embedding": Busy("embedding")}) as c:
+        stats = c.get("/v2/models/embedding/stats").json()["model_stats"][0]
+    assert stats["queued_by_priority"] == {"1": 2, "10": 64}
