@@ -21,7 +21,6 @@ from serve_app import __version__
 from serve_app.config import LimitOptions
 from serve_app.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serve_app.types import (
-    DEFAULT_LEVEL,
     INPUT_TYPES,
     NO_PROMPT,
     EmbedRequest,
@@ -146,7 +145,7 @@ class DataPlane:
 
     @contextlib.contextmanager
     def _flight(self, model: str, level: int, n: int) -> Iterator[None]:
-        key = (model, level or DEFAULT_LEVEL)
+        key = (model, level)
         self.in_flight += 1
         self._levels[key] += n
         try:
@@ -257,7 +256,7 @@ class DataPlane:
                 param="dimensions",
             )
         req = resolve_prompt(req, info)
-        with self._flight(req.model, req.priority, len(req.inputs)):
+        with self._flight(req.model, req.level, len(req.inputs)):
             return await backend.embed(req)
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
@@ -270,7 +269,7 @@ class DataPlane:
             raise InvalidInput(f"query has {len(req.query)} characters; the limit is "
                                f"{self.limits.max_input_chars} (max_input_chars)", param="query")
         backend = await self._model(req.model, req.version, "rerank")
-        with self._flight(req.model, req.priority, len(req.documents)):
+        with self._flight(req.model, req.level, len(req.documents)):
             return await backend.rerank(req)
 
 

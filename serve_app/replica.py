@@ -24,7 +24,7 @@ from serve_app.engine import EmbeddingEngine, plan_parallelism
 from serve_app.errors import InvalidInput, Overloaded
 from serve_app.quantize import reduce_dimensions
 from serve_app.reranker import RerankEngine
-from serve_app.scheduler import DEFAULT_LEVEL, BatchQueue, Work
+from serve_app.scheduler import BatchQueue, Work
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
 
 #: Requests this short (in characters, or token ids) are tokenized on the event loop, where
@@ -94,7 +94,7 @@ class ModelReplica:
         finally:
             self.held -= n
 
-    async def _run(self, prepare: Prepare, chars: int, deadline: float | None, priority: int
+    async def _run(self, prepare: Prepare, chars: int, deadline: float | None, level: int
                    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Tokenize (``prepare``), queue and compute one request: the model's output rows in
         input order, and what an answer reports (token counts, truncated, timings, passes)."""
@@ -106,7 +106,7 @@ class ModelReplica:
                 self._tokenize_pool, prepare)
         t1 = time.perf_counter()
         work = Work(seqs, asyncio.get_running_loop().create_future(), deadline,
-                    asyncio.current_task(), level=priority or DEFAULT_LEVEL)
+                    asyncio.current_task(), level=level)
         await self._enter(work)
         out = await work.future
         waited = time.perf_counter() - t1
@@ -124,7 +124,7 @@ class ModelReplica:
             prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
                                         req.prompt_name)
             vectors, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
-                                                req.deadline, req.priority)
+                                                req.deadline, req.level)
         if req.dimensions is not None and req.dimensions != engine.dim:
             vectors = reduce_dimensions(vectors, req.dimensions)
         if req.encoding != "float":
@@ -140,7 +140,7 @@ class ModelReplica:
         with self._admit(req.model, len(req.documents)):
             prepare = functools.partial(engine.tokenize, req.query, req.documents, req.truncate)
             chars = len(req.query) * len(req.documents) + sum(map(len, req.documents))
-            logits, measured = await self._run(prepare, chars, req.deadline, req.priority)
+            logits, measured = await self._run(prepare, chars, req.deadline, req.level)
         return RerankResult(scores=engine.scores(logits, req.raw_scores), **measured)
 
     async def info(self) -> ModelInfo:

@@ -57,8 +57,25 @@ def deadline(seconds: float | None) -> float | None:
     return None if seconds is None else time.time() + seconds
 
 
+class _Request:
+    """What every internal request derives from its ``deadline`` and ``priority``."""
+
+    __slots__ = ()
+    deadline: float | None
+    priority: int
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (negative once passed); None without one."""
+        return None if self.deadline is None else self.deadline - time.time()
+
+    @property
+    def level(self) -> int:
+        """The queue level it waits at: ``priority``, or the default level for 0."""
+        return self.priority or DEFAULT_LEVEL
+
+
 @dataclass(frozen=True, slots=True)
-class EmbedRequest:
+class EmbedRequest(_Request):
     """Embed ``inputs`` with model ``model``.
 
     - ``inputs``: non-empty; each a ``str`` or a tuple of token ids (special tokens included).
@@ -89,13 +106,10 @@ class EmbedRequest:
     encoding: Encoding = "float"
     priority: int = 0
 
-    def remaining(self) -> float | None:
-        """Seconds until the deadline (negative once passed); None without one."""
-        return None if self.deadline is None else self.deadline - time.time()
 
 
 @dataclass(frozen=True, slots=True)
-class RerankRequest:
+class RerankRequest(_Request):
     """Score each of ``documents`` against ``query`` with reranker ``model``.
 
     ``raw_scores``: the model's logits instead of its activation (sigmoid for one-label
@@ -114,8 +128,6 @@ class RerankRequest:
     version: str | None = None
     priority: int = 0
 
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.time()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

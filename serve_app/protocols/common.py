@@ -253,7 +253,7 @@ def _ms(seconds: float) -> str:
 
 
 def respond(request: Request, model: str, result: Measured,
-            render: Callable[[], Response], level: int = 0) -> Response:
+            render: Callable[[], Response], level: int = DEFAULT_LEVEL) -> Response:
     """Count the inputs computed (under the request path's protocol; the queue wait under
     priority ``level``), ``render()`` the
     answer, timing the encoding, and add text-embeddings-inference's timing headers
@@ -261,8 +261,7 @@ def respond(request: Request, model: str, result: Measured,
     ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time`` (the
     ingress's whole handling, encoding included). The access log gets the same figures."""
     metrics = context_of(request).metrics
-    metrics.observe_embedding(model, protocol_of(request.url.path), result,
-                              level or DEFAULT_LEVEL)
+    metrics.observe_embedding(model, protocol_of(request.url.path), result, level)
     t0 = time.perf_counter()
     response = render()
     done = time.perf_counter()

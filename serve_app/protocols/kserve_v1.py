@@ -89,10 +89,9 @@ async def predict(name: str, request: Request) -> Response:
     truncate = data.get("truncate", True)
     if type(truncate) is not bool:
         raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
-    level = priority_of(request, data.get("priority"))
-    result = await dp.embed(
-        EmbedRequest(model=name, inputs=texts, truncate=truncate, request_id=request_id(request),
-                     deadline=deadline(timeout_of(request)), priority=level)
-    )
+    req = EmbedRequest(model=name, inputs=texts, truncate=truncate,
+                       request_id=request_id(request), deadline=deadline(timeout_of(request)),
+                       priority=priority_of(request, data.get("priority")))
+    result = await dp.embed(req)
     return respond(request, name, result,
-                   lambda: json_response({"predictions": result.embeddings}), level)
+                   lambda: json_response({"predictions": result.embeddings}), req.level)

@@ -146,7 +146,7 @@ async def create_embeddings(request: Request) -> Response:
     result = await dataplane_of(request).embed(req)
     return respond(request, body.model, result,
                    lambda: render_embeddings(result, body.model, body.encoding_format),
-                   req.priority)
+                   req.level)
 
 
 @router.get("/openai/v1/models")

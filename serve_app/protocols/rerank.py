@@ -131,7 +131,7 @@ async def _cohere(request: Request, data: Any) -> Response:
             "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
-    return respond(request, req.model, result, render, req.priority)
+    return respond(request, req.model, result, render, req.level)
 
 
 _TEI_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
@@ -161,7 +161,7 @@ async def tei_rerank(request: Request) -> Response:
             out.append(item)
         return json_response(out)
 
-    return respond(request, req.model, result, render, req.priority)
+    return respond(request, req.model, result, render, req.level)
 
 
 @router.post("/v1/rerank", openapi_extra=_COHERE_SCHEMA)

@@ -242,7 +242,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     served = version or dp.version(name)
     return respond(request, name, result, lambda: render_infer(
         name, served, req.id or rid, OUTPUTS[task], array, result.prompt_tokens, binary_out),
-        internal.priority)
+        internal.level)
 
 
 def render_infer(name: str, version: str, response_id: str, output_name: str, array: np.ndarray,

@@ -43,14 +43,7 @@ from serve_app.protocols.v2_codec import (
     tensor_bytes,
     texts_from_elements,
 )
-from serve_app.types import (
-    DEFAULT_LEVEL,
-    EmbedRequest,
-    Measured,
-    RerankRequest,
-    Task,
-    priority,
-)
+from serve_app.types import EmbedRequest, Measured, RerankRequest, Task, priority
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +234,7 @@ class GrpcInference:
                 result = await self.dataplane.embed(internal)
                 array = result.embeddings
             self.context.metrics.observe_embedding(internal.model, PROTOCOL, result,
-                                                   internal.priority or DEFAULT_LEVEL)
+                                                   internal.level)
             t0 = time.perf_counter()
             out = pb.ModelInferResponse.InferOutputTensor(
                 name=OUTPUTS[task], datatype=datatype_of(array), shape=list(array.shape)
