@@ -231,12 +231,13 @@ class BatchQueue:
         """The next pass and its level: that level's oldest work first, each one's texts
         longest first, within the count and padded-token budgets; unwanted work is dropped on
         the way."""
-        batch: Pass = []
         level = self._level()
-        while level is not None and not batch:
+        while level is not None:  # a level whose work was all unwanted forms nothing
             batch = self._form_level(level)
-            level = self._level() if not batch else level
-        return batch, level or DEFAULT_LEVEL
+            if batch:
+                return batch, level
+            level = self._level()
+        return [], DEFAULT_LEVEL
 
     def _form_level(self, level: int) -> Pass:
         waiting = self._waiting[level]
