@@ -237,6 +237,10 @@ class EmbeddingEngine(TransformerEngine):
         if self.default_prompt is not None and self.default_prompt not in self.prompts:
             raise ModelLoadError(f"default_prompt_name {self.default_prompt!r} is not one of "
                                  f"the model's prompts {sorted(self.prompts)}")
+        # measured once per prompt here, not per request: only models that leave prompts out
+        # of pooling need them
+        self._prompt_lengths = {} if self.include_prompt else {
+            text: self._prompt_length(text) for text in self.prompts.values() if text}
         self.dim = int(self.model.config.hidden_size)
         self.calibration: Calibration | None = None
         self.loaded(f"dim={self.dim} pooling={self.pooling} normalize={self.normalize}")
@@ -278,7 +282,7 @@ class EmbeddingEngine(TransformerEngine):
         )
         ids: list[list[int]] = enc["input_ids"]
         if prompt and not self.include_prompt:
-            skip = self._prompt_length(prompt)
+            skip = self._prompt_lengths[prompt]
             ids = [PromptIds(seq, skip) for seq in ids]
         if not truncate:
             for i, seq in enumerate(ids):
