@@ -231,8 +231,10 @@ class DataPlane:
     def check(self, req: EmbedRequest) -> None:
         self._check_inputs(req.inputs, "input")
 
-    async def _model(self, name: str, version: str | None, task: Task) -> ModelBackend:
-        """The backend of a model that can take a request now and does ``task``."""
+    async def _model(self, name: str, version: str | None, task: Task
+                     ) -> tuple[ModelBackend, ModelInfo]:
+        """The backend and metadata of a model that can take a request now and does
+        ``task``."""
         backend = self.backend(name, version)
         if self.task(name) != task:  # a mistake whatever the model's state
             raise wrong_task(name, self.task(name))
@@ -241,15 +243,13 @@ class DataPlane:
                 f"model {name!r} is not ready: no running replica; retry shortly",
                 param="model",
             )
-        await self.info(name, version, wait=True)
-        return backend
+        return backend, await self.info(name, version, wait=True)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         """Validate ``req`` and run it on its model."""
         self.backend(req.model, req.version)
         self.check(req)
-        backend = await self._model(req.model, req.version, "embedding")
-        info = await self.info(req.model, req.version)
+        backend, info = await self._model(req.model, req.version, "embedding")
         if req.dimensions is not None and not 1 <= req.dimensions <= info.dim:
             raise InvalidInput(
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
@@ -268,7 +268,7 @@ class DataPlane:
         if len(req.query) > self.limits.max_input_chars:
             raise InvalidInput(f"query has {len(req.query)} characters; the limit is "
                                f"{self.limits.max_input_chars} (max_input_chars)", param="query")
-        backend = await self._model(req.model, req.version, "rerank")
+        backend, _ = await self._model(req.model, req.version, "rerank")
         with self._flight(req.model, req.level, len(req.documents)):
             return await backend.rerank(req)
 
