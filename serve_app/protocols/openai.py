@@ -56,7 +56,7 @@ class EmbeddingRequest(BaseModel):
     input_type: StrictStr | None = Field(
         None, description="query or document (also search_query, search_document), as Cohere "
         "and NVIDIA NIM name it: the model's prompt for that side.")
-    priority: int | None = Field(
+    priority: StrictInt | None = Field(
         None, description="serve_app extension: the level the texts wait at, as in Triton: 1 "
         "the highest, larger numbers lower, 0 the default (1). The X-Priority header works too.")
     truncate: StrictBool = Field(
@@ -141,7 +141,7 @@ async def create_embeddings(request: Request) -> Response:
         prompt_name=body.prompt_name,
         input_type=body.input_type,
         encoding="float" if body.encoding_format == "base64" else body.encoding_format,
-        priority=priority_of(request, data.get("priority")),
+        priority=priority_of(request, body.priority),
     )
     result = await dataplane_of(request).embed(req)
     return respond(request, body.model, result,

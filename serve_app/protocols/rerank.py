@@ -70,7 +70,7 @@ class _Options(BaseModel):
     raw_scores: StrictBool = Field(False, description="Logits instead of the model's activation.")
     truncate: StrictBool = Field(True, description="Cut (query, document) pairs over the "
                                  "model's token limit, longest part first; false: refuse them.")
-    priority: int | None = Field(None, description="1 the highest level, larger lower, 0 the "
+    priority: StrictInt | None = Field(None, description="1 the highest level, larger lower, 0 the "
                                  "default (1); or the X-Priority header.")
 
 
