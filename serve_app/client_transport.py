@@ -47,9 +47,10 @@ class _Http:
                                          timeout=timeout, limits=limits)
         self._model = model
         self._protocol = protocol
-        self._prompt: dict[str, Any] = {"prompt_name": prompt_name} if prompt_name else {}
+        # what every batch carries besides its texts
+        self._extra: dict[str, Any] = {"prompt_name": prompt_name} if prompt_name else {}
         if priority:
-            self._prompt["priority"] = priority
+            self._extra["priority"] = priority
         self._errors: tuple[type[BaseException], ...] = (httpx.TransportError,)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -57,14 +58,14 @@ class _Http:
             if self._protocol == "openai":
                 r = await self._client.post("/v1/embeddings", json={
                     "model": self._model, "input": list(texts), "encoding_format": "base64",
-                    **self._prompt})
+                    **self._extra})
             else:
                 raw = join_bytes_tensor([t.encode() for t in texts])
                 head = json.dumps({
                     "inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
                                 "parameters": {"binary_data_size": len(raw)}}],
                     "outputs": [{"name": "output-0", "parameters": {"binary_data": True}}],
-                    "parameters": self._prompt,
+                    "parameters": self._extra,
                 }).encode()
                 r = await self._client.post(
                     f"/v2/models/{self._model}/infer", content=head + raw,
