@@ -33,11 +33,12 @@ from serve_app.protocols.v2_codec import (
     internal_request,
     model_metadata,
     model_parameters,
+    run,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
 )
-from serve_app.types import Measured, RerankRequest, Task
+from serve_app.types import Task
 
 _HEADER_LEN = "inference-header-content-length"
 _UNSUPPORTED_PARAMS = ("shared_memory_region", "classification")
@@ -232,13 +233,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     rid = request_id(request)
     internal = internal_request(name, task, tensors, req.parameters, rid, version,
                                 timeout_of(request), priority_of(request))
-    result: Measured
-    if isinstance(internal, RerankRequest):
-        result = await dp.rerank(internal)
-        array = result.scores
-    else:
-        result = await dp.embed(internal)
-        array = result.embeddings
+    result, array = await run(dp, internal)
     served = version or dp.version(name)
     return respond(request, name, result, lambda: render_infer(
         name, served, req.id or rid, OUTPUTS[task], array, result.prompt_tokens, binary_out),

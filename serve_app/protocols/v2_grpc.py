@@ -39,11 +39,12 @@ from serve_app.protocols.v2_codec import (
     fp32_bytes,
     internal_request,
     model_metadata,
+    run,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
 )
-from serve_app.types import EmbedRequest, Measured, RerankRequest, Task, priority
+from serve_app.types import EmbedRequest, RerankRequest, Task, priority
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +227,7 @@ class GrpcInference:
             header = _metadata(grpc_context, "x-priority")
             level = 0 if header is None else priority(header, "metadata x-priority", text=True)
             internal, raw = to_request(request, task, level)
-            result: Measured
-            if isinstance(internal, RerankRequest):
-                result = await self.dataplane.rerank(internal)
-                array = result.scores
-            else:
-                result = await self.dataplane.embed(internal)
-                array = result.embeddings
+            result, array = await run(self.dataplane, internal)
             self.context.metrics.observe_embedding(internal.model, PROTOCOL, result,
                                                    internal.level)
             t0 = time.perf_counter()
