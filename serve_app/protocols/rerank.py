@@ -127,7 +127,7 @@ async def _cohere(request: Request, data: Any) -> Response:
             results.append(item)
         tokens = result.prompt_tokens
         return json_response({
-            "id": request_id(request) or str(uuid.uuid4()), "model": req.model,
+            "id": req.request_id or str(uuid.uuid4()), "model": req.model,
             "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
