@@ -1,22 +1,20 @@
-"""The one typed configuration tree of serve_app.
+"""The one typed configuration tree of serve_app (a model's variants: :mod:`serve_app.variants`).
 
 Serve YAML passes ``applications[].args`` to :func:`serve_app.app.build_app`, which validates it
 as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key is an error, not a
-silently dropped option (Ray Serve's own config drops unknown keys).
-
-serve_app reads its own environment variables in :mod:`serve_app.env` and, for keys a config
-names, :meth:`AuthOptions.load_keys`; the HuggingFace ones (``HF_HOME``, ``HF_HUB_OFFLINE``,
-``HF_TOKEN``) reach the replicas through Ray's worker environment.
+silently dropped option (Ray Serve's own config drops unknown keys). Environment variables: see
+:mod:`serve_app.env` and :meth:`AuthOptions.load_keys`; the HuggingFace ones reach the replicas
+through Ray's worker environment.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.types import Task
+from serve_app.variants import NAME_RE, VariantOptions
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -24,7 +22,6 @@ Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len"]
 Topology = Literal["auto", "separate", "colocated"]
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class _Strict(BaseModel):
@@ -68,7 +65,7 @@ class DeploymentOptions(_Strict):
         "model's max_queued_inputs, so that the replica's own input bound decides what is "
         "refused rather than a queue in front of it."
     )
-    num_cpus: float | Literal["all"] = Field(
+    num_cpus: Annotated[float, Field(ge=0)] | Literal["all"] = Field(
         1.0, description="Logical CPUs each replica reserves, or `all`: every CPU of the largest "
         "node (one replica per machine, as `make serve` runs it). The model's torch threads "
         "default to the whole CPUs its replica owns."
@@ -81,30 +78,18 @@ class DeploymentOptions(_Strict):
     health_check_period_s: float = Field(10.0, gt=0, description="Seconds between checks.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="A check slower fails.")
     graceful_shutdown_timeout_s: float = Field(
-        20.0, ge=0, description="Time in-flight requests get to finish on shutdown."
-    )
-
-    @field_validator("num_cpus")
-    @classmethod
-    def _cpus_not_negative(cls, v: float | str) -> float | str:
-        if not isinstance(v, str) and v < 0:
-            raise ValueError("num_cpus must be >= 0 or 'all'")
-        return v
+        20.0, ge=0, description="Time in-flight requests get to finish on shutdown.")
 
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self) -> DeploymentOptions:
-        if (
-            self.autoscaling_config is not None
-            and "num_replicas" in self.model_fields_set
-            and self.num_replicas is not None
-        ):
+        if self.autoscaling_config is not None and self.num_replicas is not None and (
+                "num_replicas" in self.model_fields_set):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
     @property
     def cpus(self) -> float:
-        """The CPUs a replica reserves (``all`` must have been resolved by
-        :meth:`AppConfig.with_node_cpus`)."""
+        """The CPUs a replica reserves (``all`` resolved by :meth:`AppConfig.with_node_cpus`)."""
         if self.num_cpus == "all":
             raise ValueError("num_cpus 'all' is resolved against the cluster by build_app")
         return self.num_cpus
@@ -194,11 +179,14 @@ class ModelConfig(_Strict):
     )
     batching: BatchOptions = Field(default_factory=BatchOptions)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    variants: VariantOptions | None = Field(
+        None, description="Fine-tuned variants of this model, each served under its own name "
+        "by this entry's deployment, loaded on first use (model multiplexing).")
 
     @field_validator("name", "version")
     @classmethod
     def _url_safe(cls, v: str, info: Any) -> str:
-        if not _NAME_RE.match(v):
+        if not NAME_RE.match(v):
             raise ValueError(
                 f"model {info.field_name} must be 1-128 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
@@ -209,6 +197,10 @@ class ModelConfig(_Strict):
     def threads(self) -> int:
         """The torch threads this model's replica runs on (see ``torch_threads``)."""
         return self.torch_threads or max(1, int(self.deployment.cpus))
+
+    @property
+    def variant_names(self) -> list[str]:
+        return list(self.variants.sources) if self.variants else []
 
     @property
     def deployment_name(self) -> str:
@@ -343,6 +335,13 @@ class AppConfig(_Strict):
             marked = [m.version for m in self.models if m.name == name and m.default]
             if len(marked) > 1:
                 raise ValueError(f"model {name!r} has several default versions: {marked}")
+        served = [m.name for m in self.defaults()] + [n for m in self.models
+                                                      for n in m.variant_names]
+        if clash := sorted({n for n in served if served.count(n) > 1}):
+            raise ValueError(f"variant names must differ from every other served name: {clash}")
+        if self.topology == "colocated" and any(m.variants for m in self.models):
+            raise ValueError("variants need their model's own deployment (Serve routes them to "
+                             "the replicas that hold them): use topology separate or auto")
         return self
 
     @property
@@ -355,6 +354,7 @@ class AppConfig(_Strict):
             and not m.deployment.resources  # pinned to nodes: the ingress would follow
             and m.deployment.autoscaling_config is None
             and m.deployment.num_replicas == self.ingress.num_replicas
+            and m.variants is None  # multiplexed routing needs a deployment of their own
             for m in self.models
         )
 

@@ -6,10 +6,13 @@ With ``app.py`` these are the only modules that import Ray.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -21,10 +24,11 @@ from serve_app.context import ServerContext
 from serve_app.dataplane import DataPlane, ModelBackend
 from serve_app.engine import EmbeddingEngine, pick_device, plan_parallelism
 from serve_app.errors import DeadlineExceeded, ModelNotReady, ServeAppError
+from serve_app.family import Family, Residency, Variant, describe
 from serve_app.http import create_http_app, enable_access_log
 from serve_app.metrics import Metrics
 from serve_app.protocols.v2_grpc import GrpcInference
-from serve_app.replica import ModelReplica
+from serve_app.replica import ModelReplica, Pools
 from serve_app.reranker import RerankEngine
 from serve_app.scheduler import Work
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
@@ -51,24 +55,32 @@ def _log_through_serve() -> None:
         ours.propagate = False
 
 
-def serve_model(cfg: ModelConfig) -> ModelReplica:
+def _passes(cfg: ModelConfig) -> tuple[int, int]:
+    """Forward passes at once and torch threads each, for ``cfg``'s replica. Set explicitly:
+    Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress owns the CPUs of
+    every model it holds."""
+    return plan_parallelism(cfg.threads, pick_device(cfg.device), cfg.batching.parallel_passes)
+
+
+def serve_model(cfg: ModelConfig, pools: Pools | None = None, variant: bool = False
+                ) -> ModelReplica:
     """Load and warm up ``cfg``'s model in this replica, logging each step (Serve reports a
     replica ready only after its ``__init__``, so after warm-up), with its requests entering
-    the queue through ``@serve.batch``: the one way into a model in every topology."""
+    the queue through ``@serve.batch``: the one way into a model in every topology. A model
+    with variants shares ``pools`` with them; a ``variant`` warms up on one pass's threads
+    (others may be running) and calibrates on its first int8/uint8 request, not here."""
     t0 = time.perf_counter()
-    # Set explicitly: Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress
-    # owns the CPUs of every model it holds.
     threads = cfg.threads
-    passes, per_pass = plan_parallelism(threads, pick_device(cfg.device),
-                                        cfg.batching.parallel_passes)
+    passes, per_pass = _passes(cfg)
     log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
              cfg.name, cfg.model_id, passes, per_pass)
     engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(cfg, num_threads=per_pass)
     log.info("model %r: warming up", cfg.name)
-    warm = engine.warmup(threads)
+    warm = engine.warmup(per_pass if variant else threads, calibrate=not variant)
     log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
              time.perf_counter() - t0)
-    model = ModelReplica(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads)
+    model = ModelReplica(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads,
+                         pools=pools)
 
     @serve.batch(max_batch_size=cfg.batching.max_batch_size,
                  batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s)
@@ -79,27 +91,78 @@ def serve_model(cfg: ModelConfig) -> ModelReplica:
     return model
 
 
+R = TypeVar("R", EmbedResult, RerankResult)
+
+
 @serve.deployment
 class EmbeddingModel:
     """One model's replica (the separate topology): :func:`serve_model` in ``__init__``, then
     :class:`EmbedRequest` (or, for a reranker, :class:`RerankRequest`) objects in, results
-    out."""
+    out.
+
+    With ``variants``, a request whose multiplexed model id names a variant goes to that
+    variant's model (:class:`serve_app.family.Family`), loaded through ``@serve.multiplexed``,
+    and every answer carries the replica's :class:`serve_app.types.VariantReport`.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         _log_through_serve()
-        self.model = serve_model(cfg)
+        self.family: Family | None = None
+        if cfg.variants is None:
+            self.model = serve_model(cfg)
+            return
+        pools = Pools.of(_passes(cfg)[0])  # the base and its variants share the replica's CPUs
+        self.model = serve_model(cfg, pools)
+        family = self.family = Family(
+            cfg, self.model.engine.info(cfg.name, cfg.version),
+            functools.partial(serve_model, pools=pools, variant=True),
+            serve.get_replica_context().replica_id.unique_id)
+
+        async def load_variant(name: str) -> Variant:
+            return await family.load(name)
+
+        # wired here, not on the class: the most a replica holds comes from the config
+        self._load_variant = serve.multiplexed(
+            max_num_models_per_replica=cfg.variants.max_loaded)(load_variant)
+
+    async def _model(self) -> ModelReplica:
+        """The model a request names: a variant by its multiplexed model id, else the base."""
+        name = serve.get_multiplexed_model_id()
+        if self.family is None or not name:
+            return self.model
+        return await self.family.get(name, self._load_variant)
+
+    async def _reported(self, run: Callable[[ModelReplica], Awaitable[R]]) -> R:
+        """``run`` on the model the request names; its answer, or its error, carries this
+        replica's report of its variants."""
+        if self.family is None:
+            return await run(self.model)
+        try:
+            result = await run(await self._model())
+        except ServeAppError as e:
+            e.variants = self.family.report()
+            raise
+        return dataclasses.replace(result, variants=self.family.report())
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        return await self.model.embed(req)
+        return await self._reported(lambda model: model.embed(req))
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
-        return await self.model.rerank(req)
+        return await self._reported(lambda model: model.rerank(req))
 
     async def info(self) -> ModelInfo:
         return await self.model.info()
 
     async def stats(self) -> dict[str, Any]:
-        return await self.model.stats()
+        """The statistics of the model a request names; a variant this replica does not hold
+        has none (``loaded`` false). A replica with variants adds theirs (``variants``)."""
+        if self.family is None:
+            return await self.model.stats()
+        name = serve.get_multiplexed_model_id()
+        held = self.family.resident.get(name) if name else None
+        model = held.model if held is not None else None if name else self.model
+        own = {} if model is None else await model.stats()
+        return {**own, "loaded": model is not None, "variants": self.family.stats()}
 
 
 def _name(enum: Any) -> str:
@@ -166,10 +229,12 @@ class HandleBackend:
     ``timeout_s``. The wait for an answer also ends at the request's deadline.
     """
 
-    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float) -> None:
+    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
+                 residency: Residency | None = None) -> None:
         self._name = handle.deployment_name
         self._census = census
         self._timeout_s = timeout_s
+        self._residency = residency  # a model with variants: what its answers report
         self._in_flight = 0
         self._embed = handle.options(method_name="embed")
         self._rerank = handle.options(method_name="rerank")
@@ -204,9 +269,15 @@ class HandleBackend:
                                                                            remaining))
         response = method.remote(req)
         try:
-            return await asyncio.wait_for(response, timeout)
+            result = await asyncio.wait_for(response, timeout)
+            if self._residency is not None:
+                self._residency.update(result.variants)
+            return result
         except RayTaskError as e:
-            raise _unwrap(e) from None
+            err = _unwrap(e)
+            if self._residency is not None and isinstance(err, ServeAppError):
+                self._residency.update(err.variants)
+            raise err from None
         except RayActorError:
             raise ModelNotReady(
                 f"the replica of model {req.model!r} was lost during the request; retry"
@@ -234,6 +305,34 @@ class HandleBackend:
         return await self._stats.remote()
 
 
+class VariantBackend(HandleBackend):
+    """A variant of a model deployment's base, seen from the ingress: its calls carry the
+    variant's name as Serve's multiplexed model id, so Serve routes each to a replica that holds
+    the variant (or, when none does, to one that then loads it). While no replica holds it
+    (``residency``), its requests go one at a time: Serve's router learns where the first one
+    loaded it before the others leave, so requests arriving together load it once. Its
+    metadata is the base's (:func:`serve_app.family.describe`): describing it never loads it."""
+
+    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
+                 residency: Residency, base: HandleBackend, name: str, source: str) -> None:
+        super().__init__(handle.options(multiplexed_model_id=name), census, timeout_s,
+                         residency)
+        self._base = base
+        self._variant = (name, source)
+        self._cold = asyncio.Lock()
+
+    async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest) -> Any:
+        assert self._residency is not None
+        if not self._residency.held(req.model):
+            async with self._cold:
+                if not self._residency.held(req.model):
+                    return await super()._call(method, req)
+        return await super()._call(method, req)
+
+    async def info(self) -> ModelInfo:
+        return describe(await self._base.info(), *self._variant)
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress(GrpcInference):
@@ -245,23 +344,36 @@ class Ingress(GrpcInference):
         census = ReplicaCensus(serve.get_replica_context().app_name)
         timeout = cfg.ingress.request_timeout_s
 
+        residency = {m.deployment_name: Residency() for m in cfg.models if m.variants}
+
         def backend(m: ModelConfig) -> ModelBackend:
             if cfg.colocated:  # the model runs here, in this replica
                 return serve_model(m)
-            return HandleBackend(models[m.deployment_name], census, timeout)
+            return HandleBackend(models[m.deployment_name], census, timeout,
+                                 residency.get(m.deployment_name))
 
         defaults = cfg.defaults()
-        backends = {m.name: backend(m) for m in defaults}
-        others = {(m.name, m.version): backend(m) for m in cfg.models if m not in defaults}
+        entries = {(m.name, m.version): backend(m) for m in cfg.models}
+        backends = {m.name: entries[(m.name, m.version)] for m in defaults}
+        others = {key: b for key, b in entries.items() if backends[key[0]] is not b}
+        versions = {m.name: m.version for m in defaults}
+        tasks = {m.name: m.task for m in defaults}
+        for m in cfg.models:  # each variant is a name of its own, served by its entry's replicas
+            base = entries[(m.name, m.version)]
+            for name, source in (m.variants.sources if m.variants else {}).items():
+                assert isinstance(base, HandleBackend)  # variants are never colocated
+                backends[name] = VariantBackend(models[m.deployment_name], census, timeout,
+                                                residency[m.deployment_name], base, name,
+                                                source)
+                versions[name], tasks[name] = m.version, m.task
         accepted = cfg.auth.load_keys()  # read here, in the replica's own environment
         log.info("API keys: %s", f"{len(accepted)} accepted" if accepted else "off")
         if cfg.ingress.access_log:
             enable_access_log()
         self.cfg = cfg
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.dataplane = DataPlane(backends, versions={m.name: m.version for m in defaults},
-                                   others=others, limits=cfg.limits, server_name=cfg.server_name,
-                                   tasks={m.name: m.task for m in defaults})
+        self.dataplane = DataPlane(backends, versions=versions, others=others,
+                                   limits=cfg.limits, server_name=cfg.server_name, tasks=tasks)
         context = ServerContext(Metrics(self.replica), ApiKeys(accepted),
                                 cfg.limits.max_body_bytes)
         super().__init__(self.dataplane, context)

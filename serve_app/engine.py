@@ -95,17 +95,11 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_size: int) -> list
     longer than the budget still gets a pass of its own)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        if current and (len(current) + 1 > max_size or (len(current) + 1) * width > max_tokens):
-            batches.append(current)
-            current = []
-        if not current:
-            width = lengths[i]
-        current.append(i)
-    if current:
-        batches.append(current)
+    for i in order:  # the first of a pass is its widest
+        if not batches or (len(batches[-1]) + 1 > max_size
+                           or (len(batches[-1]) + 1) * lengths[batches[-1][0]] > max_tokens):
+            batches.append([])
+        batches[-1].append(i)
     return batches
 
 
@@ -370,11 +364,10 @@ class EmbeddingEngine(TransformerEngine):
         seqs, _ = self.prepare(inputs, truncate, prompt_name)
         return self.embed_ids(seqs), np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
 
-    def warmup(self, threads: int | None = None) -> float:
+    def warmup(self, threads: int | None = None, calibrate: bool = True) -> float:
         """Run short and full-length batches once so the first request pays no set-up cost,
-        and fix the int8/uint8 ranges on the calibration corpus, embedded as a request naming
-        no prompt is (``SentenceTransformer.encode(corpus)``). ``threads``: torch threads for
-        this, on the calling thread (a replica's whole share: nothing else runs yet)."""
+        and (``calibrate``) :meth:`calibrate`. ``threads``: torch threads for this, on the
+        calling thread (a replica's whole share: nothing else runs yet)."""
         t0 = time.perf_counter()
         before = torch.get_num_threads()
         if threads:
@@ -382,11 +375,17 @@ class EmbeddingEngine(TransformerEngine):
         try:
             self.embed(["warm up"] * min(8, self.max_batch_size))
             self.embed_ids([[self.pad_id] * self.max_length])
-            texts = calibration_texts(self.cfg.calibration_corpus)
-            self.calibration = Calibration(self.embed(texts)[0])
+            if calibrate:
+                self.calibrate()
         finally:
             torch.set_num_threads(before)
         return time.perf_counter() - t0
+
+    def calibrate(self) -> None:
+        """Fix the int8/uint8 ranges on the calibration corpus, embedded as a request naming no
+        prompt is (``SentenceTransformer.encode(corpus)``), on the calling thread's threads."""
+        texts = calibration_texts(self.cfg.calibration_corpus)
+        self.calibration = Calibration(self.embed(texts)[0])
 
     def info(self, name: str, version: str) -> ModelInfo:
         return ModelInfo(

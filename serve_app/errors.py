@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
 class ServeAppError(Exception):
-    """Base of every error a caller may see. ``message`` is safe to show to the caller."""
+    """Base of every error a caller may see. ``message`` is safe to show to the caller.
+    ``variants``: the :class:`serve_app.types.VariantReport` of the model replica that raised
+    it, when that replica serves variants (an answer that is an error reports them too)."""
+
+    variants: Any = None
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
 
-    def __reduce__(self):  # keep ``param`` across Ray's pickling
-        return (type(self), (self.message, self.param))
+    def __reduce__(self):  # keep ``param`` and ``variants`` across Ray's pickling
+        return (type(self), (self.message, self.param), {"variants": self.variants})
 
 
 class InvalidInput(ServeAppError):

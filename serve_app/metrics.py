@@ -14,13 +14,14 @@ from collections.abc import Callable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from serve_app.types import Measured
+from serve_app.types import Measured, VariantReport
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                     10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+_LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 STAGES = ("tokenize", "queue", "inference", "encode")
 
 
@@ -84,6 +85,24 @@ class Metrics:
             "serve_app_priority_inputs", "Inputs this ingress has in flight to each model, by "
             "priority level.", ["replica", "model", "priority"], registry=r,
         )
+        self.variant_loads = Counter(
+            "serve_app_variant_loads", "Variant loads by the model replicas, by variant and "
+            "outcome (loaded, failed).", ["replica", "model", "outcome"], registry=r,
+        )
+        self.variant_load_seconds = Histogram(
+            "serve_app_variant_load_seconds", "Time a model replica took to load a variant "
+            "(read, warm up, check against its base).", ["replica", "model"],
+            buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.variant_evictions = Counter(
+            "serve_app_variant_evictions", "Variants a model replica unloaded to make room "
+            "(least recently used first).", ["replica", "model"], registry=r,
+        )
+        self.variants_resident = Gauge(
+            "serve_app_variants_resident", "Variants each model replica holds, as of its latest "
+            "answer, by base model and model replica.", ["replica", "model", "model_replica"],
+            registry=r,
+        )
         self._queue_depth: Callable[[], Mapping[str, int]] = dict
         self._level_depth: Callable[[], Mapping[tuple[str, int], int]] = dict
 
@@ -92,8 +111,11 @@ class Metrics:
         self.requests.labels(self.replica, protocol, route, method, str(status)).inc()
         self.latency.labels(self.replica, protocol, route).observe(seconds)
 
-    def observe_error(self, protocol: str, kind: str) -> None:
+    def observe_error(self, protocol: str, kind: str, variants: VariantReport | None = None
+                      ) -> None:
         self.errors.labels(self.replica, protocol, kind).inc()
+        if variants is not None:
+            self.observe_variants(variants)
 
     def observe_embedding(self, model: str, protocol: str, result: Measured,
                           level: int = 1) -> None:
@@ -108,6 +130,17 @@ class Metrics:
         for inputs, tokens in result.passes:
             self.batch_inputs.labels(self.replica, model).observe(inputs)
             self.batch_tokens.labels(self.replica, model).observe(tokens)
+        if result.variants is not None:
+            self.observe_variants(result.variants)
+
+    def observe_variants(self, report: VariantReport) -> None:
+        for name, seconds, ok in report.loads:
+            self.variant_loads.labels(self.replica, name, "loaded" if ok else "failed").inc()
+            self.variant_load_seconds.labels(self.replica, name).observe(seconds)
+        for name in report.evictions:
+            self.variant_evictions.labels(self.replica, name).inc()
+        self.variants_resident.labels(self.replica, report.family, report.replica).set(
+            len(report.resident))
 
     def observe_encode(self, model: str, seconds: float) -> None:
         self.stage.labels(self.replica, model, "encode").observe(seconds)

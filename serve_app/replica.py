@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from serve_app.dataplane import wrong_task
 from serve_app.engine import EmbeddingEngine, plan_parallelism
 from serve_app.errors import InvalidInput, Overloaded
-from serve_app.quantize import reduce_dimensions
+from serve_app.quantize import Calibration, quantize, reduce_dimensions
 from serve_app.reranker import RerankEngine
 from serve_app.scheduler import BatchQueue, Work
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
@@ -35,6 +36,21 @@ Enter = Callable[[Work], Awaitable[Any]]
 Prepare = Callable[[], tuple[list[list[int]], int]]
 
 
+@dataclass(frozen=True)
+class Pools:
+    """Threads the models of one replica share (a model and its variants): ``forward`` runs
+    their forward passes, at most its thread count at once among them, and ``tokenize`` their
+    long requests' tokenizing."""
+
+    forward: ThreadPoolExecutor
+    tokenize: ThreadPoolExecutor
+
+    @classmethod
+    def of(cls, passes: int) -> Pools:
+        return cls(ThreadPoolExecutor(passes, thread_name_prefix="forward"),
+                   ThreadPoolExecutor(2, thread_name_prefix="tokenize"))
+
+
 class ModelReplica:
     """Embeds :class:`EmbedRequest` objects with an :class:`EmbeddingEngine`, or scores
     :class:`RerankRequest` objects with a :class:`RerankEngine`.
@@ -44,13 +60,16 @@ class ModelReplica:
     replica's one admission bound. Short requests (``inline_chars``) are tokenized on the event
     loop, others on a small thread pool. ``passes`` forward passes run at once, sharing
     ``threads`` torch threads; a pass alone runs on all of them (``solo``). Each special case
-    won a same-run A/B (docs/benchmarks.md). Vectors are cut to ``dimensions`` and encoded
-    (:mod:`serve_app.quantize`) here, so compact encodings cross to the ingress compact.
+    won a same-run A/B (docs/benchmarks.md). With shared ``pools`` (the models of one replica)
+    no pass runs alone, so none takes every thread. Vectors are cut to ``dimensions`` and
+    encoded (:mod:`serve_app.quantize`) here, so compact encodings cross to the ingress compact;
+    a model not calibrated at warm-up (a variant) calibrates on its first int8/uint8 request.
     """
 
     def __init__(self, engine: EmbeddingEngine | RerankEngine, name: str, version: str = "1",
                  max_queued_inputs: int = 4096, passes: int = 1, threads: int = 1,
-                 solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS) -> None:
+                 solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS,
+                 pools: Pools | None = None) -> None:
         self.engine = engine
         self.limit = max_queued_inputs
         self.held = 0
@@ -59,9 +78,13 @@ class ModelReplica:
         _, share = plan_parallelism(threads, engine.device, passes)
         compute = functools.partial(engine.forward, threads=share)
         whole = functools.partial(engine.forward, threads=threads)
+        own = pools is None
+        pools = pools or Pools.of(passes)
         self.queue = BatchQueue(compute, engine.max_batch_size, engine.max_batch_tokens, passes,
-                                solo=whole if solo and threads > share else None)
-        self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
+                                solo=whole if own and solo and threads > share else None,
+                                executor=pools.forward)
+        self._tokenize_pool = pools.tokenize
+        self._calibrating = asyncio.Lock()
         self._info = engine.info(name, version)
         self._enter: Enter = self._put
 
@@ -127,11 +150,20 @@ class ModelReplica:
                                                 req.deadline, req.level)
         if req.dimensions is not None and req.dimensions != engine.dim:
             vectors = reduce_dimensions(vectors, req.dimensions)
-        if req.encoding != "float":
-            if engine.calibration is None:
-                raise InvalidInput(f"model {req.model!r} was not calibrated for {req.encoding}")
-            vectors = engine.calibration.encode(vectors, req.encoding)
+        if req.encoding in ("int8", "uint8"):
+            calibration = engine.calibration or await self._calibrate(engine)
+            vectors = calibration.encode(vectors, req.encoding)
+        elif req.encoding != "float":
+            vectors = quantize(vectors, req.encoding)
         return EmbedResult(embeddings=vectors, **measured)
+
+    async def _calibrate(self, engine: EmbeddingEngine) -> Calibration:
+        """Calibrate once, however many requests ask at once, off the event loop."""
+        async with self._calibrating:
+            if engine.calibration is None:
+                await asyncio.to_thread(engine.calibrate)
+        assert engine.calibration is not None
+        return engine.calibration
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
         engine = self.engine

@@ -143,11 +143,13 @@ class BatchQueue:
     cores) for a pass of one text, unless they are of a higher level than every running pass.
     Passes starting at the same moment split the waiting texts between them. ``solo``, when
     given, computes a pass that is alone (nothing else runs or waits); no other pass starts
-    until it ends, so it may use every thread of the replica.
+    until it ends, so it may use every thread of the replica. ``executor``: the threads passes
+    run on, when several queues of one replica (a model's variants) share ``passes`` threads.
     """
 
     def __init__(self, compute: Compute, max_batch_size: int, max_batch_tokens: int,
-                 passes: int = 1, solo: Compute | None = None) -> None:
+                 passes: int = 1, solo: Compute | None = None,
+                 executor: ThreadPoolExecutor | None = None) -> None:
         self._compute = compute
         self._solo = solo
         self._max_size = max_batch_size
@@ -162,7 +164,7 @@ class BatchQueue:
         self._running: collections.Counter[int] = collections.Counter()  # passes by level
         self._passed_over = 0  # passes of a higher level formed while a lower one waited
         self._solo_running = False
-        self._executor = ThreadPoolExecutor(passes, thread_name_prefix="forward")
+        self._executor = executor or ThreadPoolExecutor(passes, thread_name_prefix="forward")
         self.stats = BatchStats()
         self._unreported: list[tuple[int, int]] = []
 

@@ -130,6 +130,20 @@ class RerankRequest(_Request):
 
 
 
+@dataclass(frozen=True, slots=True)
+class VariantReport:
+    """What a replica serving variants (:mod:`serve_app.family`) did since its previous report:
+    ``loads`` as (variant, seconds, loaded or failed), ``evictions`` (variants unloaded), and
+    the variants it holds now, ``resident``. ``family`` is the entry's base model name,
+    ``replica`` the model replica's id."""
+
+    family: str
+    replica: str
+    resident: tuple[str, ...] = ()
+    loads: tuple[tuple[str, float, bool], ...] = ()
+    evictions: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Measured:
     """What the replica measured for one answer. ``token_counts``: int64 ``[n]``, the tokens
@@ -137,7 +151,8 @@ class Measured:
     prompt included; ``truncated`` inputs; seconds spent tokenizing, waiting for a forward pass
     (``queue_s``) and in forward passes (``inference_s``); and ``passes``, the forward passes
     the replica finished since its previous answer as (inputs, tokens) pairs, so every pass is
-    reported exactly once, whichever answer carries it."""
+    reported exactly once, whichever answer carries it; the same for ``variants``, from a
+    replica that serves variants."""
 
     token_counts: np.ndarray
     truncated: int = 0
@@ -145,6 +160,7 @@ class Measured:
     queue_s: float = 0.0
     inference_s: float = 0.0
     passes: tuple[tuple[int, int], ...] = ()
+    variants: VariantReport | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -186,6 +202,8 @@ class ModelInfo:
     #: on :attr:`calibration_texts` texts of the calibration corpus; None for rerankers
     int8_ranges: np.ndarray | None = None
     calibration_texts: int = 0
+    #: a variant's base model (the entry that serves it); None for a model of its own
+    variant_of: str | None = None
 
     def prompt_names(self) -> list[str]:
         return [n for n, _ in self.prompts]

@@ -225,3 +225,35 @@ def scrape(text: str) -> dict[tuple[str, frozenset], float]:
 
 def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+#: Files of a checkpoint that hold its weights or their config: what a variant writes anew.
+_WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "config.json"}
+
+
+def make_variants(base: Path, out: Path, names: list[str], scale: float = 0.05) -> dict[str, Path]:
+    """Stand-ins for checkpoints fine-tuned from ``base`` (a sentence-transformers directory),
+    one sub-directory of ``out`` per name: ``base``'s files linked, its weights each moved by
+    seeded noise of ``scale`` times the weight's spread, so every variant embeds differently
+    while keeping the base's width, tokenizer, pooling and prompts."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(base)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    made = {}
+    for i, name in enumerate(names):
+        d = out / name
+        d.mkdir(parents=True)
+        for f in base.iterdir():
+            if f.name not in _WEIGHT_FILES:
+                (d / f.name).symlink_to(f)
+        noise = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for k, w in model.state_dict().items():
+                if w.is_floating_point() and w.numel() > 1:
+                    spread = original[k].std()
+                    w.copy_(original[k] + torch.randn(w.shape, generator=noise) * scale * spread)
+        model.save_pretrained(d)
+        made[name] = d
+    return made

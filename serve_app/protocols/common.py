@@ -306,8 +306,8 @@ def error_route_class(render: Renderer) -> type[APIRoute]:
                 except Exception:
                     log.exception("unexpected error on %s %s", request.method, request.url.path)
                     err = InferenceFailed("internal server error")
-                context_of(request).metrics.observe_error(protocol_of(request.url.path),
-                                                          type(err).__name__)
+                context_of(request).metrics.observe_error(
+                    protocol_of(request.url.path), type(err).__name__, err.variants)
                 return render(err)
 
             return handle

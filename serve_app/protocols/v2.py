@@ -194,8 +194,8 @@ async def statistics(name: str, request: Request, version: str | None = None) ->
         "model_stats": [{
             "name": name,
             "version": version or dp.version(name),
-            "inference_count": s["texts"],
-            "execution_count": s["passes"],
+            "inference_count": s.get("texts", 0),
+            "execution_count": s.get("passes", 0),
             # serve_app's own: inputs dropped unrun (caller gone, deadline passed), requests
             # refused at the queue bound, inputs held now
             "dropped": s.get("dropped", 0),
@@ -206,8 +206,11 @@ async def statistics(name: str, request: Request, version: str | None = None) ->
             "batch_stats": [
                 {"batch_size": b["batch_size"], "compute_infer": {"count": b["count"],
                                                                   "ns": b["ns"]}}
-                for b in s["batches"]
+                for b in s.get("batches", [])
             ],
+            # a model with variants: whether the replica that answered holds the one named
+            # (a variant it does not hold has no passes there), and its variants' loads
+            **{k: s[k] for k in ("loaded", "variants") if k in s},
         }]
     })
 

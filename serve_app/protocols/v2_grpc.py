@@ -161,7 +161,7 @@ class GrpcInference:
             return await call()
         except ServeAppError as e:
             status = grpc_status(e)
-            metrics.observe_error(PROTOCOL, type(e).__name__)
+            metrics.observe_error(PROTOCOL, type(e).__name__, e.variants)
             grpc_context.set_code(status)
             grpc_context.set_details(e.message)
         except Exception:
