@@ -29,6 +29,7 @@ from serve_app.config import (
 )
 from serve_app.launch import IMPORT_PATH
 from serve_app.types import Task
+from serve_app.variants import VariantOptions
 
 #: KServe's --task values served here, and the model task each means
 SUPPORTED_TASKS: dict[str, Task] = {"text_embedding": "embedding", "rerank": "rerank"}
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs per model replica (default: all CPUs Ray sees).")
     p.add_argument("--num_gpus", type=float, default=None,
                    help="GPUs per model replica (default: 1 when CUDA is present, else 0).")
+    p.add_argument("--variants_dir", default=None,
+                   help="Checkpoints fine-tuned from the model, one sub-directory each: each is "
+                   "served under the sub-directory's name, loaded on first use.")
+    p.add_argument("--max_loaded_variants", type=int, default=4,
+                   help="Variants one model replica holds at once (least recently used go).")
     p.add_argument("--max_batch_size", type=int, default=BatchOptions().max_batch_size)
     p.add_argument("--batch_wait_timeout_s", type=float,
                    default=BatchOptions().batch_wait_timeout_s)
@@ -150,6 +156,8 @@ def config_from_args(
             deployment=DeploymentOptions(
                 num_replicas=args.num_replicas, num_cpus=num_cpus, num_gpus=num_gpus
             ),
+            variants=None if args.variants_dir is None else VariantOptions(
+                directory=args.variants_dir, max_loaded=args.max_loaded_variants),
         )
         cfg = AppConfig(
             models=[model],

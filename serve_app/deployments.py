@@ -67,18 +67,20 @@ def serve_model(cfg: ModelConfig, pools: Pools | None = None, variant: bool = Fa
     """Load and warm up ``cfg``'s model in this replica, logging each step (Serve reports a
     replica ready only after its ``__init__``, so after warm-up), with its requests entering
     the queue through ``@serve.batch``: the one way into a model in every topology. A model
-    with variants shares ``pools`` with them; a ``variant`` warms up on one pass's threads
-    (others may be running) and calibrates on its first int8/uint8 request, not here."""
+    with variants shares ``pools`` with them. A ``variant`` skips the warm-up (its base warmed
+    this process's kernels already: a warm-up would double its load time to spare its first
+    request a few ms) and calibrates on its first int8/uint8 request."""
     t0 = time.perf_counter()
     threads = cfg.threads
     passes, per_pass = _passes(cfg)
     log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
              cfg.name, cfg.model_id, passes, per_pass)
     engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(cfg, num_threads=per_pass)
-    log.info("model %r: warming up", cfg.name)
-    warm = engine.warmup(per_pass if variant else threads, calibrate=not variant)
-    log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
-             time.perf_counter() - t0)
+    if not variant:
+        log.info("model %r: warming up", cfg.name)
+        warm = engine.warmup(threads)
+        log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
+                 time.perf_counter() - t0)
     model = ModelReplica(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads,
                          pools=pools)
 

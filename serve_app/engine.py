@@ -364,10 +364,10 @@ class EmbeddingEngine(TransformerEngine):
         seqs, _ = self.prepare(inputs, truncate, prompt_name)
         return self.embed_ids(seqs), np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
 
-    def warmup(self, threads: int | None = None, calibrate: bool = True) -> float:
+    def warmup(self, threads: int | None = None) -> float:
         """Run short and full-length batches once so the first request pays no set-up cost,
-        and (``calibrate``) :meth:`calibrate`. ``threads``: torch threads for this, on the
-        calling thread (a replica's whole share: nothing else runs yet)."""
+        and :meth:`calibrate`. ``threads``: torch threads for this, on the calling thread (a
+        replica's whole share: nothing else runs yet)."""
         t0 = time.perf_counter()
         before = torch.get_num_threads()
         if threads:
@@ -375,8 +375,7 @@ class EmbeddingEngine(TransformerEngine):
         try:
             self.embed(["warm up"] * min(8, self.max_batch_size))
             self.embed_ids([[self.pad_id] * self.max_length])
-            if calibrate:
-                self.calibrate()
+            self.calibrate()
         finally:
             torch.set_num_threads(before)
         return time.perf_counter() - t0

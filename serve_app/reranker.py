@@ -110,10 +110,9 @@ class RerankEngine(TransformerEngine):
         pairs, _ = self.tokenize(query, documents)
         return self.scores(self.forward(pairs), raw)
 
-    def warmup(self, threads: int | None = None, calibrate: bool = False) -> float:
+    def warmup(self, threads: int | None = None) -> float:
         """Run a short and a full-length pass once so the first request pays no set-up cost,
-        on ``threads`` torch threads (as :meth:`serve_app.engine.EmbeddingEngine.warmup`;
-        scores have no int8 ranges to ``calibrate``)."""
+        on ``threads`` torch threads (as :meth:`serve_app.engine.EmbeddingEngine.warmup`)."""
         t0 = time.perf_counter()
         self.rerank("warm up", ["warm up"] * min(8, self.max_batch_size))
         self.forward([PairIds([self.pad_id] * self.max_length, self.max_length // 2)], threads)

@@ -42,6 +42,21 @@ def test_task_rerank_serves_a_reranker():
     assert config_from_args(KSERVE_ARGS)[0].models[0].task == "embedding"
 
 
+def test_variants_dir_serves_each_checkpoint_under_its_name(tmp_path):
+    for name in ("support", "legal"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    cfg, args = config_from_args([*KSERVE_ARGS, "--variants_dir", str(tmp_path),
+                                  "--max_loaded_variants", "2"])
+    variants = cfg.models[0].variants
+    assert variants is not None and variants.max_loaded == 2
+    assert list(variants.sources) == ["legal", "support"]
+    again = AppConfig.model_validate(kserve_deploy(cfg, args)["applications"][0]["args"])
+    assert again.models[0].variant_names == ["legal", "support"] and not again.colocated
+    with pytest.raises(SystemExit):
+        config_from_args([*KSERVE_ARGS, "--variants_dir", str(tmp_path / "none")])
+
+
 def test_gpu_node_gets_a_gpu_replica():
     cfg, _ = config_from_args(KSERVE_ARGS, cpus=8, gpus=1)
     assert cfg.models[0].deployment.num_gpus == 1

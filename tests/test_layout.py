@@ -36,7 +36,8 @@ def test_no_protocol_adapter_imports_another(adapter):
 
 @pytest.mark.parametrize("module", ["serve_app.protocols.v2_grpc", "serve_app.dataplane",
                                     "serve_app.replica", "serve_app.scheduler",
-                                    "serve_app.engine"])
+                                    "serve_app.engine", "serve_app.family",
+                                    "serve_app.variants"])
 def test_core_modules_load_without_ray_or_an_http_framework(module):
     code = (f"import sys, {module}; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'fastapi', "
