@@ -28,7 +28,7 @@ from serve_app.family import Family, Residency, Variant, describe
 from serve_app.http import create_http_app, enable_access_log
 from serve_app.metrics import Metrics
 from serve_app.protocols.v2_grpc import GrpcInference
-from serve_app.replica import ModelReplica, Pools
+from serve_app.replica import ModelReplica, Shared
 from serve_app.reranker import RerankEngine
 from serve_app.scheduler import Work
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
@@ -62,14 +62,15 @@ def _passes(cfg: ModelConfig) -> tuple[int, int]:
     return plan_parallelism(cfg.threads, pick_device(cfg.device), cfg.batching.parallel_passes)
 
 
-def serve_model(cfg: ModelConfig, pools: Pools | None = None, variant: bool = False
+def serve_model(cfg: ModelConfig, shared: Shared | None = None, variant: bool = False
                 ) -> ModelReplica:
     """Load and warm up ``cfg``'s model in this replica, logging each step (Serve reports a
     replica ready only after its ``__init__``, so after warm-up), with its requests entering
     the queue through ``@serve.batch``: the one way into a model in every topology. A model
-    with variants shares ``pools`` with them. A ``variant`` skips the warm-up (its base warmed
-    this process's kernels already: a warm-up would double its load time to spare its first
-    request a few ms) and calibrates on its first int8/uint8 request."""
+    with variants shares its threads and input bound with them (``shared``). A ``variant``
+    skips the warm-up (its base warmed this process's kernels already: a warm-up would double
+    its load time to spare its first request a few ms) and calibrates on its first int8/uint8
+    request."""
     t0 = time.perf_counter()
     threads = cfg.threads
     passes, per_pass = _passes(cfg)
@@ -82,7 +83,7 @@ def serve_model(cfg: ModelConfig, pools: Pools | None = None, variant: bool = Fa
         log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
                  time.perf_counter() - t0)
     model = ModelReplica(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads,
-                         pools=pools)
+                         shared=shared)
 
     @serve.batch(max_batch_size=cfg.batching.max_batch_size,
                  batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s)
@@ -113,11 +114,12 @@ class EmbeddingModel:
         if cfg.variants is None:
             self.model = serve_model(cfg)
             return
-        pools = Pools.of(_passes(cfg)[0])  # the base and its variants share the replica's CPUs
-        self.model = serve_model(cfg, pools)
+        # the base and its variants share the replica's CPUs and its one input bound
+        shared = Shared.of(_passes(cfg)[0], cfg.max_queued_inputs)
+        self.model = serve_model(cfg, shared)
         family = self.family = Family(
             cfg, self.model.engine.info(cfg.name, cfg.version),
-            functools.partial(serve_model, pools=pools, variant=True),
+            functools.partial(serve_model, shared=shared, variant=True),
             serve.get_replica_context().replica_id.unique_id)
 
         async def load_variant(name: str) -> Variant:

@@ -36,19 +36,31 @@ Enter = Callable[[Work], Awaitable[Any]]
 Prepare = Callable[[], tuple[list[list[int]], int]]
 
 
+@dataclass
+class Admission:
+    """The inputs a replica holds (tokenizing, queued, in a pass) against its bound, ``limit``,
+    and the requests it refused."""
+
+    limit: int
+    held: int = 0
+    refused: int = 0
+
+
 @dataclass(frozen=True)
-class Pools:
-    """Threads the models of one replica share (a model and its variants): ``forward`` runs
-    their forward passes, at most its thread count at once among them, and ``tokenize`` their
-    long requests' tokenizing."""
+class Shared:
+    """What the models of one replica share (a model and its variants): ``forward`` runs their
+    forward passes, at most its thread count at once among them; ``tokenize`` tokenizes their
+    long requests; ``admission`` is the replica's one input bound, whichever model holds them."""
 
     forward: ThreadPoolExecutor
     tokenize: ThreadPoolExecutor
+    admission: Admission
 
     @classmethod
-    def of(cls, passes: int) -> Pools:
+    def of(cls, passes: int, max_queued_inputs: int) -> Shared:
         return cls(ThreadPoolExecutor(passes, thread_name_prefix="forward"),
-                   ThreadPoolExecutor(2, thread_name_prefix="tokenize"))
+                   ThreadPoolExecutor(2, thread_name_prefix="tokenize"),
+                   Admission(max_queued_inputs))
 
 
 class ModelReplica:
@@ -60,30 +72,30 @@ class ModelReplica:
     replica's one admission bound. Short requests (``inline_chars``) are tokenized on the event
     loop, others on a small thread pool. ``passes`` forward passes run at once, sharing
     ``threads`` torch threads; a pass alone runs on all of them (``solo``). Each special case
-    won a same-run A/B (docs/benchmarks.md). With shared ``pools`` (the models of one replica)
-    no pass runs alone, so none takes every thread. Vectors are cut to ``dimensions`` and
-    encoded (:mod:`serve_app.quantize`) here, so compact encodings cross to the ingress compact;
-    a model not calibrated at warm-up (a variant) calibrates on its first int8/uint8 request.
+    won a same-run A/B (docs/benchmarks.md). With ``shared`` threads and bound (the models of
+    one replica) no pass runs alone, so none takes every thread. Vectors are cut to
+    ``dimensions`` and encoded (:mod:`serve_app.quantize`) here, so compact encodings cross to
+    the ingress compact; a model not calibrated at warm-up (a variant) calibrates on its first
+    int8/uint8 request.
     """
 
     def __init__(self, engine: EmbeddingEngine | RerankEngine, name: str, version: str = "1",
                  max_queued_inputs: int = 4096, passes: int = 1, threads: int = 1,
                  solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS,
-                 pools: Pools | None = None) -> None:
+                 shared: Shared | None = None) -> None:
         self.engine = engine
-        self.limit = max_queued_inputs
-        self.held = 0
-        self.refused = 0
         self._inline = inline_chars
         _, share = plan_parallelism(threads, engine.device, passes)
         compute = functools.partial(engine.forward, threads=share)
         whole = functools.partial(engine.forward, threads=threads)
-        own = pools is None
-        pools = pools or Pools.of(passes)
+        own = shared is None
+        shared = shared or Shared.of(passes, max_queued_inputs)
         self.queue = BatchQueue(compute, engine.max_batch_size, engine.max_batch_tokens, passes,
                                 solo=whole if own and solo and threads > share else None,
-                                executor=pools.forward)
-        self._tokenize_pool = pools.tokenize
+                                executor=shared.forward)
+        self._tokenize_pool = shared.tokenize
+        self.admission = shared.admission
+        self._held = 0  # this model's part of admission.held
         self._calibrating = asyncio.Lock()
         self._info = engine.info(name, version)
         self._enter: Enter = self._put
@@ -105,17 +117,20 @@ class ModelReplica:
     def _admit(self, model: str, n: int) -> Iterator[None]:
         if not n:  # the data plane refuses these; here a Work of no texts would never resolve
             raise InvalidInput("input must not be empty", param="input")
-        if self.held + n > self.limit:
-            self.refused += 1
+        a = self.admission
+        if a.held + n > a.limit:
+            a.refused += 1
             raise Overloaded(
-                f"model {model!r} is at its queue limit ({self.held} of {self.limit} inputs "
+                f"model {model!r} is at its queue limit ({a.held} of {a.limit} inputs "
                 "held); retry after a short wait"
             )
-        self.held += n
+        a.held += n
+        self._held += n
         try:
             yield
         finally:
-            self.held -= n
+            a.held -= n
+            self._held -= n
 
     async def _run(self, prepare: Prepare, chars: int, deadline: float | None, level: int
                    ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -182,9 +197,9 @@ class ModelReplica:
         return True
 
     def queued_inputs(self) -> int:
-        return self.held
+        return self._held
 
     async def stats(self) -> dict[str, Any]:
         """What ``/v2/models/{name}/stats`` reports of this replica."""
-        return {**self.queue.stats.as_dict(), "refused": self.refused,
-                "queued_inputs": self.held, "queued_by_priority": self.queue.queued_by_level()}
+        return {**self.queue.stats.as_dict(), "refused": self.admission.refused,
+                "queued_inputs": self._held, "queued_by_priority": self.queue.queued_by_level()}

@@ -316,7 +316,7 @@ def test_replica_refuses_past_its_input_bound_at_once_and_recovers(engine):
         gate.release(2)
         await held
         await fits
-        assert model.queued_inputs() == 0 and model.refused == 1
+        assert model.queued_inputs() == 0 and model.admission.refused == 1
         gate.release()
         again = await model.embed(EmbedRequest(model="m", inputs=("b",) * 30))
         assert again.embeddings.shape == (30, 2)

@@ -19,12 +19,13 @@ from sentence_transformers.util import quantize_embeddings
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine import EmbeddingEngine
-from serve_app.errors import ModelNotFound, ModelNotReady
+from serve_app.errors import ModelNotFound, ModelNotReady, Overloaded
 from serve_app.family import Family, Residency, Variant, describe, differences
 from serve_app.metrics import Metrics
-from serve_app.replica import ModelReplica, Pools
+from serve_app.replica import ModelReplica, Shared
+from serve_app.reranker import RerankEngine
 from serve_app.scheduler import BatchQueue, Work
-from serve_app.types import EmbedRequest, VariantReport
+from serve_app.types import EmbedRequest, RerankRequest, VariantReport
 from serve_app.variants import VariantOptions
 from tests.helpers import TEXTS, make_variants, sample, scrape
 
@@ -96,14 +97,14 @@ def _family(checkpoints, load_timeout_s: float = 30.0) -> tuple[Family, ModelRep
     cfg = ModelConfig(calibration_corpus=str(checkpoints["corpus"]), variants={
         "directory": str(checkpoints["dir"]), "load_timeout_s": load_timeout_s,
         "models": [str(checkpoints["cls-pooled"]), "/no/such/checkpoint"]})
-    pools = Pools.of(1)
+    shared = Shared.of(1, 4096)
     engine = EmbeddingEngine(cfg, num_threads=1)
     engine.warmup(1)
-    base = ModelReplica(engine, cfg.name, pools=pools)
+    base = ModelReplica(engine, cfg.name, shared=shared)
 
     def build(variant: ModelConfig) -> ModelReplica:
         engine = EmbeddingEngine(variant, num_threads=1)
-        return ModelReplica(engine, variant.name, variant.version, pools=pools)
+        return ModelReplica(engine, variant.name, variant.version, shared=shared)
 
     return Family(cfg, base.engine.info(cfg.name, cfg.version), build, "replica-1"), base
 
@@ -257,3 +258,51 @@ def test_variant_metrics_from_answers_and_errors():
     assert sample(s, "serve_app_variant_evictions_total", model="c") == 1
     assert sample(s, "serve_app_variants_resident", model="base", model_replica="r1") == 1
     assert sample(s, "serve_app_variants_resident", model="base", model_replica="r2") == 0
+
+
+def test_a_replica_holds_one_input_bound_for_its_base_and_variants(engine):
+    shared = Shared.of(1, 5)
+    base, variant = (ModelReplica(engine, name, shared=shared) for name in ("base", "variant"))
+    with base._admit("base", 4):
+        with pytest.raises(Overloaded, match="4 of 5 inputs held"), variant._admit("variant", 2):
+            pass
+        with variant._admit("variant", 1):
+            assert (base.queued_inputs(), variant.queued_inputs()) == (4, 1)
+    assert shared.admission.held == 0 and shared.admission.refused == 1
+
+
+def test_a_rerankers_variants_score_as_their_own_checkpoints(cross_encoder, tmp_path):
+    import torch
+    import transformers
+    from sentence_transformers import CrossEncoder
+
+    base_dir = cross_encoder()
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+    variant_dir = tmp_path / "ranker-ft"
+    model.save_pretrained(variant_dir)
+    for f in base_dir.iterdir():
+        if not (variant_dir / f.name).exists():
+            (variant_dir / f.name).symlink_to(f)
+    cfg = ModelConfig(name="ranker", model_id=str(base_dir), task="rerank",
+                      variants={"models": [str(variant_dir)]})
+    shared = Shared.of(1, 4096)
+    base = ModelReplica(RerankEngine(cfg, num_threads=1), "ranker", shared=shared)
+
+    def build(variant: ModelConfig) -> ModelReplica:
+        return ModelReplica(RerankEngine(variant, num_threads=1), variant.name, shared=shared)
+
+    family = Family(cfg, base.engine.info("ranker", "1"), build)
+    docs = ("cats eat meat", "stocks fell")
+
+    async def go():
+        variant = await family.load("ranker-ft")
+        return await variant.model.rerank(RerankRequest("ranker-ft", "what do cats eat", docs))
+
+    scores = asyncio.run(go()).scores
+    want = CrossEncoder(str(variant_dir), device="cpu").predict(
+        [("what do cats eat", d) for d in docs])
+    np.testing.assert_allclose(scores, want, atol=1e-5)
+    assert describe(family.base, "ranker-ft", str(variant_dir)).task == "rerank"
