@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from serve_app.client_transport import PROTOCOLS, ClientError, Retryable, Transport, transport
+from serve_app.types import BULK_PRIORITY
 
 # -- reading texts -----------------------------------------------------------------------------
 
@@ -93,11 +94,6 @@ class Progress:
     @property
     def per_second(self) -> float:
         return self.inputs / self.seconds if self.seconds else 0.0
-
-
-#: The level bulk batches wait at by default: below interactive requests (level 1, the
-#: default), so a running job never delays search (0 sends none).
-BULK_PRIORITY = 10
 
 
 class EmbeddingClient:

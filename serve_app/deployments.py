@@ -163,8 +163,10 @@ class EmbeddingModel:
         if self.family is None:
             return await self.model.stats()
         name = serve.get_multiplexed_model_id()
-        held = self.family.resident.get(name) if name else None
-        model = held.model if held is not None else None if name else self.model
+        model: ModelReplica | None = self.model
+        if name:  # a variant: its statistics only where it is held
+            held = self.family.resident.get(name)
+            model = None if held is None else held.model
         own = {} if model is None else await model.stats()
         return {**own, "loaded": model is not None, "variants": self.family.stats()}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +27,19 @@ import yaml
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.env import ray_address
+from serve_app.errors import InvalidInput
 from serve_app.launch import IMPORT_PATH
+from serve_app.types import BULK_PRIORITY
+from serve_app.types import priority as priority_level
+
+
+def niceness(level: int) -> int:
+    """The CPU niceness the job's workers take at priority ``level`` (1 the highest, 0 the
+    default): ``level - 1``, at most 19. The job runs its own engine, so it never waits in a
+    server's queue; on nodes it shares with the server's replicas, the kernel then runs the
+    replicas' threads first (the bulk client's requests wait below queries in the queue
+    instead)."""
+    return min(19, max(0, level - 1))
 
 
 def model_from_serve_config(path: str | Path, model: str | None = None,
@@ -50,11 +63,15 @@ def model_from_serve_config(path: str | Path, model: str | None = None,
 
 
 class EmbedBatch:
-    """A Ray Data worker: loads the engine once, then embeds one Arrow batch at a time."""
+    """A Ray Data worker: loads the engine once, then embeds one Arrow batch at a time, at the
+    CPU niceness of its ``priority`` level."""
 
     def __init__(self, cfg: ModelConfig, column: str, threads: int | None = None,
-                 prompt_name: str | None = None) -> None:
+                 prompt_name: str | None = None, priority: int = 0) -> None:
         from serve_app.engine import EmbeddingEngine
+
+        if niceness(priority):
+            os.nice(niceness(priority))  # this worker process's own, for the job's lifetime
 
         self.engine = EmbeddingEngine(cfg, num_threads=threads)
         self.column = column
@@ -109,10 +126,12 @@ def read_dataset(source: str, column: str) -> Any:
 def embed_dataset(source: str, output: str, cfg: ModelConfig, column: str = "text",
                   workers: int | None = None, batch_size: int = 256,
                   num_cpus: float | None = None, num_gpus: float | None = None,
-                  prompt_name: str | None = None) -> dict[str, Any]:
+                  prompt_name: str | None = None, priority: int = BULK_PRIORITY
+                  ) -> dict[str, Any]:
     """Run the job on the connected Ray cluster; returns what it did. ``prompt_name``: the
     model's prompt for these texts (``document`` when indexing a corpus for an asymmetric
-    model), else its default prompt."""
+    model), else its default prompt. ``priority``: the level its workers run at
+    (:func:`niceness`)."""
     import ray
     import ray.data
 
@@ -131,7 +150,7 @@ def embed_dataset(source: str, output: str, cfg: ModelConfig, column: str = "tex
     threads = max(1, int(cpus)) if cpus else None
     t0 = time.perf_counter()
     ds = read_dataset(source, column).map_batches(
-        EmbedBatch, fn_constructor_args=(cfg, column, threads, prompt_name),
+        EmbedBatch, fn_constructor_args=(cfg, column, threads, prompt_name, priority),
         batch_size=batch_size,
         batch_format="pyarrow", concurrency=workers, num_cpus=cpus, num_gpus=gpus,
     )
@@ -161,6 +180,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-name", default=None,
                    help="the model's prompt for these texts (config_sentence_transformers.json), "
                         "e.g. document when indexing a corpus; default: the model's default")
+    p.add_argument("--priority", type=int, default=BULK_PRIORITY,
+                   help="priority level of the job (1 the highest, 0 none): its workers run at "
+                        f"CPU niceness level - 1, so on nodes shared with a server's replicas "
+                        f"the replicas come first (default: {BULK_PRIORITY})")
     return p
 
 
@@ -170,14 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = model_from_serve_config(args.config, args.model, args.version, args.app)
-    except (OSError, ValueError) as e:
+        level = priority_level(args.priority, "--priority")
+    except (OSError, ValueError, InvalidInput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ray.init(address=ray_address())
     try:
         report = embed_dataset(args.input, args.output, cfg, args.column, args.workers,
                                args.batch_size, args.num_cpus, args.num_gpus,
-                               args.prompt_name)
+                               args.prompt_name, level)
     finally:
         ray.shutdown()
     print(json.dumps(report))

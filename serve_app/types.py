@@ -35,6 +35,10 @@ INPUT_TYPES: dict[str, tuple[str, ...]] = {
 DEFAULT_LEVEL = 1
 #: The lowest priority level a request may name (levels are 1 to this; 0 means the default).
 MAX_PRIORITY = 1000
+#: The level bulk work takes unless told otherwise: the bulk client's batches wait below
+#: interactive requests (level 1, the default), so a running job never delays search; the Ray
+#: Data job's workers run at the matching CPU niceness (:func:`serve_app.offline.niceness`).
+BULK_PRIORITY = 10
 #: The prompt name that adds no prompt, not even the model's default.
 NO_PROMPT = ""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -231,11 +232,13 @@ def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str
 _WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "config.json"}
 
 
-def make_variants(base: Path, out: Path, names: list[str], scale: float = 0.05) -> dict[str, Path]:
+def make_variants(base: Path, out: Path, names: list[str], scale: float = 0.05,
+                  pooling: str | None = None) -> dict[str, Path]:
     """Stand-ins for checkpoints fine-tuned from ``base`` (a sentence-transformers directory),
     one sub-directory of ``out`` per name: ``base``'s files linked, its weights each moved by
     seeded noise of ``scale`` times the weight's spread, so every variant embeds differently
-    while keeping the base's width, tokenizer, pooling and prompts."""
+    while keeping the base's width, tokenizer, pooling (unless ``pooling`` names another mode:
+    then not a variant of ``base``) and prompts."""
     import torch
     import transformers
 
@@ -246,8 +249,12 @@ def make_variants(base: Path, out: Path, names: list[str], scale: float = 0.05) 
         d = out / name
         d.mkdir(parents=True)
         for f in base.iterdir():
-            if f.name not in _WEIGHT_FILES:
+            if f.name not in _WEIGHT_FILES and not (pooling and f.name == "1_Pooling"):
                 (d / f.name).symlink_to(f)
+        if pooling:
+            (d / "1_Pooling").mkdir()
+            (d / "1_Pooling" / "config.json").write_text(json.dumps(
+                {"word_embedding_dimension": model.config.hidden_size, "pooling_mode": pooling}))
         noise = torch.Generator().manual_seed(1000 + i)
         with torch.no_grad():
             for k, w in model.state_dict().items():

@@ -6,7 +6,6 @@ variant's vectors are compared with sentence-transformers on that checkpoint."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 
 import httpx
@@ -45,12 +44,8 @@ def checkpoints(tmp_path_factory, minilm_dir):
     broken.mkdir()
     (broken / "config.json").write_text((minilm_dir / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"not weights")
-    other = make_variants(minilm_dir, root / "other", ["cls-pooled"])["cls-pooled"]
-    (other / "1_Pooling").unlink()
-    (other / "1_Pooling").mkdir()
-    (other / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 384, "pooling_mode_cls_token": True}))
-    return {**made, "broken": broken, "cls-pooled": other, "root": root}
+    other = make_variants(minilm_dir, root / "other", ["cls-pooled"], pooling="cls")
+    return {**made, **other, "broken": broken, "root": root}
 
 
 @pytest.fixture(scope="module")

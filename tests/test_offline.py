@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data._internal.execution.interfaces.task_context import TaskContext
 from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
 
 from serve_app.offline import ordered_parquet_sink
+from serve_app.types import BULK_PRIORITY
 
 
 def test_sink_keeps_block_and_task_order(tmp_path):
@@ -63,10 +68,31 @@ def test_job_command_line_passes_the_prompt_name(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(offline, "embed_dataset",
-                        lambda *a: seen.setdefault("args", a) and {"rows": 0})
+                        lambda *a: seen.update(args=a) or {"rows": 0})
     assert offline.main(["--config", str(config), "--input", "x.txt", "--output", "out",
                          "--prompt-name", "document"]) == 0
-    assert seen["args"][-1] == "document"
+    assert seen["args"][-2:] == ("document", BULK_PRIORITY)  # bulk work's level by default
+    assert offline.main(["--config", str(config), "--input", "x.txt", "--output", "out",
+                         "--priority", "0"]) == 0
+    assert seen["args"][-1] == 0
+    assert offline.main(["--config", str(config), "--input", "x.txt", "--output", "out",
+                         "--priority", "-3"]) == 2
+
+
+def test_job_workers_run_at_the_niceness_of_their_level(minilm_dir):
+    """A worker at the bulk level runs niced (in a process of its own: niceness only rises);
+    the highest level and none leave it as it is."""
+    from serve_app.offline import niceness
+
+    assert [niceness(x) for x in (0, 1, 2, 10, 1000)] == [0, 0, 1, 9, 19]
+    code = ("import os; from serve_app.config import ModelConfig; "
+            "from serve_app.offline import EmbedBatch; "
+            f"EmbedBatch(ModelConfig(model_id={str(minilm_dir)!r}), 'text', 1, priority={{}}); "
+            "print(os.nice(0))")
+    for level, want in ((10, 9), (0, 0)):
+        out = subprocess.run([sys.executable, "-c", code.format(level)], capture_output=True,
+                             text=True, check=True, timeout=120)
+        assert int(out.stdout.split()[-1]) == os.nice(0) + want
 
 
 def test_job_refuses_a_reranker():

@@ -5,7 +5,6 @@ The routing and eviction Serve does are tested through a real server in test_e2e
 from __future__ import annotations
 
 import asyncio
-import json
 import pickle
 import threading
 import time
@@ -37,14 +36,10 @@ CORPUS = [f"calibration sentence {i} about {w}" for i, w in
 def checkpoints(tmp_path_factory, minilm_dir):
     root = tmp_path_factory.mktemp("variants")
     made = make_variants(minilm_dir, root / "dir", ["alpha", "beta"])
-    other = make_variants(minilm_dir, root / "other", ["cls-pooled"])["cls-pooled"]
-    (other / "1_Pooling").unlink()
-    (other / "1_Pooling").mkdir()
-    (other / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 384, "pooling_mode_cls_token": True}))
+    other = make_variants(minilm_dir, root / "other", ["cls-pooled"], pooling="cls")
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(CORPUS))
-    return {**made, "cls-pooled": other, "dir": root / "dir", "corpus": corpus}
+    return {**made, **other, "dir": root / "dir", "corpus": corpus}
 
 
 # -- configuration ---------------------------------------------------------------------------
