@@ -3,7 +3,7 @@ metadata, and embedding. No Ray, no HTTP, no protocol: the REST adapters and the
 translate their wire format to these calls and back.
 
 A :class:`ModelBackend` is one model seen from the ingress: a deployment handle in a Serve app with
-separate model deployments (:class:`serve_app.deployments.HandleBackend`), or the model itself
+separate model deployments (:class:`serve_app.backends.HandleBackend`), or the model itself
 (:class:`serve_app.replica.ModelReplica`) when it runs in the ingress replica.
 """
 

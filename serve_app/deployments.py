@@ -1,11 +1,11 @@
 """Ray Serve deployments: thin shims over the model replica, the data plane and the HTTP app.
 
-With ``app.py`` these are the only modules that import Ray.
+With ``app.py`` and :mod:`serve_app.backends` (the ingress's handles to them) these are the
+only serving modules that import Ray.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import logging
@@ -15,16 +15,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import ApiKeys
+from serve_app.backends import HandleBackend, ReplicaCensus, VariantBackend
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.context import ServerContext
 from serve_app.dataplane import DataPlane, ModelBackend
 from serve_app.engine import EmbeddingEngine, pick_device, plan_parallelism
-from serve_app.errors import DeadlineExceeded, ModelNotReady, ServeAppError
-from serve_app.family import Family, Residency, Variant, describe
+from serve_app.errors import ServeAppError
+from serve_app.family import Family, Residency, Variant
 from serve_app.http import create_http_app, enable_access_log
 from serve_app.metrics import Metrics
 from serve_app.protocols.v2_grpc import GrpcInference
@@ -129,30 +129,32 @@ class EmbeddingModel:
         self._load_variant = serve.multiplexed(
             max_num_models_per_replica=cfg.variants.max_loaded)(load_variant)
 
-    async def _model(self) -> ModelReplica:
+    async def _model(self, holders: tuple[str, ...]) -> ModelReplica:
         """The model a request names: a variant by its multiplexed model id, else the base."""
         name = serve.get_multiplexed_model_id()
         if self.family is None or not name:
             return self.model
-        return await self.family.get(name, self._load_variant)
+        return await self.family.get(name, self._load_variant, holders)
 
-    async def _reported(self, run: Callable[[ModelReplica], Awaitable[R]]) -> R:
+    async def _reported(self, run: Callable[[ModelReplica], Awaitable[R]],
+                        holders: tuple[str, ...]) -> R:
         """``run`` on the model the request names; its answer, or its error, carries this
-        replica's report of its variants."""
+        replica's report of its variants. ``holders``: the replicas the ingress heard hold the
+        variant (:meth:`serve_app.family.Family.get`)."""
         if self.family is None:
             return await run(self.model)
         try:
-            result = await run(await self._model())
+            result = await run(await self._model(holders))
         except ServeAppError as e:
             e.variants = self.family.report()
             raise
         return dataclasses.replace(result, variants=self.family.report())
 
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
-        return await self._reported(lambda model: model.embed(req))
+    async def embed(self, req: EmbedRequest, holders: tuple[str, ...] = ()) -> EmbedResult:
+        return await self._reported(lambda model: model.embed(req), holders)
 
-    async def rerank(self, req: RerankRequest) -> RerankResult:
-        return await self._reported(lambda model: model.rerank(req))
+    async def rerank(self, req: RerankRequest, holders: tuple[str, ...] = ()) -> RerankResult:
+        return await self._reported(lambda model: model.rerank(req), holders)
 
     async def info(self) -> ModelInfo:
         return await self.model.info()
@@ -169,174 +171,6 @@ class EmbeddingModel:
             model = None if held is None else held.model
         own = {} if model is None else await model.stats()
         return {**own, "loaded": model is not None, "variants": self.family.stats()}
-
-
-def _name(enum: Any) -> str:
-    return str(getattr(enum, "value", enum))
-
-
-class ReplicaCensus:
-    """Running replicas per deployment of this application, and whether Serve is rolling out a
-    new version of it, from Serve's controller, cached for ``ttl_s`` so probes and requests do
-    not each ask the controller."""
-
-    def __init__(self, app_name: str, ttl_s: float = 1.0) -> None:
-        self._app = app_name
-        self._ttl = ttl_s
-        self._at = float("-inf")
-        self._state: dict[str, tuple[int, bool]] = {}
-        self._deploying = False
-        self._lock = asyncio.Lock()
-
-    def _fetch(self) -> dict[str, tuple[int, bool]]:
-        app = serve.status().applications.get(self._app)
-        if app is None:
-            return {}
-        # While Serve builds a new version of the app, it lists no deployments at all.
-        self._deploying = _name(app.status) == "DEPLOYING"
-        return {
-            name: (sum(n for state, n in d.replica_states.items() if _name(state) == "RUNNING"),
-                   _name(d.status) == "UPDATING")
-            for name, d in app.deployments.items()
-        }
-
-    async def _get(self, deployment: str) -> tuple[int, bool]:
-        async with self._lock:
-            if time.monotonic() - self._at > self._ttl:
-                self._state = await asyncio.to_thread(self._fetch)
-                self._at = time.monotonic()
-        return self._state.get(deployment, (0, self._deploying))
-
-    async def running(self, deployment: str) -> int:
-        return (await self._get(deployment))[0]
-
-    async def serving(self, deployment: str) -> bool:
-        """A replica runs, or Serve is deploying a new version: with one replica Serve stops
-        the old one before the new one runs, and requests wait for it rather than fail."""
-        running, updating = await self._get(deployment)
-        return running > 0 or updating
-
-
-def _unwrap(e: BaseException) -> BaseException:
-    """The domain error a replica raised, without Ray's wrapper; other errors as they are."""
-    cause = getattr(e, "cause", None)
-    if isinstance(e, RayTaskError) and isinstance(cause, ServeAppError):
-        return cause
-    return e
-
-
-class HandleBackend:
-    """A model deployment seen from the ingress (a :class:`serve_app.dataplane.ModelBackend`).
-
-    ``ready`` is false while the model has no running replica (its node is gone, it is
-    restarting), so the data plane answers 503 at once instead of queueing requests that would
-    hang; during a rollout of a new version it stays true and requests wait for the new replica.
-    A replica lost mid-request is the same retryable error, and so is no answer within
-    ``timeout_s``. The wait for an answer also ends at the request's deadline.
-    """
-
-    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
-                 residency: Residency | None = None) -> None:
-        self._name = handle.deployment_name
-        self._census = census
-        self._timeout_s = timeout_s
-        self._residency = residency  # a model with variants: what its answers report
-        self._in_flight = 0
-        self._embed = handle.options(method_name="embed")
-        self._rerank = handle.options(method_name="rerank")
-        self._info = handle.options(method_name="info")
-        self._stats = handle.options(method_name="stats")
-
-    async def ready(self) -> bool:
-        return await self._census.serving(self._name)
-
-    def queued_inputs(self) -> int:
-        return self._in_flight
-
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
-        result: EmbedResult = await self._counted(self._embed, req, len(req.inputs))
-        return result
-
-    async def rerank(self, req: RerankRequest) -> RerankResult:
-        result: RerankResult = await self._counted(self._rerank, req, len(req.documents))
-        return result
-
-    async def _counted(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
-                       n: int) -> Any:
-        self._in_flight += n
-        try:
-            return await self._call(method, req)
-        finally:
-            self._in_flight -= n
-
-    async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest) -> Any:
-        remaining = req.remaining()
-        timeout = self._timeout_s if remaining is None else max(0.0, min(self._timeout_s,
-                                                                           remaining))
-        response = method.remote(req)
-        try:
-            result = await asyncio.wait_for(response, timeout)
-            if self._residency is not None:
-                self._residency.update(result.variants)
-            return result
-        except RayTaskError as e:
-            err = _unwrap(e)
-            if self._residency is not None and isinstance(err, ServeAppError):
-                self._residency.update(err.variants)
-            raise err from None
-        except RayActorError:
-            raise ModelNotReady(
-                f"the replica of model {req.model!r} was lost during the request; retry"
-            ) from None
-        except TimeoutError:
-            response.cancel()  # the replica drops the work if it has not reached the model
-            if remaining is not None and remaining <= self._timeout_s:
-                raise DeadlineExceeded(
-                    f"no answer within the request's deadline ({remaining:.3g}s)"
-                ) from None
-            raise ModelNotReady(
-                f"model {req.model!r} gave no answer within {self._timeout_s:g}s; retry later"
-            ) from None
-        except asyncio.CancelledError:
-            response.cancel()  # the client went away: so does its work
-            raise
-
-    async def info(self) -> ModelInfo:
-        try:
-            return await self._info.remote()
-        except RayTaskError as e:
-            raise ModelNotReady(f"model is not ready: {_unwrap(e)}") from None
-
-    async def stats(self) -> dict[str, Any]:
-        return await self._stats.remote()
-
-
-class VariantBackend(HandleBackend):
-    """A variant of a model deployment's base, seen from the ingress: its calls carry the
-    variant's name as Serve's multiplexed model id, so Serve routes each to a replica that holds
-    the variant (or, when none does, to one that then loads it). While no replica holds it
-    (``residency``), its requests go one at a time: Serve's router learns where the first one
-    loaded it before the others leave, so requests arriving together load it once. Its
-    metadata is the base's (:func:`serve_app.family.describe`): describing it never loads it."""
-
-    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
-                 residency: Residency, base: HandleBackend, name: str, source: str) -> None:
-        super().__init__(handle.options(multiplexed_model_id=name), census, timeout_s,
-                         residency)
-        self._base = base
-        self._variant = (name, source)
-        self._cold = asyncio.Lock()
-
-    async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest) -> Any:
-        assert self._residency is not None
-        if not self._residency.held(req.model):
-            async with self._cold:
-                if not self._residency.held(req.model):
-                    return await super()._call(method, req)
-        return await super()._call(method, req)
-
-    async def info(self) -> ModelInfo:
-        return describe(await self._base.info(), *self._variant)
 
 
 @serve.deployment

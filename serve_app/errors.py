@@ -40,6 +40,11 @@ class ModelNotReady(ServeAppError):
     """The model exists but is not loaded yet, or has no live replica."""
 
 
+class Misrouted(ModelNotReady):
+    """A variant's request reached a model replica that does not hold it while another does
+    (Serve's router had not heard yet): the ingress sends it again rather than load it twice."""
+
+
 class Overloaded(ServeAppError):
     """Too much work is queued; retry later."""
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from serve_app.config import ModelConfig
-from serve_app.errors import ModelNotFound, ModelNotReady
+from serve_app.errors import Misrouted, ModelNotFound, ModelNotReady
 from serve_app.replica import ModelReplica
 from serve_app.types import ModelInfo, VariantReport
 
@@ -47,8 +47,10 @@ def differences(base: ModelInfo, variant: ModelInfo) -> list[str]:
 class Residency:
     """Which model replicas hold which variants, as the ingress last heard from each: every
     answer of a replica with variants carries its :class:`VariantReport`. The ingress sends one
-    request at a time to a variant no replica holds (:class:`serve_app.deployments.
-    VariantBackend`), so requests arriving together load it once, on one replica."""
+    request at a time to a variant no replica holds, and names the replicas that hold it in
+    each request, so a replica Serve's router sends it to before the router has heard of them
+    sends it back instead of loading it (:class:`serve_app.backends.VariantBackend`):
+    requests arriving together load it once, on one replica."""
 
     def __init__(self) -> None:
         self._held: dict[str, frozenset[str]] = {}
@@ -57,8 +59,9 @@ class Residency:
         if report is not None:
             self._held[report.replica] = frozenset(report.resident)
 
-    def held(self, name: str) -> bool:
-        return any(name in names for names in self._held.values())
+    def holders(self, name: str) -> tuple[str, ...]:
+        """The model replicas that last said they hold ``name``."""
+        return tuple(sorted(r for r, names in self._held.items() if name in names))
 
 
 class Variant:
@@ -151,10 +154,15 @@ class Family:
         self.counts["evictions"] += 1
         log.info("variant %r unloaded (least recently used)", name)
 
-    async def get(self, name: str, load: Callable[[str], Awaitable[Variant]]) -> ModelReplica:
+    async def get(self, name: str, load: Callable[[str], Awaitable[Variant]],
+                  holders: tuple[str, ...] = ()) -> ModelReplica:
         """``name``'s model through ``load`` (Serve's multiplexed loader, which loads it if this
         replica does not hold it), waiting for a load at most ``load_timeout_s``: past it,
-        :class:`ModelNotReady` (503, retry) while the load goes on for later requests."""
+        :class:`ModelNotReady` (503, retry) while the load goes on for later requests. A replica
+        that does not hold it while ``holders`` (other replicas, as the ingress heard) do raises
+        :class:`Misrouted` instead of loading it a second time."""
+        if name not in self.resident and holders and self.replica not in holders:
+            raise Misrouted(f"variant {name!r} is held by another replica", param="model")
         task = asyncio.ensure_future(load(name))
         task.add_done_callback(_quiet)
         try:

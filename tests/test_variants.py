@@ -18,7 +18,7 @@ from sentence_transformers.util import quantize_embeddings
 
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine import EmbeddingEngine
-from serve_app.errors import ModelNotFound, ModelNotReady, Overloaded
+from serve_app.errors import Misrouted, ModelNotFound, ModelNotReady, Overloaded
 from serve_app.family import Family, Residency, Variant, describe, differences
 from serve_app.metrics import Metrics
 from serve_app.replica import ModelReplica, Shared
@@ -181,13 +181,33 @@ def test_describe_a_variant_from_its_base(checkpoints):
 
 def test_residency_follows_each_replicas_latest_report():
     r = Residency()
-    assert not r.held("a")
-    r.update(VariantReport("base", "r1", ("a", "b")))
-    r.update(VariantReport("base", "r2", ("c",)))
+    assert r.holders("a") == ()
+    r.update(VariantReport("base", "r2", ("a", "b")))
+    r.update(VariantReport("base", "r1", ("a", "c")))
     r.update(None)
-    assert r.held("a") and r.held("c")
+    assert r.holders("a") == ("r1", "r2") and r.holders("c") == ("r1",)
     r.update(VariantReport("base", "r1", ("b",)))
-    assert not r.held("a") and r.held("b")
+    assert r.holders("a") == ("r2",) and r.holders("b") == ("r1", "r2")
+
+
+def test_a_replica_sends_back_a_variant_another_replica_holds(checkpoints):
+    family, _ = _family(checkpoints)  # this replica: "replica-1"
+    cache: dict[str, Variant] = {}  # what Serve's multiplexer keeps
+
+    async def load(name: str) -> Variant:
+        if name not in cache:
+            cache[name] = await family.load(name)
+        return cache[name]
+
+    with pytest.raises(Misrouted, match="held by another replica"):
+        asyncio.run(family.get("alpha", load, ("replica-2",)))
+    assert family.stats()["loads"] == 0
+    # told of no holder, or named among them (it held it once): it loads it
+    assert asyncio.run(family.get("alpha", load, ())).engine.dim == 384
+    assert asyncio.run(family.get("beta", load, ("replica-1", "replica-2"))).engine.dim == 384
+    # held here: served whatever the ingress heard
+    assert asyncio.run(family.get("alpha", load, ("replica-2",))) is cache["alpha"].model
+    assert family.stats()["loads"] == 2
 
 
 def test_a_variant_calibrates_once_on_its_first_int8_request(checkpoints):
