@@ -168,9 +168,11 @@ class VariantBackend(HandleBackend):
     """A variant of a model deployment's base, seen from the ingress: its calls carry the
     variant's name as Serve's multiplexed model id, so Serve routes each to a replica that holds
     the variant (or, when none does, to one that then loads it). While no replica holds it
-    (``residency``), its requests go one at a time: Serve's router learns where the first one
-    loaded it before the others leave, so requests arriving together load it once. Its
-    metadata is the base's (:func:`serve_app.family.describe`): describing it never loads it."""
+    (``residency``), its requests go one at a time; after that, each names the replicas that
+    hold it, and one that Serve's router sends to another replica before it has heard of the
+    load comes back :class:`Misrouted` and goes again: requests arriving together load it once.
+    Its metadata is the base's (:func:`serve_app.family.describe`): describing it never loads
+    it."""
 
     def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
                  residency: Residency, base: HandleBackend, name: str, source: str) -> None:

@@ -92,8 +92,8 @@ class Family:
     """The variants of ``cfg`` (an entry with ``variants``) in one replica, beside ``base``.
 
     ``build`` turns a variant's config (the entry's, with the variant's name and checkpoint)
-    into a warmed-up model sharing the base's threads; it runs on a worker thread. ``replica``
-    names this replica in reports.
+    into a model sharing the base's threads and input bound; it runs on a worker thread.
+    ``replica`` names this replica in reports.
     """
 
     def __init__(self, cfg: ModelConfig, base: ModelInfo,

@@ -91,7 +91,7 @@ class Metrics:
         )
         self.variant_load_seconds = Histogram(
             "serve_app_variant_load_seconds", "Time a model replica took to load a variant "
-            "(read, warm up, check against its base).", ["replica", "model"],
+            "(read its checkpoint, check it against its base).", ["replica", "model"],
             buckets=_LOAD_BUCKETS, registry=r,
         )
         self.variant_evictions = Counter(

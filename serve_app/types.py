@@ -203,7 +203,8 @@ class ModelInfo:
     prompts: tuple[tuple[str, str], ...] = ()
     default_prompt: str | None = None
     #: int8/uint8 ranges, float32 ``[2, dim]`` (per-dimension low and high), fixed at warm-up
-    #: on :attr:`calibration_texts` texts of the calibration corpus; None for rerankers
+    #: on :attr:`calibration_texts` texts of the calibration corpus; None for rerankers, and
+    #: for variants (they calibrate in a replica, on their first int8/uint8 request)
     int8_ranges: np.ndarray | None = None
     calibration_texts: int = 0
     #: a variant's base model (the entry that serves it); None for a model of its own
