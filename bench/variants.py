@@ -31,19 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 from serve_app.local import free_port, serve_config, start_server  # noqa: E402
 from serve_app.model_files import resolve_model_dir  # noqa: E402
-from tests.helpers import TEXTS, make_variants, scrape  # noqa: E402
+from tests.helpers import TEXTS, make_variants, scraped_total  # noqa: E402
 
 QUERY = "what is the capital of France"
 
 
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q))
-
-
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in scrape(client.get("/metrics").text).items()
-               if n == name and want <= ls)
 
 
 def one(client: httpx.Client, model: str, texts: list[str] | str = QUERY) -> tuple[float, list]:
@@ -108,7 +102,8 @@ def main() -> None:
             result["rss_start_mib"] = server.rss_bytes() / 2**20
 
             cold = [one(c, n)[0] for n in names]
-            load_s = [metric(c, "serve_app_variant_load_seconds_sum", model=n) for n in names]
+            load_s = [scraped_total(c, "serve_app_variant_load_seconds_sum", model=n)
+                      for n in names]
             result["cold"] = {"request_p50_ms": pct(cold, 50), "request_max_ms": max(cold),
                               "load_p50_ms": pct(load_s, 50) * 1000,
                               "load_max_ms": max(load_s) * 1000}
@@ -128,16 +123,17 @@ def main() -> None:
                 for n in warm * 2:  # resident again after the previous round's mix
                     one(c, n)
                 base_ms, variant_ms = [], []
-                loads = metric(c, "serve_app_variant_loads_total")
+                loads = scraped_total(c, "serve_app_variant_loads_total")
                 for i in range(a.warm):
                     base_ms.append(one(c, "embedding")[0])
                     variant_ms.append(one(c, warm[i % len(warm)])[0])
-                warm_loads = metric(c, "serve_app_variant_loads_total") - loads
-                before = (metric(c, "serve_app_variant_loads_total"),
-                          metric(c, "serve_app_variant_evictions_total"))
+                warm_loads = scraped_total(c, "serve_app_variant_loads_total") - loads
+                before = (scraped_total(c, "serve_app_variant_loads_total"),
+                          scraped_total(c, "serve_app_variant_evictions_total"))
                 mixed = asyncio.run(mix(url, names, zipf, a.mix_requests, 4, seed=r))
-                mixed["loads"] = metric(c, "serve_app_variant_loads_total") - before[0]
-                mixed["evictions"] = metric(c, "serve_app_variant_evictions_total") - before[1]
+                mixed["loads"] = scraped_total(c, "serve_app_variant_loads_total") - before[0]
+                mixed["evictions"] = (scraped_total(c, "serve_app_variant_evictions_total")
+                                      - before[1])
                 plain = asyncio.run(mix(url, ["embedding"], [1.0], a.mix_requests, 4, seed=r))
                 rounds.append({"warm_loads": warm_loads,
                                "warm_base_p50_ms": pct(base_ms, 50),

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.types import Task
-from serve_app.variants import NAME_RE, VariantOptions
+from serve_app.variants import NAME_RE, NAME_RULE, VariantOptions
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -187,10 +187,7 @@ class ModelConfig(_Strict):
     @classmethod
     def _url_safe(cls, v: str, info: Any) -> str:
         if not NAME_RE.match(v):
-            raise ValueError(
-                f"model {info.field_name} must be 1-128 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+            raise ValueError(f"model {info.field_name} must be {NAME_RULE}")
         return v
 
     @property

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 #: Model names and versions: what a URL path segment and a Serve deployment name can hold.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 class VariantSource(BaseModel):
@@ -77,8 +78,7 @@ class VariantOptions(BaseModel):
         names = [n for n, _ in found]
         bad = sorted({n for n in names if not NAME_RE.match(n)})
         if bad:
-            raise ValueError(f"variant names must be 1-128 letters, digits, '.', '_' or '-', "
-                             f"starting with a letter or digit: {bad}")
+            raise ValueError(f"variant names must be {NAME_RULE}: {bad}")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"variant names must be unique; repeated: {repeated}")

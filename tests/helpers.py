@@ -228,6 +228,14 @@ def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def scraped_total(client: Any, name: str, **labels: str) -> float:
+    """``name`` summed over every series whose labels include ``labels``, scraped now from the
+    server ``client`` (an ``httpx.Client`` on its base URL) talks to."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in scrape(client.get("/metrics").text).items()
+               if n == name and want <= ls)
+
+
 #: Files of a checkpoint that hold its weights or their config: what a variant writes anew.
 _WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "config.json"}
 

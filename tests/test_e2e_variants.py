@@ -22,6 +22,7 @@ from tests.helpers import (
     free_port,
     make_variants,
     scrape,
+    scraped_total,
     serve_config,
     start_server,
 )
@@ -78,15 +79,8 @@ def st(checkpoints):
     return {n: SentenceTransformer(str(checkpoints[n]), device="cpu") for n in VARIANTS}
 
 
-def metric(http, name: str, **labels: str) -> float:
-    """The sum of ``name`` over every series whose labels include ``labels``."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in scrape(http.get("/metrics").text).items()
-               if n == name and want <= ls)
-
-
 def loads(http, model: str) -> float:
-    return metric(http, "serve_app_variant_loads_total", model=model, outcome="loaded")
+    return scraped_total(http, "serve_app_variant_loads_total", model=model, outcome="loaded")
 
 
 def embed(http, model: str, texts=TEXTS) -> np.ndarray:
@@ -165,17 +159,17 @@ def test_concurrent_first_requests_load_the_variant_once(http, st):
     for a in answers:
         np.testing.assert_allclose(a, st["v5"].encode([SENTENCE]), atol=1e-5)
     assert loads(http, "v5") == 1
-    assert metric(http, "serve_app_variant_load_seconds_count", model="v5") == 1
-    assert 0 < metric(http, "serve_app_variant_load_seconds_sum", model="v5") < 30
+    assert scraped_total(http, "serve_app_variant_load_seconds_count", model="v5") == 1
+    assert 0 < scraped_total(http, "serve_app_variant_load_seconds_sum", model="v5") < 30
 
 
 def test_least_recently_used_variants_make_room(http, st):
-    evicted = metric(http, "serve_app_variant_evictions_total")
+    evicted = scraped_total(http, "serve_app_variant_evictions_total")
     for name in VARIANTS:  # six variants, four places: some must go
         np.testing.assert_allclose(embed(http, name, [SENTENCE]), st[name].encode([SENTENCE]),
                                    atol=1e-5)
     embed(http, "embedding", [SENTENCE])
-    assert metric(http, "serve_app_variant_evictions_total") >= evicted + 2
+    assert scraped_total(http, "serve_app_variant_evictions_total") >= evicted + 2
     resident = {ls: v for (n, ls), v in scrape(http.get("/metrics").text).items()
                 if n == "serve_app_variants_resident"}
     assert len(resident) == 2 and all(0 < v <= MAX_LOADED for v in resident.values())
@@ -206,7 +200,8 @@ def test_a_failing_variant_is_an_error_for_its_callers_only(http, st):
     v2 = http.post("/v2/models/broken/infer", json={"inputs": [
         {"name": "text", "shape": [1], "datatype": "BYTES", "data": [SENTENCE]}]})
     assert v2.status_code == 503 and "failed to load" in v2.json()["error"]
-    assert metric(http, "serve_app_variant_loads_total", model="broken", outcome="failed") >= 2
+    assert scraped_total(http, "serve_app_variant_loads_total", model="broken",
+                         outcome="failed") >= 2
     # the server goes on serving every other variant
     np.testing.assert_allclose(embed(http, "v1", [SENTENCE]), st["v1"].encode([SENTENCE]),
                                atol=1e-5)
