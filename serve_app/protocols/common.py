@@ -255,8 +255,8 @@ def _ms(seconds: float) -> str:
 def respond(request: Request, model: str, result: Measured,
             render: Callable[[], Response], level: int = DEFAULT_LEVEL) -> Response:
     """Count the inputs computed (under the request path's protocol; the queue wait under
-    priority ``level``), ``render()`` the
-    answer, timing the encoding, and add text-embeddings-inference's timing headers
+    priority ``level``), ``render()`` the answer, timing the encoding, and add
+    text-embeddings-inference's timing headers
     (milliseconds): ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
     ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time`` (the
     ingress's whole handling, encoding included). The access log gets the same figures."""
