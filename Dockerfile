@@ -38,7 +38,7 @@ RUN if [ "$DEVICE" = "cpu" ]; then \
         pip install --no-cache-dir --index-url "$TORCH_CPU_INDEX" "torch==2.13.0"; \
     fi \
     && pip install --no-cache-dir -c constraints.txt . \
-    && python -c "import serve_app.app, serve_app.proto.inference_pb2"
+    && python -c "import serve_app.serve.app, serve_app.frontend.v2.proto.inference_pb2"
 
 # Optional: bake a hub model into HF_HOME for clusters without internet (set HF_HUB_OFFLINE=1).
 RUN if [ -n "$BAKE_MODEL" ]; then \

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import aiohttp
 import orjson
 
-from serve_app.protocols.v2_codec import join_bytes_tensor
+from serve_app.frontend.v2.codec import join_bytes_tensor
 
 MODEL = "embedding"
 SHORT = "The quick brown fox jumps over the lazy dog near river {i}."  # about 14 tokens
@@ -84,8 +84,8 @@ def http_sender(protocol: str, session: aiohttp.ClientSession,
 def grpc_sender(target: str, application: str | None = None):
     import grpc
 
-    from serve_app.proto import inference_pb2 as pb
-    from serve_app.proto import inference_pb2_grpc as pb_grpc
+    from serve_app.frontend.v2.proto import inference_pb2 as pb
+    from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
 
     channel = grpc.aio.insecure_channel(target)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -24,8 +24,8 @@ TEXTS = ["a sentence of moderate length about search and indexing " * 2] * 32
 def embed_for(seconds: float, nice: int) -> float:
     """Embed batches of 32 for ``seconds`` at ``nice``; texts per second."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from serve_app.config import ModelConfig
-    from serve_app.engine import EmbeddingEngine
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.embedding import EmbeddingEngine
 
     if nice:
         os.nice(nice)
@@ -48,7 +48,7 @@ def main() -> None:
     if a.competitor is not None:
         embed_for(a.seconds, a.competitor)
         return
-    from serve_app.offline import niceness
+    from serve_app.tools.offline import niceness
     from serve_app.types import BULK_PRIORITY
 
     job = niceness(BULK_PRIORITY)

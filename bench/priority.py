@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.load import texts_for  # noqa: E402
-from serve_app.local import free_port, serve_config, start_server  # noqa: E402
+from serve_app.testing.server import free_port, serve_config, start_server  # noqa: E402
 
 BULK_CLIENTS = 4
 LOW = 10

@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from serve_app.local import free_port, serve_config, start_server
+from serve_app.testing.server import free_port, serve_config, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT.parent / "shared" / "peers" / "peer_infinity.sh"
@@ -48,7 +48,7 @@ def make_reranker(out: Path) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from serve_app.model_files import resolve_model_dir
+    from serve_app.engine.model_files import resolve_model_dir
 
     minilm = resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2")
     cfg = BertConfig.from_pretrained(minilm, num_labels=1, max_position_embeddings=512)
@@ -63,9 +63,9 @@ def ceiling(path: Path, device: str, dtype: str, duration: float) -> dict[str, f
     """Pairs/s of the bare forward passes, and R1's latency as one pass, in process."""
     import torch
 
-    from serve_app.config import ModelConfig
-    from serve_app.engine import plan_batches
-    from serve_app.reranker import RerankEngine
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.embedding import plan_batches
+    from serve_app.engine.reranker import RerankEngine
 
     engine = RerankEngine(ModelConfig(model_id=str(path), task="rerank", device=device,
                                       dtype=dtype), num_threads=os.cpu_count())

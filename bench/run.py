@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.load import PROTOCOLS, WORKLOADS, texts_for  # noqa: E402
-from serve_app.local import free_port, serve_config, start_server, tree_rss_bytes  # noqa: E402
+from serve_app.testing.server import free_port, serve_config, start_server, tree_rss_bytes  # noqa: E402
 
 THREADS = os.cpu_count() or 1
 
@@ -43,8 +43,8 @@ def ceiling(duration: float, dtype: str = "float32",
             device: str = "cpu") -> dict[str, dict[str, float]]:
     """The engine alone: W1 p50 of single calls; W2-W4 embeddings/s at their batch shapes (W2
     and W3 share one: W2 is judged at batch 32)."""
-    from serve_app.config import ModelConfig
-    from serve_app.engine import EmbeddingEngine
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.embedding import EmbeddingEngine
 
     engine = EmbeddingEngine(ModelConfig(dtype=dtype, device=device), num_threads=THREADS)
     engine.warmup()
@@ -90,16 +90,16 @@ def in_process(workload: str, duration: float, dtype: str = "float32",
 
     import torch
 
-    from serve_app.config import ModelConfig
-    from serve_app.engine import EmbeddingEngine, plan_parallelism
-    from serve_app.replica import ModelReplica
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.embedding import EmbeddingEngine, plan_parallelism
+    from serve_app.runtime.runner import ModelRunner
     from serve_app.types import EmbedRequest
 
     passes = replica_kw.pop("passes", None)
     passes, share = plan_parallelism(THREADS, torch.device("cpu"), passes)
     engine = EmbeddingEngine(ModelConfig(dtype=dtype), num_threads=share)
     engine.warmup()
-    model = ModelReplica(engine, "embedding", passes=passes, threads=THREADS, **replica_kw)
+    model = ModelRunner(engine, "embedding", passes=passes, threads=THREADS, **replica_kw)
     n_texts, clients, _ = WORKLOADS[workload]
 
     async def run() -> float:
@@ -537,8 +537,8 @@ def measure_setup(setup: str, a: argparse.Namespace, rows: list[dict], extra: di
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         if not a.no_overload and setup == "default":
-            from serve_app.config import ModelConfig
-            from serve_app.engine import EmbeddingEngine
+            from serve_app.config.schema import ModelConfig
+            from serve_app.engine.embedding import EmbeddingEngine
 
             engine = EmbeddingEngine(ModelConfig(dtype=a.dtype, device=a.device),
                                      num_threads=THREADS)

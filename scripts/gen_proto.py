@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate serve_app/proto/inference_pb2*.py from inference.proto with grpcio-tools.
+"""Generate serve_app/frontend/v2/proto/inference_pb2*.py from inference.proto with grpcio-tools.
 
 Usage: python scripts/gen_proto.py [OUT_DIR]   (default: the repository root, in place)
 tests/test_grpc.py regenerates into a temporary directory and checks nothing changes.
@@ -18,7 +18,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO = "serve_app/proto/inference.proto"
+PROTO = "serve_app/frontend/v2/proto/inference.proto"
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -27,7 +27,7 @@ def generate(out_dir: Path) -> list[Path]:
             f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", str(ROOT / PROTO)]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    stem = out_dir / "serve_app" / "proto"
+    stem = out_dir / "serve_app" / "frontend" / "v2" / "proto"
     messages = stem / "inference_pb2.py"
     code = messages.read_text()
     default_pool = "_descriptor_pool.Default().AddSerializedFile("

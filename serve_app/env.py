@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 
 def ray_address() -> str:
@@ -22,8 +24,6 @@ def ray_serve_env() -> dict[str, str]:
     applies them before it starts Ray (a value the environment already has wins); README tells
     ``serve run`` users to export them, and the RayServices set them in their containers.
     """
-    from serve_app.leftovers import wrapper_path
-
     cpus = os.cpu_count() or 1
     env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -32,7 +32,7 @@ def ray_serve_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_NBTHREAD": "1" if cpus <= 4 else "2",
     }
     wrapper = wrapper_path()
-    if wrapper is not None:  # HAProxy stops when its Ray worker dies (serve_app.leftovers)
+    if wrapper is not None:  # HAProxy stops when its Ray worker dies (serve_app.launch.haproxy)
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
     return env
 
@@ -50,3 +50,8 @@ def grpc_default_application() -> str:
     config gives the application).
     """
     return os.environ.get("SERVE_APP_GRPC_APPLICATION", "serve_app")
+
+def wrapper_path() -> str | None:
+    """The ``serve-app-haproxy`` command installed beside this Python, if it is."""
+    path = Path(sys.executable).parent / "serve-app-haproxy"
+    return str(path) if os.access(path, os.X_OK) else None

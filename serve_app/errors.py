@@ -70,5 +70,14 @@ def lookup(table: Mapping[type[ServeAppError], T], err: ServeAppError, default: 
     return default
 
 
+def wrong_task(model: str, task: str) -> InvalidInput:
+    """The error for a request the model's task cannot answer."""
+    if task == "rerank":
+        return InvalidInput(f"model {model!r} is a reranker: send it (query, documents) on "
+                            "/rerank, /v1/rerank or V2, not texts to embed", param="model")
+    return InvalidInput(f"model {model!r} is an embedding model, not a reranker: rerank with a "
+                        "model served with task: rerank", param="model")
+
+
 class ModelLoadError(Exception):
     """A model could not be resolved or loaded (raised at start-up, not per request)."""

@@ -37,7 +37,7 @@ DEFAULT_LEVEL = 1
 MAX_PRIORITY = 1000
 #: The level bulk work takes unless told otherwise: the bulk client's batches wait below
 #: interactive requests (level 1, the default), so a running job never delays search; the Ray
-#: Data job's workers run at the matching CPU niceness (:func:`serve_app.offline.niceness`).
+#: Data job's workers run at the matching CPU niceness (:func:`serve_app.tools.offline.niceness`).
 BULK_PRIORITY = 10
 #: The prompt name that adds no prompt, not even the model's default.
 NO_PROMPT = ""
@@ -136,12 +136,12 @@ class RerankRequest(_Request):
 
 @dataclass(frozen=True, slots=True)
 class VariantReport:
-    """What a replica serving variants (:mod:`serve_app.family`) did since its previous report:
-    ``loads`` as (variant, seconds, loaded or failed), ``evictions`` (variants unloaded), and
-    the variants it holds now, ``resident``. ``family`` is the entry's base model name,
+    """What a replica serving variants (:mod:`serve_app.runtime.variants`) did since its previous
+    report: ``loads`` as (variant, seconds, loaded or failed), ``evictions`` (variants unloaded),
+    and the variants it holds now, ``resident``. ``base`` is the entry's base model name,
     ``replica`` the model replica's id."""
 
-    family: str
+    base: str
     replica: str
     resident: tuple[str, ...] = ()
     loads: tuple[tuple[str, float, bool], ...] = ()

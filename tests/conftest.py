@@ -13,9 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from serve_app.config import ModelConfig
-from serve_app.engine import EmbeddingEngine
-from serve_app.model_files import resolve_model_dir
+from serve_app.config.schema import ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.engine.model_files import resolve_model_dir
 
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json")

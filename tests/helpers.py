@@ -1,6 +1,6 @@
 """What the tests share: the texts, an in-process app and its client, the one fake model
-backend, gRPC request building, metrics scraping, and (from :mod:`serve_app.local`) real servers.
-Test modules import this module, never one another."""
+backend, gRPC request building, metrics scraping, and (from :mod:`serve_app.testing.server`) real
+servers. Test modules import this module, never one another."""
 
 from __future__ import annotations
 
@@ -15,14 +15,21 @@ from typing import Any
 import numpy as np
 from fastapi.testclient import TestClient
 
-from serve_app.auth import ApiKeys
-from serve_app.config import CorsOptions, LimitOptions
-from serve_app.context import ServerContext
-from serve_app.dataplane import DataPlane, ModelBackend
-from serve_app.engine import EmbeddingEngine
+from serve_app.config.schema import CorsOptions, LimitOptions
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.engine.quantize import reduce_dimensions
 from serve_app.errors import DeadlineExceeded
-from serve_app.http import create_http_app
-from serve_app.local import (  # noqa: F401  (re-exported for the end-to-end tests)
+from serve_app.frontend.auth import ApiKeys
+from serve_app.frontend.context import ServerContext
+from serve_app.frontend.dataplane import DataPlane, ModelBackend
+from serve_app.frontend.http.app import create_http_app
+from serve_app.frontend.metrics import Metrics
+from serve_app.frontend.v2.codec import join_bytes_tensor
+from serve_app.frontend.v2.proto import inference_pb2 as pb
+from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
+from serve_app.frontend.v2.servicer import GrpcInference, add_inference_servicer
+from serve_app.runtime.runner import ModelRunner
+from serve_app.testing.server import (  # noqa: F401  (re-exported for the end-to-end tests)
     BIN,
     Server,
     free_port,
@@ -35,13 +42,6 @@ from serve_app.local import (  # noqa: F401  (re-exported for the end-to-end tes
     tree_rss_bytes,
     wait_for,
 )
-from serve_app.metrics import Metrics
-from serve_app.proto import inference_pb2 as pb
-from serve_app.proto import inference_pb2_grpc as pb_grpc
-from serve_app.protocols.v2_codec import join_bytes_tensor
-from serve_app.protocols.v2_grpc import GrpcInference, add_inference_servicer
-from serve_app.quantize import reduce_dimensions
-from serve_app.replica import ModelReplica
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,10 +50,10 @@ TEXTS = [SENTENCE, "Der schnelle braune Fuchs.", "東京は日本の首都です
 
 
 def replica(engine: EmbeddingEngine, name: str = "embedding", version: str = "1",
-            **kw: Any) -> ModelReplica:
+            **kw: Any) -> ModelRunner:
     """``engine`` served in process as a replica serves it (its requests enter the queue
     directly, where a Serve replica has ``@serve.batch`` in front)."""
-    return ModelReplica(engine, name, version, **kw)
+    return ModelRunner(engine, name, version, **kw)
 
 
 @contextlib.contextmanager
@@ -74,12 +74,12 @@ def assert_valid_serve_config(raw: dict) -> None:
     """Ray's schema for the file, our strict schema for the args, and no key either ignores."""
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.config import AppConfig
+    from serve_app.config.schema import AppConfig
 
     schema = ServeDeploySchema.model_validate(raw)
     _assert_no_dropped_keys(raw, schema)
     for app in raw["applications"]:
-        assert app["import_path"] == "serve_app.app:build_app"
+        assert app["import_path"] == "serve_app.serve:build_app"
         AppConfig.model_validate(app.get("args") or {})
 
 
@@ -104,8 +104,8 @@ def fake_vector(text: str | tuple[int, ...], dim: int) -> np.ndarray:
 
 
 class FakeBackend:
-    """The one test double of :class:`serve_app.dataplane.ModelBackend`: no model, each input a
-    :func:`fake_vector` of ``dim`` floats and one token per character.
+    """The one test double of :class:`serve_app.frontend.dataplane.ModelBackend`: no model, each
+    input a :func:`fake_vector` of ``dim`` floats and one token per character.
 
     ``ready``: what readiness says. ``loads``: False makes ``info`` never answer (a model still
     loading). ``delay``: seconds before an answer; a request whose deadline comes first gets

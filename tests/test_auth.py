@@ -6,12 +6,12 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
-from serve_app.auth import ApiKeys
-from serve_app.config import AppConfig, AuthOptions
-from serve_app.context import ServerContext
-from serve_app.dataplane import DataPlane
+from serve_app.config.schema import AppConfig, AuthOptions
 from serve_app.errors import Unauthorized
-from serve_app.proto import inference_pb2 as pb
+from serve_app.frontend.auth import ApiKeys
+from serve_app.frontend.context import ServerContext
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.v2.proto import inference_pb2 as pb
 from tests.helpers import FakeBackend, app_client, grpc_serving, infer_request
 
 KEY = "sk-test-0123456789"

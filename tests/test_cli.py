@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from serve_app.__main__ import build_parser, config_from_args, kserve_deploy, main
-from serve_app.config import AppConfig
+from serve_app.config.schema import AppConfig
+from serve_app.launch.cli import build_parser, config_from_args, kserve_deploy, main
 from tests.helpers import BIN, SENTENCE, free_port, running
 
 KSERVE_ARGS = ["--model_name", "embedding", "--model_id", "sentence-transformers/all-MiniLM-L6-v2",
@@ -103,10 +103,10 @@ def test_bad_flags_are_errors(argv, message, capsys):
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    ("applications:\n  - name: serve_app\n    import_path: serve_app.app:build_app\n"
+    ("applications:\n  - name: serve_app\n    import_path: serve_app.serve:build_app\n"
      "    args: {modles: []}\n", "modles"),  # a misspelled key: refused before Ray starts
     ("applications: []\n", "lists no applications"),
-    ("applications:\n  - name: serve_app\n    import_path: serve_app.app:build_app\n"
+    ("applications:\n  - name: serve_app\n    import_path: serve_app.serve:build_app\n"
      "    args: {topology: fused}\n", "topology"),
 ])
 def test_bad_config_files_are_refused_before_ray_starts(tmp_path, capsys, config, message):
@@ -130,7 +130,7 @@ def test_kserve_flags_become_one_serve_config():
     assert deploy["http_options"] == {"host": "127.0.0.1", "port": 9}
     assert deploy["grpc_options"]["port"] == 10
     (app,) = deploy["applications"]
-    assert app["import_path"] == "serve_app.app:build_app" and app["route_prefix"] == "/"
+    assert app["import_path"] == "serve_app.serve:build_app" and app["route_prefix"] == "/"
     assert AppConfig.model_validate(app["args"]) == cfg  # survives the trip through JSON
     assert AppConfig.model_validate(app["args"]).colocated  # one CPU model: the fast shape
 

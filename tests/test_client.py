@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from serve_app.client import ClientError, EmbeddingClient, _write, read_texts, read_vectors
+from serve_app.tools.client import ClientError, EmbeddingClient, _write, read_texts, read_vectors
 
 
 def test_reads_lines_jsonl_and_parquet(tmp_path):

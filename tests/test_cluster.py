@@ -106,7 +106,7 @@ def test_serve_autoscales_the_model_up_and_back_down(cluster):
     """Under a bounded load the model deployment grows from 1 replica, then shrinks back."""
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.serve.app import build_app
 
     app = build_app({"models": [{"name": "embedding", "deployment": {
         "num_replicas": None, "num_cpus": 0.5,
@@ -154,7 +154,7 @@ def test_replicas_pinned_to_a_node_and_what_users_see_when_it_goes(cluster, engi
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.serve.app import build_app
 
     app = build_app({
         "models": [{"name": "embedding",

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from serve_app.errors import InvalidInput
-from serve_app.proto import inference_pb2 as pb
-from serve_app.protocols import openai as oai
-from serve_app.protocols.common import check_texts
-from serve_app.protocols.v2_codec import fp32_bytes, join_bytes_tensor
-from serve_app.protocols.v2_grpc import _contents, to_request
+from serve_app.frontend.http import openai as oai
+from serve_app.frontend.http.common import check_texts
+from serve_app.frontend.v2.codec import fp32_bytes, join_bytes_tensor
+from serve_app.frontend.v2.proto import inference_pb2 as pb
+from serve_app.frontend.v2.servicer import _contents, to_request
 from serve_app.types import EmbedResult
 from tests.helpers import FakeBackend, app_client, fake_vector
 

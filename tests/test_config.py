@@ -8,8 +8,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.app import build_app
-from serve_app.config import AppConfig, DeploymentOptions
+from serve_app.config.schema import AppConfig, DeploymentOptions
+from serve_app.serve.app import build_app
 from tests.helpers import assert_valid_serve_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from serve_app.metrics import Metrics
+from serve_app.frontend.metrics import Metrics
 from tests.helpers import REPO, app_client, replica
 
 sys.path.insert(0, str(REPO / "scripts"))

@@ -35,7 +35,7 @@ def server(tmp_path_factory, tiny_model, ports):
     other = {
         "name": "other",
         "route_prefix": "/other",
-        "import_path": "serve_app.app:build_app",
+        "import_path": "serve_app.serve:build_app",
         "args": {"models": [{"name": "other-tiny", "model_id": str(tiny_model(pooling="max")),
                              "deployment": {"num_cpus": 0.5}}]},
     }
@@ -158,8 +158,8 @@ def test_every_protocol_gives_the_same_vector(server, oai):
 
 
 def test_second_model_is_routed_by_name(server, tiny_model):
-    from serve_app.config import ModelConfig
-    from serve_app.engine import EmbeddingEngine
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.embedding import EmbeddingEngine
 
     local = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="cls"))))
     r = httpx.post(f"{server}/v1/embeddings", json={"model": "tiny", "input": [SENTENCE]}).json()
@@ -291,8 +291,8 @@ def test_tritonclient_grpc(grpc_target, reference):
 def test_grpcio_stub_every_method_and_both_styles(grpc_target, server):
     import grpc
 
-    from serve_app.proto import inference_pb2 as pb
-    from serve_app.proto import inference_pb2_grpc as pb_grpc
+    from serve_app.frontend.v2.proto import inference_pb2 as pb
+    from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
     from tests.helpers import infer_request
 
     app = (("application", "serve_app"),)  # two applications run here (see above)
@@ -333,7 +333,7 @@ def test_grpcio_stub_every_method_and_both_styles(grpc_target, server):
 def test_grpc_application_metadata_routes_to_other_apps(grpc_target):
     import grpc
 
-    from serve_app.proto import inference_pb2_grpc as pb_grpc
+    from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
     from tests.helpers import infer_request
 
     with grpc.insecure_channel(grpc_target) as channel:
@@ -361,9 +361,9 @@ def test_api_keys_through_serve(tmp_path, tiny_model):
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [
-            "serve_app.protocols.v2_grpc.add_inference_servicer"]},
+            "serve_app.frontend.v2.add_inference_servicer"]},
         "applications": [{
-            "name": "serve_app", "route_prefix": "/", "import_path": "serve_app.app:build_app",
+            "name": "serve_app", "route_prefix": "/", "import_path": "serve_app.serve:build_app",
             "args": {"models": [{"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
                                  "deployment": {"num_cpus": 0.5}}],
                      "auth": {"api_keys_env": "SERVE_APP_TEST_KEYS"}},

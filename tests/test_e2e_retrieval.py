@@ -16,8 +16,8 @@ from sentence_transformers import CrossEncoder, SentenceTransformer
 from sentence_transformers.util import quantize_embeddings
 from tritonclient.utils import InferenceServerException
 
-from serve_app.client import BULK_PRIORITY, EmbeddingClient
-from serve_app.quantize import calibration_texts
+from serve_app.engine.quantize import calibration_texts
+from serve_app.tools.client import BULK_PRIORITY, EmbeddingClient
 from tests.helpers import (
     SENTENCE,
     TEXTS,
@@ -136,7 +136,7 @@ def test_rerank_routes_with_httpx(server, scores):
 
 
 def _st_empty() -> np.ndarray:
-    from serve_app.model_files import resolve_model_dir
+    from serve_app.engine.model_files import resolve_model_dir
 
     minilm = resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2")
     return SentenceTransformer(str(minilm), device="cpu").encode(["", SENTENCE])

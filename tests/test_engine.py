@@ -7,10 +7,10 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from serve_app.config import ModelConfig
-from serve_app.engine import EmbeddingEngine, plan_batches, pool
+from serve_app.config.schema import ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine, plan_batches, pool
+from serve_app.engine.quantize import reduce_dimensions
 from serve_app.errors import InvalidInput, ModelLoadError
-from serve_app.quantize import reduce_dimensions
 from tests.helpers import SENTENCE
 
 TEXTS = [

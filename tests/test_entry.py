@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from serve_app.engine import plan_parallelism
-from serve_app.proto import inference_pb2_grpc as pb_grpc
+from serve_app.engine.embedding import plan_parallelism
+from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
 from tests.helpers import REPO, SENTENCE, Server, free_port, infer_request, start_server
 
 pytestmark = pytest.mark.e2e

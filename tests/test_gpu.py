@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from serve_app.proto import inference_pb2_grpc as pb_grpc
+from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
 from tests.helpers import REPO, TEXTS, free_port, infer_request, start_server
 
 pytestmark = [
@@ -65,10 +65,10 @@ def test_reranker_prompts_and_int8_in_fp16_on_gpu(cross_encoder, prompted_minilm
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.util import quantize_embeddings
 
-    from serve_app.config import ModelConfig
-    from serve_app.engine import EmbeddingEngine
-    from serve_app.quantize import calibration_texts
-    from serve_app.reranker import RerankEngine
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.embedding import EmbeddingEngine
+    from serve_app.engine.quantize import calibration_texts
+    from serve_app.engine.reranker import RerankEngine
 
     query = "what do cats eat"
     docs = ["Cats are carnivores and eat meat.", "The stock market fell today.", "word " * 200]

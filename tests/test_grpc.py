@@ -8,11 +8,11 @@ import grpc
 import numpy as np
 import pytest
 
-from serve_app.context import ServerContext
-from serve_app.dataplane import DataPlane
-from serve_app.proto import inference_pb2 as pb
-from serve_app.protocols.v2_codec import join_bytes_tensor
-from serve_app.protocols.v2_grpc import _contents
+from serve_app.frontend.context import ServerContext
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.v2.codec import join_bytes_tensor
+from serve_app.frontend.v2.proto import inference_pb2 as pb
+from serve_app.frontend.v2.servicer import _contents
 from tests.helpers import (
     REPO,
     SENTENCE,
@@ -200,8 +200,8 @@ def test_generated_modules_match_the_proto(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts" / "gen_proto.py"), str(tmp_path)],
                    check=True, capture_output=True)
     for name in ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py"):
-        fresh = (tmp_path / "serve_app" / "proto" / name).read_text()
-        assert fresh == (REPO / "serve_app" / "proto" / name).read_text(), name
+        fresh = (tmp_path / "serve_app" / "frontend" / "v2" / "proto" / name).read_text()
+        assert fresh == (REPO / "serve_app" / "frontend" / "v2" / "proto" / name).read_text(), name
 
 
 @pytest.mark.parametrize("order", ["tritonclient first", "serve_app first"])
@@ -209,15 +209,15 @@ def test_coexists_with_tritonclient_in_one_process(order):
     """Both register inference.* message types; ours live in a private descriptor pool."""
     import subprocess
 
-    ours = "from serve_app.proto import inference_pb2, inference_pb2_grpc"
+    ours = "from serve_app.frontend.v2.proto import inference_pb2, inference_pb2_grpc"
     theirs = "import tritonclient.grpc"
     code = "; ".join([theirs, ours] if order == "tritonclient first" else [ours, theirs])
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_grpc_reaches_each_version(engine, tiny_model):
-    from serve_app.config import ModelConfig
-    from serve_app.engine import EmbeddingEngine
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.embedding import EmbeddingEngine
 
     tiny = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="cls"))))
     dataplane = DataPlane({"embedding": replica(engine)}, versions={"embedding": "1"},

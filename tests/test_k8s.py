@@ -20,9 +20,9 @@ import pytest
 import ray
 import yaml
 
-from serve_app.__main__ import config_from_args
-from serve_app.app import build_app
-from serve_app.config import AppConfig
+from serve_app.config.schema import AppConfig
+from serve_app.launch.cli import config_from_args
+from serve_app.serve.app import build_app
 from tests.helpers import BIN, REPO, assert_valid_serve_config
 
 SCHEMAS = REPO.parent / "shared" / "schemas"

@@ -8,9 +8,9 @@ import json
 import orjson
 import pytest
 
-from serve_app.config import AppConfig, CorsOptions, LimitOptions
-from serve_app.dataplane import DataPlane
-from serve_app.protocols.v2_codec import join_bytes_tensor
+from serve_app.config.schema import AppConfig, CorsOptions, LimitOptions
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.v2.codec import join_bytes_tensor
 from serve_app.types import EmbedRequest
 from tests.helpers import FakeBackend, app_client, replica
 
@@ -147,7 +147,7 @@ def test_request_id_is_echoed_or_created(client):
 
 
 def test_access_log_has_ids_and_no_text(engine, caplog):
-    from serve_app.http import access_log
+    from serve_app.frontend.http.app import access_log
     secret = "my private medical note"
     with app_client({"embedding": replica(engine)}) as c, \
             caplog.at_level("INFO", access_log.name):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from ray.data._internal.execution.interfaces.task_context import TaskContext
 from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
 
-from serve_app.offline import ordered_parquet_sink
+from serve_app.tools.offline import ordered_parquet_sink
 from serve_app.types import BULK_PRIORITY
 
 
@@ -41,9 +41,9 @@ def test_embed_batch_applies_the_prompt_name(prompted_minilm):
     import pytest
     from sentence_transformers import SentenceTransformer
 
-    from serve_app.config import ModelConfig
+    from serve_app.config.schema import ModelConfig
     from serve_app.errors import InvalidInput
-    from serve_app.offline import EmbedBatch
+    from serve_app.tools.offline import EmbedBatch
 
     cfg = ModelConfig(model_id=str(prompted_minilm))
     texts = ["a corpus passage about cats", "another passage"]
@@ -59,11 +59,11 @@ def test_job_command_line_passes_the_prompt_name(tmp_path, monkeypatch):
     import ray
     import yaml
 
-    from serve_app import offline
+    from serve_app.tools import offline
 
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
-        "name": "serve_app", "import_path": "serve_app.app:build_app", "args": {}}]}))
+        "name": "serve_app", "import_path": "serve_app.serve:build_app", "args": {}}]}))
     seen = {}
     monkeypatch.setattr(ray, "init", lambda **kw: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
@@ -82,11 +82,11 @@ def test_job_command_line_passes_the_prompt_name(tmp_path, monkeypatch):
 def test_job_workers_run_at_the_niceness_of_their_level(minilm_dir):
     """A worker at the bulk level runs niced (in a process of its own: niceness only rises);
     the highest level and none leave it as it is."""
-    from serve_app.offline import niceness
+    from serve_app.tools.offline import niceness
 
     assert [niceness(x) for x in (0, 1, 2, 10, 1000)] == [0, 0, 1, 9, 19]
-    code = ("import os; from serve_app.config import ModelConfig; "
-            "from serve_app.offline import EmbedBatch; "
+    code = ("import os; from serve_app.config.schema import ModelConfig; "
+            "from serve_app.tools.offline import EmbedBatch; "
             f"EmbedBatch(ModelConfig(model_id={str(minilm_dir)!r}), 'text', 1, priority={{}}); "
             "print(os.nice(0))")
     for level, want in ((10, 9), (0, 0)):
@@ -98,8 +98,8 @@ def test_job_workers_run_at_the_niceness_of_their_level(minilm_dir):
 def test_job_refuses_a_reranker():
     import pytest
 
-    from serve_app.config import ModelConfig
-    from serve_app.offline import embed_dataset
+    from serve_app.config.schema import ModelConfig
+    from serve_app.tools.offline import embed_dataset
 
     with pytest.raises(ValueError, match="rerank model"):
         embed_dataset("in", "out", ModelConfig(name="ce", task="rerank"))

@@ -7,9 +7,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from serve_app.context import ServerContext
-from serve_app.dataplane import DataPlane
-from serve_app.metrics import Metrics
+from serve_app.frontend.context import ServerContext
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.metrics import Metrics
 from tests.helpers import FakeBackend, app_client, grpc_serving, infer_request, sample, scrape
 
 OAI = "/v1/embeddings"

@@ -11,9 +11,9 @@ import numpy as np
 import orjson
 import pytest
 
-from serve_app.config import ModelConfig
-from serve_app.engine import EmbeddingEngine
-from serve_app.protocols.v2_codec import join_bytes_tensor
+from serve_app.config.schema import ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.frontend.v2.codec import join_bytes_tensor
 from tests.helpers import SENTENCE, FakeBackend, app_client, replica, sample, scrape
 
 

@@ -11,18 +11,18 @@ import pytest
 from sentence_transformers import CrossEncoder, SentenceTransformer
 from sentence_transformers.util import quantize_embeddings
 
-from serve_app.config import ModelConfig
-from serve_app.dataplane import resolve_prompt
-from serve_app.engine import EmbeddingEngine
-from serve_app.errors import InvalidInput, ModelLoadError
-from serve_app.quantize import (
+from serve_app.config.schema import ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.engine.quantize import (
     Calibration,
     calibration_texts,
     quantize,
     ranges_of,
     reduce_dimensions,
 )
-from serve_app.reranker import RerankEngine
+from serve_app.engine.reranker import RerankEngine
+from serve_app.errors import InvalidInput, ModelLoadError
+from serve_app.frontend.dataplane import resolve_prompt
 from serve_app.types import NO_PROMPT, EmbedRequest, ModelInfo, RerankRequest
 from tests.helpers import SENTENCE, TEXTS, replica
 

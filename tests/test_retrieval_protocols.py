@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from sentence_transformers import CrossEncoder, SentenceTransformer
 
-from serve_app.config import LimitOptions, ModelConfig
-from serve_app.dataplane import DataPlane
-from serve_app.engine import EmbeddingEngine
-from serve_app.proto import inference_pb2 as pb
-from serve_app.protocols.v2_codec import join_bytes_tensor
-from serve_app.reranker import RerankEngine
+from serve_app.config.schema import LimitOptions, ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.engine.reranker import RerankEngine
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.v2.codec import join_bytes_tensor
+from serve_app.frontend.v2.proto import inference_pb2 as pb
 from tests.helpers import SENTENCE, app_client, grpc_serving, infer_request, replica
 
 QUERY = "what do cats eat"

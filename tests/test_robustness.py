@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import yaml
 
-from serve_app.proto import inference_pb2 as pb
-from serve_app.proto import inference_pb2_grpc as pb_grpc
-from serve_app.protocols.v2_codec import join_bytes_tensor
+from serve_app.frontend.v2.codec import join_bytes_tensor
+from serve_app.frontend.v2.proto import inference_pb2 as pb
+from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
 from tests.helpers import SENTENCE, free_port, infer_request, serve_config, start_server
 
 pytestmark = pytest.mark.e2e
@@ -311,7 +311,7 @@ def test_client_cli_embeds_a_file_in_order_through_429s(server, corpus, tmp_path
     path, _, expected = corpus
     out = tmp_path / "vectors.npy"
     run = subprocess.run(
-        [sys.executable, "-m", "serve_app.client", str(path), str(out), "--url", server,
+        [sys.executable, "-m", "serve_app.tools.client", str(path), str(out), "--url", server,
          "--batch-size", "32", "--concurrency", "3", "--no-progress"],
         capture_output=True, text=True, timeout=600, check=True)
     report = json.loads(run.stdout.strip().splitlines()[-1])
@@ -324,7 +324,7 @@ def test_client_cli_embeds_a_file_in_order_through_429s(server, corpus, tmp_path
 
 
 def test_client_resume_sends_only_missing_batches(server, corpus, tmp_path):
-    from serve_app.client import EmbeddingClient
+    from serve_app.tools.client import EmbeddingClient
 
     path, _, expected = corpus
     client = EmbeddingClient(server, batch_size=60, concurrency=2)
@@ -337,7 +337,7 @@ def test_client_resume_sends_only_missing_batches(server, corpus, tmp_path):
         np.save(partial / f"{i}.npy", np.zeros((60, 384), np.float32))
     done = client.embed_file(path, out, resume=True)
     assert (done.skipped, done.batches, done.inputs) == (3, 47, 2820)
-    from serve_app.client import read_vectors
+    from serve_app.tools.client import read_vectors
     vectors = read_vectors(out)
     kept = np.zeros(3000, bool)
     for i in (0, 5, 49):
@@ -348,7 +348,7 @@ def test_client_resume_sends_only_missing_batches(server, corpus, tmp_path):
 
 @pytest.mark.parametrize("protocol", ["v2", "grpc"])
 def test_client_other_protocols_give_the_same_vectors(server, ports, corpus, protocol):
-    from serve_app.client import EmbeddingClient
+    from serve_app.tools.client import EmbeddingClient
 
     _, texts, expected = corpus
     url = server if protocol == "v2" else f"127.0.0.1:{ports['grpc']}"
@@ -366,7 +366,7 @@ def test_ray_data_job_rows_equal_the_served_vectors(server, corpus, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from serve_app.client import EmbeddingClient
+    from serve_app.tools.client import EmbeddingClient
 
     _, texts, _ = corpus
     texts = texts[:600]
@@ -374,13 +374,13 @@ def test_ray_data_job_rows_equal_the_served_vectors(server, corpus, tmp_path):
     pq.write_table(pa.table({"id": list(range(600)), "body": texts}), source)
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
-        "name": "serve_app", "import_path": "serve_app.app:build_app",
+        "name": "serve_app", "import_path": "serve_app.serve:build_app",
         "args": {"models": [{"name": "embedding", "deployment": {"num_cpus": 1}}]}}]}))
     out = tmp_path / "vectors"
     env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1",
            "RAY_USAGE_STATS_ENABLED": "0"}
     run = subprocess.run(
-        [sys.executable, "-m", "serve_app.offline", "--config", str(config), "--input",
+        [sys.executable, "-m", "serve_app.tools.offline", "--config", str(config), "--input",
          str(source), "--column", "body", "--output", str(out), "--workers", "2",
          "--num-cpus", "0.5", "--batch-size", "64"],
         capture_output=True, text=True, timeout=600, env=env)

@@ -67,8 +67,8 @@ async def load(url: str, stop: asyncio.Event, log: list[tuple[float, int, np.nda
 def test_update_and_rollback_under_load_drop_nothing(tmp_path, tiny_model):
     """Version A (mean pooling) is updated to B (CLS pooling: different vectors, as a new model
     revision would give) and rolled back to A, each while 4 clients send requests."""
-    from serve_app.config import ModelConfig
-    from serve_app.engine import EmbeddingEngine
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.embedding import EmbeddingEngine
 
     a_dir, b_dir = str(tiny_model(pooling="mean")), str(tiny_model(pooling="cls"))
     vec = {k: EmbeddingEngine(ModelConfig(model_id=d)).embed([TEXT])[0][0]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from serve_app.errors import DeadlineExceeded, Overloaded
-from serve_app.replica import INLINE_TOKENIZE_CHARS, ModelReplica
-from serve_app.scheduler import FAIR_EVERY, BatchQueue, Work
+from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
+from serve_app.runtime.runner import INLINE_TOKENIZE_CHARS, ModelRunner
 from serve_app.types import EmbedRequest
 
 
@@ -281,7 +281,7 @@ def test_replica_embeds_large_requests_in_passes_and_applies_dimensions(engine):
     texts = tuple(f"sentence number {i}" for i in range(70))
 
     async def main():
-        model = ModelReplica(engine, "m")
+        model = ModelRunner(engine, "m")
         full = await model.embed(EmbedRequest(model="m", inputs=texts))
         cut = await model.embed(EmbedRequest(model="m", inputs=texts[:3], dimensions=8))
         return model, full, cut
@@ -305,7 +305,7 @@ def test_replica_refuses_past_its_input_bound_at_once_and_recovers(engine):
     work finishes the bound is free again."""
     async def main():
         gate = Gate()
-        model = ModelReplica(engine, "m", max_queued_inputs=50)
+        model = ModelRunner(engine, "m", max_queued_inputs=50)
         model.queue = BatchQueue(gate, max_batch_size=64, max_batch_tokens=100_000)
         held = asyncio.create_task(model.embed(EmbedRequest(model="m", inputs=("a",) * 40)))
         await gate.started()
@@ -326,7 +326,7 @@ def test_replica_refuses_past_its_input_bound_at_once_and_recovers(engine):
 
 def test_replica_drops_a_request_whose_deadline_passed(engine):
     with pytest.raises(DeadlineExceeded):
-        asyncio.run(ModelReplica(engine, "m").embed(
+        asyncio.run(ModelRunner(engine, "m").embed(
             EmbedRequest(model="m", inputs=("x",), deadline=time.time() - 1)))
 
 
@@ -343,7 +343,7 @@ def test_short_requests_are_tokenized_on_the_loop_long_ones_on_the_pool(engine, 
     long = ("word " * (INLINE_TOKENIZE_CHARS // 5 + 1),)
 
     async def main():
-        model = ModelReplica(engine, "m")
+        model = ModelRunner(engine, "m")
         for inputs in (short, long):
             await model.embed(EmbedRequest(model="m", inputs=inputs))
 
@@ -368,7 +368,7 @@ def test_forward_sets_torch_threads_for_its_calling_thread_only(engine):
 def test_plan_parallelism():
     import torch
 
-    from serve_app.engine import plan_parallelism
+    from serve_app.engine.embedding import plan_parallelism
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert plan_parallelism(1, cpu) == (1, 1)

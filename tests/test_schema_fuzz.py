@@ -13,11 +13,11 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from serve_app.config import LimitOptions, ModelConfig
-from serve_app.context import ServerContext
-from serve_app.dataplane import DataPlane
-from serve_app.engine import EmbeddingEngine
-from serve_app.http import create_http_app
+from serve_app.config.schema import LimitOptions, ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.frontend.context import ServerContext
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.http.app import create_http_app
 from tests.helpers import replica
 
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from serve_app.errors import InvalidInput
-from serve_app.protocols.v2_codec import (
+from serve_app.frontend.v2.codec import (
     check_outputs,
     fp32_bytes,
     infer_options,

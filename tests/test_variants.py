@@ -1,4 +1,4 @@
-"""Variants without Ray: their configuration, a replica's family of them (load, check against
+"""Variants without Ray: their configuration, a replica's host of them (load, check against
 the base, bounded wait, reports), lazy calibration, shared forward threads, and their metrics.
 The routing and eviction Serve does are tested through a real server in test_e2e_variants.py."""
 
@@ -16,16 +16,16 @@ from pydantic import ValidationError
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import quantize_embeddings
 
-from serve_app.config import AppConfig, ModelConfig
-from serve_app.engine import EmbeddingEngine
+from serve_app.config.schema import AppConfig, ModelConfig
+from serve_app.config.variants import VariantOptions
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.engine.reranker import RerankEngine
 from serve_app.errors import Misrouted, ModelNotFound, ModelNotReady, Overloaded
-from serve_app.family import Family, Residency, Variant, describe, differences
-from serve_app.metrics import Metrics
-from serve_app.replica import ModelReplica, Shared
-from serve_app.reranker import RerankEngine
-from serve_app.scheduler import BatchQueue, Work
+from serve_app.frontend.metrics import Metrics
+from serve_app.runtime.batch_queue import BatchQueue, Work
+from serve_app.runtime.runner import ModelRunner, ReplicaResources
+from serve_app.runtime.variants import Residency, Variant, VariantHost, describe, differences
 from serve_app.types import EmbedRequest, RerankRequest, VariantReport
-from serve_app.variants import VariantOptions
 from tests.helpers import TEXTS, make_variants, sample, scrape
 
 CORPUS = [f"calibration sentence {i} about {w}" for i, w in
@@ -86,97 +86,97 @@ def test_variant_names_are_unique_across_the_app_and_never_colocated():
     assert AppConfig(models=[{}]).colocated
 
 
-# -- a replica's family ----------------------------------------------------------------------
+# -- a replica's host ----------------------------------------------------------------------
 
-def _family(checkpoints, load_timeout_s: float = 30.0) -> tuple[Family, ModelReplica]:
+def _host(checkpoints, load_timeout_s: float = 30.0) -> tuple[VariantHost, ModelRunner]:
     cfg = ModelConfig(calibration_corpus=str(checkpoints["corpus"]), variants={
         "directory": str(checkpoints["dir"]), "load_timeout_s": load_timeout_s,
         "models": [str(checkpoints["cls-pooled"]), "/no/such/checkpoint"]})
-    shared = Shared.of(1, 4096)
+    shared = ReplicaResources.of(1, 4096)
     engine = EmbeddingEngine(cfg, num_threads=1)
     engine.warmup(1)
-    base = ModelReplica(engine, cfg.name, shared=shared)
+    base = ModelRunner(engine, cfg.name, shared=shared)
 
-    def build(variant: ModelConfig) -> ModelReplica:
+    def build(variant: ModelConfig) -> ModelRunner:
         engine = EmbeddingEngine(variant, num_threads=1)
-        return ModelReplica(engine, variant.name, variant.version, shared=shared)
+        return ModelRunner(engine, variant.name, variant.version, shared=shared)
 
-    return Family(cfg, base.engine.info(cfg.name, cfg.version), build, "replica-1"), base
+    return VariantHost(cfg, base.engine.info(cfg.name, cfg.version), build, "replica-1"), base
 
 
 def test_a_variant_loads_as_its_own_model_and_reports_it(checkpoints):
-    family, _ = _family(checkpoints)
+    host, _ = _host(checkpoints)
 
     async def go():
-        variant = await family.load("alpha")
+        variant = await host.load("alpha")
         return variant, await variant.model.embed(EmbedRequest("alpha", tuple(TEXTS)))
 
     variant, result = asyncio.run(go())
     st = SentenceTransformer(str(checkpoints["alpha"]), device="cpu")
     np.testing.assert_allclose(result.embeddings, st.encode(TEXTS), atol=1e-5)
     assert variant.model.engine.calibration is None  # calibrated on first int8 use only
-    report = family.report()
-    assert report.family == "embedding" and report.replica == "replica-1"
+    report = host.report()
+    assert report.base == "embedding" and report.replica == "replica-1"
     assert report.resident == ("alpha",) and report.evictions == ()
     [(name, seconds, ok)] = report.loads
     assert name == "alpha" and ok and 0 < seconds < 30
-    assert family.report().loads == ()  # each load reported once
-    assert family.stats()["loads"] == 1 and family.stats()["resident"] == ["alpha"]
+    assert host.report().loads == ()  # each load reported once
+    assert host.stats()["loads"] == 1 and host.stats()["resident"] == ["alpha"]
 
 
 def test_an_evicted_variant_is_counted_once(checkpoints):
-    family, _ = _family(checkpoints)
-    variant = asyncio.run(family.load("beta"))
+    host, _ = _host(checkpoints)
+    variant = asyncio.run(host.load("beta"))
     variant.__del__()  # Serve's multiplexer evicting it
     variant.__del__()  # Python, when the object goes
-    report = family.report()
+    report = host.report()
     assert report.evictions == ("beta",) and report.resident == ()
-    assert family.stats()["evictions"] == 1
+    assert host.stats()["evictions"] == 1
 
 
 def test_a_variant_that_differs_from_its_base_or_cannot_load_is_its_callers_error(checkpoints):
-    family, _ = _family(checkpoints)
+    host, _ = _host(checkpoints)
     with pytest.raises(ModelNotReady, match="not a variant of 'embedding': pooling 'cls' where "
                                             "the base has 'mean'"):
-        asyncio.run(family.load("cls-pooled"))
+        asyncio.run(host.load("cls-pooled"))
     with pytest.raises(ModelNotReady, match="variant 'checkpoint' failed to load"):
-        asyncio.run(family.load("checkpoint"))
+        asyncio.run(host.load("checkpoint"))
     with pytest.raises(ModelNotFound, match="has no variant 'gamma'"):
-        asyncio.run(family.load("gamma"))
-    assert [ok for _, _, ok in family.report().loads] == [False, False]
-    assert family.stats()["failed_loads"] == 2 and family.resident == {}
-    asyncio.run(family.load("alpha"))  # the family itself is fine
+        asyncio.run(host.load("gamma"))
+    assert [ok for _, _, ok in host.report().loads] == [False, False]
+    assert host.stats()["failed_loads"] == 2 and host.resident == {}
+    asyncio.run(host.load("alpha"))  # the host itself is fine
 
 
 def test_a_cold_request_waits_for_the_load_only_so_long(checkpoints):
-    family, base = _family(checkpoints, load_timeout_s=0.2)
+    host, base = _host(checkpoints, load_timeout_s=0.2)
     started = []
 
     async def slow_load(name: str) -> Variant:
         started.append(name)
         await asyncio.sleep(0.5)
-        return Variant(name, base, family)
+        return Variant(name, base, host)
 
     async def go():
         t0 = time.perf_counter()
         with pytest.raises(ModelNotReady, match=r"still loading after 0.2s"):
-            await family.get("alpha", slow_load)
+            await host.get("alpha", slow_load)
         assert time.perf_counter() - t0 < 0.45
         await asyncio.sleep(0.4)  # the load went on without its first caller
-        return await family.get("alpha", lambda name: asyncio.sleep(0, Variant(name, base,
-                                                                               family)))
+        return await host.get("alpha", lambda name: asyncio.sleep(0, Variant(name, base,
+                                                                               host)))
 
     assert asyncio.run(go()) is base
     assert started == ["alpha"]
 
 
 def test_describe_a_variant_from_its_base(checkpoints):
-    family, _ = _family(checkpoints)
-    info = describe(family.base, "alpha", "/models/alpha")
+    host, _ = _host(checkpoints)
+    info = describe(host.base, "alpha", "/models/alpha")
     assert (info.name, info.model_id, info.variant_of) == ("alpha", "/models/alpha", "embedding")
-    assert info.dim == family.base.dim and info.int8_ranges is None
-    assert family.base.int8_ranges is not None  # the base calibrated when it warmed up
-    assert differences(family.base, info) == []
+    assert info.dim == host.base.dim and info.int8_ranges is None
+    assert host.base.int8_ranges is not None  # the base calibrated when it warmed up
+    assert differences(host.base, info) == []
 
 
 def test_residency_follows_each_replicas_latest_report():
@@ -191,28 +191,28 @@ def test_residency_follows_each_replicas_latest_report():
 
 
 def test_a_replica_sends_back_a_variant_another_replica_holds(checkpoints):
-    family, _ = _family(checkpoints)  # this replica: "replica-1"
+    host, _ = _host(checkpoints)  # this replica: "replica-1"
     cache: dict[str, Variant] = {}  # what Serve's multiplexer keeps
 
     async def load(name: str) -> Variant:
         if name not in cache:
-            cache[name] = await family.load(name)
+            cache[name] = await host.load(name)
         return cache[name]
 
     with pytest.raises(Misrouted, match="held by another replica"):
-        asyncio.run(family.get("alpha", load, ("replica-2",)))
-    assert family.stats()["loads"] == 0
+        asyncio.run(host.get("alpha", load, ("replica-2",)))
+    assert host.stats()["loads"] == 0
     # told of no holder, or named among them (it held it once): it loads it
-    assert asyncio.run(family.get("alpha", load, ())).engine.dim == 384
-    assert asyncio.run(family.get("beta", load, ("replica-1", "replica-2"))).engine.dim == 384
+    assert asyncio.run(host.get("alpha", load, ())).engine.dim == 384
+    assert asyncio.run(host.get("beta", load, ("replica-1", "replica-2"))).engine.dim == 384
     # held here: served whatever the ingress heard
-    assert asyncio.run(family.get("alpha", load, ("replica-2",))) is cache["alpha"].model
-    assert family.stats()["loads"] == 2
+    assert asyncio.run(host.get("alpha", load, ("replica-2",))) is cache["alpha"].model
+    assert host.stats()["loads"] == 2
 
 
 def test_a_variant_calibrates_once_on_its_first_int8_request(checkpoints):
-    family, _ = _family(checkpoints)
-    variant = asyncio.run(family.load("alpha")).model
+    host, _ = _host(checkpoints)
+    variant = asyncio.run(host.load("alpha")).model
     engine = variant.engine
     assert isinstance(engine, EmbeddingEngine)
     calls = []
@@ -276,8 +276,8 @@ def test_variant_metrics_from_answers_and_errors():
 
 
 def test_a_replica_holds_one_input_bound_for_its_base_and_variants(engine):
-    shared = Shared.of(1, 5)
-    base, variant = (ModelReplica(engine, name, shared=shared) for name in ("base", "variant"))
+    shared = ReplicaResources.of(1, 5)
+    base, variant = (ModelRunner(engine, name, shared=shared) for name in ("base", "variant"))
     with base._admit("base", 4):
         with pytest.raises(Overloaded, match="4 of 5 inputs held"), variant._admit("variant", 2):
             pass
@@ -303,21 +303,21 @@ def test_a_rerankers_variants_score_as_their_own_checkpoints(cross_encoder, tmp_
             (variant_dir / f.name).symlink_to(f)
     cfg = ModelConfig(name="ranker", model_id=str(base_dir), task="rerank",
                       variants={"models": [str(variant_dir)]})
-    shared = Shared.of(1, 4096)
-    base = ModelReplica(RerankEngine(cfg, num_threads=1), "ranker", shared=shared)
+    shared = ReplicaResources.of(1, 4096)
+    base = ModelRunner(RerankEngine(cfg, num_threads=1), "ranker", shared=shared)
 
-    def build(variant: ModelConfig) -> ModelReplica:
-        return ModelReplica(RerankEngine(variant, num_threads=1), variant.name, shared=shared)
+    def build(variant: ModelConfig) -> ModelRunner:
+        return ModelRunner(RerankEngine(variant, num_threads=1), variant.name, shared=shared)
 
-    family = Family(cfg, base.engine.info("ranker", "1"), build)
+    host = VariantHost(cfg, base.engine.info("ranker", "1"), build)
     docs = ("cats eat meat", "stocks fell")
 
     async def go():
-        variant = await family.load("ranker-ft")
+        variant = await host.load("ranker-ft")
         return await variant.model.rerank(RerankRequest("ranker-ft", "what do cats eat", docs))
 
     scores = asyncio.run(go()).scores
     want = CrossEncoder(str(variant_dir), device="cpu").predict(
         [("what do cats eat", d) for d in docs])
     np.testing.assert_allclose(scores, want, atol=1e-5)
-    assert describe(family.base, "ranker-ft", str(variant_dir)).task == "rerank"
+    assert describe(host.base, "ranker-ft", str(variant_dir)).task == "rerank"

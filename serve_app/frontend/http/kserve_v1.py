@@ -1,0 +1,97 @@
+"""KServe V1: ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}:predict``.
+
+Errors are ``{"error": "<message>"}``. ``GET /v1/models`` and ``GET /v1/models/{name}`` also carry
+the OpenAI model-list fields, so KServe and OpenAI clients both find theirs on one path.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from serve_app.errors import InvalidInput, ModelNotReady
+from serve_app.frontend.http.common import (
+    check_texts,
+    dataplane_of,
+    error_route_class,
+    json_response,
+    kserve_error,
+    model_card,
+    parse_json,
+    priority_of,
+    read_body,
+    request_id,
+    respond,
+    timeout_of,
+)
+from serve_app.types import EmbedRequest, deadline
+
+router = APIRouter(route_class=error_route_class(kserve_error), tags=["kserve-v1"])
+
+_PREDICT_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": '{"instances": ["text", ...]} or {"inputs": ["text", ...]}',
+                    "properties": {
+                        "instances": {"type": "array", "items": {"type": "string"}},
+                        "inputs": {"type": "array", "items": {"type": "string"}},
+                        "truncate": {"type": "boolean", "default": True,
+                                     "description": "false: refuse over-long texts (400)"},
+                        "priority": {"type": "integer", "minimum": 0,
+                                     "description": "1 the highest level, larger lower, 0 the "
+                                     "default (1); or the X-Priority header"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    dp = dataplane_of(request)
+    return json_response(
+        {
+            "models": dp.names,
+            "object": "list",
+            "data": [model_card(n, dp.created) for n in dp.names],
+        }
+    )
+
+
+@router.get("/v1/models/{name}")
+async def model_status(name: str, request: Request) -> Response:
+    dp = dataplane_of(request)
+    if not await dp.ready(name):
+        raise ModelNotReady(f"model {name!r} is not ready")
+    return json_response({"name": name, "ready": True, **model_card(name, dp.created)})
+
+
+@router.post("/v1/models/{name}:predict", openapi_extra=_PREDICT_SCHEMA)
+async def predict(name: str, request: Request) -> Response:
+    """``{"instances": [str, ...], "truncate"?: bool}`` -> ``{"predictions": [[float, ...]]}``."""
+    dp = dataplane_of(request)
+    dp.backend(name)
+    data = parse_json(await read_body(request))
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object with 'instances'")
+    if "instances" in data:
+        field = "instances"
+    elif "inputs" in data:
+        field = "inputs"
+    else:
+        raise InvalidInput("request body must have 'instances' (or 'inputs'): a list of strings")
+    texts = check_texts(data[field], field, allow_empty=True)  # "" embeds, as in KServe
+    truncate = data.get("truncate", True)
+    if type(truncate) is not bool:
+        raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
+    req = EmbedRequest(model=name, inputs=texts, truncate=truncate,
+                       request_id=request_id(request), deadline=deadline(timeout_of(request)),
+                       priority=priority_of(request, data.get("priority")))
+    result = await dp.embed(req)
+    return respond(request, name, result,
+                   lambda: json_response({"predictions": result.embeddings}), req.level)

@@ -1,0 +1,164 @@
+"""OpenAI embeddings API: ``POST /v1/embeddings`` (and KServe's ``/openai/v1/embeddings``),
+``GET /openai/v1/models``. Errors are OpenAI error objects, validation errors included."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from serve_app.errors import InvalidInput
+from serve_app.frontend.http.common import (
+    dataplane_of,
+    error_route_class,
+    json_response,
+    model_card,
+    openai_error,
+    parse_json,
+    priority_of,
+    read_body,
+    request_id,
+    respond,
+    timeout_of,
+    validate,
+)
+from serve_app.types import EmbedRequest, EmbedResult, Input, deadline
+
+_INPUT_HELP = (
+    "'input' must be a non-empty string, a non-empty list of strings, a list of token ids, or a "
+    "list of token-id lists"
+)
+
+
+class EmbeddingRequest(BaseModel):
+    """``{"input": str | [str] | [int] | [[int]], "model": str, "encoding_format"?: "float" |
+    "base64" | "int8" | "uint8" | "binary" | "ubinary", "dimensions"?: int, "user"?: str,
+    "prompt_name"?: str, "input_type"?: str}``. Unknown fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="Text(s) or token ids to embed."
+    )
+    model: StrictStr = Field(description="The served model name.")
+    encoding_format: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] = Field(
+        "float", description="float or base64 (float32 bytes), or a compact encoding as "
+        "sentence-transformers' quantize_embeddings makes it, answered as a list of integers: "
+        "int8/uint8 (one per dimension, on the ranges the model's metadata reports), "
+        "binary/ubinary (sign bits packed 8 to a byte, as int8 or uint8).")
+    dimensions: StrictInt | None = Field(None, description="Keep the first N values, renormalize.")
+    user: StrictStr | None = None
+    prompt_name: StrictStr | None = Field(
+        None, description="One of the model's prompts (text-embeddings-inference's field), put "
+        "before each text.")
+    input_type: StrictStr | None = Field(
+        None, description="query or document (also search_query, search_document), as Cohere "
+        "and NVIDIA NIM name it: the model's prompt for that side.")
+    priority: StrictInt | None = Field(
+        None, description="serve_app extension: the level the texts wait at, as in Triton: 1 "
+        "the highest, larger numbers lower, 0 the default (1). The X-Priority header works too.")
+    truncate: StrictBool = Field(
+        True, description="serve_app extension (as in text-embeddings-inference): false refuses "
+        "inputs over the model's token limit with a 400 instead of cutting them."
+    )
+
+
+def _inputs(value: Any) -> tuple[Input, ...]:
+    """The request's ``input`` as internal inputs, with a message that says what to fix."""
+    if isinstance(value, str):
+        if not value:
+            raise InvalidInput("'input' is an empty string", param="input")
+        return (value,)
+    if not isinstance(value, list) or not value:
+        raise InvalidInput(_INPUT_HELP, param="input")
+    first = value[0]
+    if isinstance(first, str):
+        for i, x in enumerate(value):
+            if not isinstance(x, str) or not x:
+                raise InvalidInput(f"'input[{i}]' must be a non-empty string", param="input")
+        return tuple(value)
+    if type(first) is int:
+        if any(type(x) is not int for x in value):
+            raise InvalidInput(_INPUT_HELP, param="input")
+        return (tuple(value),)
+    if isinstance(first, list):
+        out: list[Input] = []
+        for i, seq in enumerate(value):
+            if not isinstance(seq, list) or not seq or any(type(t) is not int for t in seq):
+                raise InvalidInput(
+                    f"'input[{i}]' must be a non-empty list of token ids", param="input"
+                )
+            out.append(tuple(seq))
+        return tuple(out)
+    raise InvalidInput(_INPUT_HELP, param="input")
+
+
+def render_embeddings(result: EmbedResult, model: str, encoding: str) -> Response:
+    vectors = result.embeddings  # int8/uint8 for compact encodings: orjson writes integers
+    if encoding == "base64":
+        le = vectors.astype("<f4", copy=False)
+        items: list[Any] = [base64.b64encode(le[i].tobytes()).decode() for i in range(len(le))]
+    else:
+        items = list(vectors)  # rows stay numpy; orjson writes them without Python floats
+    data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)]
+    tokens = result.prompt_tokens
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+router = APIRouter(route_class=error_route_class(openai_error), tags=["openai"])
+
+_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
+    }
+}
+
+
+@router.post("/v1/embeddings", openapi_extra=_BODY_SCHEMA)
+@router.post("/openai/v1/embeddings", openapi_extra=_BODY_SCHEMA)
+async def create_embeddings(request: Request) -> Response:
+    data = parse_json(await read_body(request))
+    # Check 'input' before pydantic does: its messages for a four-way union are unreadable.
+    inputs = _inputs(data["input"]) if isinstance(data, dict) and "input" in data else ()
+    body = validate(EmbeddingRequest, data)
+    req = EmbedRequest(
+        model=body.model,
+        inputs=inputs,
+        truncate=body.truncate,
+        dimensions=body.dimensions,
+        request_id=request_id(request),
+        deadline=deadline(timeout_of(request)),
+        prompt_name=body.prompt_name,
+        input_type=body.input_type,
+        encoding="float" if body.encoding_format == "base64" else body.encoding_format,
+        priority=priority_of(request, body.priority),
+    )
+    result = await dataplane_of(request).embed(req)
+    return respond(request, body.model, result,
+                   lambda: render_embeddings(result, body.model, body.encoding_format),
+                   req.level)
+
+
+@router.get("/openai/v1/models")
+async def list_models(request: Request) -> Response:
+    dp = dataplane_of(request)
+    return json_response(
+        {"object": "list", "data": [model_card(n, dp.created) for n in dp.names]}
+    )
+
+
+@router.get("/openai/v1/models/{name}")
+async def retrieve_model(name: str, request: Request) -> Response:
+    dp = dataplane_of(request)
+    dp.backend(name)
+    return json_response(model_card(name, dp.created))

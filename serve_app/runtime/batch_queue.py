@@ -1,0 +1,306 @@
+"""The one place a model replica forms forward passes. Plain asyncio, no Ray.
+
+Requests enter as :class:`Work` (one request's token ids) through the replica's ``@serve.batch``
+method (:mod:`serve_app.serve.deployments`) and wait in :class:`BatchQueue`, which forms each pass
+once:
+
+- the highest priority level first (1 is the highest; Triton's convention), and within a level
+  the oldest request first, each request's texts longest first (so a large request's passes pad
+  little); a pass holds one level's work only, so a query never waits inside a pass of bulk
+  texts;
+- no level starves: while lower levels wait, every ``FAIR_EVERY``-th pass serves the level of
+  the oldest waiting request instead, so a lower level gets at least one pass in ``FAIR_EVERY``;
+- at most ``max_batch_size`` texts and ``max_batch_tokens`` padded tokens (texts x the longest
+  one) per pass; a single text over the token budget still gets a pass of its own;
+- work whose caller went away (its task is done or being cancelled) or whose deadline passed is
+  dropped here, the one place a deadline is checked, before it reaches the model.
+
+A pass starts as soon as the model is idle, so while passes run, arrivals pile up and the next
+pass is full: no timer decides when a batch closes. With ``passes`` > 1, that many passes run at
+once on their own threads, each on its share of the replica's torch threads; work of a higher
+level than every running pass starts a pass on a free thread at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serve_app.errors import DeadlineExceeded
+from serve_app.types import DEFAULT_LEVEL
+
+#: While lower levels wait, one pass in this many serves the oldest waiting request's level.
+FAIR_EVERY = 4
+
+Seqs = list[list[int]]
+#: computes one forward pass: token-id sequences -> float32 ``[n, dim]``
+Compute = Callable[[Seqs], np.ndarray]
+
+
+def _expired() -> DeadlineExceeded:
+    return DeadlineExceeded("the request's deadline passed while it waited for the model")
+
+
+@dataclass(eq=False, slots=True)
+class Work:
+    """One request's token-id sequences on their way through the queue.
+
+    ``future`` gets float32 ``[n, dim]`` in input order once every sequence has run, or the
+    error that ended the request. ``owner`` is the task that awaits it: once that task is done
+    or being cancelled, nobody wants the answer. ``deadline`` is wall-clock (``time.time()``).
+    ``level``: its priority level, 1 the highest.
+    """
+
+    seqs: Seqs
+    future: asyncio.Future[np.ndarray]
+    deadline: float | None = None
+    owner: asyncio.Task[Any] | None = None
+    level: int = DEFAULT_LEVEL
+    arrival: int = 0  # the queue's arrival number
+    order: list[int] = field(default_factory=list)  # indices longest first
+    taken: int = 0  # how many of ``order`` are in a pass already
+    left: int = 0  # sequences not computed yet
+    out: np.ndarray | None = None
+    passes: dict[int, float] = field(default_factory=dict)  # pass number -> its seconds
+
+    def __post_init__(self) -> None:
+        self.order = sorted(range(len(self.seqs)), key=lambda i: -len(self.seqs[i]))
+        self.left = len(self.seqs)
+
+    @property
+    def untaken(self) -> int:
+        return len(self.order) - self.taken
+
+    def unwanted(self) -> bool:
+        """The answer is no longer wanted: resolved already, caller gone, or deadline passed."""
+        if self.future.done():
+            return True
+        if self.owner is not None and (self.owner.done() or self.owner.cancelling() > 0):
+            return True
+        return self.deadline is not None and time.time() > self.deadline
+
+    def drop(self) -> None:
+        if not self.future.done():
+            if self.deadline is not None and time.time() > self.deadline:
+                self.future.set_exception(_expired())
+            else:
+                self.future.cancel()
+
+    @property
+    def inference_s(self) -> float:
+        return sum(self.passes.values())
+
+
+@dataclass
+class BatchStats:
+    """The forward passes run so far: how many, with how many texts, and their compute time."""
+
+    passes: int = 0
+    texts: int = 0
+    tokens: int = 0
+    dropped: int = 0
+    sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    nanos: collections.Counter[int] = field(default_factory=collections.Counter)
+
+    def record(self, n: int, tokens: int, seconds: float) -> None:
+        self.passes += 1
+        self.texts += n
+        self.tokens += tokens
+        self.sizes[n] += 1
+        self.nanos[n] += int(seconds * 1e9)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "passes": self.passes,
+            "texts": self.texts,
+            "tokens": self.tokens,
+            "dropped": self.dropped,
+            "mean_batch": self.texts / self.passes if self.passes else 0.0,
+            "max_batch": max(self.sizes) if self.sizes else 0,
+            "batches": [
+                {"batch_size": k, "count": v, "ns": self.nanos[k]}
+                for k, v in sorted(self.sizes.items())
+            ],
+        }
+
+
+Pass = list[tuple[Work, int]]  # (request, index of one of its sequences)
+
+
+class BatchQueue:
+    """Forms forward passes from queued :class:`Work` and runs them (see the module doc).
+
+    ``compute`` runs a pass on one of ``passes`` worker threads. A pass starts whenever none
+    runs; another starts beside running ones only when at least ``max_batch_size // passes``
+    texts wait, so a few stragglers join the next full pass instead of taking a worker (and its
+    cores) for a pass of one text, unless they are of a higher level than every running pass.
+    Passes starting at the same moment split the waiting texts between them. ``solo``, when
+    given, computes a pass that is alone (nothing else runs or waits); no other pass starts
+    until it ends, so it may use every thread of the replica. ``executor``: the threads passes
+    run on, when several queues of one replica (a model's variants) share ``passes`` threads.
+    """
+
+    def __init__(self, compute: Compute, max_batch_size: int, max_batch_tokens: int,
+                 passes: int = 1, solo: Compute | None = None,
+                 executor: ThreadPoolExecutor | None = None) -> None:
+        self._compute = compute
+        self._solo = solo
+        self._max_size = max_batch_size
+        self._max_tokens = max_batch_tokens
+        self._passes = passes
+        self._fill = max(1, max_batch_size // passes)
+        self._waiting: dict[int, collections.deque[Work]] = {}
+        self._queued: collections.Counter[int] = collections.Counter()  # texts waiting by level
+        self._arrivals = itertools.count()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._forming = 0  # workers started whose pass is not formed yet
+        self._running: collections.Counter[int] = collections.Counter()  # passes by level
+        self._passed_over = 0  # passes of a higher level formed while a lower one waited
+        self._solo_running = False
+        self._executor = executor or ThreadPoolExecutor(passes, thread_name_prefix="forward")
+        self.stats = BatchStats()
+        self._unreported: list[tuple[int, int]] = []
+
+    @property
+    def queued(self) -> int:
+        """Texts waiting for a pass."""
+        return self._queued.total()
+
+    def queued_by_level(self) -> dict[int, int]:
+        """Texts waiting for a pass, per priority level."""
+        return {level: n for level, n in sorted(self._queued.items()) if n}
+
+    @property
+    def running(self) -> int:
+        """Passes running (or about to)."""
+        return len(self._workers)
+
+    def put(self, works: Iterable[Work]) -> None:
+        """Queue ``works`` (in order) and start the passes they allow."""
+        for w in works:
+            w.arrival = next(self._arrivals)
+            self._waiting.setdefault(w.level, collections.deque()).append(w)
+            self._queued[w.level] += w.untaken
+        self._start_passes()
+
+    def take_passes(self) -> tuple[tuple[int, int], ...]:
+        """The (texts, tokens) of each pass finished since the last call."""
+        out, self._unreported = tuple(self._unreported), []
+        return out
+
+    def _urgent(self) -> bool:
+        """Work waits of a higher level than every running pass."""
+        running = [level for level, n in self._running.items() if n]
+        waiting = [level for level, n in self._queued.items() if n]
+        return bool(running and waiting) and min(waiting) < min(running)
+
+    def _start_passes(self) -> None:
+        while self.queued and len(self._workers) < self._passes and not self._solo_running:
+            if self._workers and self.queued < self._fill and not self._urgent():
+                return  # a running pass ends soon and takes these
+            worker = asyncio.get_running_loop().create_task(self._run_pass())
+            self._forming += 1
+            self._workers.add(worker)
+            worker.add_done_callback(self._pass_ended)
+
+    def _pass_ended(self, worker: asyncio.Task[None]) -> None:
+        self._workers.discard(worker)
+        self._start_passes()
+
+    def _level(self) -> int | None:
+        """The level the next pass serves: the highest waiting, or on every FAIR_EVERY-th pass
+        while lower levels wait, the level of the oldest waiting request."""
+        levels = sorted(level for level, q in self._waiting.items() if q)
+        if not levels:
+            return None
+        if len(levels) == 1:
+            self._passed_over = 0
+            return levels[0]
+        self._passed_over += 1
+        if self._passed_over < FAIR_EVERY:
+            return levels[0]
+        self._passed_over = 0
+        return min(levels, key=lambda level: self._waiting[level][0].arrival)
+
+    def _form(self) -> tuple[Pass, int]:
+        """The next pass and its level: that level's oldest work first, each one's texts
+        longest first, within the count and padded-token budgets; unwanted work is dropped on
+        the way."""
+        level = self._level()
+        while level is not None:  # a level whose work was all unwanted forms nothing
+            batch = self._form_level(level)
+            if batch:
+                return batch, level
+            level = self._level()
+        return [], DEFAULT_LEVEL
+
+    def _form_level(self, level: int) -> Pass:
+        waiting = self._waiting[level]
+        cap = min(self._max_size, -(-self._queued[level] // max(1, self._forming)))
+        batch: Pass = []
+        width = 0
+        while waiting:
+            w = waiting[0]
+            if w.unwanted():
+                waiting.popleft()
+                self._queued[level] -= w.untaken
+                self.stats.dropped += w.untaken
+                w.drop()
+                continue
+            while w.untaken:
+                i = w.order[w.taken]
+                wider = max(width, len(w.seqs[i]))
+                if batch and (len(batch) >= cap or (len(batch) + 1) * wider > self._max_tokens):
+                    return batch
+                batch.append((w, i))
+                width = wider
+                w.taken += 1
+                self._queued[level] -= 1
+            waiting.popleft()
+        return batch
+
+    async def _run_pass(self) -> None:
+        batch, level = self._form()
+        self._forming -= 1
+        if not batch:
+            return
+        seqs = [w.seqs[i] for w, i in batch]
+        alone = self._solo is not None and not self.queued and len(self._workers) == 1
+        compute = self._solo if alone and self._solo is not None else self._compute
+        self._solo_running = alone
+        self._running[level] += 1
+        t0 = time.perf_counter()
+        try:
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                self._executor, compute, seqs)
+        except Exception as e:  # every request in the pass fails; the queue lives on
+            for w, _ in batch:
+                if not w.future.done():
+                    w.future.set_exception(e)
+            return
+        finally:
+            self._solo_running = False
+            self._running[level] -= 1
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(s) for s in seqs)
+        self.stats.record(len(seqs), tokens, seconds)
+        self._unreported.append((len(seqs), tokens))
+        number = self.stats.passes
+        for row, (w, i) in enumerate(batch):
+            if w.future.done():
+                continue
+            if w.out is None:
+                w.out = np.empty((len(w.seqs), vectors.shape[1]), dtype=np.float32)
+            w.out[i] = vectors[row]
+            w.passes[number] = seconds
+            w.left -= 1
+            if not w.left:
+                w.future.set_result(w.out)

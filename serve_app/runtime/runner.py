@@ -1,0 +1,203 @@
+"""One model in one replica, without Ray: admission, tokenizing, the batch queue, the answer
+(vectors, or reranking scores).
+
+:class:`ModelRunner` is a :class:`serve_app.frontend.dataplane.ModelBackend`: the colocated ingress
+holds it directly, a model deployment serves it over Ray, tests and benchmarks call it in process.
+In a Serve replica its requests enter the queue through ``@serve.batch`` (``enter``; see
+:mod:`serve_app.serve.deployments`); elsewhere they enter it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serve_app.engine.embedding import EmbeddingEngine, plan_parallelism
+from serve_app.engine.quantize import Calibration, quantize, reduce_dimensions
+from serve_app.engine.reranker import RerankEngine
+from serve_app.errors import InvalidInput, Overloaded, wrong_task
+from serve_app.runtime.batch_queue import BatchQueue, Work
+from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
+
+#: Requests this short (in characters, or token ids) are tokenized on the event loop, where
+#: that costs less than the two thread switches of the tokenizer pool.
+INLINE_TOKENIZE_CHARS = 512
+
+Enter = Callable[[Work], Awaitable[Any]]
+Prepare = Callable[[], tuple[list[list[int]], int]]
+
+
+@dataclass
+class Admission:
+    """The inputs a replica holds (tokenizing, queued, in a pass) against its bound, ``limit``,
+    and the requests it refused."""
+
+    limit: int
+    held: int = 0
+    refused: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicaResources:
+    """What the models of one replica share (a model and its variants): ``forward`` runs their
+    forward passes, at most its thread count at once among them; ``tokenize`` tokenizes their
+    long requests; ``admission`` is the replica's one input bound, whichever model holds them."""
+
+    forward: ThreadPoolExecutor
+    tokenize: ThreadPoolExecutor
+    admission: Admission
+
+    @classmethod
+    def of(cls, passes: int, max_queued_inputs: int) -> ReplicaResources:
+        return cls(ThreadPoolExecutor(passes, thread_name_prefix="forward"),
+                   ThreadPoolExecutor(2, thread_name_prefix="tokenize"),
+                   Admission(max_queued_inputs))
+
+
+class ModelRunner:
+    """Embeds :class:`EmbedRequest` objects with an :class:`EmbeddingEngine`, or scores
+    :class:`RerankRequest` objects with a :class:`RerankEngine`.
+
+    A request is admitted only while the inputs held (tokenizing, queued, in a pass) stay within
+    ``max_queued_inputs``; past it the request is refused at once with :class:`Overloaded`: the
+    replica's one admission bound. Short requests (``inline_chars``) are tokenized on the event
+    loop, others on a small thread pool. ``passes`` forward passes run at once, sharing ``threads``
+    torch threads; a pass alone runs on all of them (``solo``). Each special case won a same-run A/B
+    (docs/benchmarks.md). With ``shared`` threads and bound (the models of one replica) no pass runs
+    alone, so none takes every thread. Vectors are cut to ``dimensions`` and encoded
+    (:mod:`serve_app.engine.quantize`) here, so compact encodings cross to the ingress compact; a
+    model not calibrated at warm-up (a variant) calibrates on its first int8/uint8 request.
+    """
+
+    def __init__(self, engine: EmbeddingEngine | RerankEngine, name: str, version: str = "1",
+                 max_queued_inputs: int = 4096, passes: int = 1, threads: int = 1,
+                 solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS,
+                 shared: ReplicaResources | None = None) -> None:
+        self.engine = engine
+        self._inline = inline_chars
+        _, share = plan_parallelism(threads, engine.device, passes)
+        compute = functools.partial(engine.forward, threads=share)
+        whole = functools.partial(engine.forward, threads=threads)
+        own = shared is None
+        shared = shared or ReplicaResources.of(passes, max_queued_inputs)
+        self.queue = BatchQueue(compute, engine.max_batch_size, engine.max_batch_tokens, passes,
+                                solo=whole if own and solo and threads > share else None,
+                                executor=shared.forward)
+        self._tokenize_pool = shared.tokenize
+        self.admission = shared.admission
+        self._held = 0  # this model's part of admission.held
+        self._calibrating = asyncio.Lock()
+        self._info = engine.info(name, version)
+        self._enter: Enter = self._put
+
+    def enter_through(self, enter: Enter) -> None:
+        """Send work to the queue through ``enter`` (a ``@serve.batch`` function that passes
+        its works on to :meth:`put`) instead of directly."""
+        self._enter = enter
+
+    def put(self, works: list[Work]) -> list[None]:
+        """Queue ``works``: what ``enter`` must finally call."""
+        self.queue.put(works)
+        return [None] * len(works)
+
+    async def _put(self, work: Work) -> None:
+        self.queue.put([work])
+
+    @contextmanager
+    def _admit(self, model: str, n: int) -> Iterator[None]:
+        if not n:  # the data plane refuses these; here a Work of no texts would never resolve
+            raise InvalidInput("input must not be empty", param="input")
+        a = self.admission
+        if a.held + n > a.limit:
+            a.refused += 1
+            raise Overloaded(
+                f"model {model!r} is at its queue limit ({a.held} of {a.limit} inputs "
+                "held); retry after a short wait"
+            )
+        a.held += n
+        self._held += n
+        try:
+            yield
+        finally:
+            a.held -= n
+            self._held -= n
+
+    async def _run(self, prepare: Prepare, chars: int, deadline: float | None, level: int
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Tokenize (``prepare``), queue and compute one request: the model's output rows in
+        input order, and what an answer reports (token counts, truncated, timings, passes)."""
+        t0 = time.perf_counter()
+        if chars <= self._inline:
+            seqs, truncated = prepare()
+        else:  # off the event loop, which keeps answering while a long request is tokenized
+            seqs, truncated = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, prepare)
+        t1 = time.perf_counter()
+        work = Work(seqs, asyncio.get_running_loop().create_future(), deadline,
+                    asyncio.current_task(), level=level)
+        await self._enter(work)
+        out = await work.future
+        waited = time.perf_counter() - t1
+        counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        inference = work.inference_s
+        return out, {"token_counts": counts, "truncated": truncated, "tokenize_s": t1 - t0,
+                     "queue_s": max(0.0, waited - inference), "inference_s": inference,
+                     "passes": self.queue.take_passes()}
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        engine = self.engine
+        if not isinstance(engine, EmbeddingEngine):
+            raise wrong_task(req.model, self._info.task)
+        with self._admit(req.model, len(req.inputs)):
+            prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
+                                        req.prompt_name)
+            vectors, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
+                                                req.deadline, req.level)
+        if req.dimensions is not None and req.dimensions != engine.dim:
+            vectors = reduce_dimensions(vectors, req.dimensions)
+        if req.encoding in ("int8", "uint8"):
+            calibration = engine.calibration or await self._calibrate(engine)
+            vectors = calibration.encode(vectors, req.encoding)
+        elif req.encoding != "float":
+            vectors = quantize(vectors, req.encoding)
+        return EmbedResult(embeddings=vectors, **measured)
+
+    async def _calibrate(self, engine: EmbeddingEngine) -> Calibration:
+        """Calibrate once, however many requests ask at once, off the event loop."""
+        async with self._calibrating:
+            if engine.calibration is None:
+                await asyncio.to_thread(engine.calibrate)
+        assert engine.calibration is not None
+        return engine.calibration
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        engine = self.engine
+        if not isinstance(engine, RerankEngine):
+            raise wrong_task(req.model, self._info.task)
+        with self._admit(req.model, len(req.documents)):
+            prepare = functools.partial(engine.tokenize, req.query, req.documents, req.truncate)
+            chars = len(req.query) * len(req.documents) + sum(map(len, req.documents))
+            logits, measured = await self._run(prepare, chars, req.deadline, req.level)
+        return RerankResult(scores=engine.scores(logits, req.raw_scores), **measured)
+
+    async def info(self) -> ModelInfo:
+        return self._info
+
+    async def ready(self) -> bool:
+        return True
+
+    def queued_inputs(self) -> int:
+        return self._held
+
+    async def stats(self) -> dict[str, Any]:
+        """What ``/v2/models/{name}/stats`` reports of this replica."""
+        return {**self.queue.stats.as_dict(), "refused": self.admission.refused,
+                "queued_inputs": self._held, "queued_by_priority": self.queue.queued_by_level()}

@@ -1,0 +1,12 @@
+"""Ray Serve: the application builder (:mod:`.app`, the Serve import path
+``serve_app.serve:build_app``), the deployments (:mod:`.deployments`: thin shims that
+hold a model runner or the frontend) and the ingress's handles to model deployments
+(:mod:`.handles`).
+
+The serving layer that imports Ray; it may import every layer below it (config, engine,
+runtime, frontend), and nothing imports it but the Serve config that names it.
+"""
+
+from serve_app.serve.app import build_app
+
+__all__ = ["build_app"]

@@ -1,0 +1,232 @@
+"""Ray Serve deployments: thin shims over the model replica, the data plane and the HTTP app.
+
+With ``app.py`` and :mod:`serve_app.serve.handles` (the ingress's handles to them) these are the
+only serving modules that import Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.config.schema import AppConfig, ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine, pick_device, plan_parallelism
+from serve_app.engine.reranker import RerankEngine
+from serve_app.errors import ServeAppError
+from serve_app.frontend.auth import ApiKeys
+from serve_app.frontend.context import ServerContext
+from serve_app.frontend.dataplane import DataPlane, ModelBackend
+from serve_app.frontend.http.app import create_http_app, enable_access_log
+from serve_app.frontend.metrics import Metrics
+from serve_app.frontend.v2.servicer import GrpcInference
+from serve_app.runtime.batch_queue import Work
+from serve_app.runtime.runner import ModelRunner, ReplicaResources
+from serve_app.runtime.variants import Residency, Variant, VariantHost
+from serve_app.serve.handles import HandleBackend, ReplicaCensus, VariantBackend
+from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
+
+log = logging.getLogger(__name__)  # under "serve_app": see _log_through_serve
+_serve_log = logging.getLogger("ray.serve")
+
+
+def _log_through_serve() -> None:
+    """Send serve_app's own loggers (engine start-up progress, warnings) to the replica's Serve
+    log file, and to stderr, which Ray streams to the console of the process that started it:
+    throughput-optimized mode keeps Serve's own per-request lines off stderr, but start-up
+    progress and errors belong on the console."""
+    ours = logging.getLogger("serve_app")
+    if not ours.handlers:
+        for handler in _serve_log.handlers:
+            ours.addHandler(handler)
+        if not any(type(h) is logging.StreamHandler for h in ours.handlers):
+            # the process's own stderr: in that mode Serve points sys.stderr at its log file
+            console = logging.StreamHandler(sys.__stderr__)
+            console.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s"))
+            ours.addHandler(console)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+def _passes(cfg: ModelConfig) -> tuple[int, int]:
+    """Forward passes at once and torch threads each, for ``cfg``'s replica. Set explicitly:
+    Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress owns the CPUs of
+    every model it holds."""
+    return plan_parallelism(cfg.threads, pick_device(cfg.device), cfg.batching.parallel_passes)
+
+
+def serve_model(cfg: ModelConfig, shared: ReplicaResources | None = None, variant: bool = False
+                ) -> ModelRunner:
+    """Load and warm up ``cfg``'s model in this replica, logging each step (Serve reports a
+    replica ready only after its ``__init__``, so after warm-up), with its requests entering
+    the queue through ``@serve.batch``: the one way into a model in every topology. A model
+    with variants shares its threads and input bound with them (``shared``). A ``variant``
+    skips the warm-up (its base warmed this process's kernels already: a warm-up would double
+    its load time to spare its first request a few ms) and calibrates on its first int8/uint8
+    request."""
+    t0 = time.perf_counter()
+    threads = cfg.threads
+    passes, per_pass = _passes(cfg)
+    log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
+             cfg.name, cfg.model_id, passes, per_pass)
+    engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(cfg, num_threads=per_pass)
+    if not variant:
+        log.info("model %r: warming up", cfg.name)
+        warm = engine.warmup(threads)
+        log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
+                 time.perf_counter() - t0)
+    model = ModelRunner(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads,
+                         shared=shared)
+
+    @serve.batch(max_batch_size=cfg.batching.max_batch_size,
+                 batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s)
+    async def enter(works: list[Work]) -> list[None]:
+        return model.put(works)
+
+    model.enter_through(enter)
+    return model
+
+
+R = TypeVar("R", EmbedResult, RerankResult)
+
+
+@serve.deployment
+class ModelDeployment:
+    """One model's replica (the separate topology): :func:`serve_model` in ``__init__``, then
+    :class:`EmbedRequest` (or, for a reranker, :class:`RerankRequest`) objects in, results
+    out.
+
+    With ``variants``, a request whose multiplexed model id names a variant goes to that variant's
+    model (:class:`serve_app.runtime.variants.VariantHost`), loaded through ``@serve.multiplexed``,
+    and every answer carries the replica's :class:`serve_app.types.VariantReport`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        _log_through_serve()
+        self.host: VariantHost | None = None
+        if cfg.variants is None:
+            self.model = serve_model(cfg)
+            return
+        # the base and its variants share the replica's CPUs and its one input bound
+        shared = ReplicaResources.of(_passes(cfg)[0], cfg.max_queued_inputs)
+        self.model = serve_model(cfg, shared)
+        host = self.host = VariantHost(
+            cfg, self.model.engine.info(cfg.name, cfg.version),
+            functools.partial(serve_model, shared=shared, variant=True),
+            serve.get_replica_context().replica_id.unique_id)
+
+        async def load_variant(name: str) -> Variant:
+            return await host.load(name)
+
+        # wired here, not on the class: the most a replica holds comes from the config
+        self._load_variant = serve.multiplexed(
+            max_num_models_per_replica=cfg.variants.max_loaded)(load_variant)
+
+    async def _model(self, holders: tuple[str, ...]) -> ModelRunner:
+        """The model a request names: a variant by its multiplexed model id, else the base."""
+        name = serve.get_multiplexed_model_id()
+        if self.host is None or not name:
+            return self.model
+        return await self.host.get(name, self._load_variant, holders)
+
+    async def _reported(self, run: Callable[[ModelRunner], Awaitable[R]],
+                        holders: tuple[str, ...]) -> R:
+        """``run`` on the model the request names; its answer, or its error, carries this
+        replica's report of its variants. ``holders``: the replicas the ingress heard hold the
+        variant (:meth:`serve_app.runtime.variants.VariantHost.get`)."""
+        if self.host is None:
+            return await run(self.model)
+        try:
+            result = await run(await self._model(holders))
+        except ServeAppError as e:
+            e.variants = self.host.report()
+            raise
+        return dataclasses.replace(result, variants=self.host.report())
+
+    async def embed(self, req: EmbedRequest, holders: tuple[str, ...] = ()) -> EmbedResult:
+        return await self._reported(lambda model: model.embed(req), holders)
+
+    async def rerank(self, req: RerankRequest, holders: tuple[str, ...] = ()) -> RerankResult:
+        return await self._reported(lambda model: model.rerank(req), holders)
+
+    async def info(self) -> ModelInfo:
+        return await self.model.info()
+
+    async def stats(self) -> dict[str, Any]:
+        """The statistics of the model a request names; a variant this replica does not hold
+        has none (``loaded`` false). A replica with variants adds theirs (``variants``)."""
+        if self.host is None:
+            return await self.model.stats()
+        name = serve.get_multiplexed_model_id()
+        model: ModelRunner | None = self.model
+        if name:  # a variant: its statistics only where it is held
+            held = self.host.resident.get(name)
+            model = None if held is None else held.model
+        own = {} if model is None else await model.stats()
+        return {**own, "loaded": model is not None, "variants": self.host.stats()}
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress(GrpcInference):
+    """Speaks every HTTP protocol, and V2 gRPC (the RPC methods inherited from GrpcInference,
+    which Ray Serve's gRPC proxy calls by name); routes by model name to the model deployments."""
+
+    def __init__(self, models: dict[str, DeploymentHandle], cfg: AppConfig) -> None:
+        _log_through_serve()
+        census = ReplicaCensus(serve.get_replica_context().app_name)
+        timeout = cfg.ingress.request_timeout_s
+
+        residency = {m.deployment_name: Residency() for m in cfg.models if m.variants}
+
+        def backend(m: ModelConfig) -> ModelBackend:
+            if cfg.colocated:  # the model runs here, in this replica
+                return serve_model(m)
+            return HandleBackend(models[m.deployment_name], census, timeout,
+                                 residency.get(m.deployment_name))
+
+        defaults = cfg.defaults()
+        entries = {(m.name, m.version): backend(m) for m in cfg.models}
+        backends = {m.name: entries[(m.name, m.version)] for m in defaults}
+        others = {key: b for key, b in entries.items() if backends[key[0]] is not b}
+        versions = {m.name: m.version for m in defaults}
+        tasks = {m.name: m.task for m in defaults}
+        for m in cfg.models:  # each variant is a name of its own, served by its entry's replicas
+            base = entries[(m.name, m.version)]
+            for name, source in (m.variants.sources if m.variants else {}).items():
+                assert isinstance(base, HandleBackend)  # variants are never colocated
+                backends[name] = VariantBackend(models[m.deployment_name], census, timeout,
+                                                residency[m.deployment_name], base, name,
+                                                source)
+                versions[name], tasks[name] = m.version, m.task
+        accepted = cfg.auth.load_keys()  # read here, in the replica's own environment
+        log.info("API keys: %s", f"{len(accepted)} accepted" if accepted else "off")
+        if cfg.ingress.access_log:
+            enable_access_log()
+        self.cfg = cfg
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.dataplane = DataPlane(backends, versions=versions, others=others,
+                                   limits=cfg.limits, server_name=cfg.server_name, tasks=tasks)
+        context = ServerContext(Metrics(self.replica), ApiKeys(accepted),
+                                cfg.limits.max_body_bytes)
+        super().__init__(self.dataplane, context)
+
+    def drain(self) -> tuple[str, int]:
+        """See :meth:`DataPlane.drain`: this replica's id and its requests in flight. The
+        command line calls it on SIGTERM until every ingress replica has answered, then polls
+        :meth:`in_flight` until none has any left."""
+        return self.replica, self.dataplane.drain()
+
+    def in_flight(self) -> tuple[str, int]:
+        return self.replica, self.dataplane.in_flight
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_http_app(self.dataplane, self.context, self.cfg.cors,
+                               echo_request_id=False)

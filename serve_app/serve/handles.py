@@ -1,0 +1,204 @@
+"""The model backends of the ingress over Serve's deployment handles: how the data plane
+reaches a model deployment (:class:`HandleBackend`) and a variant it serves
+(:class:`VariantBackend`), and which of those deployments have a running replica
+(:class:`ReplicaCensus`). Ray modules, as :mod:`serve_app.serve.deployments`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.errors import DeadlineExceeded, Misrouted, ModelNotReady, ServeAppError
+from serve_app.runtime.variants import Residency, describe
+from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
+
+#: How long the ingress keeps sending a variant's request back to the replicas it heard hold it
+#: before any replica may load it (Serve's router learns of a load within its 1-2 s matching
+#: window: RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S).
+REROUTE_S = 2.0
+
+
+def _name(enum: Any) -> str:
+    return str(getattr(enum, "value", enum))
+
+
+class ReplicaCensus:
+    """Running replicas per deployment of this application, and whether Serve is rolling out a
+    new version of it, from Serve's controller, cached for ``ttl_s`` so probes and requests do
+    not each ask the controller."""
+
+    def __init__(self, app_name: str, ttl_s: float = 1.0) -> None:
+        self._app = app_name
+        self._ttl = ttl_s
+        self._at = float("-inf")
+        self._state: dict[str, tuple[int, bool]] = {}
+        self._deploying = False
+        self._lock = asyncio.Lock()
+
+    def _fetch(self) -> dict[str, tuple[int, bool]]:
+        app = serve.status().applications.get(self._app)
+        if app is None:
+            return {}
+        # While Serve builds a new version of the app, it lists no deployments at all.
+        self._deploying = _name(app.status) == "DEPLOYING"
+        return {
+            name: (sum(n for state, n in d.replica_states.items() if _name(state) == "RUNNING"),
+                   _name(d.status) == "UPDATING")
+            for name, d in app.deployments.items()
+        }
+
+    async def _get(self, deployment: str) -> tuple[int, bool]:
+        async with self._lock:
+            if time.monotonic() - self._at > self._ttl:
+                self._state = await asyncio.to_thread(self._fetch)
+                self._at = time.monotonic()
+        return self._state.get(deployment, (0, self._deploying))
+
+    async def running(self, deployment: str) -> int:
+        return (await self._get(deployment))[0]
+
+    async def serving(self, deployment: str) -> bool:
+        """A replica runs, or Serve is deploying a new version: with one replica Serve stops
+        the old one before the new one runs, and requests wait for it rather than fail."""
+        running, updating = await self._get(deployment)
+        return running > 0 or updating
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The domain error a replica raised, without Ray's wrapper; other errors as they are."""
+    cause = getattr(e, "cause", None)
+    if isinstance(e, RayTaskError) and isinstance(cause, ServeAppError):
+        return cause
+    return e
+
+
+class HandleBackend:
+    """A model deployment seen from the ingress (a
+    :class:`serve_app.frontend.dataplane.ModelBackend`).
+
+    ``ready`` is false while the model has no running replica (its node is gone, it is
+    restarting), so the data plane answers 503 at once instead of queueing requests that would
+    hang; during a rollout of a new version it stays true and requests wait for the new replica.
+    A replica lost mid-request is the same retryable error, and so is no answer within
+    ``timeout_s``. The wait for an answer also ends at the request's deadline.
+    """
+
+    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
+                 residency: Residency | None = None) -> None:
+        self._name = handle.deployment_name
+        self._census = census
+        self._timeout_s = timeout_s
+        self._residency = residency  # a model with variants: what its answers report
+        self._in_flight = 0
+        self._embed = handle.options(method_name="embed")
+        self._rerank = handle.options(method_name="rerank")
+        self._info = handle.options(method_name="info")
+        self._stats = handle.options(method_name="stats")
+
+    async def ready(self) -> bool:
+        return await self._census.serving(self._name)
+
+    def queued_inputs(self) -> int:
+        return self._in_flight
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        result: EmbedResult = await self._counted(self._embed, req, len(req.inputs))
+        return result
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        result: RerankResult = await self._counted(self._rerank, req, len(req.documents))
+        return result
+
+    async def _counted(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
+                       n: int) -> Any:
+        self._in_flight += n
+        try:
+            return await self._call(method, req)
+        finally:
+            self._in_flight -= n
+
+    async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
+                    *args: Any) -> Any:
+        remaining = req.remaining()
+        timeout = self._timeout_s if remaining is None else max(0.0, min(self._timeout_s,
+                                                                           remaining))
+        response = method.remote(req, *args)
+        try:
+            result = await asyncio.wait_for(response, timeout)
+            if self._residency is not None:
+                self._residency.update(result.variants)
+            return result
+        except RayTaskError as e:
+            err = _unwrap(e)
+            if self._residency is not None and isinstance(err, ServeAppError):
+                self._residency.update(err.variants)
+            raise err from None
+        except RayActorError:
+            raise ModelNotReady(
+                f"the replica of model {req.model!r} was lost during the request; retry"
+            ) from None
+        except TimeoutError:
+            response.cancel()  # the replica drops the work if it has not reached the model
+            if remaining is not None and remaining <= self._timeout_s:
+                raise DeadlineExceeded(
+                    f"no answer within the request's deadline ({remaining:.3g}s)"
+                ) from None
+            raise ModelNotReady(
+                f"model {req.model!r} gave no answer within {self._timeout_s:g}s; retry later"
+            ) from None
+        except asyncio.CancelledError:
+            response.cancel()  # the client went away: so does its work
+            raise
+
+    async def info(self) -> ModelInfo:
+        try:
+            return await self._info.remote()
+        except RayTaskError as e:
+            raise ModelNotReady(f"model is not ready: {_unwrap(e)}") from None
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._stats.remote()
+
+
+class VariantBackend(HandleBackend):
+    """A variant of a model deployment's base, seen from the ingress: its calls carry the
+    variant's name as Serve's multiplexed model id, so Serve routes each to a replica that holds the
+    variant (or, when none does, to one that then loads it). While no replica holds it
+    (``residency``), its requests go one at a time; after that, each names the replicas that hold
+    it, and one that Serve's router sends to another replica before it has heard of the load comes
+    back :class:`Misrouted` and goes again: requests arriving together load it once. Its metadata is
+    the base's (:func:`serve_app.runtime.variants.describe`): describing it never loads it."""
+
+    def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
+                 residency: Residency, base: HandleBackend, name: str, source: str) -> None:
+        super().__init__(handle.options(multiplexed_model_id=name), census, timeout_s,
+                         residency)
+        self._base = base
+        self._variant = (name, source)
+        self._cold = asyncio.Lock()
+
+    async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
+                    *args: Any) -> Any:
+        assert self._residency is not None
+        if not self._residency.holders(req.model):
+            async with self._cold:
+                if not self._residency.holders(req.model):
+                    return await super()._call(method, req)
+        # Serve's router hears where a variant was loaded a moment after the load: a replica
+        # it sends this to meanwhile sends it back; after REROUTE_S, any replica may load it
+        wait, until = 0.01, time.monotonic() + REROUTE_S
+        while True:
+            holders = self._residency.holders(req.model) if time.monotonic() < until else ()
+            try:
+                return await super()._call(method, req, holders)
+            except Misrouted:
+                await asyncio.sleep(wait)
+                wait *= 2
+
+    async def info(self) -> ModelInfo:
+        return describe(await self._base.info(), *self._variant)

@@ -1,0 +1,172 @@
+"""Run serve_app as a child process on loopback, from Python: the benchmarks and the end-to-end
+tests start their servers with it, a notebook can too.
+
+:func:`start_server` runs the default entry point (``python -m serve_app --config``, as ``make
+serve`` does) on a config; :func:`running` any command line. Each server runs in a session of
+its own, with a Ray of its own, and is stopped by its pid, within bounded waits, whatever
+happens."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from serve_app import GRPC_SERVICER, IMPORT_PATH
+
+BIN = Path(sys.executable).parent
+
+
+def haproxy_ports_env() -> dict[str, str]:
+    """HAProxy's stats and Prometheus ports moved off their fixed defaults to free ones."""
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
+def process_tree(pid: int) -> list:
+    """Process ``pid`` and every process under it, as psutil objects."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` and every process under it together."""
+    import psutil
+
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+class Server(str):
+    """The base URL of a running server (a ``str``), with its process in ``proc``."""
+
+    proc: subprocess.Popen
+    log: Path
+
+    def processes(self) -> list:
+        """The server process and every process under it (Ray's included), as psutil objects."""
+        return process_tree(self.proc.pid)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of every process of the stack together."""
+        return tree_rss_bytes(self.proc.pid)
+
+    def processes_named(self, fragment: str) -> list:
+        """Processes of the stack whose command line contains ``fragment``."""
+        import psutil
+
+        found = []
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if fragment in " ".join(p.cmdline()):
+                    found.append(p)
+        return found
+
+
+def serve_config(http_port: int, args: dict, grpc_port: int | None = None,
+                 more_apps: tuple[dict, ...] = ()) -> dict:
+    """A Serve config on loopback: serve_app (``args``) at ``/``, gRPC when ``grpc_port``."""
+    config: dict = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [{"name": "serve_app", "route_prefix": "/",
+                          "import_path": IMPORT_PATH, "args": args}, *more_apps],
+    }
+    if grpc_port is not None:
+        config["grpc_options"] = {
+            "port": grpc_port,
+            "grpc_servicer_functions": [GRPC_SERVICER],
+        }
+    return config
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    """``predicate()``'s first truthy value, polled every ``interval`` for ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 45.0) -> None:
+    """SIGTERM the server (it drains, then shuts Serve and its Ray down), then SIGKILL its
+    process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
+            extra_env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Run ``cmd`` in its own session until it serves ``url``; always stop it afterwards."""
+    # RAY_ADDRESS=local: start a Ray of its own, never join one recorded in
+    # /tmp/ray/ray_current_cluster by an earlier `ray start`.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+           "RAY_ADDRESS": "local", **haproxy_ports_env(), **(extra_env or {})}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_ready(url, proc, log, timeout)
+        server = Server(url)
+        server.proc = proc
+        server.log = log
+        yield server
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def start_server(config: dict, tmp: Path, extra_env: dict[str, str] | None = None,
+                 dashboard: bool = False) -> Iterator[Server]:
+    """``python -m serve_app --config`` (the default entry point, ``make serve``) of ``config``
+    (written to ``tmp``) until it is ready; stopped afterwards."""
+    import yaml
+
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    cmd = [str(BIN / "python"), "-m", "serve_app", "--config", str(path)]
+    with running(cmd + (["--dashboard"] if dashboard else []), url, tmp / "serve.log",
+                 extra_env=extra_env) as server:
+        yield server
