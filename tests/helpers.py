@@ -21,9 +21,10 @@ from serve_app.engine.quantize import reduce_dimensions
 from serve_app.errors import DeadlineExceeded
 from serve_app.frontend.auth import ApiKeys
 from serve_app.frontend.context import ServerContext
-from serve_app.frontend.dataplane import DataPlane, ModelBackend
+from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.http.app import create_http_app
 from serve_app.frontend.metrics import Metrics
+from serve_app.frontend.registry import ModelBackend, Registry
 from serve_app.frontend.v2.codec import join_bytes_tensor
 from serve_app.frontend.v2.proto import inference_pb2 as pb
 from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
@@ -42,7 +43,7 @@ from serve_app.testing.server import (  # noqa: F401  (re-exported for the end-t
     tree_rss_bytes,
     wait_for,
 )
-from serve_app.types import EmbedRequest, EmbedResult, ModelInfo
+from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, Task
 
 REPO = Path(__file__).resolve().parent.parent
 SENTENCE = "This is an example sentence."
@@ -56,6 +57,14 @@ def replica(engine: EmbeddingEngine, name: str = "embedding", version: str = "1"
     return ModelRunner(engine, name, version, **kw)
 
 
+def make_dataplane(backends: Mapping[str, ModelBackend], *,
+                   versions: Mapping[str, str] | None = None,
+                   others: Mapping[tuple[str, str], ModelBackend] | None = None,
+                   tasks: Mapping[str, Task] | None = None, **kw: Any) -> DataPlane:
+    """A data plane over plain mappings (:meth:`Registry.of`); ``kw`` as :class:`DataPlane`."""
+    return DataPlane(Registry.of(backends, versions=versions, others=others, tasks=tasks), **kw)
+
+
 @contextlib.contextmanager
 def app_client(backends: Mapping[str, ModelBackend] | DataPlane, *,
                limits: LimitOptions | None = None, api_keys: tuple[str, ...] = (),
@@ -63,7 +72,7 @@ def app_client(backends: Mapping[str, ModelBackend] | DataPlane, *,
                **dataplane_kw: Any) -> Iterator[TestClient]:
     """A TestClient of the HTTP app over ``backends`` (or a ready data plane)."""
     limits = limits or LimitOptions()
-    dp = backends if isinstance(backends, DataPlane) else DataPlane(
+    dp = backends if isinstance(backends, DataPlane) else make_dataplane(
         backends, limits=limits, **dataplane_kw)
     context = ServerContext(metrics or Metrics(), ApiKeys(api_keys), limits.max_body_bytes)
     with TestClient(create_http_app(dp, context, cors)) as client:
@@ -104,7 +113,7 @@ def fake_vector(text: str | tuple[int, ...], dim: int) -> np.ndarray:
 
 
 class FakeBackend:
-    """The one test double of :class:`serve_app.frontend.dataplane.ModelBackend`: no model, each
+    """The one test double of :class:`serve_app.frontend.registry.ModelBackend`: no model, each
     input a :func:`fake_vector` of ``dim`` floats and one token per character.
 
     ``ready``: what readiness says. ``loads``: False makes ``info`` never answer (a model still

@@ -10,9 +10,8 @@ from serve_app.config.schema import AppConfig, AuthOptions
 from serve_app.errors import Unauthorized
 from serve_app.frontend.auth import ApiKeys
 from serve_app.frontend.context import ServerContext
-from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.v2.proto import inference_pb2 as pb
-from tests.helpers import FakeBackend, app_client, grpc_serving, infer_request
+from tests.helpers import FakeBackend, app_client, grpc_serving, infer_request, make_dataplane
 
 KEY = "sk-test-0123456789"
 V2_BODY = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
@@ -67,7 +66,7 @@ def test_probes_and_scrapes_need_no_key(client, path):
 
 
 def test_grpc_methods_need_the_key_except_health():
-    dataplane = DataPlane({"embedding": FakeBackend("embedding")})
+    dataplane = make_dataplane({"embedding": FakeBackend("embedding")})
     with grpc_serving(dataplane, ServerContext(api_keys=ApiKeys([KEY]))) as stub:
         assert stub.ServerLive(pb.ServerLiveRequest()).live
         assert stub.ServerReady(pb.ServerReadyRequest()).ready

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from serve_app.frontend.context import ServerContext
-from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.v2.codec import join_bytes_tensor
 from serve_app.frontend.v2.proto import inference_pb2 as pb
 from serve_app.frontend.v2.servicer import _contents
@@ -19,6 +18,7 @@ from tests.helpers import (
     FakeBackend,
     grpc_serving,
     infer_request,
+    make_dataplane,
     replica,
     sample,
     scrape,
@@ -27,7 +27,7 @@ from tests.helpers import (
 
 @pytest.fixture(scope="module")
 def stub(engine):
-    dataplane = DataPlane(
+    dataplane = make_dataplane(
         {"embedding": replica(engine), "loading": FakeBackend("loading", loads=False),
          "broken": FakeBackend("broken", error=RuntimeError("a bug"))},
         server_name="grpc-test", ready_timeout_s=0.2, load_timeout_s=0.5,
@@ -162,7 +162,7 @@ def test_server_keeps_serving_after_errors(stub):
 
 def test_grpc_calls_are_counted_per_method_status_and_error_kind(engine):
     context = ServerContext()
-    with grpc_serving(DataPlane({"embedding": replica(engine)}), context) as s:
+    with grpc_serving(make_dataplane({"embedding": replica(engine)}), context) as s:
         s.ModelInfer(infer_request([SENTENCE, "hi"]))
         with pytest.raises(grpc.RpcError):
             s.ModelInfer(infer_request(["x"], model="nope"))
@@ -220,7 +220,7 @@ def test_grpc_reaches_each_version(engine, tiny_model):
     from serve_app.engine.embedding import EmbeddingEngine
 
     tiny = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="cls"))))
-    dataplane = DataPlane({"embedding": replica(engine)}, versions={"embedding": "1"},
+    dataplane = make_dataplane({"embedding": replica(engine)}, versions={"embedding": "1"},
                           others={("embedding", "2"): replica(tiny, "embedding", "2")})
     with grpc_serving(dataplane) as s:
         meta = s.ModelMetadata(pb.ModelMetadataRequest(name="embedding", version="2"))

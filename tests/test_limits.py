@@ -9,10 +9,9 @@ import orjson
 import pytest
 
 from serve_app.config.schema import AppConfig, CorsOptions, LimitOptions
-from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.v2.codec import join_bytes_tensor
 from serve_app.types import EmbedRequest
-from tests.helpers import FakeBackend, app_client, replica
+from tests.helpers import FakeBackend, app_client, make_dataplane, replica
 
 LIMITS = LimitOptions(max_inputs_per_request=8, max_input_chars=100, max_body_bytes=4096)
 LONG = "word " * 400  # about 400 tokens: over MiniLM's 256
@@ -101,7 +100,7 @@ def test_truncate_must_be_a_boolean(client, path, body):
 
 def test_limits_reach_the_data_plane_from_the_config():
     cfg = AppConfig.model_validate({"limits": {"max_inputs_per_request": 3}})
-    dataplane = DataPlane({}, limits=cfg.limits)
+    dataplane = make_dataplane({}, limits=cfg.limits)
     with pytest.raises(Exception, match="limit is 3"):
         dataplane.check(EmbedRequest(model="m", inputs=("a",) * 4))
     with pytest.raises(Exception, match="max_body_bytes"):

@@ -8,9 +8,16 @@ import grpc
 import pytest
 
 from serve_app.frontend.context import ServerContext
-from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.metrics import Metrics
-from tests.helpers import FakeBackend, app_client, grpc_serving, infer_request, sample, scrape
+from tests.helpers import (
+    FakeBackend,
+    app_client,
+    grpc_serving,
+    infer_request,
+    make_dataplane,
+    sample,
+    scrape,
+)
 
 OAI = "/v1/embeddings"
 V1 = "/v1/models/embedding:predict"
@@ -69,7 +76,7 @@ def test_a_bad_priority_is_a_400_in_the_protocols_shape(fake, path, body, header
 
 
 def test_grpc_takes_the_parameter_then_the_metadata(fake):
-    with grpc_serving(DataPlane({"embedding": fake})) as stub:
+    with grpc_serving(make_dataplane({"embedding": fake})) as stub:
         req = infer_request(["a"])
         req.parameters["priority"].int64_param = 4
         stub.ModelInfer(req, metadata=(("x-priority", "8"),))
@@ -83,7 +90,7 @@ def test_grpc_takes_the_parameter_then_the_metadata(fake):
 
 def test_metrics_show_waiting_time_and_inputs_per_level(fake):
     metrics = Metrics("r1")
-    dp = DataPlane({"embedding": fake})
+    dp = make_dataplane({"embedding": fake})
     with app_client(dp, metrics=metrics) as c:
         for level in (0, 10, 10):
             assert c.post(OAI, json={"model": "embedding", "input": ["a", "b"],

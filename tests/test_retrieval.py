@@ -22,7 +22,7 @@ from serve_app.engine.quantize import (
 )
 from serve_app.engine.reranker import RerankEngine
 from serve_app.errors import InvalidInput, ModelLoadError
-from serve_app.frontend.dataplane import resolve_prompt
+from serve_app.frontend.prompts import resolve_prompt
 from serve_app.types import NO_PROMPT, EmbedRequest, ModelInfo, RerankRequest
 from tests.helpers import SENTENCE, TEXTS, replica
 

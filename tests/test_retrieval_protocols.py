@@ -11,10 +11,9 @@ from sentence_transformers import CrossEncoder, SentenceTransformer
 from serve_app.config.schema import LimitOptions, ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.engine.reranker import RerankEngine
-from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.v2.codec import join_bytes_tensor
 from serve_app.frontend.v2.proto import inference_pb2 as pb
-from tests.helpers import SENTENCE, app_client, grpc_serving, infer_request, replica
+from tests.helpers import SENTENCE, app_client, grpc_serving, infer_request, make_dataplane, replica
 
 QUERY = "what do cats eat"
 DOCS = ["Cats are carnivores and eat meat.", "The stock market fell today.",
@@ -36,7 +35,7 @@ def models(prompted_minilm, cross_encoder):
 
 @pytest.fixture(scope="module")
 def dataplane(models):
-    return DataPlane(models["backends"], tasks={"reranker": "rerank"},
+    return make_dataplane(models["backends"], tasks={"reranker": "rerank"},
                      limits=LimitOptions(max_inputs_per_request=8))
 
 

@@ -16,16 +16,15 @@ from schemathesis.checks import not_a_server_error
 from serve_app.config.schema import LimitOptions, ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.frontend.context import ServerContext
-from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.http.app import create_http_app
-from tests.helpers import replica
+from tests.helpers import make_dataplane, replica
 
 
 @pytest.fixture(scope="module")
 def schema(tiny_model):
     engine = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="mean"))))
     limits = LimitOptions(max_inputs_per_request=64, max_body_bytes=65536)
-    dataplane = DataPlane({"embedding": replica(engine)}, limits=limits)
+    dataplane = make_dataplane({"embedding": replica(engine)}, limits=limits)
     context = ServerContext(max_body_bytes=limits.max_body_bytes)
     return schemathesis.openapi.from_asgi("/openapi.json", create_http_app(dataplane, context))
 

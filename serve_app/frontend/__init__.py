@@ -4,7 +4,7 @@ request and calls the model's backend; :mod:`.http` holds one module per HTTP pr
 :mod:`.v2` the Open Inference codec and its gRPC servicer; :mod:`.auth`, :mod:`.metrics` and
 :mod:`.context` what every protocol shares.
 
-It reaches models only through the :class:`~serve_app.frontend.dataplane.ModelBackend`
+It reaches models only through the :class:`~serve_app.frontend.registry.ModelBackend`
 interface, so it imports neither the engine nor the runtime, and no Ray: the Serve layer plugs
 the backends in. FastAPI lives in :mod:`.http` only.
 """

@@ -1,7 +1,7 @@
 """One model in one replica, without Ray: admission, tokenizing, the batch queue, the answer
 (vectors, or reranking scores).
 
-:class:`ModelRunner` is a :class:`serve_app.frontend.dataplane.ModelBackend`: the colocated ingress
+:class:`ModelRunner` is a :class:`serve_app.frontend.registry.ModelBackend`: the colocated ingress
 holds it directly, a model deployment serves it over Ray, tests and benchmarks call it in process.
 In a Serve replica its requests enter the queue through ``@serve.batch`` (``enter``; see
 :mod:`serve_app.serve.deployments`); elsewhere they enter it directly.

@@ -23,9 +23,10 @@ from serve_app.engine.reranker import RerankEngine
 from serve_app.errors import ServeAppError
 from serve_app.frontend.auth import ApiKeys
 from serve_app.frontend.context import ServerContext
-from serve_app.frontend.dataplane import DataPlane, ModelBackend
+from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.http.app import create_http_app, enable_access_log
 from serve_app.frontend.metrics import Metrics
+from serve_app.frontend.registry import ModelBackend, build_registry
 from serve_app.frontend.v2.servicer import GrpcInference
 from serve_app.runtime.batch_queue import Work
 from serve_app.runtime.runner import ModelRunner, ReplicaResources
@@ -192,28 +193,19 @@ class Ingress(GrpcInference):
             return HandleBackend(models[m.deployment_name], census, timeout,
                                  residency.get(m.deployment_name))
 
-        defaults = cfg.defaults()
-        entries = {(m.name, m.version): backend(m) for m in cfg.models}
-        backends = {m.name: entries[(m.name, m.version)] for m in defaults}
-        others = {key: b for key, b in entries.items() if backends[key[0]] is not b}
-        versions = {m.name: m.version for m in defaults}
-        tasks = {m.name: m.task for m in defaults}
-        for m in cfg.models:  # each variant is a name of its own, served by its entry's replicas
-            base = entries[(m.name, m.version)]
-            for name, source in (m.variants.sources if m.variants else {}).items():
-                assert isinstance(base, HandleBackend)  # variants are never colocated
-                backends[name] = VariantBackend(models[m.deployment_name], census, timeout,
-                                                residency[m.deployment_name], base, name,
-                                                source)
-                versions[name], tasks[name] = m.version, m.task
+        def variant(m: ModelConfig, name: str, source: str, base: ModelBackend) -> ModelBackend:
+            assert isinstance(base, HandleBackend)  # variants are never colocated
+            return VariantBackend(models[m.deployment_name], census, timeout,
+                                  residency[m.deployment_name], base, name, source)
+
+        registry = build_registry(cfg, backend, variant)
         accepted = cfg.auth.load_keys()  # read here, in the replica's own environment
         log.info("API keys: %s", f"{len(accepted)} accepted" if accepted else "off")
         if cfg.ingress.access_log:
             enable_access_log()
         self.cfg = cfg
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.dataplane = DataPlane(backends, versions=versions, others=others,
-                                   limits=cfg.limits, server_name=cfg.server_name, tasks=tasks)
+        self.dataplane = DataPlane(registry, limits=cfg.limits, server_name=cfg.server_name)
         context = ServerContext(Metrics(self.replica), ApiKeys(accepted),
                                 cfg.limits.max_body_bytes)
         super().__init__(self.dataplane, context)

@@ -79,7 +79,7 @@ def _unwrap(e: BaseException) -> BaseException:
 
 class HandleBackend:
     """A model deployment seen from the ingress (a
-    :class:`serve_app.frontend.dataplane.ModelBackend`).
+    :class:`serve_app.frontend.registry.ModelBackend`).
 
     ``ready`` is false while the model has no running replica (its node is gone, it is
     restarting), so the data plane answers 503 at once instead of queueing requests that would

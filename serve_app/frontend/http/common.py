@@ -31,7 +31,8 @@ from serve_app.errors import (
 )
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
-from serve_app.types import DEFAULT_LEVEL, Measured, priority
+from serve_app.frontend.pipeline import Call
+from serve_app.types import DEFAULT_LEVEL, Measured
 
 log = logging.getLogger(__name__)
 
@@ -181,19 +182,16 @@ def timeout_of(request: Request) -> float | None:
     return None
 
 
-def priority_of(request: Request, given: Any = None) -> int:
-    """The request's priority level: ``given`` (a body field or V2 parameter) when the caller
-    set it, else the ``X-Priority`` header, else 0 (the default, highest level)."""
-    if given is not None:
-        return priority(given)
-    header = request.headers.get("x-priority")
-    return 0 if header is None else priority(header, "header X-Priority", text=True)
-
-
-def request_id(request: Request) -> str:
-    """The caller's ``X-Request-Id``, or the one the HTTP app created for this request."""
-    return str(getattr(request.state, "request_id", "")) or request.headers.get(
+def call_of(request: Request) -> Call:
+    """The request's :class:`Call` through the pipeline: its id (the caller's ``X-Request-Id``,
+    or the one the HTTP app made), the deadline its headers set (:data:`TIMEOUT_HEADERS`) and
+    its ``X-Priority`` header, under the protocol its path belongs to."""
+    rid = str(getattr(request.state, "request_id", "")) or request.headers.get(
         "x-request-id", "")
+    return Call(dataplane_of(request), context_of(request).metrics, protocol_of(request.url.path),
+                request_id=rid, timeout_s=timeout_of(request),
+                priority_text=request.headers.get("x-priority"), priority_where="header X-Priority",
+                started=getattr(request.state, "started", time.perf_counter()))
 
 
 def parse_json(data: bytes) -> Any:
@@ -248,35 +246,14 @@ def check_texts(items: Any, field: str, allow_empty: bool = False) -> tuple[str,
     return tuple(items)
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.3f}"
-
-
-def respond(request: Request, model: str, result: Measured,
+def respond(request: Request, call: Call, model: str, result: Measured,
             render: Callable[[], Response], level: int = DEFAULT_LEVEL) -> Response:
-    """Count the inputs computed (under the request path's protocol; the queue wait under
-    priority ``level``), ``render()`` the answer, timing the encoding, and add
-    text-embeddings-inference's timing headers
-    (milliseconds): ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
-    ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time`` (the
-    ingress's whole handling, encoding included). The access log gets the same figures."""
-    metrics = context_of(request).metrics
-    metrics.observe_embedding(model, protocol_of(request.url.path), result, level)
-    t0 = time.perf_counter()
-    response = render()
-    done = time.perf_counter()
-    metrics.observe_encode(model, done - t0)
-    compute = result.tokenize_s + result.queue_s + result.inference_s
-    timings = {
-        "x-compute-tokens": str(result.prompt_tokens),
-        "x-tokenization-time": _ms(result.tokenize_s),
-        "x-queue-time": _ms(result.queue_s),
-        "x-inference-time": _ms(result.inference_s),
-        "x-compute-time": _ms(compute),
-        "x-total-time": _ms(done - getattr(request.state, "started", t0)),
-    }
-    response.headers.update(timings)
-    request.state.timings = timings
+    """``render()`` the answer through :meth:`Call.answer` (counted, timed) and add
+    text-embeddings-inference's timing headers; the access log gets the same figures."""
+    response = call.answer(model, result, render, level)
+    assert call.timings is not None
+    response.headers.update(call.timings)
+    request.state.timings = call.timings
     request.state.model = model
     return response
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 
 from serve_app.errors import InvalidInput, ModelNotReady
 from serve_app.frontend.http.common import (
+    call_of,
     check_texts,
     dataplane_of,
     error_route_class,
@@ -17,13 +18,10 @@ from serve_app.frontend.http.common import (
     kserve_error,
     model_card,
     parse_json,
-    priority_of,
     read_body,
-    request_id,
     respond,
-    timeout_of,
 )
-from serve_app.types import EmbedRequest, deadline
+from serve_app.types import EmbedRequest
 
 router = APIRouter(route_class=error_route_class(kserve_error), tags=["kserve-v1"])
 
@@ -66,7 +64,7 @@ async def list_models(request: Request) -> Response:
 @router.get("/v1/models/{name}")
 async def model_status(name: str, request: Request) -> Response:
     dp = dataplane_of(request)
-    if not await dp.ready(name):
+    if not await dp.ready(dp.model(name)):
         raise ModelNotReady(f"model {name!r} is not ready")
     return json_response({"name": name, "ready": True, **model_card(name, dp.created)})
 
@@ -74,8 +72,8 @@ async def model_status(name: str, request: Request) -> Response:
 @router.post("/v1/models/{name}:predict", openapi_extra=_PREDICT_SCHEMA)
 async def predict(name: str, request: Request) -> Response:
     """``{"instances": [str, ...], "truncate"?: bool}`` -> ``{"predictions": [[float, ...]]}``."""
-    dp = dataplane_of(request)
-    dp.backend(name)
+    call = call_of(request)
+    call.find(name)
     data = parse_json(await read_body(request))
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object with 'instances'")
@@ -89,9 +87,8 @@ async def predict(name: str, request: Request) -> Response:
     truncate = data.get("truncate", True)
     if type(truncate) is not bool:
         raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
-    req = EmbedRequest(model=name, inputs=texts, truncate=truncate,
-                       request_id=request_id(request), deadline=deadline(timeout_of(request)),
-                       priority=priority_of(request, data.get("priority")))
-    result = await dp.embed(req)
-    return respond(request, name, result,
-                   lambda: json_response({"predictions": result.embeddings}), req.level)
+    req = EmbedRequest(model=name, inputs=texts, truncate=truncate, request_id=call.request_id,
+                       deadline=call.deadline(), priority=call.priority(data.get("priority")))
+    result, vectors = await call.run(req)
+    return respond(request, call, name, result,
+                   lambda: json_response({"predictions": vectors}), req.level)

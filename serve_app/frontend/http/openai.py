@@ -11,20 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from serve_app.errors import InvalidInput
 from serve_app.frontend.http.common import (
+    call_of,
     dataplane_of,
     error_route_class,
     json_response,
     model_card,
     openai_error,
     parse_json,
-    priority_of,
     read_body,
-    request_id,
     respond,
-    timeout_of,
     validate,
 )
-from serve_app.types import EmbedRequest, EmbedResult, Input, deadline
+from serve_app.types import EmbedRequest, EmbedResult, Input
 
 _INPUT_HELP = (
     "'input' must be a non-empty string, a non-empty list of strings, a list of token ids, or a "
@@ -127,6 +125,7 @@ _BODY_SCHEMA = {
 @router.post("/v1/embeddings", openapi_extra=_BODY_SCHEMA)
 @router.post("/openai/v1/embeddings", openapi_extra=_BODY_SCHEMA)
 async def create_embeddings(request: Request) -> Response:
+    call = call_of(request)
     data = parse_json(await read_body(request))
     # Check 'input' before pydantic does: its messages for a four-way union are unreadable.
     inputs = _inputs(data["input"]) if isinstance(data, dict) and "input" in data else ()
@@ -136,15 +135,16 @@ async def create_embeddings(request: Request) -> Response:
         inputs=inputs,
         truncate=body.truncate,
         dimensions=body.dimensions,
-        request_id=request_id(request),
-        deadline=deadline(timeout_of(request)),
+        request_id=call.request_id,
+        deadline=call.deadline(),
         prompt_name=body.prompt_name,
         input_type=body.input_type,
         encoding="float" if body.encoding_format == "base64" else body.encoding_format,
-        priority=priority_of(request, body.priority),
+        priority=call.priority(body.priority),
     )
-    result = await dataplane_of(request).embed(req)
-    return respond(request, body.model, result,
+    result, _ = await call.run(req)
+    assert isinstance(result, EmbedResult)
+    return respond(request, call, body.model, result,
                    lambda: render_embeddings(result, body.model, body.encoding_format),
                    req.level)
 
@@ -160,5 +160,5 @@ async def list_models(request: Request) -> Response:
 @router.get("/openai/v1/models/{name}")
 async def retrieve_model(name: str, request: Request) -> Response:
     dp = dataplane_of(request)
-    dp.backend(name)
+    dp.model(name)
     return json_response(model_card(name, dp.created))

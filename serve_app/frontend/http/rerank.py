@@ -30,21 +30,19 @@ from serve_app.errors import (
     lookup,
 )
 from serve_app.frontend.http.common import (
-    dataplane_of,
+    call_of,
     error_headers,
     error_route_class,
     http_status,
     json_response,
     openai_error,
     parse_json,
-    priority_of,
     read_body,
-    request_id,
     respond,
-    timeout_of,
     validate,
 )
-from serve_app.types import RerankRequest, RerankResult, deadline
+from serve_app.frontend.pipeline import Call
+from serve_app.types import Measured, RerankRequest
 
 #: text-embeddings-inference's ``error_type`` per domain error (anything else: Validation)
 TEI_ERROR_TYPES: dict[type[ServeAppError], str] = {
@@ -103,25 +101,25 @@ def _ranked(scores: np.ndarray, top_n: int | None = None) -> list[int]:
     return [int(i) for i in order[:top_n]]
 
 
-async def _score(request: Request, body: _Options, documents: tuple[str, ...]
-                 ) -> tuple[RerankRequest, RerankResult]:
-    dp = dataplane_of(request)
+async def _score(call: Call, body: _Options, documents: tuple[str, ...]
+                 ) -> tuple[RerankRequest, Measured, np.ndarray]:
     req = RerankRequest(
-        model=dp.reranker(body.model), query=body.query, documents=documents,
-        raw_scores=body.raw_scores, truncate=body.truncate, request_id=request_id(request),
-        deadline=deadline(timeout_of(request)), priority=priority_of(request, body.priority))
-    return req, await dp.rerank(req)
+        model=call.dataplane.registry.reranker(body.model), query=body.query,
+        documents=documents, raw_scores=body.raw_scores, truncate=body.truncate,
+        request_id=call.request_id, deadline=call.deadline(), priority=call.priority(body.priority))
+    result, scores = await call.run(req)
+    return req, result, scores
 
 
-async def _cohere(request: Request, data: Any) -> Response:
+async def _cohere(request: Request, call: Call, data: Any) -> Response:
     body = validate(CohereRerank, data)
     texts = tuple(d if isinstance(d, str) else d.text for d in body.documents)
-    req, result = await _score(request, body, texts)
+    req, result, scores = await _score(call, body, texts)
 
     def render() -> Response:
         results: list[dict[str, Any]] = []
-        for i in _ranked(result.scores, body.top_n):
-            item: dict[str, Any] = {"index": i, "relevance_score": float(result.scores[i])}
+        for i in _ranked(scores, body.top_n):
+            item: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
             if body.return_documents:
                 item["document"] = {"text": texts[i]}
             results.append(item)
@@ -131,7 +129,7 @@ async def _cohere(request: Request, data: Any) -> Response:
             "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
-    return respond(request, req.model, result, render, req.level)
+    return respond(request, call, req.model, result, render, req.level)
 
 
 _TEI_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
@@ -145,26 +143,28 @@ router = APIRouter(route_class=error_route_class(openai_error), tags=["rerank"])
 
 @tei_router.post("/rerank", openapi_extra=_TEI_SCHEMA)
 async def tei_rerank(request: Request) -> Response:
+    call = call_of(request)
     data = parse_json(await read_body(request))
     if isinstance(data, dict) and "documents" in data and "texts" not in data:
-        return await _cohere(request, data)
+        return await _cohere(request, call, data)
     body = validate(TeiRerank, data)
     texts = tuple(body.texts)
-    req, result = await _score(request, body, texts)
+    req, result, scores = await _score(call, body, texts)
 
     def render() -> Response:
         out: list[dict[str, Any]] = []
-        for i in _ranked(result.scores):
-            item: dict[str, Any] = {"index": i, "score": float(result.scores[i])}
+        for i in _ranked(scores):
+            item: dict[str, Any] = {"index": i, "score": float(scores[i])}
             if body.return_text:
                 item["text"] = texts[i]
             out.append(item)
         return json_response(out)
 
-    return respond(request, req.model, result, render, req.level)
+    return respond(request, call, req.model, result, render, req.level)
 
 
 @router.post("/v1/rerank", openapi_extra=_COHERE_SCHEMA)
 @router.post("/openai/v1/rerank", openapi_extra=_COHERE_SCHEMA)
 async def rerank(request: Request) -> Response:
-    return await _cohere(request, parse_json(await read_body(request)))
+    call = call_of(request)
+    return await _cohere(request, call, parse_json(await read_body(request)))

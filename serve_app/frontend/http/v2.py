@@ -14,16 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.errors import InvalidInput, ModelNotReady
 from serve_app.frontend.http.common import (
+    call_of,
     dataplane_of,
     error_route_class,
     json_response,
     kserve_error,
     parse_json,
-    priority_of,
     read_body,
-    request_id,
     respond,
-    timeout_of,
     validate,
 )
 from serve_app.frontend.v2.codec import (
@@ -33,7 +31,6 @@ from serve_app.frontend.v2.codec import (
     internal_request,
     model_metadata,
     model_parameters,
-    run,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
@@ -171,15 +168,16 @@ async def ready(request: Request) -> Response:
 @router.get("/v2/models/{name}/versions/{version}")
 async def metadata(name: str, request: Request, version: str | None = None) -> Response:
     dp = dataplane_of(request)
-    info = await dp.info(name, version)
-    return json_response({**model_metadata(name, dp.model_versions(name), info),
+    info = await dp.info(dp.model(name, version))
+    return json_response({**model_metadata(name, dp.registry.versions(name), info),
                           "parameters": model_parameters(info)})
 
 
 @router.get("/v2/models/{name}/ready")
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
-    if not await dataplane_of(request).ready(name, version):
+    dp = dataplane_of(request)
+    if not await dp.ready(dp.model(name, version)):
         raise ModelNotReady(f"model {name!r} is not ready")
     return json_response({"name": name, "ready": True})
 
@@ -189,11 +187,12 @@ async def model_ready(name: str, request: Request, version: str | None = None) -
 async def statistics(name: str, request: Request, version: str | None = None) -> Response:
     """A subset of Triton's statistics extension: forward passes by batch size (one replica)."""
     dp = dataplane_of(request)
-    s = await dp.stats(name, version)
+    model = dp.model(name, version)
+    s = await dp.stats(model)
     return json_response({
         "model_stats": [{
             "name": name,
-            "version": version or dp.version(name),
+            "version": model.version,
             "inference_count": s.get("texts", 0),
             "execution_count": s.get("passes", 0),
             # serve_app's own: inputs dropped unrun (caller gone, deadline passed), requests
@@ -226,21 +225,18 @@ _INFER_SCHEMA = {
 @router.post("/v2/models/{name}/infer", openapi_extra=_INFER_SCHEMA)
 @router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_INFER_SCHEMA)
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
-    dp = dataplane_of(request)
-    dp.backend(name, version)
-    task = dp.task(name)
+    call = call_of(request)
+    model = call.find(name, version)
     header, binary = _split_body(await read_body(request), request.headers.get(_HEADER_LEN))
     req = validate(InferRequest, parse_json(header))
     tensors = _input_tensors(req.inputs, binary)
-    binary_out = _wants_binary(req, task)
-    rid = request_id(request)
-    internal = internal_request(name, task, tensors, req.parameters, rid, version,
-                                timeout_of(request), priority_of(request))
-    result, array = await run(dp, internal)
-    served = version or dp.version(name)
-    return respond(request, name, result, lambda: render_infer(
-        name, served, req.id or rid, OUTPUTS[task], array, result.prompt_tokens, binary_out),
-        internal.level)
+    binary_out = _wants_binary(req, model.task)
+    internal = internal_request(name, model.task, tensors, req.parameters, call.request_id,
+                                version, call.timeout_s, call.priority())
+    result, array = await call.run(internal)
+    return respond(request, call, name, result, lambda: render_infer(
+        name, model.version, req.id or call.request_id, OUTPUTS[model.task], array,
+        result.prompt_tokens, binary_out), internal.level)
 
 
 def render_infer(name: str, version: str, response_id: str, output_name: str, array: np.ndarray,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -23,16 +23,12 @@ from serve_app.types import (
     ENCODINGS,
     EmbedRequest,
     Encoding,
-    Measured,
     ModelInfo,
     RerankRequest,
     Task,
     deadline,
     priority,
 )
-
-if TYPE_CHECKING:
-    from serve_app.frontend.dataplane import DataPlane
 
 PLATFORM = "serve_app_huggingface"
 INPUT_NAME = "text"
@@ -215,17 +211,6 @@ def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ..
     (texts,) = tensors.values()
     return EmbedRequest(inputs=texts, dimensions=opts.dimensions, prompt_name=opts.prompt_name,
                         input_type=opts.input_type, encoding=opts.encoding, **common)
-
-
-async def run(dataplane: DataPlane, internal: EmbedRequest | RerankRequest
-              ) -> tuple[Measured, np.ndarray]:
-    """Run ``internal`` on its model: the result, and the array the answer's one output holds
-    (vectors or their codes, or a reranker's scores)."""
-    if isinstance(internal, RerankRequest):
-        scored = await dataplane.rerank(internal)
-        return scored, scored.scores
-    embedded = await dataplane.embed(internal)
-    return embedded, embedded.embeddings
 
 
 def rerank_inputs(tensors: Mapping[str, tuple[str, ...]]) -> tuple[str, tuple[str, ...]]:

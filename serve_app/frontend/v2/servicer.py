@@ -30,6 +30,7 @@ from serve_app.errors import (
 )
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.pipeline import Call
 from serve_app.frontend.v2.codec import (
     OUTPUTS,
     check_outputs,
@@ -37,14 +38,13 @@ from serve_app.frontend.v2.codec import (
     fp32_bytes,
     internal_request,
     model_metadata,
-    run,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
 )
 from serve_app.frontend.v2.proto import inference_pb2 as pb
 from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
-from serve_app.types import EmbedRequest, RerankRequest, Task, priority
+from serve_app.types import EmbedRequest, RerankRequest, Task
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ class GrpcInference:
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          grpc_context: StatusContext) -> pb.ModelReadyResponse:
         async def call() -> pb.ModelReadyResponse:
-            ready = await self.dataplane.ready(request.name, request.version or None)
+            model = self.dataplane.model(request.name, request.version or None)
+            ready = await self.dataplane.ready(model)
             return pb.ModelReadyResponse(ready=ready)
 
         return await self._guard("ModelReady", call, pb.ModelReadyResponse(), grpc_context)
@@ -208,8 +209,9 @@ class GrpcInference:
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             grpc_context: StatusContext) -> pb.ModelMetadataResponse:
         async def call() -> pb.ModelMetadataResponse:
-            info = await self.dataplane.info(request.name, request.version or None)
-            versions = self.dataplane.model_versions(request.name)
+            info = await self.dataplane.info(
+                self.dataplane.model(request.name, request.version or None))
+            versions = self.dataplane.registry.versions(request.name)
             return pb.ModelMetadataResponse(**model_metadata(request.name, versions, info))
 
         return await self._guard("ModelMetadata", call, pb.ModelMetadataResponse(),
@@ -218,35 +220,33 @@ class GrpcInference:
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          grpc_context: StatusContext) -> pb.ModelInferResponse:
         async def call() -> pb.ModelInferResponse:
-            self.dataplane.backend(request.model_name, request.model_version or None)
+            call = Call(self.dataplane, self.context.metrics, PROTOCOL, request_id=request.id,
+                        priority_text=_metadata(grpc_context, "x-priority"),
+                        priority_where="metadata x-priority")
+            model = call.find(request.model_name, request.model_version or None)
             limit = self.context.max_body_bytes
             if request.ByteSize() > limit:
                 raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
                                       "send fewer or shorter inputs")
-            task = self.dataplane.task(request.model_name)
-            header = _metadata(grpc_context, "x-priority")
-            level = 0 if header is None else priority(header, "metadata x-priority", text=True)
-            internal, raw = to_request(request, task, level)
-            result, array = await run(self.dataplane, internal)
-            self.context.metrics.observe_embedding(internal.model, PROTOCOL, result,
-                                                   internal.level)
-            t0 = time.perf_counter()
-            out = pb.ModelInferResponse.InferOutputTensor(
-                name=OUTPUTS[task], datatype=datatype_of(array), shape=list(array.shape)
-            )
-            resp = pb.ModelInferResponse(
-                model_name=request.model_name,
-                model_version=internal.version or self.dataplane.version(request.model_name),
-                id=request.id or str(uuid.uuid4()),
-            )
-            resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
-            if raw:
-                resp.raw_output_contents.append(tensor_bytes(array))
-            else:
-                out.contents.CopyFrom(_contents(array))
-            resp.outputs.append(out)
-            self.context.metrics.observe_encode(request.model_name, time.perf_counter() - t0)
-            return resp
+            internal, raw = to_request(request, model.task, call.priority())
+            result, array = await call.run(internal)
+
+            def render() -> pb.ModelInferResponse:
+                out = pb.ModelInferResponse.InferOutputTensor(
+                    name=OUTPUTS[model.task], datatype=datatype_of(array),
+                    shape=list(array.shape))
+                resp = pb.ModelInferResponse(model_name=request.model_name,
+                                             model_version=model.version,
+                                             id=request.id or str(uuid.uuid4()))
+                resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
+                if raw:
+                    resp.raw_output_contents.append(tensor_bytes(array))
+                else:
+                    out.contents.CopyFrom(_contents(array))
+                resp.outputs.append(out)
+                return resp
+
+            return call.answer(request.model_name, result, render, internal.level)
 
         return await self._guard("ModelInfer", call, pb.ModelInferResponse(), grpc_context)
 

@@ -1,0 +1,114 @@
+"""The one request pipeline every protocol runs, HTTP routes and gRPC methods alike.
+
+A protocol module makes a :class:`Call` from its transport (the request id, the timeout and
+priority its headers or metadata give), translates its body into an internal request with the
+call's ``request_id``, :meth:`Call.deadline` and :meth:`Call.priority`, runs it with
+:meth:`Call.run` (model lookup, checks and the model call, in the data plane) and renders the
+answer through :meth:`Call.answer`, which counts it and times it. Errors are the domain errors
+of :mod:`serve_app.errors`; each protocol maps them to its wire form once. Adding a protocol is
+one module of translation: its wire types in, its wire types out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.metrics import Metrics
+from serve_app.frontend.registry import ServedModel
+from serve_app.types import (
+    DEFAULT_LEVEL,
+    EmbedRequest,
+    Measured,
+    RerankRequest,
+    deadline,
+    priority,
+)
+
+T = TypeVar("T")
+Internal = EmbedRequest | RerankRequest
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f}"
+
+
+@dataclass
+class Call:
+    """One request through the frontend. ``protocol`` labels its metrics; ``timeout_s`` and
+    ``priority_level`` are what the transport said (a header, gRPC metadata; None and 0 when
+    it said nothing), which a body field or V2 parameter overrides. After :meth:`answer`,
+    ``timings`` holds text-embeddings-inference's timing headers (milliseconds) and ``model``
+    the model that answered."""
+
+    dataplane: DataPlane
+    metrics: Metrics
+    protocol: str
+    request_id: str = ""
+    timeout_s: float | None = None
+    priority_text: str | None = None
+    priority_where: str = "priority"
+    started: float = field(default_factory=time.perf_counter)
+    model: str | None = None
+    timings: dict[str, str] | None = None
+    _found: tuple[tuple[str, str | None], ServedModel] | None = None
+
+    def deadline(self, timeout_s: float | None = None) -> float | None:
+        """The wall-clock deadline: ``timeout_s`` (the body's own) when given, else the
+        transport's."""
+        return deadline(timeout_s if timeout_s is not None else self.timeout_s)
+
+    def priority(self, given: Any = None, where: str = "priority") -> int:
+        """The request's priority level: ``given`` (a body field or V2 parameter, named
+        ``where`` in errors) when the caller set it, else the transport's, else 0 (the
+        default, highest level)."""
+        if given is not None:
+            return priority(given, where)
+        if self.priority_text is None:
+            return 0
+        return priority(self.priority_text, self.priority_where, text=True)
+
+    def find(self, name: str, version: str | None = None) -> ServedModel:
+        """The served model ``name`` at ``version``; found once, run by :meth:`run`."""
+        if self._found is None or self._found[0] != (name, version):
+            self._found = ((name, version), self.dataplane.model(name, version))
+        return self._found[1]
+
+    async def run(self, req: Internal) -> tuple[Measured, np.ndarray]:
+        """Run ``req`` on its model: the result, and the array the answer holds (vectors or
+        their codes, or a reranker's scores)."""
+        served = self.find(req.model, req.version)
+        if isinstance(req, RerankRequest):
+            scored = await self.dataplane.rerank(req, served)
+            return scored, scored.scores
+        embedded = await self.dataplane.embed(req, served)
+        return embedded, embedded.embeddings
+
+    def answer(self, model: str, result: Measured, render: Callable[[], T],
+               level: int = DEFAULT_LEVEL) -> T:
+        """Count the inputs computed (the queue wait under priority ``level``), ``render()``
+        the answer, timing the encoding, and keep the timings (:attr:`timings`):
+        ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
+        ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time``
+        (the frontend's whole handling, encoding included)."""
+        self.metrics.observe_embedding(model, self.protocol, result, level)
+        t0 = time.perf_counter()
+        out = render()
+        done = time.perf_counter()
+        self.metrics.observe_encode(model, done - t0)
+        compute = result.tokenize_s + result.queue_s + result.inference_s
+        self.model = model
+        self.timings = {
+            "x-compute-tokens": str(result.prompt_tokens),
+            "x-tokenization-time": _ms(result.tokenize_s),
+            "x-queue-time": _ms(result.queue_s),
+            "x-inference-time": _ms(result.inference_s),
+            "x-compute-time": _ms(compute),
+            "x-total-time": _ms(done - self.started),
+        }
+        return out
