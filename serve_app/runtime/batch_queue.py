@@ -1,15 +1,14 @@
 """The one place a model replica forms forward passes. Plain asyncio, no Ray.
 
-Requests enter as :class:`Work` (one request's token ids) through the replica's ``@serve.batch``
-method (:mod:`serve_app.serve.deployments`) and wait in :class:`BatchQueue`, which forms each pass
-once:
+Requests enter as :class:`Work` (one request's token ids) and wait in :class:`BatchQueue`, which
+forms each pass once:
 
 - the highest priority level first (1 is the highest; Triton's convention), and within a level
   the oldest request first, each request's texts longest first (so a large request's passes pad
   little); a pass holds one level's work only, so a query never waits inside a pass of bulk
   texts;
-- no level starves: while lower levels wait, every ``FAIR_EVERY``-th pass serves the level of
-  the oldest waiting request instead, so a lower level gets at least one pass in ``FAIR_EVERY``;
+- no level starves: while lower levels wait, every ``fair_every``-th pass serves the level of
+  the oldest waiting request instead, so a lower level gets at least one pass in ``fair_every``;
 - at most ``max_batch_size`` texts and ``max_batch_tokens`` padded tokens (texts x the longest
   one) per pass; a single text over the token budget still gets a pass of its own;
 - work whose caller went away (its task is done or being cancelled) or whose deadline passed is
@@ -37,7 +36,8 @@ import numpy as np
 from serve_app.errors import DeadlineExceeded
 from serve_app.types import DEFAULT_LEVEL
 
-#: While lower levels wait, one pass in this many serves the oldest waiting request's level.
+#: While lower levels wait, one pass in this many serves the oldest waiting request's level
+#: (the default of the config's ``batching.fair_every``).
 FAIR_EVERY = 4
 
 Seqs = list[list[int]]
@@ -146,17 +146,25 @@ class BatchQueue:
     given, computes a pass that is alone (nothing else runs or waits); no other pass starts
     until it ends, so it may use every thread of the replica. ``executor``: the threads passes
     run on, when several queues of one replica (a model's variants) share ``passes`` threads.
+    ``wait_s``: when work arrives at an idle queue, how long the first pass waits for more to
+    join it (it starts at once when ``max_batch_size`` texts wait); 0, the default, starts it at
+    once. ``fair_every``: see the module doc.
     """
 
     def __init__(self, compute: Compute, max_batch_size: int, max_batch_tokens: int,
                  passes: int = 1, solo: Compute | None = None,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: ThreadPoolExecutor | None = None, wait_s: float = 0.0,
+                 fair_every: int = FAIR_EVERY) -> None:
         self._compute = compute
         self._solo = solo
         self._max_size = max_batch_size
         self._max_tokens = max_batch_tokens
         self._passes = passes
         self._fill = max(1, max_batch_size // passes)
+        self._wait_s = wait_s
+        self._window: asyncio.TimerHandle | None = None  # the idle queue's wait, while open
+        self._window_over = False
+        self._fair_every = fair_every
         self._waiting: dict[int, collections.deque[Work]] = {}
         self._queued: collections.Counter[int] = collections.Counter()  # texts waiting by level
         self._arrivals = itertools.count()
@@ -202,10 +210,29 @@ class BatchQueue:
         waiting = [level for level, n in self._queued.items() if n]
         return bool(running and waiting) and min(waiting) < min(running)
 
+    def _held_for_company(self) -> bool:
+        """Whether an idle queue's first pass still waits (``wait_s``) for more work."""
+        if self._workers or not self._wait_s or self.queued >= self._max_size:
+            return False
+        if self._window_over:
+            return False
+        if self._window is None:
+            self._window = asyncio.get_running_loop().call_later(self._wait_s, self._window_ends)
+        return True
+
+    def _window_ends(self) -> None:
+        self._window, self._window_over = None, True
+        self._start_passes()
+
     def _start_passes(self) -> None:
         while self.queued and len(self._workers) < self._passes and not self._solo_running:
             if self._workers and self.queued < self._fill and not self._urgent():
                 return  # a running pass ends soon and takes these
+            if self._held_for_company():
+                return
+            if self._window is not None:
+                self._window.cancel()
+            self._window, self._window_over = None, False
             worker = asyncio.get_running_loop().create_task(self._run_pass())
             self._forming += 1
             self._workers.add(worker)
@@ -216,7 +243,7 @@ class BatchQueue:
         self._start_passes()
 
     def _level(self) -> int | None:
-        """The level the next pass serves: the highest waiting, or on every FAIR_EVERY-th pass
+        """The level the next pass serves: the highest waiting, or on every fair_every-th pass
         while lower levels wait, the level of the oldest waiting request."""
         levels = sorted(level for level, q in self._waiting.items() if q)
         if not levels:
@@ -225,7 +252,7 @@ class BatchQueue:
             self._passed_over = 0
             return levels[0]
         self._passed_over += 1
-        if self._passed_over < FAIR_EVERY:
+        if self._passed_over < self._fair_every:
             return levels[0]
         self._passed_over = 0
         return min(levels, key=lambda level: self._waiting[level][0].arrival)

@@ -1,10 +1,9 @@
-"""One model in one replica, without Ray: admission, tokenizing, the batch queue, the answer
+"""One model in one process, without Ray: admission, tokenizing, the batch queue, the answer
 (vectors, or reranking scores).
 
-:class:`ModelRunner` is a :class:`serve_app.frontend.registry.ModelBackend`: the colocated ingress
-holds it directly, a model deployment serves it over Ray, tests and benchmarks call it in process.
-In a Serve replica its requests enter the queue through ``@serve.batch`` (``enter``; see
-:mod:`serve_app.serve.deployments`); elsewhere they enter it directly.
+:class:`ModelRunner` is a :class:`serve_app.frontend.registry.ModelBackend`: the colocated
+ingress holds it directly, a model deployment serves it over Ray, tests and benchmarks call it in
+process; in every case its requests enter its :class:`BatchQueue` directly.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,14 +23,13 @@ from serve_app.engine.embedding import EmbeddingEngine, plan_parallelism
 from serve_app.engine.quantize import Calibration, quantize, reduce_dimensions
 from serve_app.engine.reranker import RerankEngine
 from serve_app.errors import InvalidInput, Overloaded, wrong_task
-from serve_app.runtime.batch_queue import BatchQueue, Work
+from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
 
 #: Requests this short (in characters, or token ids) are tokenized on the event loop, where
 #: that costs less than the two thread switches of the tokenizer pool.
 INLINE_TOKENIZE_CHARS = 512
 
-Enter = Callable[[Work], Awaitable[Any]]
 Prepare = Callable[[], tuple[list[list[int]], int]]
 
 
@@ -70,9 +68,12 @@ class ModelRunner:
     ``max_queued_inputs``; past it the request is refused at once with :class:`Overloaded`: the
     replica's one admission bound. Short requests (``inline_chars``) are tokenized on the event
     loop, others on a small thread pool. ``passes`` forward passes run at once, sharing ``threads``
-    torch threads; a pass alone runs on all of them (``solo``). Each special case won a same-run A/B
-    (docs/benchmarks.md). With ``shared`` threads and bound (the models of one replica) no pass runs
-    alone, so none takes every thread. Vectors are cut to ``dimensions`` and encoded
+    torch threads; a pass alone runs on all of them (``solo``); each of these is kept because it
+    measured faster (``bench/run.py --scheduler-ab``). With ``shared`` threads and bound (the
+    models of one replica) no pass runs alone, so none takes every thread. ``batch_wait_s``: how
+    long an idle model waits for more requests to join a part-filled first pass;
+    ``fair_every``: how often a pass serves the oldest waiting priority level
+    (:class:`BatchQueue`). Vectors are cut to ``dimensions`` and encoded
     (:mod:`serve_app.engine.quantize`) here, so compact encodings cross to the ingress compact; a
     model not calibrated at warm-up (a variant) calibrates on its first int8/uint8 request.
     """
@@ -80,7 +81,8 @@ class ModelRunner:
     def __init__(self, engine: EmbeddingEngine | RerankEngine, name: str, version: str = "1",
                  max_queued_inputs: int = 4096, passes: int = 1, threads: int = 1,
                  solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS,
-                 shared: ReplicaResources | None = None) -> None:
+                 shared: ReplicaResources | None = None, batch_wait_s: float = 0.0,
+                 fair_every: int = FAIR_EVERY) -> None:
         self.engine = engine
         self._inline = inline_chars
         _, share = plan_parallelism(threads, engine.device, passes)
@@ -90,26 +92,13 @@ class ModelRunner:
         shared = shared or ReplicaResources.of(passes, max_queued_inputs)
         self.queue = BatchQueue(compute, engine.max_batch_size, engine.max_batch_tokens, passes,
                                 solo=whole if own and solo and threads > share else None,
-                                executor=shared.forward)
+                                executor=shared.forward, wait_s=batch_wait_s,
+                                fair_every=fair_every)
         self._tokenize_pool = shared.tokenize
         self.admission = shared.admission
         self._held = 0  # this model's part of admission.held
         self._calibrating = asyncio.Lock()
         self._info = engine.info(name, version)
-        self._enter: Enter = self._put
-
-    def enter_through(self, enter: Enter) -> None:
-        """Send work to the queue through ``enter`` (a ``@serve.batch`` function that passes
-        its works on to :meth:`put`) instead of directly."""
-        self._enter = enter
-
-    def put(self, works: list[Work]) -> list[None]:
-        """Queue ``works``: what ``enter`` must finally call."""
-        self.queue.put(works)
-        return [None] * len(works)
-
-    async def _put(self, work: Work) -> None:
-        self.queue.put([work])
 
     @contextmanager
     def _admit(self, model: str, n: int) -> Iterator[None]:
@@ -143,7 +132,7 @@ class ModelRunner:
         t1 = time.perf_counter()
         work = Work(seqs, asyncio.get_running_loop().create_future(), deadline,
                     asyncio.current_task(), level=level)
-        await self._enter(work)
+        self.queue.put([work])
         out = await work.future
         waited = time.perf_counter() - t1
         counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))

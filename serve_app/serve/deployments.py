@@ -1,7 +1,7 @@
-"""Ray Serve deployments: thin shims over the model replica, the data plane and the HTTP app.
-
-With ``app.py`` and :mod:`serve_app.serve.handles` (the ingress's handles to them) these are the
-only serving modules that import Ray.
+"""The Ray Serve deployments, thin shims: :class:`ModelDeployment` holds one model's runner
+(and its variants, through Serve's model multiplexing); :class:`Ingress` holds the frontend
+(the HTTP app and the gRPC servicer over one data plane) and, colocated, the models' runners
+themselves.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,8 +16,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config.schema import AppConfig, ModelConfig
-from serve_app.engine.embedding import EmbeddingEngine, pick_device, plan_parallelism
-from serve_app.engine.reranker import RerankEngine
 from serve_app.errors import ServeAppError
 from serve_app.frontend.auth import ApiKeys
 from serve_app.frontend.context import ServerContext
@@ -28,71 +24,14 @@ from serve_app.frontend.http.app import create_http_app, enable_access_log
 from serve_app.frontend.metrics import Metrics
 from serve_app.frontend.registry import ModelBackend, build_registry
 from serve_app.frontend.v2.servicer import GrpcInference
-from serve_app.runtime.batch_queue import Work
+from serve_app.runtime.load import load_runner, passes_of
 from serve_app.runtime.runner import ModelRunner, ReplicaResources
 from serve_app.runtime.variants import Residency, Variant, VariantHost
 from serve_app.serve.handles import HandleBackend, ReplicaCensus, VariantBackend
+from serve_app.serve.logs import log_through_serve
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
 
-log = logging.getLogger(__name__)  # under "serve_app": see _log_through_serve
-_serve_log = logging.getLogger("ray.serve")
-
-
-def _log_through_serve() -> None:
-    """Send serve_app's own loggers (engine start-up progress, warnings) to the replica's Serve
-    log file, and to stderr, which Ray streams to the console of the process that started it:
-    throughput-optimized mode keeps Serve's own per-request lines off stderr, but start-up
-    progress and errors belong on the console."""
-    ours = logging.getLogger("serve_app")
-    if not ours.handlers:
-        for handler in _serve_log.handlers:
-            ours.addHandler(handler)
-        if not any(type(h) is logging.StreamHandler for h in ours.handlers):
-            # the process's own stderr: in that mode Serve points sys.stderr at its log file
-            console = logging.StreamHandler(sys.__stderr__)
-            console.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s"))
-            ours.addHandler(console)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
-
-
-def _passes(cfg: ModelConfig) -> tuple[int, int]:
-    """Forward passes at once and torch threads each, for ``cfg``'s replica. Set explicitly:
-    Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress owns the CPUs of
-    every model it holds."""
-    return plan_parallelism(cfg.threads, pick_device(cfg.device), cfg.batching.parallel_passes)
-
-
-def serve_model(cfg: ModelConfig, shared: ReplicaResources | None = None, variant: bool = False
-                ) -> ModelRunner:
-    """Load and warm up ``cfg``'s model in this replica, logging each step (Serve reports a
-    replica ready only after its ``__init__``, so after warm-up), with its requests entering
-    the queue through ``@serve.batch``: the one way into a model in every topology. A model
-    with variants shares its threads and input bound with them (``shared``). A ``variant``
-    skips the warm-up (its base warmed this process's kernels already: a warm-up would double
-    its load time to spare its first request a few ms) and calibrates on its first int8/uint8
-    request."""
-    t0 = time.perf_counter()
-    threads = cfg.threads
-    passes, per_pass = _passes(cfg)
-    log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
-             cfg.name, cfg.model_id, passes, per_pass)
-    engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(cfg, num_threads=per_pass)
-    if not variant:
-        log.info("model %r: warming up", cfg.name)
-        warm = engine.warmup(threads)
-        log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
-                 time.perf_counter() - t0)
-    model = ModelRunner(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads,
-                         shared=shared)
-
-    @serve.batch(max_batch_size=cfg.batching.max_batch_size,
-                 batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s)
-    async def enter(works: list[Work]) -> list[None]:
-        return model.put(works)
-
-    model.enter_through(enter)
-    return model
+log = logging.getLogger(__name__)  # under "serve_app": see serve.logs
 
 
 R = TypeVar("R", EmbedResult, RerankResult)
@@ -100,9 +39,9 @@ R = TypeVar("R", EmbedResult, RerankResult)
 
 @serve.deployment
 class ModelDeployment:
-    """One model's replica (the separate topology): :func:`serve_model` in ``__init__``, then
-    :class:`EmbedRequest` (or, for a reranker, :class:`RerankRequest`) objects in, results
-    out.
+    """One model's replica (the separate topology): its runner
+    (:func:`serve_app.runtime.load.load_runner`) built in ``__init__``, then
+    :class:`EmbedRequest` (or, for a reranker, :class:`RerankRequest`) objects in, results out.
 
     With ``variants``, a request whose multiplexed model id names a variant goes to that variant's
     model (:class:`serve_app.runtime.variants.VariantHost`), loaded through ``@serve.multiplexed``,
@@ -110,17 +49,17 @@ class ModelDeployment:
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
-        _log_through_serve()
+        log_through_serve()
         self.host: VariantHost | None = None
         if cfg.variants is None:
-            self.model = serve_model(cfg)
+            self.model = load_runner(cfg)
             return
         # the base and its variants share the replica's CPUs and its one input bound
-        shared = ReplicaResources.of(_passes(cfg)[0], cfg.max_queued_inputs)
-        self.model = serve_model(cfg, shared)
+        shared = ReplicaResources.of(passes_of(cfg)[0], cfg.max_queued_inputs)
+        self.model = load_runner(cfg, shared)
         host = self.host = VariantHost(
             cfg, self.model.engine.info(cfg.name, cfg.version),
-            functools.partial(serve_model, shared=shared, variant=True),
+            functools.partial(load_runner, shared=shared, variant=True),
             serve.get_replica_context().replica_id.unique_id)
 
         async def load_variant(name: str) -> Variant:
@@ -181,7 +120,7 @@ class Ingress(GrpcInference):
     which Ray Serve's gRPC proxy calls by name); routes by model name to the model deployments."""
 
     def __init__(self, models: dict[str, DeploymentHandle], cfg: AppConfig) -> None:
-        _log_through_serve()
+        log_through_serve()
         census = ReplicaCensus(serve.get_replica_context().app_name)
         timeout = cfg.ingress.request_timeout_s
 
@@ -189,7 +128,7 @@ class Ingress(GrpcInference):
 
         def backend(m: ModelConfig) -> ModelBackend:
             if cfg.colocated:  # the model runs here, in this replica
-                return serve_model(m)
+                return load_runner(m)
             return HandleBackend(models[m.deployment_name], census, timeout,
                                  residency.get(m.deployment_name))
 

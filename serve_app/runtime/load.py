@@ -1,0 +1,44 @@
+"""A model runner from its config: the engine loaded and warmed up, its forward passes and
+threads planned for the CPUs its replica owns, logged step by step (Serve reports a replica
+ready only once its constructor returns, so after the warm-up). No Ray."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from serve_app.config.schema import ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine, pick_device, plan_parallelism
+from serve_app.engine.reranker import RerankEngine
+from serve_app.runtime.runner import ModelRunner, ReplicaResources
+
+log = logging.getLogger(__name__)
+
+
+def passes_of(cfg: ModelConfig) -> tuple[int, int]:
+    """Forward passes at once and torch threads each, for ``cfg``'s replica. Set explicitly:
+    Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress owns the CPUs of
+    every model it holds."""
+    return plan_parallelism(cfg.threads, pick_device(cfg.device), cfg.batching.parallel_passes)
+
+
+def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
+                variant: bool = False) -> ModelRunner:
+    """Load ``cfg``'s model and warm it up. A model with variants shares its threads and input
+    bound with them (``shared``). A ``variant`` skips the warm-up (its base warmed this
+    process's kernels already; a warm-up would double its load time to spare its first
+    request a few milliseconds) and calibrates on its first int8/uint8 request."""
+    t0 = time.perf_counter()
+    threads = cfg.threads
+    passes, per_pass = passes_of(cfg)
+    log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
+             cfg.name, cfg.model_id, passes, per_pass)
+    engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(cfg, num_threads=per_pass)
+    if not variant:
+        log.info("model %r: warming up", cfg.name)
+        warm = engine.warmup(threads)
+        log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,
+                 time.perf_counter() - t0)
+    return ModelRunner(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads,
+                       shared=shared, batch_wait_s=cfg.batching.batch_wait_timeout_s,
+                       fair_every=getattr(cfg.batching, "fair_every", 4))
