@@ -17,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 
 from serve_app.errors import InvalidInput
 from serve_app.frontend.http import openai as oai
-from serve_app.frontend.http.common import check_texts
+from serve_app.frontend.http.bodies import check_texts
 from serve_app.frontend.v2.codec import fp32_bytes, join_bytes_tensor
 from serve_app.frontend.v2.proto import inference_pb2 as pb
 from serve_app.frontend.v2.servicer import _contents, to_request

@@ -21,7 +21,9 @@ from serve_app.frontend.auth import OPEN_PATHS
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.http import kserve_v1, openai, rerank, v2
-from serve_app.frontend.http.common import json_response, kserve_error, openai_error, protocol_of
+from serve_app.frontend.http.bodies import json_response
+from serve_app.frontend.http.error_bodies import kserve_error, openai_error
+from serve_app.frontend.http.route import protocol_of
 from serve_app.frontend.metrics import CONTENT_TYPE
 
 _RENDERERS = {"openai": openai_error, "tei": rerank.render_tei_error}

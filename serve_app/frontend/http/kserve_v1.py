@@ -9,18 +9,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from serve_app.errors import InvalidInput, ModelNotReady
-from serve_app.frontend.http.common import (
-    call_of,
-    check_texts,
-    dataplane_of,
-    error_route_class,
-    json_response,
-    kserve_error,
-    model_card,
-    parse_json,
-    read_body,
-    respond,
-)
+from serve_app.frontend.http.bodies import check_texts, json_response, parse_json
+from serve_app.frontend.http.error_bodies import error_route_class, kserve_error
+from serve_app.frontend.http.route import call_of, dataplane_of, model_card, read_body, respond
 from serve_app.types import EmbedRequest
 
 router = APIRouter(route_class=error_route_class(kserve_error), tags=["kserve-v1"])

@@ -10,18 +10,9 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serve_app.errors import InvalidInput
-from serve_app.frontend.http.common import (
-    call_of,
-    dataplane_of,
-    error_route_class,
-    json_response,
-    model_card,
-    openai_error,
-    parse_json,
-    read_body,
-    respond,
-    validate,
-)
+from serve_app.frontend.http.bodies import json_response, parse_json, validate
+from serve_app.frontend.http.error_bodies import error_route_class, openai_error
+from serve_app.frontend.http.route import call_of, dataplane_of, model_card, read_body, respond
 from serve_app.types import EmbedRequest, EmbedResult, Input
 
 _INPUT_HELP = (

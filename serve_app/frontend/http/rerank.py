@@ -29,18 +29,14 @@ from serve_app.errors import (
     ServeAppError,
     lookup,
 )
-from serve_app.frontend.http.common import (
-    call_of,
+from serve_app.frontend.http.bodies import json_response, parse_json, validate
+from serve_app.frontend.http.error_bodies import (
     error_headers,
     error_route_class,
     http_status,
-    json_response,
     openai_error,
-    parse_json,
-    read_body,
-    respond,
-    validate,
 )
+from serve_app.frontend.http.route import call_of, read_body, respond
 from serve_app.frontend.pipeline import Call
 from serve_app.types import Measured, RerankRequest
 

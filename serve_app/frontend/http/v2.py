@@ -13,17 +13,9 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.errors import InvalidInput, ModelNotReady
-from serve_app.frontend.http.common import (
-    call_of,
-    dataplane_of,
-    error_route_class,
-    json_response,
-    kserve_error,
-    parse_json,
-    read_body,
-    respond,
-    validate,
-)
+from serve_app.frontend.http.bodies import json_response, parse_json, validate
+from serve_app.frontend.http.error_bodies import error_route_class, kserve_error
+from serve_app.frontend.http.route import call_of, dataplane_of, read_body, respond
 from serve_app.frontend.v2.codec import (
     OUTPUTS,
     check_outputs,

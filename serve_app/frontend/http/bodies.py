@@ -1,0 +1,78 @@
+"""JSON bodies for every HTTP protocol: parsing, validation with readable messages, list-of-text
+checks, and encoding straight from numpy."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Response
+from pydantic import BaseModel, ValidationError
+
+from serve_app.errors import InvalidInput
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_response(
+    content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """Encode with orjson straight from numpy (no per-float Python objects)."""
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def parse_json(data: bytes) -> Any:
+    if not data:
+        raise InvalidInput("request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"request body is not valid JSON: {e}") from e
+
+
+def validate(model: type[M], data: Any) -> M:
+    """``model.model_validate(data)`` with pydantic's errors as one readable InvalidInput."""
+    if not isinstance(data, dict):
+        raise InvalidInput(f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise InvalidInput(describe_validation(e.errors()), param=_first_param(e.errors())) from e
+
+
+def describe_validation(errors: Any) -> str:
+    parts = []
+    for err in list(errors)[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _first_param(errors: Any) -> str | None:
+    for err in errors:
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        if loc:
+            return str(loc[0])
+    return None
+
+
+def check_texts(items: Any, field: str, allow_empty: bool = False) -> tuple[str, ...]:
+    """A non-empty list of strings (non-empty ones unless ``allow_empty``), as a tuple. Names
+    ``field`` in every message."""
+    if not isinstance(items, list):
+        raise InvalidInput(f"'{field}' must be a list of strings", param=field)
+    if not items:
+        raise InvalidInput(f"'{field}' must not be empty", param=field)
+    for i, x in enumerate(items):
+        if not isinstance(x, str):
+            raise InvalidInput(
+                f"'{field}[{i}]' must be a string, got {type(x).__name__}", param=field
+            )
+        if not x and not allow_empty:
+            raise InvalidInput(f"'{field}[{i}]' is an empty string", param=field)
+    return tuple(items)

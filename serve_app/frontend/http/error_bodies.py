@@ -1,0 +1,108 @@
+"""Domain errors as HTTP answers: one status per error for every protocol, KServe's and
+OpenAI's error bodies, and the route class that renders a route's errors (domain, validation
+or unexpected) in its protocol's shape and counts them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+from serve_app.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServeAppError,
+    Unauthorized,
+    lookup,
+)
+from serve_app.frontend.http.bodies import describe_validation, json_response
+from serve_app.frontend.http.route import context_of, protocol_of
+
+log = logging.getLogger(__name__)
+#: One HTTP status per domain error, shared by every HTTP protocol (bodies differ).
+HTTP_STATUS: dict[type[ServeAppError], int] = {
+    InvalidInput: 400,
+    Unauthorized: 401,
+    ModelNotFound: 404,
+    PayloadTooLarge: 413,
+    Overloaded: 429,
+    InferenceFailed: 500,
+    ModelNotReady: 503,
+    DeadlineExceeded: 504,
+}
+Renderer = Callable[[ServeAppError], Response]
+
+
+def http_status(err: ServeAppError) -> int:
+    return lookup(HTTP_STATUS, err, 500)
+
+
+def error_headers(status: int) -> dict[str, str] | None:
+    """Headers every protocol's error response carries for ``status``."""
+    if status in (429, 503, 504):
+        return {"Retry-After": "1"}
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    return None
+
+
+def kserve_error(err: ServeAppError) -> Response:
+    """KServe V1's and Open Inference REST's error body: ``{"error": "<message>"}``."""
+    status = http_status(err)
+    return json_response({"error": err.message}, status_code=status, headers=error_headers(status))
+
+
+def openai_error(err: ServeAppError) -> Response:
+    """OpenAI's error body, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP
+    status of the error (the embeddings and the Cohere-shaped rerank routes)."""
+    status = http_status(err)
+    if isinstance(err, ModelNotFound):
+        etype, code = "invalid_request_error", "model_not_found"
+    elif isinstance(err, Unauthorized):
+        etype, code = "invalid_request_error", "invalid_api_key"
+    elif status < 500:
+        etype, code = "invalid_request_error", None
+    else:
+        etype, code = "server_error", None
+    body = {"error": {"message": err.message, "type": etype, "param": err.param, "code": code}}
+    return json_response(body, status_code=status, headers=error_headers(status))
+
+
+def error_route_class(render: Renderer) -> type[APIRoute]:
+    """An APIRoute whose errors, domain or validation or unexpected, are rendered by ``render``.
+
+    Unexpected exceptions are logged and shown as a generic InferenceFailed (500): every 500 is a
+    bug to find in the logs, never a user mistake.
+    """
+
+    class ProtocolRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def handle(request: Request) -> Response:
+                err: ServeAppError
+                try:
+                    return await handler(request)
+                except ServeAppError as e:
+                    err = e
+                except RequestValidationError as e:
+                    err = InvalidInput(describe_validation(e.errors()))
+                except Exception:
+                    log.exception("unexpected error on %s %s", request.method, request.url.path)
+                    err = InferenceFailed("internal server error")
+                context_of(request).metrics.observe_error(
+                    protocol_of(request.url.path), type(err).__name__, err.variants)
+                return render(err)
+
+            return handle
+
+    return ProtocolRoute
