@@ -41,8 +41,8 @@ class ModelNotReady(ServeAppError):
 
 
 class Misrouted(ModelNotReady):
-    """A variant's request reached a model replica that does not hold it while another does
-    (Serve's router had not heard yet): the ingress sends it again rather than load it twice."""
+    """A variant's request reached a model replica that does not hold it while another does: the
+    ingress sends it again (:class:`serve_app.serve.handles.VariantBackend` says why)."""
 
 
 class Overloaded(ServeAppError):

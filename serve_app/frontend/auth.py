@@ -13,8 +13,6 @@ from serve_app.errors import Unauthorized
 #: HTTP paths that stay open so probes and scrapers need no key.
 OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/docs",
                         "/openapi.json"})
-#: gRPC methods that stay open (health).
-OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})
 
 
 class ApiKeys:

@@ -1,7 +1,7 @@
 """Start a Serve config the fast way, in a Ray of its own, and stop it gracefully.
 
-``python -m serve_app`` (``make serve``, the KServe runtime) runs :func:`serve`; with
-``app.py`` and ``deployments.py`` this is the only module that imports Ray. It
+``python -m serve_app`` (``make serve``, the KServe runtime) runs :func:`serve`, which imports
+Ray only once it runs, so the command line answers ``--help`` and refuses bad flags quickly. It
 
 - puts Ray Serve's high-throughput settings in the environment before Ray starts (Ray reads them
   only then; see :func:`serve_app.env.ray_serve_env`),

@@ -45,12 +45,9 @@ def differences(base: ModelInfo, variant: ModelInfo) -> list[str]:
 
 
 class Residency:
-    """Which model replicas hold which variants, as the ingress last heard from each: every
-    answer of a replica with variants carries its :class:`VariantReport`. The ingress sends one
-    request at a time to a variant no replica holds, and names the replicas that hold it in
-    each request, so a replica Serve's router sends it to before the router has heard of them
-    sends it back instead of loading it (:class:`serve_app.serve.handles.VariantBackend`):
-    requests arriving together load it once, on one replica."""
+    """Which model replicas hold which variants, as the ingress last heard from each (every
+    answer of a replica with variants carries its :class:`VariantReport`): what the ingress
+    needs to load a variant once (:class:`serve_app.serve.handles.VariantBackend`)."""
 
     def __init__(self) -> None:
         self._held: dict[str, frozenset[str]] = {}
@@ -158,9 +155,8 @@ class VariantHost:
                   holders: tuple[str, ...] = ()) -> ModelRunner:
         """``name``'s model through ``load`` (Serve's multiplexed loader, which loads it if this
         replica does not hold it), waiting for a load at most ``load_timeout_s``: past it,
-        :class:`ModelNotReady` (503, retry) while the load goes on for later requests. A replica
-        that does not hold it while ``holders`` (other replicas, as the ingress heard) do raises
-        :class:`Misrouted` instead of loading it a second time."""
+        :class:`ModelNotReady` (503, retry) while the load goes on for later requests; a replica
+        not among ``holders`` raises :class:`Misrouted` rather than load it too."""
         if name not in self.resident and holders and self.replica not in holders:
             raise Misrouted(f"variant {name!r} is held by another replica", param="model")
         task = asyncio.ensure_future(load(name))

@@ -59,9 +59,6 @@ class ReplicaCensus:
                 self._at = time.monotonic()
         return self._state.get(deployment, (0, self._deploying))
 
-    async def running(self, deployment: str) -> int:
-        return (await self._get(deployment))[0]
-
     async def serving(self, deployment: str) -> bool:
         """A replica runs, or Serve is deploying a new version: with one replica Serve stops
         the old one before the new one runs, and requests wait for it rather than fail."""
@@ -167,12 +164,17 @@ class HandleBackend:
 
 class VariantBackend(HandleBackend):
     """A variant of a model deployment's base, seen from the ingress: its calls carry the
-    variant's name as Serve's multiplexed model id, so Serve routes each to a replica that holds the
-    variant (or, when none does, to one that then loads it). While no replica holds it
-    (``residency``), its requests go one at a time; after that, each names the replicas that hold
-    it, and one that Serve's router sends to another replica before it has heard of the load comes
-    back :class:`Misrouted` and goes again: requests arriving together load it once. Its metadata is
-    the base's (:func:`serve_app.runtime.variants.describe`): describing it never loads it."""
+    variant's name as Serve's multiplexed model id, so Serve routes each to a replica that holds
+    the variant (or, when none does, to one that then loads it). Its metadata is the base's
+    (:func:`serve_app.runtime.variants.describe`): describing it never loads it.
+
+    Requests arriving together load a variant once. Serve's router alone does not ensure it:
+    requests it cannot match to a holder yet go to the replica holding the fewest models on
+    their second try, and it hears where a variant was loaded only a moment after the load. So
+    while no replica holds the variant (``residency``, from the replicas' reports) its requests
+    go one at a time; afterwards each names the replicas that hold it, a replica the router
+    sends it to before it has heard answers :class:`Misrouted`, and the request goes again
+    (backing off from 10 ms), for up to ``REROUTE_S``, after which any replica may load it."""
 
     def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
                  residency: Residency, base: HandleBackend, name: str, source: str) -> None:
@@ -189,8 +191,6 @@ class VariantBackend(HandleBackend):
             async with self._cold:
                 if not self._residency.holders(req.model):
                     return await super()._call(method, req)
-        # Serve's router hears where a variant was loaded a moment after the load: a replica
-        # it sends this to meanwhile sends it back; after REROUTE_S, any replica may load it
         wait, until = 0.01, time.monotonic() + REROUTE_S
         while True:
             holders = self._residency.holders(req.model) if time.monotonic() < until else ()

@@ -75,8 +75,8 @@ class Observe:
     a new one, echoed when ``echo_request_id``), API key check, metrics and one access-log line.
 
     Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs
-    each request in an anyio task group with memory streams, which more than doubled the app's
-    own time per request."""
+    each request in an anyio task group with memory streams, which costs more than the app's
+    own work per request."""
 
     def __init__(self, app: ASGIApp, context: ServerContext, echo_request_id: bool) -> None:
         self.app = app
