@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from serve_app.config.schema import AppConfig, DeploymentOptions
+from serve_app.config.variants import VariantOptions
 from serve_app.serve.app import build_app
 from tests.helpers import assert_valid_serve_config
 
@@ -159,3 +162,35 @@ def test_colocated_topology_runs_the_models_inside_the_ingress():
     assert ingress.ray_actor_options["num_gpus"] == 1
     with pytest.raises(ValidationError):
         AppConfig.model_validate({"topology": "fused"})
+
+
+def test_the_timeouts_and_fairness_are_config_fields():
+    cfg = AppConfig()
+    assert (cfg.ingress.model_load_timeout_s, cfg.ingress.probe_timeout_s) == (30.0, 2.0)
+    assert cfg.models[0].batching.fair_every == 4
+    assert VariantOptions(models=["org/a"]).reroute_s == 2.0
+    for bad in ({"ingress": {"probe_timeout_s": 0}}, {"ingress": {"model_load_timeout_s": -1}},
+                {"models": [{"batching": {"fair_every": 0}}]},
+                {"models": [{"variants": {"models": ["org/a"], "reroute_s": -1}}]}):
+        with pytest.raises(ValidationError):
+            AppConfig.model_validate(bad)
+    assert VariantOptions(models=["org/a"], reroute_s=0).reroute_s == 0
+
+
+def _fields(model: type[BaseModel], seen: set[type]) -> list[tuple[str, Any]]:
+    if model in seen:
+        return []
+    seen.add(model)
+    out = []
+    for name, field in model.model_fields.items():
+        out.append((f"{model.__name__}.{name}", field))
+        for arg in (field.annotation, *typing.get_args(field.annotation)):
+            for inner in (arg, *typing.get_args(arg)):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    out += _fields(inner, seen)
+    return out
+
+
+def test_every_config_field_has_a_description():
+    missing = [name for name, f in _fields(AppConfig, set()) if not f.description]
+    assert not missing, missing

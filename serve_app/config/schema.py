@@ -136,6 +136,11 @@ class BatchOptions(_Strict):
         "batch with an equal share of the torch threads. Default: 2 on CPU when the replica has "
         "2 or more threads (faster than one pass on all of them: docs/benchmarks.md), 1 on GPU.",
     )
+    fair_every: int = Field(
+        4, ge=1, description="While lower priority levels wait, one forward pass in this many "
+        "serves the level of the oldest waiting request instead of the highest, so no level "
+        "starves (1: every pass serves the oldest)."
+    )
 
 
 class ModelConfig(_Strict):
@@ -179,8 +184,10 @@ class ModelConfig(_Strict):
         4096, ge=1, description="Inputs one replica holds at once (tokenizing, queued, in a "
         "forward pass); a request that would exceed it is refused at once (429, Retry-After)."
     )
-    batching: BatchOptions = Field(default_factory=BatchOptions)
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    batching: BatchOptions = Field(default_factory=BatchOptions,
+                                   description="How the replica groups texts into passes.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions,
+                                          description="This model's Serve deployment.")
     variants: VariantOptions | None = Field(
         None, description="Fine-tuned variants of this model, each served under its own name "
         "by this entry's deployment, loaded on first use (model multiplexing).")
@@ -228,6 +235,14 @@ class IngressOptions(_Strict):
     request_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for a model's answer before a 503 (retry later)."
     )
+    model_load_timeout_s: float = Field(
+        30.0, gt=0, description="How long a request waits for a model that has not answered "
+        "yet (it is still loading) before a 503 (retry later)."
+    )
+    probe_timeout_s: float = Field(
+        2.0, gt=0, description="How long readiness probes and metadata requests wait for a "
+        "model's first answer before reporting it not ready."
+    )
     access_log: bool = Field(
         False, description="One JSON line per HTTP request on stderr (request id, protocol, "
         "route, model, status, ms; never input text). Ray Serve's own access log, with its "
@@ -264,12 +279,15 @@ class CorsOptions(_Strict):
     allow_origins: list[str] = Field(
         default_factory=list, description="Origins allowed, e.g. https://app.example.com."
     )
-    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"],
+                                     description="HTTP methods browsers may use.")
     allow_headers: list[str] = Field(
         default_factory=lambda: ["Authorization", "Content-Type", "X-Request-Id",
-                                 "X-Request-Timeout", "X-Priority"]
+                                 "X-Request-Timeout", "X-Priority"],
+        description="Request headers browsers may send.",
     )
-    allow_credentials: bool = False
+    allow_credentials: bool = Field(False, description="Whether browsers may send cookies "
+                                    "and HTTP authentication with cross-origin requests.")
     max_age: int = Field(600, ge=0, description="Seconds browsers cache a preflight answer.")
 
     @property
@@ -323,9 +341,11 @@ class AppConfig(_Strict):
         min_length=1,
         description="Served models, routed by name.",
     )
-    ingress: IngressOptions = Field(default_factory=IngressOptions)
-    auth: AuthOptions = Field(default_factory=AuthOptions)
-    limits: LimitOptions = Field(default_factory=LimitOptions)
+    ingress: IngressOptions = Field(default_factory=IngressOptions,
+                                    description="The HTTP ingress deployment.")
+    auth: AuthOptions = Field(default_factory=AuthOptions, description="Optional API keys.")
+    limits: LimitOptions = Field(default_factory=LimitOptions,
+                                 description="What one request may hold.")
     topology: Topology = Field(
         "auto", description="separate: one deployment per model behind the ingress (models "
         "scale on their own, GPU models fed by CPU ingress replicas). colocated: the models run "
@@ -335,7 +355,8 @@ class AppConfig(_Strict):
         "unpinned, with a fixed replica count equal to the ingress's), else separate "
         "(docs/benchmarks.md compares the two)."
     )
-    cors: CorsOptions = Field(default_factory=CorsOptions)
+    cors: CorsOptions = Field(default_factory=CorsOptions,
+                              description="Cross-origin access for browsers.")
 
     @model_validator(mode="after")
     def _unique_versions(self) -> AppConfig:

@@ -56,6 +56,13 @@ class VariantOptions(BaseModel):
         30.0, gt=0, description="Longest a request waits for its variant to load; past it the "
         "answer is 503 with Retry-After while the load goes on."
     )
+    reroute_s: float = Field(
+        2.0, ge=0, description="How long the ingress keeps sending a variant's request back to "
+        "the replicas it heard hold that variant before any replica may load it: Serve's router "
+        "learns of a load only within its multiplexed matching window "
+        "(RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S), and a request routed elsewhere "
+        "meanwhile would load a second copy. 0: any replica at once."
+    )
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
