@@ -2,8 +2,9 @@
 
 Steps are separate so batching can be arranged around them and each can be tested alone:
 ``tokenize`` (texts -> token ids), ``forward`` (token ids -> vectors: pad, forward, pool,
-normalize), and the pure helpers ``pool`` and ``plan_batches``. :class:`TransformerEngine` holds
-what the embedding engine and the reranker (:mod:`serve_app.engine.reranker`) share.
+normalize), and the pure helper ``pool`` (passes are planned by :mod:`.batching`).
+:class:`TransformerEngine` holds what the embedding engine and the reranker
+(:mod:`serve_app.engine.reranker`) share.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from serve_app.config.schema import ModelConfig
+from serve_app.engine.batching import plan_batches
 from serve_app.engine.model_files import read_settings, resolve_model_dir
 from serve_app.engine.quantize import Calibration, calibration_texts
 from serve_app.errors import InvalidInput, ModelLoadError
@@ -87,20 +89,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "mean_sqrt_len":
         return summed / counts.sqrt()
     raise ValueError(f"unknown pooling mode {mode!r}")
-
-
-def plan_batches(lengths: Sequence[int], max_tokens: int, max_size: int) -> list[list[int]]:
-    """Group indices into forward passes: longest first, so each pass pads little, each pass
-    holding at most ``max_size`` sequences and ``max_tokens`` padded tokens (a single sequence
-    longer than the budget still gets a pass of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:  # the first of a pass is its widest
-        if not batches or (len(batches[-1]) + 1 > max_size
-                           or (len(batches[-1]) + 1) * lengths[batches[-1][0]] > max_tokens):
-            batches.append([])
-        batches[-1].append(i)
-    return batches
 
 
 class PairIds(list[int]):

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from serve_app.engine.batching import fits_pass
 from serve_app.errors import DeadlineExceeded
 from serve_app.types import DEFAULT_LEVEL
 
@@ -285,7 +286,7 @@ class BatchQueue:
             while w.untaken:
                 i = w.order[w.taken]
                 wider = max(width, len(w.seqs[i]))
-                if batch and (len(batch) >= cap or (len(batch) + 1) * wider > self._max_tokens):
+                if batch and not fits_pass(len(batch) + 1, wider, cap, self._max_tokens):
                     return batch
                 batch.append((w, i))
                 width = wider
