@@ -41,4 +41,4 @@ def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
                  time.perf_counter() - t0)
     return ModelRunner(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads,
                        shared=shared, batch_wait_s=cfg.batching.batch_wait_timeout_s,
-                       fair_every=getattr(cfg.batching, "fair_every", 4))
+                       fair_every=cfg.batching.fair_every)

@@ -134,8 +134,10 @@ class Ingress(GrpcInference):
 
         def variant(m: ModelConfig, name: str, source: str, base: ModelBackend) -> ModelBackend:
             assert isinstance(base, HandleBackend)  # variants are never colocated
+            assert m.variants is not None
             return VariantBackend(models[m.deployment_name], census, timeout,
-                                  residency[m.deployment_name], base, name, source)
+                                  residency[m.deployment_name], base, name, source,
+                                  m.variants.reroute_s)
 
         registry = build_registry(cfg, backend, variant)
         accepted = cfg.auth.load_keys()  # read here, in the replica's own environment
@@ -144,7 +146,9 @@ class Ingress(GrpcInference):
             enable_access_log()
         self.cfg = cfg
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.dataplane = DataPlane(registry, limits=cfg.limits, server_name=cfg.server_name)
+        self.dataplane = DataPlane(registry, limits=cfg.limits, server_name=cfg.server_name,
+                                   ready_timeout_s=cfg.ingress.probe_timeout_s,
+                                   load_timeout_s=cfg.ingress.model_load_timeout_s)
         context = ServerContext(Metrics(self.replica), ApiKeys(accepted),
                                 cfg.limits.max_body_bytes)
         super().__init__(self.dataplane, context)

@@ -17,11 +17,6 @@ from serve_app.errors import DeadlineExceeded, Misrouted, ModelNotReady, ServeAp
 from serve_app.runtime.variants import Residency, describe
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
 
-#: How long the ingress keeps sending a variant's request back to the replicas it heard hold it
-#: before any replica may load it (Serve's router learns of a load within its 1-2 s matching
-#: window: RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S).
-REROUTE_S = 2.0
-
 
 def _name(enum: Any) -> str:
     return str(getattr(enum, "value", enum))
@@ -174,15 +169,18 @@ class VariantBackend(HandleBackend):
     while no replica holds the variant (``residency``, from the replicas' reports) its requests
     go one at a time; afterwards each names the replicas that hold it, a replica the router
     sends it to before it has heard answers :class:`Misrouted`, and the request goes again
-    (backing off from 10 ms), for up to ``REROUTE_S``, after which any replica may load it."""
+    (backing off from 10 ms), for up to ``reroute_s`` (the config's ``variants.reroute_s``),
+    after which any replica may load it."""
 
     def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
-                 residency: Residency, base: HandleBackend, name: str, source: str) -> None:
+                 residency: Residency, base: HandleBackend, name: str, source: str,
+                 reroute_s: float = 2.0) -> None:
         super().__init__(handle.options(multiplexed_model_id=name), census, timeout_s,
                          residency)
         self._base = base
         self._variant = (name, source)
         self._cold = asyncio.Lock()
+        self._reroute_s = reroute_s
 
     async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
                     *args: Any) -> Any:
@@ -191,7 +189,7 @@ class VariantBackend(HandleBackend):
             async with self._cold:
                 if not self._residency.holders(req.model):
                     return await super()._call(method, req)
-        wait, until = 0.01, time.monotonic() + REROUTE_S
+        wait, until = 0.01, time.monotonic() + self._reroute_s
         while True:
             holders = self._residency.holders(req.model) if time.monotonic() < until else ()
             try:
