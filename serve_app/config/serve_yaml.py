@@ -1,6 +1,7 @@
-"""Serve config files (``serve run``'s YAML) as the command line and the offline job read them:
-the file, and the validated :class:`AppConfig` of each serve_app application in it (those
-whose ``import_path`` is :data:`serve_app.IMPORT_PATH`)."""
+"""Serve configs (``serve run``'s YAML): reading a file as the command line and the offline job
+do (the file, and the validated :class:`AppConfig` of each serve_app application in it, those
+whose ``import_path`` is :data:`serve_app.IMPORT_PATH`), and building one (:func:`serve_config`)
+as the KServe-style command line and the test harness do."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from serve_app import IMPORT_PATH
+from serve_app import GRPC_SERVICER, IMPORT_PATH
 from serve_app.config.schema import AppConfig, ModelConfig
 
 
@@ -42,3 +43,20 @@ def model_from_serve_config(path: str | Path, model: str | None = None,
         served = sorted({m.name for m in cfg.models})
         raise ValueError(f"{path} serves no model {name!r} (version {version}); "
                          f"models: {served}") from None
+
+
+def serve_config(args: dict[str, Any], host: str, http_port: int, grpc_port: int | None = None,
+                 proxy_location: str | None = None,
+                 more_apps: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """A Serve config serving serve_app (``args``: an :class:`AppConfig` as a dict) at ``/`` on
+    ``host:http_port``, with V2 gRPC on ``grpc_port`` when given, and ``more_apps`` beside."""
+    config: dict[str, Any] = {
+        "http_options": {"host": host, "port": http_port},
+        "applications": [{"name": "serve_app", "route_prefix": "/", "import_path": IMPORT_PATH,
+                          "args": args}, *more_apps],
+    }
+    if proxy_location is not None:
+        config["proxy_location"] = proxy_location
+    if grpc_port is not None:
+        config["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+    return config
