@@ -3,17 +3,28 @@
 
 Serve YAML passes ``applications[].args`` to :func:`serve_app.serve.app.build_app`, which validates
 it as :class:`AppConfig`. Every model is a strict pydantic model: a misspelled key is an error, not
-a silently dropped option (Ray Serve's own config drops unknown keys). Environment variables: see
-:mod:`serve_app.env` and :meth:`AuthOptions.load_keys`; the HuggingFace ones reach the replicas
-through Ray's worker environment.
+a silently dropped option (Ray Serve's own config drops unknown keys). A deployment's options
+(``models[].deployment``, ``ingress``) are serve_app's few typed fields plus Ray Serve's own
+``Deployment.options``, passed through and validated by Ray's schema, as strictly. Environment
+variables: see :mod:`serve_app.env` and :meth:`AuthOptions.load_keys`; the HuggingFace ones reach
+the replicas through Ray's worker environment.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, Self, cast, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from serve_app.config.variants import NAME_RE, NAME_RULE, VariantOptions
 from serve_app.types import Task
@@ -30,43 +41,156 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class AutoscalingOptions(_Strict):
-    """Serve autoscaling for one deployment (a subset of Ray Serve's ``autoscaling_config``)."""
+#: Keys of Ray Serve's deployment options that serve_app sets itself, and what to set instead.
+SET_BY_SERVE_APP = {
+    "name": "serve_app names every deployment itself (Ingress, model-{name}-v{version})",
+    "ray_actor_options": "set num_cpus, num_gpus, memory and resources instead: the torch "
+                         "threads and a colocated ingress's reservation follow from them",
+    "user_config": "serve_app's deployments have no reconfigure hook: change the config and "
+                   "redeploy",
+}
+#: serve_app's defaults for a deployment's ``autoscaling_config``, where they differ from Ray
+#: Serve's: a replica batches many requests at once, so it aims at more ongoing requests than
+#: Ray's 2 and sheds replicas sooner.
+AUTOSCALING_DEFAULTS: dict[str, Any] = {
+    "target_ongoing_requests": 16, "upscale_delay_s": 10.0, "downscale_delay_s": 60.0}
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
-    max_replicas: int = Field(1, ge=1, description="Most replicas started under load.")
-    initial_replicas: int | None = Field(None, ge=0, description="Replicas started first.")
-    target_ongoing_requests: float = Field(
-        16, gt=0, description="Ongoing requests per replica that autoscaling aims for."
-    )
-    upscale_delay_s: float = Field(10.0, ge=0, description="Load must last this long to add.")
-    downscale_delay_s: float = Field(60.0, ge=0, description="Idle this long to remove.")
-    look_back_period_s: float = Field(
-        30.0, gt=0, description="Window over which ongoing requests are averaged."
-    )
-    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report load.")
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``Model``, ``Optional[Union[Dict, Model]]``,
+    ``List[Model]``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (dict, Mapping):
+        return None
+    for arg in get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def _check_keys(model: type[BaseModel], data: Mapping[str, Any], where: str,
+                unknown: list[str], invalid: list[str]) -> None:
+    """Collect the keys of ``data`` that are not fields of ``model``, at any depth, and the errors
+    ``model`` gives for ``data``. Nested dicts are checked against their own models too: Ray
+    types several options as ``Union[Dict, Model]``, which accepts any dict unchecked."""
+    fields = {**{f.alias: f for f in model.model_fields.values() if f.alias},
+              **model.model_fields}
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            unknown.append(where + key)
+            continue
+        sub = _model_in(field.annotation)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if sub is not None and isinstance(item, dict):
+                _check_keys(sub, item, f"{where}{key}{'' if i is None else f'[{i}]'}.",
+                            unknown, invalid)
+    try:
+        model.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = (where + ".".join(str(part) for part in err["loc"])).rstrip(".")
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] != "extra_forbidden":  # reported once, as unknown
+                invalid.append(f"{loc}: {msg}" if loc else msg)
+
+
+def check_serve_options(options: Mapping[str, Any]) -> None:
+    """Validate ``options`` as keyword arguments of Ray Serve's ``Deployment.options`` with Ray's
+    own schema (``ray.serve.schema.DeploymentSchema``, ``AutoscalingConfig`` and the others it
+    nests), strictly: Ray drops keys it does not know, here each one is an error naming it."""
+    own = sorted(set(options) & set(SET_BY_SERVE_APP))
+    if own:
+        raise ValueError("; ".join(f"{k} is set by serve_app: {SET_BY_SERVE_APP[k]}" for k in own))
+    if (isinstance(options.get("num_replicas"), int)
+            and options.get("autoscaling_config") is not None):
+        raise ValueError("set either num_replicas or autoscaling_config, not both (with "
+                         "autoscaling_config, num_replicas may be null or auto)")
+    from ray.serve.schema import DeploymentSchema  # here: the config loads without Ray
+
+    unknown: list[str] = []
+    invalid: list[str] = []
+    _check_keys(DeploymentSchema, {"name": "_", **options}, "", unknown, invalid)
+    if unknown:
+        raise PydanticCustomError(
+            "extra_forbidden", "Extra inputs are not permitted: {keys} (neither serve_app's "
+            "own fields nor options of Ray Serve's Deployment.options)",
+            {"keys": ", ".join(unknown)})
+    if invalid:
+        raise ValueError("; ".join(dict.fromkeys(invalid)))
+
+
+class _ServeOptions(BaseModel):
+    """The options of one Serve deployment: serve_app's own typed fields, plus any other option
+    of Ray Serve's ``Deployment.options`` (num_replicas, autoscaling_config,
+    max_ongoing_requests, health_check_period_s, max_replicas_per_node, ...), passed to Serve
+    unchanged and validated by Ray's own schema (:func:`check_serve_options`). Ray's options
+    serve_app has its own defaults for are in ``DEFAULTS`` (``num_replicas`` only without
+    ``autoscaling_config``, whose own defaults are ``AUTOSCALING_DEFAULTS``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    #: Ray Serve options serve_app gives when unset, where its defaults differ from Ray's.
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingOptions:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must be <= max_replicas")
+    def _ray_validates(self) -> Self:
+        if self.ray_options:  # Ray is imported only for a config that sets its options
+            check_serve_options(self.ray_options)
         return self
 
+    @property
+    def ray_options(self) -> dict[str, Any]:
+        """The Ray Serve options this config sets, as given."""
+        return dict(self.model_extra or {})
 
-class DeploymentOptions(_Strict):
-    """Ray Serve options of one deployment: replicas, resources, concurrency."""
+    @property
+    def autoscaling_config(self) -> dict[str, Any] | None:
+        """The ``autoscaling_config`` Serve gets (``AUTOSCALING_DEFAULTS`` filled in), or None."""
+        given = self.ray_options.get("autoscaling_config")
+        return None if given is None else {**AUTOSCALING_DEFAULTS, **given}
 
-    num_replicas: int | None = Field(
-        1, ge=1, description="Fixed replica count; set null when autoscaling_config is used."
-    )
-    autoscaling_config: AutoscalingOptions | None = Field(
-        None, description="Scale replicas with load instead of a fixed count."
-    )
-    max_ongoing_requests: int = Field(
-        4096, ge=2, description="Requests one replica accepts at once. It must be at least the "
-        "model's max_queued_inputs, so that the replica's own input bound decides what is "
-        "refused rather than a queue in front of it."
-    )
+    @property
+    def num_replicas(self) -> int | str | None:
+        """The fixed replica count (None, or Ray's ``auto``, with ``autoscaling_config``)."""
+        if "num_replicas" in self.ray_options:
+            return cast(int | str | None, self.ray_options["num_replicas"])
+        return None if self.autoscaling_config is not None else self.DEFAULTS["num_replicas"]
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return int(self.ray_options.get("max_ongoing_requests",
+                                        self.DEFAULTS["max_ongoing_requests"]))
+
+    @property
+    def graceful_shutdown_timeout_s(self) -> float:
+        return float(self.ray_options.get("graceful_shutdown_timeout_s",
+                                          self.DEFAULTS["graceful_shutdown_timeout_s"]))
+
+    def _serve_options(self, actor: dict[str, Any]) -> dict[str, Any]:
+        """``Deployment.options``: serve_app's defaults, then the options given, then ``actor``."""
+        opts = {**self.DEFAULTS, **self.ray_options, "ray_actor_options": actor}
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config
+            if self.num_replicas is None:  # the default count, or null beside autoscaling
+                del opts["num_replicas"]
+        return opts
+
+
+class DeploymentOptions(_ServeOptions):
+    """A model's deployment: the resources each replica reserves, which serve_app reads (they
+    become ``ray_actor_options``, set the torch threads and a colocated ingress's reservation),
+    and any of Ray Serve's other deployment options. serve_app's defaults where Ray's differ:
+    ``num_replicas`` 1; ``max_ongoing_requests`` 4096, at least the model's
+    ``max_queued_inputs``, so that the replica's own input bound decides what is refused rather
+    than a queue in front of it; ``graceful_shutdown_timeout_s`` 20, the time in-flight requests
+    get to finish on shutdown (the command line waits as long)."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "num_replicas": 1, "max_ongoing_requests": 4096, "graceful_shutdown_timeout_s": 20.0}
+
     num_cpus: Annotated[float, Field(ge=0)] | Literal["all"] = Field(
         1.0, description="Logical CPUs each replica reserves, or `all`: every CPU of the largest "
         "node (one replica per machine, as `make serve` runs it). The model's torch threads "
@@ -77,17 +201,6 @@ class DeploymentOptions(_Strict):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources, e.g. to pin replicas to nodes."
     )
-    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between checks.")
-    health_check_timeout_s: float = Field(30.0, gt=0, description="A check slower fails.")
-    graceful_shutdown_timeout_s: float = Field(
-        20.0, ge=0, description="Time in-flight requests get to finish on shutdown.")
-
-    @model_validator(mode="after")
-    def _replicas_xor_autoscaling(self) -> DeploymentOptions:
-        if self.autoscaling_config is not None and self.num_replicas is not None and (
-                "num_replicas" in self.model_fields_set):
-            raise ValueError("set either num_replicas or autoscaling_config, not both")
-        return self
 
     @property
     def cpus(self) -> float:
@@ -103,18 +216,7 @@ class DeploymentOptions(_Strict):
             actor["memory"] = self.memory
         if self.resources:
             actor["resources"] = dict(self.resources)
-        opts: dict[str, Any] = {
-            "ray_actor_options": actor,
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "health_check_period_s": self.health_check_period_s,
-            "health_check_timeout_s": self.health_check_timeout_s,
-            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
-        }
-        if self.autoscaling_config is not None:
-            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
-        else:
-            opts["num_replicas"] = self.num_replicas
-        return opts
+        return self._serve_options(actor)
 
 
 class BatchOptions(_Strict):
@@ -186,8 +288,9 @@ class ModelConfig(_Strict):
     )
     batching: BatchOptions = Field(default_factory=BatchOptions,
                                    description="How the replica groups texts into passes.")
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions,
-                                          description="This model's Serve deployment.")
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions, description="This model's Serve deployment: the "
+        "resources each replica reserves and any of Ray Serve's deployment options.")
     variants: VariantOptions | None = Field(
         None, description="Fine-tuned variants of this model, each served under its own name "
         "by this entry's deployment, loaded on first use (model multiplexing).")
@@ -226,11 +329,18 @@ class ModelConfig(_Strict):
         return self
 
 
-class IngressOptions(_Strict):
-    """The HTTP ingress deployment (parses protocols, routes to models; no model code)."""
+class IngressOptions(_ServeOptions):
+    """The HTTP ingress deployment (parses protocols, routes to models; no model code): its own
+    timeouts and CPUs, and any of Ray Serve's deployment options. serve_app's defaults where
+    Ray's differ or that it reads: ``num_replicas`` 1; ``max_ongoing_requests`` 1024, the
+    requests one replica accepts at once (colocated, each replica accepts that many plus the
+    ``max_queued_inputs`` of every model it holds, so a request beyond a model's input bound
+    reaches the model and is refused, 429, rather than waiting in Serve's queue in front of the
+    ingress); ``graceful_shutdown_timeout_s`` 20, as for a model."""
 
-    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
-    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one replica accepts.")
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "num_replicas": 1, "max_ongoing_requests": 1024, "graceful_shutdown_timeout_s": 20.0}
+
     num_cpus: float = Field(0.0, ge=0, description="Logical CPUs each ingress replica reserves.")
     request_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for a model's answer before a 503 (retry later)."
@@ -250,11 +360,9 @@ class IngressOptions(_Strict):
     )
 
     def serve_options(self) -> dict[str, Any]:
-        return {
-            "num_replicas": self.num_replicas,
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus},
-        }
+        """The keyword arguments for ``Deployment.options`` (the separate topology's; colocated,
+        :func:`serve_app.serve.topology.colocated_ingress_options` adds the models' share)."""
+        return self._serve_options({"num_cpus": self.num_cpus})
 
 
 class LimitOptions(_Strict):
@@ -350,10 +458,12 @@ class AppConfig(_Strict):
         "auto", description="separate: one deployment per model behind the ingress (models "
         "scale on their own, GPU models fed by CPU ingress replicas). colocated: the models run "
         "inside the ingress replicas, one hop less per request; the ingress then reserves the "
-        "models' CPUs, GPUs and custom resources and scales by ingress.num_replicas. auto: "
-        "colocated where that changes nothing about scaling or placement (every model on CPU, "
-        "unpinned, with a fixed replica count equal to the ingress's), else separate "
-        "(docs/benchmarks.md compares the two)."
+        "models' CPUs, GPUs, memory and custom resources, scales by ingress's own options, and "
+        "a model entry may set no other deployment option (each would be ignored: an error "
+        "naming it). auto: colocated where that changes nothing about scaling or placement "
+        "(every model on CPU, unpinned, with a fixed replica count equal to the ingress's and "
+        "no other deployment option of its own), else separate (docs/benchmarks.md compares "
+        "the two)."
     )
     cors: CorsOptions = Field(default_factory=CorsOptions,
                               description="Cross-origin access for browsers.")
@@ -381,17 +491,42 @@ class AppConfig(_Strict):
         if self.topology == "colocated" and any(m.variants for m in self.models):
             raise ValueError("variants need their model's own deployment (Serve routes them to "
                              "the replicas that hold them): use topology separate or auto")
+        if self.topology == "colocated":
+            self.check_colocatable()
         return self
+
+    def colocation_ignored(self) -> list[str]:
+        """The models' deployment options the colocated topology would ignore: each Ray Serve
+        option a model entry sets, unless it equals what colocated gives it anyway (serve_app's
+        default; the ingress's replica count). Colocated, the models live in the ingress
+        replicas, which follow the ingress's options."""
+        out = []
+        for m in self.models:
+            d = m.deployment
+            harmless = {**d.DEFAULTS, "autoscaling_config": None,
+                        "num_replicas": self.ingress.num_replicas}
+            for key, value in d.ray_options.items():
+                if key not in harmless or value != harmless[key]:
+                    out.append(f"model {m.name!r} v{m.version}: deployment.{key} ({value!r})")
+        return out
+
+    def check_colocatable(self) -> None:
+        """Raise ValueError naming every model option :meth:`colocation_ignored` lists."""
+        if ignored := self.colocation_ignored():
+            raise ValueError(
+                "topology colocated runs the models inside the ingress replicas, which follow "
+                "the ingress's Serve options, so it would ignore " + "; ".join(ignored) + ". "
+                "Set these under ingress (num_replicas there), drop them, or use topology "
+                "separate (or auto, which picks separate here)")
 
     @property
     def colocated(self) -> bool:
         """Whether the models run inside the ingress replicas (``topology``, ``auto`` resolved)."""
         if self.topology != "auto":
             return self.topology == "colocated"
-        return all(
+        return not self.colocation_ignored() and all(
             m.deployment.num_gpus == 0
             and not m.deployment.resources  # pinned to nodes: the ingress would follow
-            and m.deployment.autoscaling_config is None
             and m.deployment.num_replicas == self.ingress.num_replicas
             and m.variants is None  # multiplexed routing needs a deployment of their own
             for m in self.models
@@ -405,23 +540,6 @@ class AppConfig(_Strict):
             for m in self.models
         ]
         return self.model_copy(update={"models": models})
-
-    def ingress_options(self) -> dict[str, Any]:
-        """``Deployment.options`` of the ingress; colocated, it reserves the models' resources."""
-        opts = self.ingress.serve_options()
-        if self.colocated:
-            actor = opts["ray_actor_options"]
-            actor["num_cpus"] = actor["num_cpus"] + sum(m.deployment.cpus for m in self.models)
-            gpus = sum(m.deployment.num_gpus for m in self.models)
-            if gpus:
-                actor["num_gpus"] = gpus
-            custom: dict[str, float] = {}
-            for m in self.models:
-                for name, amount in m.deployment.resources.items():
-                    custom[name] = custom.get(name, 0.0) + amount
-            if custom:
-                actor["resources"] = custom
-        return opts
 
     def defaults(self) -> list[ModelConfig]:
         """Each name's default version: the one marked ``default``, else the first listed."""

@@ -186,6 +186,12 @@ def config_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard", action="store_true", help=DASHBOARD_HELP)
     return p
 
+def _grace_s(cfg: AppConfig) -> float:
+    """How long a stop waits for requests in flight: the longest graceful shutdown timeout of
+    the app's deployments (the ingress's holds colocated models)."""
+    return max(d.graceful_shutdown_timeout_s
+               for d in (cfg.ingress, *(m.deployment for m in cfg.models)))
+
 def main(argv: Sequence[str] | None = None) -> int:
     from serve_app.config.serve_yaml import read_serve_config
     from serve_app.launch.lifecycle import serve
@@ -199,8 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, apps = read_serve_config(options.config)
         except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
             parser.error(str(e))
-        grace = max((m.deployment.graceful_shutdown_timeout_s
-                     for a in apps.values() for m in a.models), default=20.0)
+        grace = max((_grace_s(a) for a in apps.values()), default=20.0)
         return serve(lambda _: config, options.dashboard, grace)
 
     cfg, args = config_from_args(argv)  # fail on bad flags before starting Ray
@@ -210,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   gpus=resources.get("GPU", 0.0))
         return kserve_deploy(cfg, args)
 
-    return serve(deploy, args.dashboard, cfg.models[0].deployment.graceful_shutdown_timeout_s)
+    return serve(deploy, args.dashboard, _grace_s(cfg))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ import ray
 from ray.serve import Application
 
 from serve_app.config.schema import AppConfig
-from serve_app.serve.deployments import Ingress, ModelDeployment
+from serve_app.serve import topology
 
 
 def largest_node_cpus() -> float:
@@ -23,17 +23,9 @@ def largest_node_cpus() -> float:
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Validate ``args`` as :class:`AppConfig` (strictly: unknown keys are errors), resolve
-    ``num_cpus: all`` against the cluster, and bind the ingress plus, unless the topology is
-    colocated, one model deployment per model."""
+    ``num_cpus: all`` against the cluster, and build the topology ``cfg.colocated`` names
+    (:func:`serve_app.serve.topology.colocated` or :func:`~serve_app.serve.topology.separate`)."""
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     if any(m.deployment.num_cpus == "all" for m in cfg.models):
         cfg = cfg.with_node_cpus(largest_node_cpus())
-    models = {} if cfg.colocated else {
-        m.deployment_name: ModelDeployment.options(  # type: ignore[attr-defined]
-            name=m.deployment_name, **m.deployment.serve_options()
-        ).bind(m)
-        for m in cfg.models
-    }
-    return Ingress.options(**cfg.ingress_options()).bind(  # type: ignore[attr-defined]
-        models, cfg
-    )
+    return topology.colocated(cfg) if cfg.colocated else topology.separate(cfg)
