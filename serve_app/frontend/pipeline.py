@@ -41,10 +41,10 @@ def _ms(seconds: float) -> str:
 @dataclass
 class Call:
     """One request through the frontend. ``protocol`` labels its metrics; ``timeout_s`` and
-    ``priority_level`` are what the transport said (a header, gRPC metadata; None and 0 when
-    it said nothing), which a body field or V2 parameter overrides. After :meth:`answer`,
-    ``timings`` holds text-embeddings-inference's timing headers (milliseconds) and ``model``
-    the model that answered."""
+    ``priority_text`` are what the transport said (a header, gRPC metadata, named
+    ``priority_where`` in errors; None when it said nothing), which a body field or V2
+    parameter overrides. After :meth:`answer`, ``timings`` holds text-embeddings-inference's
+    timing headers (milliseconds) and ``model`` the model that answered."""
 
     dataplane: DataPlane
     metrics: Metrics
