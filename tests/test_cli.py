@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import httpx
 import numpy as np
@@ -65,7 +66,12 @@ def test_gpu_node_gets_a_gpu_replica():
 def test_compatibility_flags_are_accepted():
     extra = ["--enable_grpc", "true", "--disable_log_requests", "--max_log_len", "100",
              "--configure_logging", "--backend", "huggingface", "--max_model_len", "64"]
-    config_from_args([*KSERVE_ARGS, *extra])
+    cfg, args = config_from_args([*KSERVE_ARGS, *extra])
+    assert (args.enable_grpc, args.disable_log_requests, args.max_log_len,
+            args.configure_logging, args.backend) == ("true", True, 100, "true", "huggingface")
+    # no effect on what is served, but --max_model_len's (KServe's name for --max_length)
+    plain, _ = config_from_args([*KSERVE_ARGS, "--max_length", "64"])
+    assert cfg == plain and cfg.models[0].max_length == 64
 
 
 def test_api_key_flags(tmp_path):
@@ -172,7 +178,14 @@ def test_sigterm_finishes_requests_in_flight_then_stops(tmp_path):
                 body = {"model": "embedding", "input": long_texts}
                 flight = [asyncio.create_task(c.post("/v1/embeddings", json=body))
                           for _ in range(3)]
-                await asyncio.sleep(1.0)
+                # until the model replica (one: --workers are ingress replicas) holds all
+                # three (admitted, tokenizing or computing)
+                stats = "/v2/models/embedding/stats"
+                deadline = time.monotonic() + 60
+                while (await c.get(stats)).json()["model_stats"][0]["queued_inputs"] < 96:
+                    assert not any(f.done() for f in flight)
+                    assert time.monotonic() < deadline, "the requests never reached the model"
+                    await asyncio.sleep(0.05)  # polling interval
                 server.proc.send_signal(signal.SIGTERM)
                 probes: list[int] = []
                 for _ in range(50):  # readiness turns false while the requests still run

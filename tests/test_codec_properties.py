@@ -4,7 +4,6 @@ the same thing, and arbitrary input decodes or fails with InvalidInput, never an
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import string
 
@@ -18,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 from serve_app.errors import InvalidInput
 from serve_app.frontend.http import openai as oai
 from serve_app.frontend.http.bodies import check_texts
-from serve_app.frontend.v2.codec import fp32_bytes, join_bytes_tensor
+from serve_app.frontend.v2.codec import fp32_bytes, join_bytes_tensor, split_bytes_tensor
 from serve_app.frontend.v2.proto import inference_pb2 as pb
 from serve_app.frontend.v2.servicer import _contents, to_request
 from serve_app.types import EmbedResult
@@ -52,10 +51,35 @@ def test_openai_inputs_decode_to_what_was_sent(value):
         assert list(out) == [v if isinstance(v, str) else tuple(v) for v in value]
 
 
+def _openai_input_shape(value) -> tuple | None:
+    """What a JSON ``input`` means by the OpenAI spec (a string, a list of strings, a list of
+    token ids, a list of lists of them; nothing empty), or None when it is none of them."""
+    def ids(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(type(t) is int for t in x)
+
+    if isinstance(value, str):
+        return (value,) if value else None
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(x, str) and x for x in value):
+        return tuple(value)
+    if ids(value):
+        return (tuple(value),)
+    if all(ids(x) for x in value):
+        return tuple(tuple(x) for x in value)
+    return None
+
+
 @given(json_values)
 def test_openai_inputs_never_fail_other_than_invalid_input(value):
-    with contextlib.suppress(InvalidInput):
-        oai._inputs(value)
+    want = _openai_input_shape(value)
+    try:
+        out = oai._inputs(value)
+    except InvalidInput as e:
+        assert want is None, (value, e.message)  # refused only what the spec does not allow
+        assert e.message and e.param == "input"
+        return
+    assert out == want
 
 
 @given(vectors, st.sampled_from(["float", "base64"]))
@@ -104,8 +128,17 @@ def test_grpc_arbitrary_messages_decode_or_fail_cleanly(data):
         req = pb.ModelInferRequest.FromString(data)
     except Exception:  # not a protobuf at all: grpc never hands it to us
         return
-    with contextlib.suppress(InvalidInput):
-        to_request(req)
+    try:
+        embed, raw = to_request(req)
+    except InvalidInput as e:
+        assert e.message
+        return
+    # decoded: the texts of its one tensor, for the model it names
+    (inp,) = req.inputs
+    items = (split_bytes_tensor(req.raw_input_contents[0]) if raw
+             else list(inp.contents.bytes_contents))
+    assert embed.model == req.model_name
+    assert list(embed.inputs) == [b.decode() for b in items]
 
 
 @given(vectors)

@@ -133,6 +133,9 @@ def test_deadlines_from_headers_and_v2_parameters():
 def test_a_generous_deadline_does_not_change_the_answer(client):
     r = client.post("/v1/embeddings", json=openai_body("x"), headers={"x-request-timeout": "30"})
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+    plain = client.post("/v1/embeddings", json=openai_body("x"))
+    assert plain.status_code == 200
+    assert r.json()["data"] == plain.json()["data"] and r.json()["usage"] == plain.json()["usage"]
 
 
 # -- request ids, CORS -------------------------------------------------------------------------
