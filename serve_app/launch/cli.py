@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serve_app import GRPC_SERVICER, IMPORT_PATH
 from serve_app.config.schema import (
     AppConfig,
     AuthOptions,
@@ -28,6 +27,7 @@ from serve_app.config.schema import (
     IngressOptions,
     ModelConfig,
 )
+from serve_app.config.serve_yaml import read_serve_config, serve_config
 from serve_app.config.variants import VariantOptions
 from serve_app.types import Task
 
@@ -169,12 +169,7 @@ def config_from_args(
 
 def kserve_deploy(cfg: AppConfig, args: argparse.Namespace) -> dict[str, Any]:
     """The Serve config the KServe-style flags stand for: one application at ``/``."""
-    return {
-        "http_options": {"host": args.host, "port": args.http_port},
-        "grpc_options": {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-        "applications": [{"name": "serve_app", "route_prefix": "/", "import_path": IMPORT_PATH,
-                          "args": cfg.model_dump(mode="json")}],
-    }
+    return serve_config(cfg.model_dump(mode="json"), args.host, args.http_port, args.grpc_port)
 
 def config_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -193,7 +188,6 @@ def _grace_s(cfg: AppConfig) -> float:
                for d in (cfg.ingress, *(m.deployment for m in cfg.models)))
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from serve_app.config.serve_yaml import read_serve_config
     from serve_app.launch.lifecycle import serve
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
