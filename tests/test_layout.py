@@ -30,7 +30,7 @@ LAYERS: dict[str, set[str]] = {
 #: Third-party imports kept to some layers. The config checks Ray Serve's own deployment
 #: options with Ray's schema, importing it only then (test_core_modules_load_... holds that).
 CONFINED = {
-    "ray": {"serve", "launch", "tools", "config.schema"},
+    "ray": {"serve", "launch", "tools", "config.ray_options"},
     "fastapi": {"frontend.http", "serve"},
     "starlette": {"frontend.http", "serve"},
     "torch": {"engine"},
