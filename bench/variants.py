@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from serve_app.engine.model_files import resolve_model_dir  # noqa: E402
+from serve_app.testing.metrics import scraped_total  # noqa: E402
 from serve_app.testing.server import free_port, serve_config, start_server  # noqa: E402
-from tests.helpers import TEXTS, make_variants, scraped_total  # noqa: E402
+from serve_app.testing.texts import TEXTS  # noqa: E402
+from serve_app.testing.variants import make_variants  # noqa: E402
 
 QUERY = "what is the capital of France"
 

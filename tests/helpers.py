@@ -1,11 +1,13 @@
 """What the tests share: the texts, an in-process app and its client, the one fake model
-backend, gRPC request building, metrics scraping, and (from :mod:`serve_app.testing.server`) real
-servers. Test modules import this module, never one another."""
+backend, gRPC request building, the bad-input matrix, and (from :mod:`serve_app.testing`) real
+servers, metrics scraping and variant checkpoints. Test modules import this module, never one
+another."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -30,6 +32,7 @@ from serve_app.frontend.v2.proto import inference_pb2 as pb
 from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
 from serve_app.frontend.v2.servicer import GrpcInference, add_inference_servicer
 from serve_app.runtime.runner import ModelRunner
+from serve_app.testing.metrics import sample, scrape, scraped_total  # noqa: F401  (re-exported)
 from serve_app.testing.server import (  # noqa: F401  (re-exported for the end-to-end tests)
     BIN,
     Server,
@@ -43,11 +46,23 @@ from serve_app.testing.server import (  # noqa: F401  (re-exported for the end-t
     tree_rss_bytes,
     wait_for,
 )
+from serve_app.testing.texts import SENTENCE, TEXTS  # noqa: F401  (re-exported)
+from serve_app.testing.variants import make_variants  # noqa: F401  (re-exported)
 from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, Task
 
 REPO = Path(__file__).resolve().parent.parent
-SENTENCE = "This is an example sentence."
-TEXTS = [SENTENCE, "Der schnelle braune Fuchs.", "東京は日本の首都です。", "long text " * 300]
+
+#: The robustness server's limits and admission bound (tests/conftest.py's robust_server), which
+#: the bad-input matrix (tests/test_bad_input.py) also runs in process under.
+ROBUST_LIMITS = {"max_inputs_per_request": 64, "max_input_chars": 5000,
+                 "max_body_bytes": 256 * 1024}
+ROBUST_QUEUE = 64
+#: The variants server's variants (tests/conftest.py's variants_server), how many a replica
+#: holds, and its own calibration corpus (its int8 codes are compared on it).
+VARIANTS = [f"v{i}" for i in range(6)]
+MAX_LOADED = 2
+VARIANT_CORPUS = [f"calibration text number {i} about {w}" for i, w in
+                  enumerate(["cats", "the weather", "stock prices", "python code", "a recipe"] * 8)]
 
 
 def replica(engine: EmbeddingEngine, name: str = "embedding", version: str = "1",
@@ -222,62 +237,154 @@ def grpc_serving(dataplane: DataPlane,
         loop.close()
 
 
-def scrape(text: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text as {(sample name, labels but ``replica``): value}, with every sample
-    labelled with the one ingress replica that served the scrape."""
-    from prometheus_client.parser import text_string_to_metric_families
+# -- the bad-input matrix: every protocol, each case its 4xx (or gRPC code) -----------------------
+# Run whole in process (tests/test_bad_input.py: the same frontend and replica code, no Ray)
+# and by sample against the robustness server (tests/test_robustness.py), both under
+# ROBUST_LIMITS.
 
-    samples = [smp for fam in text_string_to_metric_families(text) for smp in fam.samples]
-    assert len({smp.labels.get("replica") for smp in samples}) == 1
-    return {(smp.name, frozenset((k, v) for k, v in smp.labels.items() if k != "replica")):
-            smp.value for smp in samples}
-
-
-def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def scraped_total(client: Any, name: str, **labels: str) -> float:
-    """``name`` summed over every series whose labels include ``labels``, scraped now from the
-    server ``client`` (an ``httpx.Client`` on its base URL) talks to."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in scrape(client.get("/metrics").text).items()
-               if n == name and want <= ls)
+MAX_INPUTS = ROBUST_LIMITS["max_inputs_per_request"]
+MAX_CHARS = ROBUST_LIMITS["max_input_chars"]
+MAX_BODY = ROBUST_LIMITS["max_body_bytes"]
+LONG = "word " * 400  # over MiniLM's 256 tokens
+OAI = "/v1/embeddings"
+V1 = "/v1/models/embedding:predict"
+V2 = "/v2/models/embedding/infer"
+JSON = {"content-type": "application/json"}
 
 
-#: Files of a checkpoint that hold its weights or their config: what a variant writes anew.
-_WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "config.json"}
+def oai_body(**body: Any) -> bytes:
+    return json.dumps({"model": "embedding", **body}).encode()
 
 
-def make_variants(base: Path, out: Path, names: list[str], scale: float = 0.05,
-                  pooling: str | None = None) -> dict[str, Path]:
-    """Stand-ins for checkpoints fine-tuned from ``base`` (a sentence-transformers directory),
-    one sub-directory of ``out`` per name: ``base``'s files linked, its weights each moved by
-    seeded noise of ``scale`` times the weight's spread, so every variant embeds differently
-    while keeping the base's width, tokenizer, pooling (unless ``pooling`` names another mode:
-    then not a variant of ``base``) and prompts."""
-    import torch
-    import transformers
+def v2_body(texts: list[Any], datatype: str = "BYTES", shape: list[int] | None = None,
+            **extra: Any) -> bytes:
+    inp = {"name": "text", "shape": shape or [len(texts)], "datatype": datatype, "data": texts}
+    return json.dumps({"inputs": [inp], **extra}).encode()
 
-    model = transformers.AutoModel.from_pretrained(base)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    made = {}
-    for i, name in enumerate(names):
-        d = out / name
-        d.mkdir(parents=True)
-        for f in base.iterdir():
-            if f.name not in _WEIGHT_FILES and not (pooling and f.name == "1_Pooling"):
-                (d / f.name).symlink_to(f)
-        if pooling:
-            (d / "1_Pooling").mkdir()
-            (d / "1_Pooling" / "config.json").write_text(json.dumps(
-                {"word_embedding_dimension": model.config.hidden_size, "pooling_mode": pooling}))
-        noise = torch.Generator().manual_seed(1000 + i)
-        with torch.no_grad():
-            for k, w in model.state_dict().items():
-                if w.is_floating_point() and w.numel() > 1:
-                    spread = original[k].std()
-                    w.copy_(original[k] + torch.randn(w.shape, generator=noise) * scale * spread)
-        model.save_pretrained(d)
-        made[name] = d
-    return made
+
+def v2_binary(case: str, raw: bytes, header_len: str | None = None) -> tuple:
+    """A matrix case: one binary BYTES input of ``raw``, refused with a 400."""
+    head = json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    headers = {"inference-header-content-length": header_len or str(len(head))}
+    return (case, "POST", V2, head + raw, headers, 400)
+
+
+BIG = "x" * (MAX_BODY + 10)
+# (id, method, path, body, extra headers, status)
+HTTP_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
+    ("oai-malformed-json", "POST", OAI, b'{"model": "embedding", "input": ', JSON, 400),
+    ("oai-body-is-a-list", "POST", OAI, b"[1, 2]", JSON, 400),
+    ("oai-empty-body", "POST", OAI, b"", JSON, 400),
+    ("oai-missing-input", "POST", OAI, oai_body(), JSON, 400),
+    ("oai-missing-model", "POST", OAI, b'{"input": "x"}', JSON, 400),
+    ("oai-model-not-a-string", "POST", OAI, b'{"input": "x", "model": 5}', JSON, 400),
+    ("oai-input-null", "POST", OAI, oai_body(input=None), JSON, 400),
+    ("oai-input-number", "POST", OAI, oai_body(input=5), JSON, 400),
+    ("oai-input-empty-string", "POST", OAI, oai_body(input=""), JSON, 400),
+    ("oai-input-empty-list", "POST", OAI, oai_body(input=[]), JSON, 400),
+    ("oai-input-mixed-types", "POST", OAI, oai_body(input=["a", 3]), JSON, 400),
+    ("oai-input-empty-token-list", "POST", OAI, oai_body(input=[[]]), JSON, 400),
+    ("oai-token-id-out-of-vocab", "POST", OAI, oai_body(input=[[101, 999999, 102]]), JSON, 400),
+    ("oai-negative-token-id", "POST", OAI, oai_body(input=[-1, 5]), JSON, 400),
+    ("oai-dimensions-zero", "POST", OAI, oai_body(input="x", dimensions=0), JSON, 400),
+    ("oai-dimensions-negative", "POST", OAI, oai_body(input="x", dimensions=-5), JSON, 400),
+    ("oai-dimensions-huge", "POST", OAI, oai_body(input="x", dimensions=10**12), JSON, 400),
+    ("oai-dimensions-string", "POST", OAI, oai_body(input="x", dimensions="8"), JSON, 400),
+    ("oai-encoding-format", "POST", OAI, oai_body(input="x", encoding_format="int4"), JSON, 400),
+    ("oai-unknown-model", "POST", OAI, b'{"model": "nope", "input": "x"}', JSON, 404),
+    ("oai-too-many-inputs", "POST", OAI, oai_body(input=["a"] * (MAX_INPUTS + 1)), JSON, 400),
+    ("oai-input-too-long", "POST", OAI, oai_body(input="y" * (MAX_CHARS + 1)), JSON, 400),
+    ("oai-too-many-tokens-no-truncate", "POST", OAI, oai_body(input=LONG, truncate=False), JSON,
+     400),
+    ("oai-oversize-body", "POST", OAI, oai_body(input=BIG), JSON, 413),
+    ("oai-invalid-utf8", "POST", OAI, b'{"model": "embedding", "input": "\xff\xfe"}', JSON, 400),
+    ("oai-text-plain", "POST", OAI, b"embed this please", {"content-type": "text/plain"}, 400),
+    ("oai-bad-timeout-header", "POST", OAI, oai_body(input="x"), {"x-request-timeout": "soon"},
+     400),
+    ("oai-openai-prefix-bad", "POST", "/openai/v1/embeddings", oai_body(input={}), JSON, 400),
+    ("oai-wrong-method", "GET", OAI, b"", {}, 405),
+    ("v1-malformed-json", "POST", V1, b'{"instances": [', JSON, 400),
+    ("v1-instances-a-string", "POST", V1, b'{"instances": "abc"}', JSON, 400),
+    ("v1-instances-empty", "POST", V1, b'{"instances": []}', JSON, 400),
+    ("v1-instances-numbers", "POST", V1, b'{"instances": [1, 2]}', JSON, 400),
+    ("v1-instances-null-item", "POST", V1, b'{"instances": ["a", null]}', JSON, 400),
+    ("v1-no-instances", "POST", V1, b'{"data": ["x"]}', JSON, 400),
+    ("v1-unknown-model", "POST", "/v1/models/nope:predict", b'{"instances": ["x"]}', JSON, 404),
+    ("v1-bad-gzip", "POST", V1, b"not gzip", {**JSON, "content-encoding": "gzip"}, 400),
+    ("v1-unsupported-encoding", "POST", V1, b"{}", {**JSON, "content-encoding": "br"}, 400),
+    ("v1-gzip-bomb", "POST", V1, gzip.compress(b'{"instances": ["' + b"a" * 4_000_000 + b'"]}'),
+     {**JSON, "content-encoding": "gzip"}, 413),
+    ("v1-truncate-not-bool", "POST", V1, b'{"instances": ["x"], "truncate": "no"}', JSON, 400),
+    ("v2-datatype-fp32", "POST", V2, v2_body([1.0], datatype="FP32"), JSON, 400),
+    ("v2-shape-mismatch", "POST", V2, v2_body(["a"], shape=[3]), JSON, 400),
+    ("v2-shape-2d", "POST", V2, v2_body(["a", "b"], shape=[1, 2]), JSON, 400),
+    ("v2-negative-shape", "POST", V2, v2_body(["a"], shape=[-1]), JSON, 400),
+    ("v2-two-inputs", "POST", V2, json.dumps({"inputs": [
+        {"name": "a", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+        {"name": "b", "shape": [1], "datatype": "BYTES", "data": ["y"]}]}).encode(), JSON, 400),
+    ("v2-no-inputs", "POST", V2, b'{"id": "1"}', JSON, 400),
+    ("v2-data-not-strings", "POST", V2, v2_body([{"a": 1}]), JSON, 400),
+    ("v2-unknown-output", "POST", V2, v2_body(["a"], outputs=[{"name": "logits"}]), JSON, 400),
+    ("v2-dimensions-string", "POST", V2, v2_body(["a"], parameters={"dimensions": "x"}), JSON, 400),
+    ("v2-dimensions-huge", "POST", V2, v2_body(["a"], parameters={"dimensions": 99999}), JSON, 400),
+    ("v2-timeout-negative", "POST", V2, v2_body(["a"], parameters={"timeout": -5}), JSON, 400),
+    ("v2-unknown-model", "POST", "/v2/models/nope/infer", v2_body(["a"]), JSON, 404),
+    ("v2-unknown-version", "POST", "/v2/models/embedding/versions/9/infer", v2_body(["a"]), JSON,
+     404),
+    v2_binary("v2-binary-header-too-long", join_bytes_tensor([b"a"]), header_len="99999"),
+    v2_binary("v2-binary-header-not-int", join_bytes_tensor([b"a"]), header_len="abc"),
+    v2_binary("v2-binary-invalid-utf8", join_bytes_tensor([b"\xff\xfe"])),
+    v2_binary("v2-binary-truncated-element", b"\x09\x00\x00\x00ab"),
+    ("v2-oversize-body", "POST", V2, v2_body([BIG]), JSON, 413),
+]
+
+
+def assert_error_shape(path: str, r: Any, status: int) -> None:
+    """``r`` (an httpx or TestClient response) has ``status`` and the error body of the
+    protocol that ``path`` belongs to, with a request id."""
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    body = r.json()
+    if path == "/rerank":  # text-embeddings-inference's error body
+        assert set(body) == {"error", "error_type"} and body["error_type"] == "Validation"
+        assert r.headers.get("x-request-id")
+        return
+    assert set(body) == {"error"}, body
+    if path.startswith(("/v1/embeddings", "/openai/", "/v1/rerank")):
+        err = body["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert err["type"] == "invalid_request_error"
+    else:
+        assert isinstance(body["error"], str) and body["error"]
+    assert r.headers.get("x-request-id")
+
+
+def grpc_cases() -> list[tuple[str, pb.ModelInferRequest, Any]]:
+    """(id, request, the grpc.StatusCode it gets): made anew each call (requests are
+    mutable)."""
+    import grpc
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    two_raw = infer_request(["a"], raw=True)
+    two_raw.raw_input_contents.append(b"")
+    dims = infer_request(["a"])
+    dims.parameters["dimensions"].int64_param = 0
+    no_trunc = infer_request([LONG])
+    no_trunc.parameters["truncate"].bool_param = False
+    return [
+        ("grpc-empty-input", infer_request([]), invalid),
+        ("grpc-fp32", infer_request(["a"], datatype="FP32"), invalid),
+        ("grpc-invalid-utf8-raw", infer_request([b"\xff"], raw=True), invalid),
+        ("grpc-invalid-utf8-contents", infer_request([b"\xc3\x28"]), invalid),
+        ("grpc-shape-mismatch", infer_request(["a"], shape=[2]), invalid),
+        ("grpc-two-raw-contents", two_raw, invalid),
+        ("grpc-dimensions-zero", dims, invalid),
+        ("grpc-too-many-inputs", infer_request(["a"] * (MAX_INPUTS + 1)), invalid),
+        ("grpc-input-too-long", infer_request(["y" * (MAX_CHARS + 1)]), invalid),
+        ("grpc-no-truncate", no_trunc, invalid),
+        ("grpc-unknown-model", infer_request(["a"], model="nope"), grpc.StatusCode.NOT_FOUND),
+        ("grpc-unknown-version", infer_request(["a"], model_version="9"),
+         grpc.StatusCode.NOT_FOUND),
+        ("grpc-oversize", infer_request(["z" * (MAX_CHARS - 1)] * 60),
+         grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ]

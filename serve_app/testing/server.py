@@ -50,11 +50,18 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+#: The command line of every server :func:`running` started in this process, in order (the
+#: test suite reports how many it started).
+STARTED: list[list[str]] = []
+
+
 class Server(str):
-    """The base URL of a running server (a ``str``), with its process in ``proc``."""
+    """The base URL of a running server (a ``str``), with its process in ``proc``, its log in
+    ``log`` and, when it serves gRPC, its ``host:port`` in ``grpc`` (else None)."""
 
     proc: subprocess.Popen
     log: Path
+    grpc: str | None = None
 
     def processes(self) -> list:
         """The server process and every process under it (Ray's included), as psutil objects."""
@@ -146,6 +153,7 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    STARTED.append(cmd)
     try:
         _wait_ready(url, proc, log, timeout)
         server = Server(url)
@@ -169,4 +177,6 @@ def start_server(config: dict, tmp: Path, extra_env: dict[str, str] | None = Non
     cmd = [str(BIN / "python"), "-m", "serve_app", "--config", str(path)]
     with running(cmd + (["--dashboard"] if dashboard else []), url, tmp / "serve.log",
                  extra_env=extra_env) as server:
+        if "grpc_options" in config:
+            server.grpc = f"127.0.0.1:{config['grpc_options']['port']}"
         yield server
