@@ -1,6 +1,8 @@
 # make serve: install into .venv and serve the default model on http://127.0.0.1:8000
 #             (python -m serve_app sets Ray's high-throughput mode before it starts Ray)
 # make test:  install into .venv, lint, type-check and run every test (CI runs this)
+# make test-fast: the tests that start no server (pytest -m "not e2e"; a test that starts one
+#             without the e2e marker fails, tests/conftest.py)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin

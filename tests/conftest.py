@@ -1,21 +1,31 @@
-"""Shared fixtures: the real default model, tiny models built on the spot, and an in-process app."""
+"""Shared fixtures: the real default model, tiny models built on the spot, a small calibration
+corpus, and the real servers the end-to-end modules share (:class:`Servers`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A `ray start --block` node told to stop (SIGTERM: the cluster tests' nodes) marks itself
+# draining and waits up to 30 s for its work to move elsewhere before it stops, which no test
+# here waits for: a node the tests stop goes at once, as one that is lost does.
+os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
 
 from serve_app.config.schema import ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.engine.model_files import resolve_model_dir
+from serve_app.engine.quantize import calibration_texts
+from serve_app.testing import server as testing_server
+from serve_app.testing.server import Server, free_port, serve_config, start_server
+from tests.helpers import MAX_LOADED, ROBUST_LIMITS, ROBUST_QUEUE, VARIANT_CORPUS, VARIANTS
 
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json")
@@ -31,6 +41,144 @@ _POOLING_FLAG = {
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak-seconds", type=int, default=0,
                      help="run the soak test (tests/test_robustness.py) for this many seconds")
+
+
+# -- real servers, shared ----------------------------------------------------------------------
+
+#: The fixtures that hold a shared server (each defined below with @shared_server).
+SERVER_FIXTURES: set[str] = set()
+
+
+class Servers:
+    """Real servers (:func:`serve_app.testing.server.start_server`: ``python -m serve_app
+    --config``) shared by every test that asks for the same config, each started on first use
+    on free loopback ports and stopped by its pid once the last test that uses it has run (or
+    when the session ends). Modules that share one run one after another
+    (:func:`pytest_collection_modifyitems`), so at most one shared server runs at a time and
+    none idles on the cores while other tests run."""
+
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        self._tmp = tmp
+        self._running: dict[str, tuple[Server, contextlib.ExitStack]] = {}
+        self._holders: dict[str, str] = {}  # fixture name -> config key
+
+    def get(self, holder: str, args: dict, *, grpc: bool = True,
+            more_apps: tuple[dict, ...] = (), extra_env: dict[str, str] | None = None) -> Server:
+        """The server of serve_app ``args`` (and ``more_apps``), with gRPC when ``grpc``,
+        started now unless one runs already; ``holder``: the fixture asking."""
+        key = json.dumps([args, more_apps, grpc, extra_env], sort_keys=True)
+        self._holders[holder] = key
+        if key not in self._running:
+            config = serve_config(free_port(), args, free_port() if grpc else None, more_apps)
+            stack = contextlib.ExitStack()
+            server = stack.enter_context(start_server(config, self._tmp.mktemp(holder),
+                                                      extra_env=extra_env))
+            self._running[key] = (server, stack)
+        return self._running[key][0]
+
+    def release(self, holder: str) -> None:
+        """``holder`` needs its server no more: stop it unless another holder still does."""
+        key = self._holders.pop(holder, None)
+        if key is not None and key not in self._holders.values() and key in self._running:
+            self._running.pop(key)[1].close()
+
+    def close(self) -> None:
+        for holder in list(self._holders):
+            self.release(holder)
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+            ) -> Iterator[Servers]:
+    pool = Servers(tmp_path_factory)
+    request.config.stash[_POOL] = pool
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+_POOL = pytest.StashKey[Servers]()
+_LAST_USER = pytest.StashKey[dict[str, list[str]]]()
+
+
+def shared_server(fn: Callable[..., Server]) -> Callable[..., Server]:
+    """A fixture holding a shared server: ``fn`` asks :class:`Servers` for it (module-scoped:
+    each module asks again and gets the one running; its name tells the pool who holds it)."""
+    SERVER_FIXTURES.add(fn.__name__)
+    return pytest.fixture(scope="module")(fn)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules stay whole and in order, except that a module sharing a server with an earlier
+    one runs right after it (the server then runs once, and only while its users run)."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    uses = {m: {f for i in its for f in i.fixturenames if f in SERVER_FIXTURES}
+            for m, its in modules.items()}
+    order: list[str] = []
+    for m in modules:
+        if m in order:
+            continue
+        order.append(m)
+        order += [o for o in modules if o not in order and uses[o] & uses[m]]
+    items[:] = [i for m in order for i in modules[m]]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    last: dict[str, str] = {}
+    for item in session.items:
+        for f in item.fixturenames:
+            if f in SERVER_FIXTURES:
+                last[f] = item.nodeid
+    released: dict[str, list[str]] = {}
+    for f, nodeid in last.items():
+        released.setdefault(nodeid, []).append(f)
+    session.config.stash[_LAST_USER] = released
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    yield
+    pool = item.config.stash.get(_POOL, None)
+    if pool is not None:
+        for holder in item.config.stash.get(_LAST_USER, {}).get(item.nodeid, []):
+            pool.release(holder)
+
+
+_STARTED_BEFORE = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_STARTED_BEFORE] = len(testing_server.STARTED)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """A test that starts a server (through serve_app.testing.server, in its fixtures or
+    itself) fails unless it is marked e2e: ``make test-fast`` (-m "not e2e") starts none."""
+    result = yield
+    started = len(testing_server.STARTED) - item.stash.get(_STARTED_BEFORE, 0)
+    if started and item.get_closest_marker("e2e") is None:
+        pytest.fail(f"{item.nodeid} started {started} server(s) but is not marked e2e")
+    return result
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if testing_server.STARTED:
+        terminalreporter.write_line(
+            f"servers started (python -m serve_app, serve run): {len(testing_server.STARTED)}")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A calibration corpus of 32 lines (the shipped one's first), for servers whose int8
+    ranges no test looks at: each replica embeds it at warm-up instead of 600 texts."""
+    path = tmp_path_factory.mktemp("corpus") / "calibration.txt"
+    path.write_text("\n".join(calibration_texts()[:32]) + "\n")
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -165,3 +313,134 @@ def prompted_minilm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) 
         {"prompts": {"query": "query: ", "document": "passage: ", "plain": ""},
          "default_prompt_name": None}))
     return d
+
+
+# -- the shared servers: one fixture per config ------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def local_args() -> dict:
+    """serve_app's args in configs/local.yaml (what ``make serve`` serves)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    return config["applications"][0]["args"]
+
+
+@shared_server
+def e2e_server(servers: Servers, tiny_model: TinyFactory, small_corpus: str) -> Server:
+    """Two models in one app (the default model and a tiny CLS-pooled one) plus a second
+    application, so gRPC clients that send no ``application`` metadata are put to the test."""
+    other = {
+        "name": "other",
+        "route_prefix": "/other",
+        "import_path": "serve_app.serve:build_app",
+        "args": {"models": [{"name": "other-tiny", "model_id": str(tiny_model(pooling="max")),
+                             "deployment": {"num_cpus": 0.5}}]},
+    }
+    return servers.get("e2e_server", {
+        "server_name": "e2e",
+        "models": [
+            {"name": "embedding", "calibration_corpus": small_corpus,
+             "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
+             "deployment": {"num_cpus": 1}},
+            {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
+             "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0.5}},
+        ],
+    }, more_apps=(other,))
+
+
+@shared_server
+def separate_server(servers: Servers, prompted_minilm: Path, cross_encoder: TinyFactory
+                    ) -> Server:
+    """configs/local.yaml with ``topology: separate``, serving the default model's weights with
+    the query/document prompts of an asymmetric model (no default prompt: a request naming none
+    gets the default model's vectors) and a tiny reranker, each in a model deployment of its
+    own: requests and results cross to the model replicas over Ray. The real calibration
+    corpus: test_e2e_retrieval compares int8 codes with sentence-transformers' on it."""
+    args = local_args()
+    (model,) = args.pop("models")
+    return servers.get("separate_server", {**args, "topology": "separate", "models": [
+        {**model, "model_id": str(prompted_minilm), "deployment": {"num_cpus": 1}},
+        {"name": "reranker", "model_id": str(cross_encoder()), "task": "rerank",
+         "deployment": {"num_cpus": 0.5}},
+    ]})
+
+
+@shared_server
+def robust_server(servers: Servers, small_corpus: str) -> Server:
+    """The default entry point's shape (the model inside the ingress replica) with small
+    limits, a small admission bound and a quick health check."""
+    return servers.get("robust_server", {
+        "models": [{
+            "name": "embedding",
+            "calibration_corpus": small_corpus,
+            "max_queued_inputs": ROBUST_QUEUE,
+            "deployment": {"num_cpus": 1, "max_ongoing_requests": ROBUST_QUEUE,
+                           "health_check_period_s": 1, "health_check_timeout_s": 10},
+        }],
+        "limits": ROBUST_LIMITS,
+        "ingress": {"request_timeout_s": 20},
+    })
+
+
+@pytest.fixture(scope="session")
+def variant_checkpoints(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
+                        ) -> dict[str, Path]:
+    """Six variants of the default model, a checkpoint that cannot load, and one that is not a
+    variant of the base (other pooling)."""
+    from serve_app.testing.variants import make_variants
+
+    root = tmp_path_factory.mktemp("variants")
+    made = make_variants(minilm_dir, root / "fine-tunes", VARIANTS)
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((minilm_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    other = make_variants(minilm_dir, root / "other", ["cls-pooled"], pooling="cls")
+    return {**made, **other, "broken": broken, "root": root}
+
+
+@shared_server
+def variants_server(servers: Servers, variant_checkpoints: dict[str, Path]) -> Server:
+    """One model entry whose variants load on first use into two replicas holding two each."""
+    corpus = variant_checkpoints["root"] / "corpus.txt"
+    corpus.write_text("\n".join(VARIANT_CORPUS))
+    return servers.get("variants_server", {"models": [{
+        "name": "embedding", "calibration_corpus": str(corpus),
+        "deployment": {"num_replicas": 2, "num_cpus": 0.5},
+        "variants": {"directory": str(variant_checkpoints["root"] / "fine-tunes"),
+                     "models": [{"name": "broken",
+                                 "model_id": str(variant_checkpoints["broken"])},
+                                str(variant_checkpoints["cls-pooled"])],
+                     "max_loaded": MAX_LOADED}}]})
+
+
+@pytest.fixture(scope="module")
+def http(server: Server) -> Iterator:
+    """An httpx client on the module's ``server``."""
+    import httpx
+
+    with httpx.Client(base_url=server, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(server: Server):
+    """The openai SDK on the module's ``server`` (no retries: every error is seen)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def bulk_corpus(tmp_path_factory: pytest.TempPathFactory, engine: EmbeddingEngine
+                ) -> tuple[Path, list[str], object]:
+    """3000 distinct texts of a few words as JSON lines, and their vectors from direct engine
+    calls (the bulk client's runs in tests/test_robustness.py and tests/test_e2e_bulk.py)."""
+    texts = [f"document {i}: {' '.join(['word'] * (i % 8))} about topic {i % 97}"
+             for i in range(3000)]
+    path = tmp_path_factory.mktemp("bulk") / "texts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path, texts, engine.embed(texts)[0]

@@ -15,52 +15,20 @@ import yaml
 from sentence_transformers import SentenceTransformer
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import BIN, SENTENCE, TEXTS, free_port, running, serve_config, start_server
+from tests.helpers import BIN, SENTENCE, TEXTS, free_port, running
 
 pytestmark = pytest.mark.e2e
 
 
-
 @pytest.fixture(scope="module")
-def ports():
-    return {"http": free_port(), "grpc": free_port()}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model, ports):
-    """Two models in one app (the default model and a tiny CLS-pooled one) plus a second
-    application, so gRPC clients that send no ``application`` metadata are put to the test."""
-    tmp = tmp_path_factory.mktemp("serve")
-    port = ports["http"]
-    other = {
-        "name": "other",
-        "route_prefix": "/other",
-        "import_path": "serve_app.serve:build_app",
-        "args": {"models": [{"name": "other-tiny", "model_id": str(tiny_model(pooling="max")),
-                             "deployment": {"num_cpus": 0.5}}]},
-    }
-    config = serve_config(port, {
-        "server_name": "e2e",
-        "models": [
-            {"name": "embedding",
-             "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
-             "deployment": {"num_cpus": 1}},
-            {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
-             "deployment": {"num_cpus": 0.5}},
-        ],
-    }, grpc_port=ports["grpc"], more_apps=(other,))
-    with start_server(config, tmp) as server:
-        yield server
+def server(e2e_server):
+    """tests/conftest.py's e2e_server: the default model and a tiny one, and a second app."""
+    return e2e_server
 
 
 @pytest.fixture(scope="module")
 def reference(minilm_dir):
     return SentenceTransformer(str(minilm_dir), device="cpu").encode(TEXTS)
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
 
 
 def test_openai_sdk_float_base64_dimensions(oai, reference, engine):
@@ -252,8 +220,8 @@ def test_metrics_match_known_traffic_through_serve(server):
 
 
 @pytest.fixture(scope="module")
-def grpc_target(server, ports):
-    return f"127.0.0.1:{ports['grpc']}"
+def grpc_target(server):
+    return server.grpc
 
 
 def test_tritonclient_grpc(grpc_target, reference):
@@ -397,7 +365,7 @@ def test_api_keys_through_serve(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("protocol", ["openai-base64", "kserve-v1", "v2-binary", "grpc"])
-def test_benchmark_load_generator_smoke(server, ports, protocol):
+def test_benchmark_load_generator_smoke(server, protocol):
     """bench/load.py against the real server for a moment: no errors, every vector counted."""
     import json
     import subprocess
@@ -407,7 +375,7 @@ def test_benchmark_load_generator_smoke(server, ports, protocol):
 
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "load.py"), "--protocol", protocol,
-         "--workload", "W3", "--url", server, "--grpc", f"127.0.0.1:{ports['grpc']}",
+         "--workload", "W3", "--url", server, "--grpc", server.grpc,
          "--duration", "1", "--application", "serve_app"],
         capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])

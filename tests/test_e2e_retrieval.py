@@ -1,8 +1,8 @@
 """Retrieval end to end: one app serving an embedding model with query/document prompts (the real
 MiniLM weights) and a reranker (a tiny cross-encoder built here), each in its own model
-deployment, through the default entry point on loopback; the openai SDK (``extra_body``),
-httpx, tritonclient over HTTP and gRPC, and the bulk client, each against
-sentence-transformers."""
+deployment, through the default entry point on loopback (tests/conftest.py's separate_server);
+the openai SDK (``extra_body``), httpx, tritonclient over HTTP and gRPC, and the bulk client,
+each against sentence-transformers."""
 
 from __future__ import annotations
 
@@ -18,15 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from serve_app.engine.quantize import calibration_texts
 from serve_app.tools.client import BULK_PRIORITY, EmbeddingClient
-from tests.helpers import (
-    SENTENCE,
-    TEXTS,
-    free_port,
-    sample,
-    scrape,
-    serve_config,
-    start_server,
-)
+from tests.helpers import SENTENCE, TEXTS, sample, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -36,21 +28,10 @@ DOCS = ["Cats are carnivores and eat meat.", "The stock market fell today.",
 
 
 @pytest.fixture(scope="module")
-def ports():
-    return {"http": free_port(), "grpc": free_port()}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, prompted_minilm, cross_encoder, ports):
-    # separate deployments: requests and results cross to the model replicas over Ray (the
-    # in-process tests cover the colocated path)
-    config = serve_config(ports["http"], {"topology": "separate", "models": [
-        {"name": "embedding", "model_id": str(prompted_minilm), "deployment": {"num_cpus": 1}},
-        {"name": "reranker", "model_id": str(cross_encoder()), "task": "rerank",
-         "deployment": {"num_cpus": 0.5}},
-    ]}, grpc_port=ports["grpc"])
-    with start_server(config, tmp_path_factory.mktemp("retrieval")) as s:
-        yield str(s)
+def server(separate_server):
+    """tests/conftest.py's separate_server: the prompted default model and a reranker, each in
+    a model deployment of its own (the in-process tests cover the colocated path)."""
+    return separate_server
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +42,6 @@ def st(prompted_minilm):
 @pytest.fixture(scope="module")
 def scores(cross_encoder):
     return CrossEncoder(str(cross_encoder()), device="cpu").predict([(QUERY, d) for d in DOCS])
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
 
 
 def _vectors(response) -> np.ndarray:
@@ -169,8 +145,8 @@ def test_tritonclient_http_rerank_prompts_and_int8(server, st, scores):
         client.infer("embedding", [text], parameters={"prompt_name": "nope"})
 
 
-def test_tritonclient_grpc_rerank_and_ubinary(server, ports, st, scores):
-    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{ports['grpc']}")
+def test_tritonclient_grpc_rerank_and_ubinary(server, st, scores):
+    client = triton_grpc.InferenceServerClient(server.grpc)
     query = triton_grpc.InferInput("query", [1], "BYTES")
     query.set_data_from_numpy(np.array([QUERY.encode()], dtype=object))
     docs = triton_grpc.InferInput("documents", [len(DOCS)], "BYTES")
@@ -190,8 +166,8 @@ def test_tritonclient_grpc_rerank_and_ubinary(server, ports, st, scores):
 
 
 @pytest.mark.parametrize("protocol", ["openai", "v2", "grpc"])
-def test_bulk_client_sends_the_prompt_name_at_a_low_priority(server, ports, st, protocol):
-    url = f"127.0.0.1:{ports['grpc']}" if protocol == "grpc" else server
+def test_bulk_client_sends_the_prompt_name_at_a_low_priority(server, st, protocol):
+    url = server.grpc if protocol == "grpc" else server
     waits = "serve_app_priority_queue_seconds_count"
     labels = {"model": "embedding", "priority": str(BULK_PRIORITY)}
     before = sample(scrape(httpx.get(f"{server}/metrics").text), waits, **labels)

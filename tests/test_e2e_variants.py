@@ -1,7 +1,7 @@
-"""Variants end to end: one model entry whose fine-tuned variants (made here from the default
-model) load on first use into two replicas holding two each, through the default entry point on
-loopback; each protocol's real client names a variant as it names any model, and every
-variant's vectors are compared with sentence-transformers on that checkpoint."""
+"""Variants end to end: one model entry whose fine-tuned variants (made by tests/conftest.py
+from the default model) load on first use into two replicas holding two each, through the
+default entry point on loopback; each protocol's real client names a variant as it names any
+model, and every variant's vectors are compared with sentence-transformers on that checkpoint."""
 
 from __future__ import annotations
 
@@ -16,62 +16,21 @@ import tritonclient.http as triton_http
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import quantize_embeddings
 
-from tests.helpers import (
-    SENTENCE,
-    TEXTS,
-    free_port,
-    make_variants,
-    scrape,
-    scraped_total,
-    serve_config,
-    start_server,
-)
+from tests.helpers import MAX_LOADED, SENTENCE, TEXTS, VARIANTS, scrape, scraped_total
+from tests.helpers import VARIANT_CORPUS as CORPUS
 
 pytestmark = pytest.mark.e2e
 
-VARIANTS = [f"v{i}" for i in range(6)]
-MAX_LOADED = 2
-CORPUS = [f"calibration text number {i} about {w}" for i, w in
-          enumerate(["cats", "the weather", "stock prices", "python code", "a recipe"] * 8)]
+
+@pytest.fixture(scope="module")
+def checkpoints(variant_checkpoints):
+    return variant_checkpoints
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, minilm_dir):
-    root = tmp_path_factory.mktemp("variants")
-    made = make_variants(minilm_dir, root / "fine-tunes", VARIANTS)
-    # a checkpoint that cannot load, and one that is not a variant of the base (other pooling)
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((minilm_dir / "config.json").read_text())
-    (broken / "model.safetensors").write_bytes(b"not weights")
-    other = make_variants(minilm_dir, root / "other", ["cls-pooled"], pooling="cls")
-    return {**made, **other, "broken": broken, "root": root}
-
-
-@pytest.fixture(scope="module")
-def ports():
-    return {"http": free_port(), "grpc": free_port()}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, checkpoints, ports):
-    corpus = checkpoints["root"] / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS))
-    config = serve_config(ports["http"], {"models": [{
-        "name": "embedding", "calibration_corpus": str(corpus),
-        "deployment": {"num_replicas": 2, "num_cpus": 0.5},
-        "variants": {"directory": str(checkpoints["root"] / "fine-tunes"),
-                     "models": [{"name": "broken", "model_id": str(checkpoints["broken"])},
-                                str(checkpoints["cls-pooled"])],
-                     "max_loaded": MAX_LOADED}}]}, grpc_port=ports["grpc"])
-    with start_server(config, tmp_path_factory.mktemp("variants-server")) as s:
-        yield str(s)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=120) as c:
-        yield c
+def server(variants_server):
+    """tests/conftest.py's variants_server: the checkpoints above behind one model entry."""
+    return variants_server
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +64,7 @@ def test_every_variant_is_listed_and_described_before_it_loads(http):
     assert loads(http, "v5") == 0  # describing, probing and statistics loaded nothing
 
 
-def test_each_client_names_a_variant_and_gets_its_vectors(server, http, st, ports):
+def test_each_client_names_a_variant_and_gets_its_vectors(server, http, st):
     oai = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     got = np.array([d.embedding for d in oai.embeddings.create(model="v0", input=TEXTS).data])
     np.testing.assert_allclose(got, st["v0"].encode(TEXTS), atol=1e-5)
@@ -116,13 +75,13 @@ def test_each_client_names_a_variant_and_gets_its_vectors(server, http, st, port
     assert v1.status_code == 200, v1.text
     np.testing.assert_allclose(v1.json()["predictions"], st["v1"].encode(TEXTS), atol=1e-5)
 
-    rest = triton_http.InferenceServerClient(url=f"127.0.0.1:{ports['http']}")
+    rest = triton_http.InferenceServerClient(url=server.removeprefix("http://"))
     inp = triton_http.InferInput("text", [len(TEXTS)], "BYTES")
     inp.set_data_from_numpy(np.array(TEXTS, dtype=object), binary_data=True)
     out = rest.infer("v2", [inp]).as_numpy("output-0")
     np.testing.assert_allclose(out, st["v2"].encode(TEXTS), atol=1e-5)
 
-    rpc = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{ports['grpc']}")
+    rpc = triton_grpc.InferenceServerClient(url=server.grpc)
     inp = triton_grpc.InferInput("text", [len(TEXTS)], "BYTES")
     inp.set_data_from_numpy(np.array(TEXTS, dtype=object))
     out = rpc.infer("v3", [inp]).as_numpy("output-0")

