@@ -141,62 +141,69 @@ def test_kserve_flags_become_one_serve_config():
     assert AppConfig.model_validate(app["args"]).colocated  # one CPU model: the fast shape
 
 
-@pytest.mark.e2e
-def test_cli_serves_like_kserve(tmp_path, engine):
+@pytest.fixture(scope="module")
+def kserve_server(tmp_path_factory):
+    """``python -m serve_app`` with KServe's flags on loopback, two ingress replicas
+    (``--workers 2``: the drain below reaches both). The last test here stops it."""
     port, grpc_port = free_port(), free_port()
     cmd = [str(BIN / "python"), "-m", "serve_app", *KSERVE_ARGS, "--host", "127.0.0.1",
-           "--http_port", str(port), "--grpc_port", str(grpc_port), "--num_cpus", "1"]
-    with running(cmd, f"http://127.0.0.1:{port}", tmp_path / "cli.log") as url:
-        r = httpx.post(f"{url}/openai/v1/embeddings",
-                       json={"model": "embedding", "input": SENTENCE})
-        assert r.status_code == 200
-        np.testing.assert_allclose(r.json()["data"][0]["embedding"],
-                                   engine.embed([SENTENCE])[0][0], atol=1e-6)
-        assert r.json()["usage"]["prompt_tokens"] == 8
-        v1 = httpx.post(f"{url}/v1/models/embedding:predict", json={"instances": ["hi"]})
-        assert v1.status_code == 200 and len(v1.json()["predictions"][0]) == 384
-        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")  # --grpc_port
-        text = triton_grpc.InferInput("text", [1], "BYTES")
-        text.set_data_from_numpy(np.array([b"hi"], dtype=object))
-        out = client.infer("embedding", [text]).as_numpy("output-0")
-        np.testing.assert_array_equal(out[0], np.array(v1.json()["predictions"][0], np.float32))
+           "--http_port", str(port), "--grpc_port", str(grpc_port), "--num_cpus", "1",
+           "--workers", "2"]
+    log = tmp_path_factory.mktemp("cli") / "cli.log"
+    with running(cmd, f"http://127.0.0.1:{port}", log) as server:
+        server.grpc = f"127.0.0.1:{grpc_port}"
+        yield server
 
 
 @pytest.mark.e2e
-def test_sigterm_finishes_requests_in_flight_then_stops(tmp_path):
+def test_cli_serves_like_kserve(kserve_server, engine):
+    url = kserve_server
+    r = httpx.post(f"{url}/openai/v1/embeddings", json={"model": "embedding", "input": SENTENCE})
+    assert r.status_code == 200
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"],
+                               engine.embed([SENTENCE])[0][0], atol=1e-6)
+    assert r.json()["usage"]["prompt_tokens"] == 8
+    v1 = httpx.post(f"{url}/v1/models/embedding:predict", json={"instances": ["hi"]})
+    assert v1.status_code == 200 and len(v1.json()["predictions"][0]) == 384
+    client = triton_grpc.InferenceServerClient(kserve_server.grpc)  # --grpc_port
+    text = triton_grpc.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"hi"], dtype=object))
+    out = client.infer("embedding", [text]).as_numpy("output-0")
+    np.testing.assert_array_equal(out[0], np.array(v1.json()["predictions"][0], np.float32))
+
+
+@pytest.mark.e2e
+def test_sigterm_finishes_requests_in_flight_then_stops(kserve_server):
     """As KServe's server does: on SIGTERM readiness turns false at once, on every ingress
     replica (``--workers 2``; HAProxy spreads the probes over both), and the requests in flight
     still get their answers before the process exits (0)."""
-    port = free_port()
-    cmd = [str(BIN / "python"), "-m", "serve_app", *KSERVE_ARGS, "--host", "127.0.0.1",
-           "--http_port", str(port), "--grpc_port", str(free_port()), "--num_cpus", "1",
-           "--workers", "2"]
+    server = kserve_server
     long_texts = ["word " * 400] * 32  # a few seconds of compute each on CPU
-    with running(cmd, f"http://127.0.0.1:{port}", tmp_path / "cli.log") as server:
-        async def main() -> tuple[list[httpx.Response], int]:
-            async with httpx.AsyncClient(base_url=server, timeout=60) as c:
-                body = {"model": "embedding", "input": long_texts}
-                flight = [asyncio.create_task(c.post("/v1/embeddings", json=body))
-                          for _ in range(3)]
-                # until the model replica (one: --workers are ingress replicas) holds all
-                # three (admitted, tokenizing or computing)
-                stats = "/v2/models/embedding/stats"
-                deadline = time.monotonic() + 60
-                while (await c.get(stats)).json()["model_stats"][0]["queued_inputs"] < 96:
-                    assert not any(f.done() for f in flight)
-                    assert time.monotonic() < deadline, "the requests never reached the model"
-                    await asyncio.sleep(0.05)  # polling interval
-                server.proc.send_signal(signal.SIGTERM)
-                probes: list[int] = []
-                for _ in range(50):  # readiness turns false while the requests still run
-                    await asyncio.sleep(0.1)
-                    probes.append((await c.get("/v2/health/ready")).status_code)
-                    if probes[-6:] == [503] * 6:
-                        break
-                return await asyncio.gather(*flight), probes
 
-        answers, probes = asyncio.run(main())
-        assert [r.status_code for r in answers] == [200, 200, 200]
-        assert all(len(r.json()["data"]) == 32 for r in answers)
-        assert probes[-6:] == [503] * 6, probes  # both replicas: none answers ready
-        assert server.proc.wait(60) == 0
+    async def main() -> tuple[list[httpx.Response], list[int]]:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+            body = {"model": "embedding", "input": long_texts}
+            flight = [asyncio.create_task(c.post("/v1/embeddings", json=body))
+                      for _ in range(3)]
+            # until the model replica (one: --workers are ingress replicas) holds all three
+            # (admitted, tokenizing or computing)
+            stats = "/v2/models/embedding/stats"
+            deadline = time.monotonic() + 60
+            while (await c.get(stats)).json()["model_stats"][0]["queued_inputs"] < 96:
+                assert not any(f.done() for f in flight)
+                assert time.monotonic() < deadline, "the requests never reached the model"
+                await asyncio.sleep(0.05)  # polling interval
+            server.proc.send_signal(signal.SIGTERM)
+            probes: list[int] = []
+            for _ in range(50):  # readiness turns false while the requests still run
+                await asyncio.sleep(0.1)
+                probes.append((await c.get("/v2/health/ready")).status_code)
+                if probes[-6:] == [503] * 6:
+                    break
+            return await asyncio.gather(*flight), probes
+
+    answers, probes = asyncio.run(main())
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert all(len(r.json()["data"]) == 32 for r in answers)
+    assert probes[-6:] == [503] * 6, probes  # both replicas: none answers ready
+    assert server.proc.wait(60) == 0

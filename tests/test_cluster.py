@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -72,7 +73,9 @@ def cluster() -> Iterator[Cluster]:
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True))
     try:
         # Ask `ray status` (a separate process) until the head answers, then join once: a failed
-        # ray.init leaves state behind that spoils later attempts in this process.
+        # ray.init leaves state behind that spoils later attempts in this process. (Each ask
+        # imports Ray: ask once the GCS port takes connections.)
+        wait_for(lambda: listening(port), 90, "the head's GCS port", interval=0.1)
         wait_for(lambda: subprocess.run([str(BIN / "ray"), "status", f"--address={c.gcs}"],
                                         env=env, capture_output=True).returncode == 0,
                  90, "the head node to answer", interval=1)
@@ -92,6 +95,14 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def running_replicas(app: str, deployment: str) -> int:
     from ray import serve
 
@@ -102,13 +113,14 @@ def running_replicas(app: str, deployment: str) -> int:
     return sum(n for s, n in states.items() if str(getattr(s, "value", s)) == "RUNNING")
 
 
-def test_serve_autoscales_the_model_up_and_back_down(cluster):
+def test_serve_autoscales_the_model_up_and_back_down(cluster, small_corpus):
     """Under a bounded load the model deployment grows from 1 replica, then shrinks back."""
     from ray import serve
 
     from serve_app.serve.app import build_app
 
-    app = build_app({"models": [{"name": "embedding", "deployment": {
+    app = build_app({"models": [{"name": "embedding", "calibration_corpus": small_corpus,
+                                 "deployment": {
         "num_replicas": None, "num_cpus": 0.5,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
                                "target_ongoing_requests": 1, "upscale_delay_s": 1,
@@ -149,7 +161,8 @@ def test_serve_autoscales_the_model_up_and_back_down(cluster):
     serve.delete("autoscale")
 
 
-def test_replicas_pinned_to_a_node_and_what_users_see_when_it_goes(cluster, engine):
+def test_replicas_pinned_to_a_node_and_what_users_see_when_it_goes(cluster, engine,
+                                                                   small_corpus):
     import numpy as np
     import ray
     from ray import serve
@@ -157,7 +170,7 @@ def test_replicas_pinned_to_a_node_and_what_users_see_when_it_goes(cluster, engi
     from serve_app.serve.app import build_app
 
     app = build_app({
-        "models": [{"name": "embedding",
+        "models": [{"name": "embedding", "calibration_corpus": small_corpus,
                     "deployment": {"num_cpus": 1, "resources": {"model_node": 1}}}],
         "ingress": {"request_timeout_s": 10},
     })
