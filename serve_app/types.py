@@ -31,11 +31,11 @@ INPUT_TYPES: dict[str, tuple[str, ...]] = {
     "document": ("document", "search_document", "passage"),
     "search_document": ("search_document", "document", "passage"),
 }
-#: The level of requests that name none (Triton's 0): the highest, interactive one.
-DEFAULT_LEVEL = 1
+#: The priority of requests that name none (Triton's 0): the highest, interactive one.
+DEFAULT_PRIORITY = 1
 #: The lowest priority level a request may name (levels are 1 to this; 0 means the default).
 MAX_PRIORITY = 1000
-#: The level bulk work takes unless told otherwise: the bulk client's batches wait below
+#: The priority bulk work takes unless told otherwise: the bulk client's batches wait below
 #: interactive requests (level 1, the default), so a running job never delays search; the Ray
 #: Data job's workers run at the matching CPU niceness (:func:`serve_app.tools.offline.niceness`).
 BULK_PRIORITY = 10
@@ -73,9 +73,9 @@ class _Request:
         return None if self.deadline is None else self.deadline - time.time()
 
     @property
-    def level(self) -> int:
-        """The queue level it waits at: ``priority``, or the default level for 0."""
-        return self.priority or DEFAULT_LEVEL
+    def effective_priority(self) -> int:
+        """The priority its texts wait at: ``priority``, 0 meaning the default."""
+        return self.priority or DEFAULT_PRIORITY
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +91,7 @@ class EmbedRequest(_Request):
     - ``input_type``: ``query`` or ``document`` (or ``search_query``/``search_document``): the
       data plane turns it into the ``prompt_name`` the model has for it.
     - ``encoding``: float32 vectors, or one of the compact encodings.
-    - ``priority``: the level its texts wait at in the replica's queue, as in Triton: 1 the
+    - ``priority``: where its texts wait in the replica's queue, as in Triton: 1 the
       highest, larger numbers lower, 0 the default (1, interactive).
     - ``request_id``: the caller's id, for logs.
     - ``deadline``: wall-clock time (``time.time()``) after which the answer is useless; work

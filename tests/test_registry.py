@@ -119,7 +119,7 @@ def test_an_answer_is_counted_under_its_protocol_and_timed():
                          ServedModel("r", "1", "rerank", FakeBackend("r"))])
     call = Call(DataPlane(registry), metrics, "v2_grpc")
     result, _ = asyncio.run(call.run(EmbedRequest("m", ("abc",))))
-    out = call.answer("m", result, lambda: "rendered", level=2)
+    out = call.answer("m", result, lambda: "rendered", priority=2)
     assert out == "rendered" and call.model == "m"
     assert call.timings is not None and call.timings["x-compute-tokens"] == "3"
     assert set(call.timings) == {"x-compute-tokens", "x-tokenization-time", "x-queue-time",

@@ -49,14 +49,14 @@ class Gate:
 
 
 def work(*seqs: list[int], deadline: float | None = None,
-         owner: asyncio.Task | None = None, level: int = 1) -> Work:
+         owner: asyncio.Task | None = None, priority: int = 1) -> Work:
     return Work([list(s) for s in seqs], asyncio.get_running_loop().create_future(), deadline,
-                owner, level=level)
+                owner, priority=priority)
 
 
-def one(i: int, level: int = 1) -> Work:
-    """A request of one one-token text, token id ``i``, at priority ``level``."""
-    return work([i], level=level)
+def one(i: int, priority: int = 1) -> Work:
+    """A request of one one-token text, token id ``i``, at priority ``priority``."""
+    return work([i], priority=priority)
 
 
 def run(coro) -> None:
@@ -200,15 +200,15 @@ def test_a_second_pass_starts_only_for_half_a_batch_and_passes_split_the_queue()
 
 
 def test_the_highest_level_waiting_forms_the_next_pass_alone():
-    """Level 1 goes before older level-10 work, and a pass holds one level only: the query's
+    """Level 1 goes before older priority-10 work, and a pass holds one priority only: the query's
     pass is not filled with bulk texts."""
     async def main():
         gate = Gate()
         queue = BatchQueue(gate, max_batch_size=16, max_batch_tokens=10_000)
-        queue.put([one(1, level=10)])
+        queue.put([one(1, priority=10)])
         assert await gate.started() == [1]
-        queue.put([one(2, level=10), one(3, level=10), one(4), one(5, level=3)])
-        assert queue.queued_by_level() == {1: 1, 3: 1, 10: 2}
+        queue.put([one(2, priority=10), one(3, priority=10), one(4), one(5, priority=3)])
+        assert queue.queued_by_priority() == {1: 1, 3: 1, 10: 2}
         gate.release()
         assert await gate.started() == [4]
         gate.release()
@@ -226,7 +226,7 @@ def test_a_lower_level_gets_one_pass_in_fair_every_under_a_steady_stream():
         queue = BatchQueue(gate, max_batch_size=1, max_batch_tokens=10_000)
         queue.put([one(0)])
         assert await gate.started() == [0]
-        bulk = one(99, level=10)
+        bulk = one(99, priority=10)
         queue.put([bulk, one(1)])
         served = []
         for i in range(2, 2 + 2 * FAIR_EVERY):
@@ -242,13 +242,13 @@ def test_a_lower_level_gets_one_pass_in_fair_every_under_a_steady_stream():
 
 def test_work_above_every_running_pass_starts_a_pass_beside_them():
     """Below half a batch a second pass waits for the running one, except for work of a
-    higher level than it: a query does not wait behind a bulk pass while a thread is free."""
+    higher priority than it: a query does not wait behind a bulk pass while a thread is free."""
     async def main():
         gate = Gate()
         queue = BatchQueue(gate, max_batch_size=32, max_batch_tokens=10_000, passes=2)
-        queue.put([one(1, level=10)])
+        queue.put([one(1, priority=10)])
         assert await gate.started() == [1]
-        queue.put([one(2, level=10)])
+        queue.put([one(2, priority=10)])
         queue.put([one(3)])
         assert await gate.started() == [3]  # beside the running bulk pass, at once
         gate.release(2)

@@ -57,7 +57,7 @@ class DataPlane:
         self._load_timeout_s = load_timeout_s
         self.draining = False
         self.in_flight = 0
-        self._levels: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._by_priority: collections.Counter[tuple[str, int]] = collections.Counter()
 
     # -- models ----------------------------------------------------------------------------
 
@@ -69,20 +69,20 @@ class DataPlane:
         """The served model ``name`` at ``version`` (None: its default version)."""
         return self.registry.get(name, version)
 
-    def depth_by_level(self) -> dict[tuple[str, int], int]:
-        """Inputs in flight per (model name, priority level); levels seen once stay, at 0."""
-        return dict(self._levels)
+    def depth_by_priority(self) -> dict[tuple[str, int], int]:
+        """Inputs in flight per (model name, priority); priorities seen once stay, at 0."""
+        return dict(self._by_priority)
 
     @contextlib.contextmanager
-    def _flight(self, model: str, level: int, n: int) -> Iterator[None]:
-        key = (model, level)
+    def _flight(self, model: str, priority: int, n: int) -> Iterator[None]:
+        key = (model, priority)
         self.in_flight += 1
-        self._levels[key] += n
+        self._by_priority[key] += n
         try:
             yield
         finally:
             self.in_flight -= 1
-            self._levels[key] -= n
+            self._by_priority[key] -= n
 
     def queue_depth(self) -> dict[str, int]:
         """Inputs in flight per model name, every version together."""
@@ -178,7 +178,7 @@ class DataPlane:
                 param="dimensions",
             )
         req = resolve_prompt(req, info)
-        with self._flight(req.model, req.level, len(req.inputs)):
+        with self._flight(req.model, req.effective_priority, len(req.inputs)):
             return await model.backend.embed(req)
 
     async def rerank(self, req: RerankRequest, model: ServedModel | None = None
@@ -193,5 +193,5 @@ class DataPlane:
             raise InvalidInput(f"query has {len(req.query)} characters; the limit is "
                                f"{self.limits.max_input_chars} (max_input_chars)", param="query")
         await self._ready_info(model, "rerank")
-        with self._flight(req.model, req.level, len(req.documents)):
+        with self._flight(req.model, req.effective_priority, len(req.documents)):
             return await model.backend.rerank(req)

@@ -75,12 +75,12 @@ class Metrics:
             "serve_app_queued_inputs", "Inputs this ingress has in flight to each model "
             "(admitted, not yet answered).", ["replica", "model"], registry=r,
         )
-        self.level_wait = Histogram(
+        self.priority_wait = Histogram(
             "serve_app_priority_queue_seconds", "Time a request waited for forward passes in "
             "the model replica's queue, by priority level (1 the highest).",
             ["replica", "model", "priority"], buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.level_queued = Gauge(
+        self.priority_queued = Gauge(
             "serve_app_priority_inputs", "Inputs this ingress has in flight to each model, by "
             "priority level.", ["replica", "model", "priority"], registry=r,
         )
@@ -103,7 +103,7 @@ class Metrics:
             registry=r,
         )
         self._queue_depth: Callable[[], Mapping[str, int]] = dict
-        self._level_depth: Callable[[], Mapping[tuple[str, int], int]] = dict
+        self._priority_depth: Callable[[], Mapping[tuple[str, int], int]] = dict
 
     def observe_request(self, protocol: str, route: str, method: str, status: int | str,
                         seconds: float) -> None:
@@ -117,14 +117,14 @@ class Metrics:
             self.observe_variants(variants)
 
     def observe_embedding(self, model: str, protocol: str, result: Measured,
-                          level: int = 1) -> None:
+                          priority: int = 1) -> None:
         self.inputs.labels(self.replica, model, protocol).inc(len(result.token_counts))
         self.tokens.labels(self.replica, model, protocol).inc(result.prompt_tokens)
         if result.truncated:
             self.truncated.labels(self.replica, model).inc(result.truncated)
         self.stage.labels(self.replica, model, "tokenize").observe(result.tokenize_s)
         self.stage.labels(self.replica, model, "queue").observe(result.queue_s)
-        self.level_wait.labels(self.replica, model, str(level)).observe(result.queue_s)
+        self.priority_wait.labels(self.replica, model, str(priority)).observe(result.queue_s)
         self.stage.labels(self.replica, model, "inference").observe(result.inference_s)
         for inputs, tokens in result.passes:
             self.batch_inputs.labels(self.replica, model).observe(inputs)
@@ -145,15 +145,15 @@ class Metrics:
         self.stage.labels(self.replica, model, "encode").observe(seconds)
 
     def watch_queue(self, depth: Callable[[], Mapping[str, int]],
-                    by_level: Callable[[], Mapping[tuple[str, int], int]] = dict) -> None:
+                    by_priority: Callable[[], Mapping[tuple[str, int], int]] = dict) -> None:
         """Read the queue depth per model from ``depth``, and per (model, priority level) from
-        ``by_level``, at every scrape."""
+        ``by_priority``, at every scrape."""
         self._queue_depth = depth
-        self._level_depth = by_level
+        self._priority_depth = by_priority
 
     def render(self) -> bytes:
         for model, n in self._queue_depth().items():
             self.queued.labels(self.replica, model).set(n)
-        for (model, level), n in self._level_depth().items():
-            self.level_queued.labels(self.replica, model, str(level)).set(n)
+        for (model, priority), n in self._priority_depth().items():
+            self.priority_queued.labels(self.replica, model, str(priority)).set(n)
         return generate_latest(self.registry)

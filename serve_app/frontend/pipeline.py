@@ -22,7 +22,7 @@ from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.metrics import Metrics
 from serve_app.frontend.registry import ServedModel
 from serve_app.types import (
-    DEFAULT_LEVEL,
+    DEFAULT_PRIORITY,
     EmbedRequest,
     Measured,
     RerankRequest,
@@ -90,13 +90,13 @@ class Call:
         return embedded, embedded.embeddings
 
     def answer(self, model: str, result: Measured, render: Callable[[], T],
-               level: int = DEFAULT_LEVEL) -> T:
-        """Count the inputs computed (the queue wait under priority ``level``), ``render()``
+               priority: int = DEFAULT_PRIORITY) -> T:
+        """Count the inputs computed (the queue wait under ``priority``), ``render()``
         the answer, timing the encoding, and keep the timings (:attr:`timings`):
         ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
         ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time``
         (the frontend's whole handling, encoding included)."""
-        self.metrics.observe_embedding(model, self.protocol, result, level)
+        self.metrics.observe_embedding(model, self.protocol, result, priority)
         t0 = time.perf_counter()
         out = render()
         done = time.perf_counter()

@@ -3,21 +3,24 @@
 Requests enter as :class:`Work` (one request's token ids) and wait in :class:`BatchQueue`, which
 forms each pass once:
 
-- the highest priority level first (1 is the highest; Triton's convention), and within a level
-  the oldest request first, each request's texts longest first (so a large request's passes pad
-  little); a pass holds one level's work only, so a query never waits inside a pass of bulk
+- the highest priority first (1 is the highest; Triton's convention), and within a priority the
+  oldest request first, each request's texts longest first (so a large request's passes pad
+  little); a pass holds one priority's work only, so a query never waits inside a pass of bulk
   texts;
-- no level starves: while lower levels wait, every ``fair_every``-th pass serves the level of
-  the oldest waiting request instead, so a lower level gets at least one pass in ``fair_every``;
+- no priority starves: while lower priorities wait, every ``fair_every``-th pass serves the
+  priority of the oldest waiting request instead, so a lower priority gets at least one pass in
+  ``fair_every``;
 - at most ``max_batch_size`` texts and ``max_batch_tokens`` padded tokens (texts x the longest
-  one) per pass; a single text over the token budget still gets a pass of its own;
+  one) per pass (:func:`serve_app.engine.batching.fits_pass`); a single text over the token
+  budget still gets a pass of its own;
 - work whose caller went away (its task is done or being cancelled) or whose deadline passed is
   dropped here, the one place a deadline is checked, before it reaches the model.
 
-A pass starts as soon as the model is idle, so while passes run, arrivals pile up and the next
-pass is full: no timer decides when a batch closes. With ``passes`` > 1, that many passes run at
-once on their own threads, each on its share of the replica's torch threads; work of a higher
-level than every running pass starts a pass on a free thread at once.
+A pass starts as soon as the model is idle (or, with ``wait_s``, once an idle model's first
+pass has waited that long for company), so while passes run, arrivals pile up and the next pass
+is full. With ``passes`` > 1, that many passes run at once on their own threads, each on its
+share of the replica's torch threads; work of a higher priority than every running pass starts
+a pass on a free thread at once.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ import numpy as np
 
 from serve_app.engine.batching import fits_pass
 from serve_app.errors import DeadlineExceeded
-from serve_app.types import DEFAULT_LEVEL
+from serve_app.types import DEFAULT_PRIORITY
 
-#: While lower levels wait, one pass in this many serves the oldest waiting request's level
+#: While lower priorities wait, one pass in this many serves the oldest waiting request's priority
 #: (the default of the config's ``batching.fair_every``).
 FAIR_EVERY = 4
 
@@ -57,14 +60,14 @@ class Work:
     ``future`` gets float32 ``[n, dim]`` in input order once every sequence has run, or the
     error that ended the request. ``owner`` is the task that awaits it: once that task is done
     or being cancelled, nobody wants the answer. ``deadline`` is wall-clock (``time.time()``).
-    ``level``: its priority level, 1 the highest.
+    ``priority``: its priority, 1 the highest.
     """
 
     seqs: Seqs
     future: asyncio.Future[np.ndarray]
     deadline: float | None = None
     owner: asyncio.Task[Any] | None = None
-    level: int = DEFAULT_LEVEL
+    priority: int = DEFAULT_PRIORITY
     arrival: int = 0  # the queue's arrival number
     order: list[int] = field(default_factory=list)  # indices longest first
     taken: int = 0  # how many of ``order`` are in a pass already
@@ -142,7 +145,7 @@ class BatchQueue:
     ``compute`` runs a pass on one of ``passes`` worker threads. A pass starts whenever none
     runs; another starts beside running ones only when at least ``max_batch_size // passes``
     texts wait, so a few stragglers join the next full pass instead of taking a worker (and its
-    cores) for a pass of one text, unless they are of a higher level than every running pass.
+    cores) for a pass of one text, unless they are of a higher priority than every running pass.
     Passes starting at the same moment split the waiting texts between them. ``solo``, when
     given, computes a pass that is alone (nothing else runs or waits); no other pass starts
     until it ends, so it may use every thread of the replica. ``executor``: the threads passes
@@ -167,12 +170,12 @@ class BatchQueue:
         self._window_over = False
         self._fair_every = fair_every
         self._waiting: dict[int, collections.deque[Work]] = {}
-        self._queued: collections.Counter[int] = collections.Counter()  # texts waiting by level
+        self._queued: collections.Counter[int] = collections.Counter()  # texts waiting by priority
         self._arrivals = itertools.count()
         self._workers: set[asyncio.Task[None]] = set()
         self._forming = 0  # workers started whose pass is not formed yet
-        self._running: collections.Counter[int] = collections.Counter()  # passes by level
-        self._passed_over = 0  # passes of a higher level formed while a lower one waited
+        self._running: collections.Counter[int] = collections.Counter()  # passes by priority
+        self._passed_over = 0  # passes of a higher priority formed while a lower one waited
         self._solo_running = False
         self._executor = executor or ThreadPoolExecutor(passes, thread_name_prefix="forward")
         self.stats = BatchStats()
@@ -183,9 +186,9 @@ class BatchQueue:
         """Texts waiting for a pass."""
         return self._queued.total()
 
-    def queued_by_level(self) -> dict[int, int]:
-        """Texts waiting for a pass, per priority level."""
-        return {level: n for level, n in sorted(self._queued.items()) if n}
+    def queued_by_priority(self) -> dict[int, int]:
+        """Texts waiting for a pass, per priority."""
+        return {priority: n for priority, n in sorted(self._queued.items()) if n}
 
     @property
     def running(self) -> int:
@@ -196,8 +199,8 @@ class BatchQueue:
         """Queue ``works`` (in order) and start the passes they allow."""
         for w in works:
             w.arrival = next(self._arrivals)
-            self._waiting.setdefault(w.level, collections.deque()).append(w)
-            self._queued[w.level] += w.untaken
+            self._waiting.setdefault(w.priority, collections.deque()).append(w)
+            self._queued[w.priority] += w.untaken
         self._start_passes()
 
     def take_passes(self) -> tuple[tuple[int, int], ...]:
@@ -206,9 +209,9 @@ class BatchQueue:
         return out
 
     def _urgent(self) -> bool:
-        """Work waits of a higher level than every running pass."""
-        running = [level for level, n in self._running.items() if n]
-        waiting = [level for level, n in self._queued.items() if n]
+        """Work waits of a higher priority than every running pass."""
+        running = [priority for priority, n in self._running.items() if n]
+        waiting = [priority for priority, n in self._queued.items() if n]
         return bool(running and waiting) and min(waiting) < min(running)
 
     def _held_for_company(self) -> bool:
@@ -243,43 +246,43 @@ class BatchQueue:
         self._workers.discard(worker)
         self._start_passes()
 
-    def _level(self) -> int | None:
-        """The level the next pass serves: the highest waiting, or on every fair_every-th pass
-        while lower levels wait, the level of the oldest waiting request."""
-        levels = sorted(level for level, q in self._waiting.items() if q)
-        if not levels:
+    def _next_priority(self) -> int | None:
+        """The priority the next pass serves: the highest waiting, or on every fair_every-th pass
+        while lower priorities wait, the priority of the oldest waiting request."""
+        priorities = sorted(priority for priority, q in self._waiting.items() if q)
+        if not priorities:
             return None
-        if len(levels) == 1:
+        if len(priorities) == 1:
             self._passed_over = 0
-            return levels[0]
+            return priorities[0]
         self._passed_over += 1
         if self._passed_over < self._fair_every:
-            return levels[0]
+            return priorities[0]
         self._passed_over = 0
-        return min(levels, key=lambda level: self._waiting[level][0].arrival)
+        return min(priorities, key=lambda priority: self._waiting[priority][0].arrival)
 
     def _form(self) -> tuple[Pass, int]:
-        """The next pass and its level: that level's oldest work first, each one's texts
+        """The next pass and its priority: that priority's oldest work first, each one's texts
         longest first, within the count and padded-token budgets; unwanted work is dropped on
         the way."""
-        level = self._level()
-        while level is not None:  # a level whose work was all unwanted forms nothing
-            batch = self._form_level(level)
+        priority = self._next_priority()
+        while priority is not None:  # a priority whose work was all unwanted forms nothing
+            batch = self._form_at(priority)
             if batch:
-                return batch, level
-            level = self._level()
-        return [], DEFAULT_LEVEL
+                return batch, priority
+            priority = self._next_priority()
+        return [], DEFAULT_PRIORITY
 
-    def _form_level(self, level: int) -> Pass:
-        waiting = self._waiting[level]
-        cap = min(self._max_size, -(-self._queued[level] // max(1, self._forming)))
+    def _form_at(self, priority: int) -> Pass:
+        waiting = self._waiting[priority]
+        cap = min(self._max_size, -(-self._queued[priority] // max(1, self._forming)))
         batch: Pass = []
         width = 0
         while waiting:
             w = waiting[0]
             if w.unwanted():
                 waiting.popleft()
-                self._queued[level] -= w.untaken
+                self._queued[priority] -= w.untaken
                 self.stats.dropped += w.untaken
                 w.drop()
                 continue
@@ -291,12 +294,12 @@ class BatchQueue:
                 batch.append((w, i))
                 width = wider
                 w.taken += 1
-                self._queued[level] -= 1
+                self._queued[priority] -= 1
             waiting.popleft()
         return batch
 
     async def _run_pass(self) -> None:
-        batch, level = self._form()
+        batch, priority = self._form()
         self._forming -= 1
         if not batch:
             return
@@ -304,7 +307,7 @@ class BatchQueue:
         alone = self._solo is not None and not self.queued and len(self._workers) == 1
         compute = self._solo if alone and self._solo is not None else self._compute
         self._solo_running = alone
-        self._running[level] += 1
+        self._running[priority] += 1
         t0 = time.perf_counter()
         try:
             vectors = await asyncio.get_running_loop().run_in_executor(
@@ -316,7 +319,7 @@ class BatchQueue:
             return
         finally:
             self._solo_running = False
-            self._running[level] -= 1
+            self._running[priority] -= 1
         seconds = time.perf_counter() - t0
         tokens = sum(len(s) for s in seqs)
         self.stats.record(len(seqs), tokens, seconds)

@@ -119,7 +119,7 @@ class ModelRunner:
             a.held -= n
             self._held -= n
 
-    async def _run(self, prepare: Prepare, chars: int, deadline: float | None, level: int
+    async def _run(self, prepare: Prepare, chars: int, deadline: float | None, priority: int
                    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Tokenize (``prepare``), queue and compute one request: the model's output rows in
         input order, and what an answer reports (token counts, truncated, timings, passes)."""
@@ -131,7 +131,7 @@ class ModelRunner:
                 self._tokenize_pool, prepare)
         t1 = time.perf_counter()
         work = Work(seqs, asyncio.get_running_loop().create_future(), deadline,
-                    asyncio.current_task(), level=level)
+                    asyncio.current_task(), priority=priority)
         self.queue.put([work])
         out = await work.future
         waited = time.perf_counter() - t1
@@ -149,7 +149,7 @@ class ModelRunner:
             prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
                                         req.prompt_name)
             vectors, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
-                                                req.deadline, req.level)
+                                                req.deadline, req.effective_priority)
         if req.dimensions is not None and req.dimensions != engine.dim:
             vectors = reduce_dimensions(vectors, req.dimensions)
         if req.encoding in ("int8", "uint8"):
@@ -174,7 +174,7 @@ class ModelRunner:
         with self._admit(req.model, len(req.documents)):
             prepare = functools.partial(engine.tokenize, req.query, req.documents, req.truncate)
             chars = len(req.query) * len(req.documents) + sum(map(len, req.documents))
-            logits, measured = await self._run(prepare, chars, req.deadline, req.level)
+            logits, measured = await self._run(prepare, chars, req.deadline, req.effective_priority)
         return RerankResult(scores=engine.scores(logits, req.raw_scores), **measured)
 
     async def info(self) -> ModelInfo:
@@ -189,4 +189,4 @@ class ModelRunner:
     async def stats(self) -> dict[str, Any]:
         """What ``/v2/models/{name}/stats`` reports of this replica."""
         return {**self.queue.stats.as_dict(), "refused": self.admission.refused,
-                "queued_inputs": self._held, "queued_by_priority": self.queue.queued_by_level()}
+                "queued_inputs": self._held, "queued_by_priority": self.queue.queued_by_priority()}

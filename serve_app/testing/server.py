@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_app import GRPC_SERVICER, IMPORT_PATH
+from serve_app.config.serve_yaml import serve_config as build_serve_config
 
 BIN = Path(sys.executable).parent
 
@@ -86,18 +86,8 @@ class Server(str):
 def serve_config(http_port: int, args: dict, grpc_port: int | None = None,
                  more_apps: tuple[dict, ...] = ()) -> dict:
     """A Serve config on loopback: serve_app (``args``) at ``/``, gRPC when ``grpc_port``."""
-    config: dict = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": http_port},
-        "applications": [{"name": "serve_app", "route_prefix": "/",
-                          "import_path": IMPORT_PATH, "args": args}, *more_apps],
-    }
-    if grpc_port is not None:
-        config["grpc_options"] = {
-            "port": grpc_port,
-            "grpc_servicer_functions": [GRPC_SERVICER],
-        }
-    return config
+    return build_serve_config(args, "127.0.0.1", http_port, grpc_port, proxy_location="HeadOnly",
+                              more_apps=more_apps)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):

@@ -29,16 +29,16 @@ from serve_app.config.serve_yaml import model_from_serve_config
 from serve_app.env import ray_address
 from serve_app.errors import InvalidInput
 from serve_app.types import BULK_PRIORITY
-from serve_app.types import priority as priority_level
+from serve_app.types import priority as check_priority
 
 
-def niceness(level: int) -> int:
-    """The CPU niceness the job's workers take at priority ``level`` (1 the highest, 0 the
-    default): ``level - 1``, at most 19. The job runs its own engine, so it never waits in a
+def niceness(priority: int) -> int:
+    """The CPU niceness the job's workers take at ``priority`` (1 the highest, 0 the
+    default): ``priority - 1``, at most 19. The job runs its own engine, so it never waits in a
     server's queue; on nodes it shares with the server's replicas, the kernel then runs the
     replicas' threads first (the bulk client's requests wait below queries in the queue
     instead)."""
-    return min(19, max(0, level - 1))
+    return min(19, max(0, priority - 1))
 
 
 
@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
                         "e.g. document when indexing a corpus; default: the model's default")
     p.add_argument("--priority", type=int, default=BULK_PRIORITY,
                    help="priority level of the job (1 the highest, 0 none): its workers run at "
-                        f"CPU niceness level - 1, so on nodes shared with a server's replicas "
+                        f"CPU niceness priority - 1, so on nodes shared with a server's replicas "
                         f"the replicas come first (default: {BULK_PRIORITY})")
     return p
 
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = model_from_serve_config(args.config, args.model, args.version, args.app)
-        level = priority_level(args.priority, "--priority")
+        checked = check_priority(args.priority, "--priority")
     except (OSError, ValueError, InvalidInput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = embed_dataset(args.input, args.output, cfg, args.column, args.workers,
                                args.batch_size, args.num_cpus, args.num_gpus,
-                               args.prompt_name, level)
+                               args.prompt_name, checked)
     finally:
         ray.shutdown()
     print(json.dumps(report))

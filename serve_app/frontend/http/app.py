@@ -138,7 +138,7 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
         "text-embeddings-inference and Cohere APIs.",
     )
     context = context or ServerContext()
-    context.metrics.watch_queue(dataplane.queue_depth, dataplane.depth_by_level)
+    context.metrics.watch_queue(dataplane.queue_depth, dataplane.depth_by_priority)
     app.state.dataplane = dataplane
     app.state.context = context
 

@@ -82,4 +82,4 @@ async def predict(name: str, request: Request) -> Response:
                        deadline=call.deadline(), priority=call.priority(data.get("priority")))
     result, vectors = await call.run(req)
     return respond(request, call, name, result,
-                   lambda: json_response({"predictions": vectors}), req.level)
+                   lambda: json_response({"predictions": vectors}), req.effective_priority)

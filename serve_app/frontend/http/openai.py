@@ -137,7 +137,7 @@ async def create_embeddings(request: Request) -> Response:
     assert isinstance(result, EmbedResult)
     return respond(request, call, body.model, result,
                    lambda: render_embeddings(result, body.model, body.encoding_format),
-                   req.level)
+                   req.effective_priority)
 
 
 @router.get("/openai/v1/models")

@@ -125,7 +125,7 @@ async def _cohere(request: Request, call: Call, data: Any) -> Response:
             "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
-    return respond(request, call, req.model, result, render, req.level)
+    return respond(request, call, req.model, result, render, req.effective_priority)
 
 
 _TEI_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
@@ -156,7 +156,7 @@ async def tei_rerank(request: Request) -> Response:
             out.append(item)
         return json_response(out)
 
-    return respond(request, call, req.model, result, render, req.level)
+    return respond(request, call, req.model, result, render, req.effective_priority)
 
 
 @router.post("/v1/rerank", openapi_extra=_COHERE_SCHEMA)

@@ -17,7 +17,7 @@ from serve_app.errors import InvalidInput, PayloadTooLarge
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.pipeline import Call
-from serve_app.types import DEFAULT_LEVEL, Measured
+from serve_app.types import DEFAULT_PRIORITY, Measured
 
 #: Request headers that set a deadline, in seconds: our own, then the one the OpenAI SDK sends
 #: with its client timeout (past it the client has gone anyway).
@@ -116,10 +116,10 @@ def call_of(request: Request) -> Call:
 
 
 def respond(request: Request, call: Call, model: str, result: Measured,
-            render: Callable[[], Response], level: int = DEFAULT_LEVEL) -> Response:
+            render: Callable[[], Response], priority: int = DEFAULT_PRIORITY) -> Response:
     """``render()`` the answer through :meth:`Call.answer` (counted, timed) and add
     text-embeddings-inference's timing headers; the access log gets the same figures."""
-    response = call.answer(model, result, render, level)
+    response = call.answer(model, result, render, priority)
     assert call.timings is not None
     response.headers.update(call.timings)
     request.state.timings = call.timings

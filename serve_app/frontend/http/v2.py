@@ -228,7 +228,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     result, array = await call.run(internal)
     return respond(request, call, name, result, lambda: render_infer(
         name, model.version, req.id or call.request_id, OUTPUTS[model.task], array,
-        result.prompt_tokens, binary_out), internal.level)
+        result.prompt_tokens, binary_out), internal.effective_priority)
 
 
 def render_infer(name: str, version: str, response_id: str, output_name: str, array: np.ndarray,

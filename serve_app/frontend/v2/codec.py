@@ -191,17 +191,17 @@ def check_outputs(names: Sequence[str], task: Task = "embedding") -> None:
 
 def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ...]],
                      params: Mapping[str, Any], request_id: str, version: str | None,
-                     timeout_s: float | None = None, level: int = 0
+                     timeout_s: float | None = None, priority: int = 0
                      ) -> EmbedRequest | RerankRequest:
     """The internal request of one V2 inference for a model doing ``task``: its input tensors'
     texts by name and its request ``parameters``; the ``timeout`` and ``priority`` parameters,
-    when given, win over ``timeout_s`` and ``level`` (the transport's own: headers, metadata)."""
+    when given, win over ``timeout_s`` and ``priority`` (the transport's own: headers, metadata)."""
     opts = infer_options(params)
     check_task_options(opts, task)
     common: dict[str, Any] = {
         "model": model, "truncate": opts.truncate, "request_id": request_id, "version": version,
         "deadline": deadline(opts.timeout_s if opts.timeout_s is not None else timeout_s),
-        "priority": opts.priority if opts.priority is not None else level}
+        "priority": opts.priority if opts.priority is not None else priority}
     if task == "rerank":
         query, documents = rerank_inputs(tensors)
         return RerankRequest(query=query, documents=documents, raw_scores=opts.raw_scores,

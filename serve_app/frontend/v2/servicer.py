@@ -127,9 +127,9 @@ def _tensors(req: pb.ModelInferRequest) -> tuple[dict[str, tuple[str, ...]], boo
     return tensors, raw
 
 
-def to_request(req: pb.ModelInferRequest, task: Task = "embedding", level: int = 0
+def to_request(req: pb.ModelInferRequest, task: Task = "embedding", priority: int = 0
                ) -> tuple[EmbedRequest | RerankRequest, bool]:
-    """The internal request for a model doing ``task`` (``level``: the ``x-priority``
+    """The internal request for a model doing ``task`` (``priority``: the ``x-priority``
     metadata's, used when no ``priority`` parameter is given), and whether the texts came as
     raw input contents."""
     if task == "embedding" and len(req.inputs) != 1:
@@ -137,7 +137,7 @@ def to_request(req: pb.ModelInferRequest, task: Task = "embedding", level: int =
     tensors, raw = _tensors(req)
     check_outputs([o.name for o in req.outputs], task)
     internal = internal_request(req.model_name, task, tensors, _params(req.parameters), req.id,
-                                req.model_version or None, level=level)
+                                req.model_version or None, priority=priority)
     return internal, raw
 
 
@@ -246,7 +246,7 @@ class GrpcInference:
                 resp.outputs.append(out)
                 return resp
 
-            return call.answer(request.model_name, result, render, internal.level)
+            return call.answer(request.model_name, result, render, internal.effective_priority)
 
         return await self._guard("ModelInfer", call, pb.ModelInferResponse(), grpc_context)
 
