@@ -117,11 +117,16 @@ def test_request_id_is_echoed_once_through_serve(http):
 
 
 async def held_by_the_replica(c: httpx.AsyncClient, inputs: int, busy: asyncio.Task) -> None:
-    """Until the model's replica holds ``inputs`` inputs (the ``busy`` request, admitted and
-    being computed)."""
+    """Until the model's replica holds ``inputs`` inputs (the ``busy`` request, admitted) and
+    computes them: tokenized, none left waiting for a pass, a pass running."""
     started = time.monotonic()
-    while (await c.get("/v2/models/embedding/stats")).json()["model_stats"][0][
-            "queued_inputs"] < inputs:
+
+    async def computing() -> bool:
+        s = (await c.get("/v2/models/embedding/stats")).json()["model_stats"][0]
+        return (s["queued_inputs"] >= inputs and s["running_passes"] > 0
+                and not s["queued_by_priority"])
+
+    while not await computing():
         assert not busy.done() and time.monotonic() - started < 60
         await asyncio.sleep(0.02)  # polling interval
 

@@ -189,4 +189,5 @@ class ModelRunner:
     async def stats(self) -> dict[str, Any]:
         """What ``/v2/models/{name}/stats`` reports of this replica."""
         return {**self.queue.stats.as_dict(), "refused": self.admission.refused,
-                "queued_inputs": self._held, "queued_by_priority": self.queue.queued_by_priority()}
+                "queued_inputs": self._held, "queued_by_priority": self.queue.queued_by_priority(),
+                "running_passes": self.queue.running}

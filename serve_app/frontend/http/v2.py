@@ -192,8 +192,9 @@ async def statistics(name: str, request: Request, version: str | None = None) ->
             "dropped": s.get("dropped", 0),
             "refused": s.get("refused", 0),
             "queued_inputs": s.get("queued_inputs", 0),
-            # texts waiting for a pass, by priority level
+            # texts waiting for a pass, by priority, and the passes running now
             "queued_by_priority": {str(k): v for k, v in s.get("queued_by_priority", {}).items()},
+            "running_passes": s.get("running_passes", 0),
             "batch_stats": [
                 {"batch_size": b["batch_size"], "compute_infer": {"count": b["count"],
                                                                   "ns": b["ns"]}}
