@@ -33,7 +33,7 @@ else
 fi
 if [ -n "${SITE:-}${WHEELS:-}" ]; then  # the HAProxy wrapper that `pip install -e .` would make
   BIN=$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")
-  printf '#!%s\nfrom serve_app.launch.leftovers import haproxy_main\nhaproxy_main()\n' "$BIN/python3" \
+  printf '#!%s\nfrom serve_app.launch.haproxy import haproxy_main\nhaproxy_main()\n' "$BIN/python3" \
     > "$BIN/serve-app-haproxy"
   chmod +x "$BIN/serve-app-haproxy"
 fi
