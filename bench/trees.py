@@ -50,7 +50,8 @@ def wrapper(tree: Path, module: str, tmp: Path) -> str:
     return str(path)
 
 
-def measure(name: str, tree: Path, duration: float) -> list[dict]:
+def measure(name: str, tree: Path, duration: float, workloads: tuple[str, ...] = WORKLOADS,
+            protocols: tuple[str, ...] = PROTOCOLS) -> list[dict]:
     import_path, servicer, haproxy = paths_of(tree)
     http, grpc_port = free_port(), free_port()
     config = {
@@ -66,8 +67,8 @@ def measure(name: str, tree: Path, duration: float) -> list[dict]:
            "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper(tree, haproxy or "", tmp)}
     rows = []
     with start_server(config, tmp, extra_env=env) as url:
-        for workload in WORKLOADS:
-            for protocol in PROTOCOLS:
+        for workload in workloads:
+            for protocol in protocols:
                 r = cell(protocol, workload, url, f"127.0.0.1:{grpc_port}", duration)
                 r.update(tree=name, workload=workload, protocol=protocol)
                 print(json.dumps(r), flush=True)
@@ -75,18 +76,20 @@ def measure(name: str, tree: Path, duration: float) -> list[dict]:
     return rows
 
 
-def render(trees: list[str], rows: list[dict], ceil: dict, command: str) -> str:
+def render(trees: list[str], rows: list[dict], ceil: dict, command: str,
+           workloads: tuple[str, ...] = WORKLOADS, protocols: tuple[str, ...] = PROTOCOLS) -> str:
     lines = [
         "# Source trees A/B (bench/trees.py)", "",
         f"`{command}`: the default entry point served from each tree in turn, rounds "
         "alternating; W1 is the added p50 latency over the in-process single call, W2-W4 "
         "served embeddings/s over the in-process ceiling of the same run (median of rounds).", "",
-        "| tree | protocol | W1 added p50 | W2 | W3 | W4 |", "|---|---|---|---|---|---|",
+        "| tree | protocol | " + " | ".join("W1 added p50" if w == "W1" else w for w in workloads)
+        + " |", "|---|---|" + "---|" * len(workloads),
     ]
     for tree in trees:
-        for protocol in PROTOCOLS:
+        for protocol in protocols:
             cells = []
-            for w in WORKLOADS:
+            for w in workloads:
                 got = [r for r in rows if r["tree"] == tree and r["protocol"] == protocol
                        and r["workload"] == w]
                 if w == "W1":
@@ -107,6 +110,8 @@ def main() -> None:
     p.add_argument("--tree", action="append", required=True, metavar="NAME=PATH")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--duration", type=float, default=6.0, help="seconds per cell")
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-trees.md"))
     a = p.parse_args()
     trees = [(n, Path(t).resolve()) for n, t in (x.split("=", 1) for x in a.tree)]
@@ -116,10 +121,12 @@ def main() -> None:
     rows: list[dict] = []
     for k in range(a.rounds):
         for name, tree in trees if k % 2 == 0 else trees[::-1]:
-            rows += [dict(r, round=k) for r in measure(name, tree, a.duration)]
+            rows += [dict(r, round=k) for r in measure(name, tree, a.duration,
+                                                       tuple(a.workloads), tuple(a.protocols))]
     command = "python bench/trees.py " + " ".join(sys.argv[1:])
     out = Path(a.out)
-    out.write_text(render([n for n, _ in trees], rows, ceil, command))
+    out.write_text(render([n for n, _ in trees], rows, ceil, command, tuple(a.workloads),
+                          tuple(a.protocols)))
     out.with_suffix(".json").write_text(json.dumps({"ceiling": ceil, "rows": rows,
                                                     "command": command}, indent=1))
     print(out.read_text())
