@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,35 @@ def assert_error_shape(path: str, r: Any, status: int) -> None:
     else:
         assert isinstance(body["error"], str) and body["error"]
     assert r.headers.get("x-request-id")
+
+
+def check_bad_http_case(client: Any, reference: np.ndarray,
+                        case: tuple[str, str, str, bytes, dict[str, str], int]) -> None:
+    """One case of :data:`HTTP_CASES` against ``client`` (httpx or TestClient): its 4xx in its
+    protocol's shape, and then a good request still answers with ``reference``."""
+    _, method, path, body, headers, status = case
+    r = client.request(method, path, content=body, headers=headers)
+    if status == 405:
+        assert r.status_code == 405
+    else:
+        assert_error_shape(path, r, status)
+    ok = client.post(OAI, json={"model": "embedding", "input": SENTENCE})
+    assert ok.status_code == 200, ok.text
+    np.testing.assert_allclose(ok.json()["data"][0]["embedding"], reference, atol=1e-5)
+
+
+def settle_rss(server: Any, at_most: float = 8.0) -> int:
+    """The whole stack's resident memory once it has settled: readings 0.5 s apart until one
+    is within 0.5% of the one before (at least 1.5 s, at most ``at_most``)."""
+    started = time.monotonic()
+    last = server.rss_bytes()
+    while True:
+        time.sleep(0.5)  # between readings
+        now = server.rss_bytes()
+        elapsed = time.monotonic() - started
+        if elapsed >= at_most or (elapsed >= 1.5 and abs(now - last) <= 0.005 * last):
+            return now
+        last = now
 
 
 def grpc_cases() -> list[tuple[str, pb.ModelInferRequest, Any]]:

@@ -20,7 +20,15 @@ import yaml
 
 from serve_app.engine.embedding import plan_parallelism
 from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
-from tests.helpers import REPO, SENTENCE, Server, free_port, infer_request, start_server
+from tests.helpers import (
+    REPO,
+    SENTENCE,
+    Server,
+    free_port,
+    infer_request,
+    settle_rss,
+    start_server,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -158,8 +166,7 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(restarted, e
     assert (f"{passes} forward pass(es) at once, {share} torch thread(s) each"
             in server.log.read_text())  # every core: num_cpus all
     assert_every_protocol(server, grpc_port, expected)
-    time.sleep(3)
-    rss = server.rss_bytes()
+    rss = settle_rss(server)
     print(f"default entry: RSS of the whole stack {rss / 2**20:.0f} MB")
     assert rss < 2.5 * 2**30
     server.proc.send_signal(signal.SIGTERM)
