@@ -209,6 +209,9 @@ class ModelInfo:
     calibration_texts: int = 0
     #: a variant's base model (the entry that serves it); None for a model of its own
     variant_of: str | None = None
+    #: the engine running the model and its fidelity to float32 torch
+    #: (:meth:`serve_app.engine.embedding.TransformerEngine.engine_info`)
+    engine: dict[str, Any] | None = None
 
     def prompt_names(self) -> list[str]:
         return [n for n, _ in self.prompts]

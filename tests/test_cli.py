@@ -65,13 +65,31 @@ def test_gpu_node_gets_a_gpu_replica():
 
 def test_compatibility_flags_are_accepted():
     extra = ["--enable_grpc", "true", "--disable_log_requests", "--max_log_len", "100",
-             "--configure_logging", "--backend", "huggingface", "--max_model_len", "64"]
+             "--configure_logging", "--max_model_len", "64"]
     cfg, args = config_from_args([*KSERVE_ARGS, *extra])
     assert (args.enable_grpc, args.disable_log_requests, args.max_log_len,
-            args.configure_logging, args.backend) == ("true", True, 100, "true", "huggingface")
+            args.configure_logging) == ("true", True, 100, "true")
     # no effect on what is served, but --max_model_len's (KServe's name for --max_length)
     plain, _ = config_from_args([*KSERVE_ARGS, "--max_length", "64"])
     assert cfg == plain and cfg.models[0].max_length == 64
+
+
+@pytest.mark.parametrize(("flags", "backend", "precision", "floor"), [
+    ([], "auto", "auto", None),
+    (["--backend", "huggingface"], "torch", "auto", None),  # KServe's name for transformers
+    (["--backend", "openvino", "--precision", "fast"], "openvino", "fast", None),
+    (["--backend", "onnxruntime", "--min_fidelity", "0.999"], "onnxruntime", "auto", 0.999),
+])
+def test_engine_flags(flags, backend, precision, floor):
+    cfg, _ = config_from_args([*KSERVE_ARGS, *flags])
+    m = cfg.models[0]
+    assert (m.backend, m.precision, m.min_fidelity) == (backend, precision, floor)
+
+
+def test_a_torch_dtype_with_another_backend_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        config_from_args([*KSERVE_ARGS, "--backend", "openvino", "--dtype", "bfloat16"])
+    assert "precision" in capsys.readouterr().err
 
 
 def test_api_key_flags(tmp_path):

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from serve_app.config.schema import ModelConfig
+from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.errors import DeadlineExceeded, Overloaded
 from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
 from serve_app.runtime.runner import INLINE_TOKENIZE_CHARS, ModelRunner
@@ -352,10 +354,12 @@ def test_short_requests_are_tokenized_on_the_loop_long_ones_on_the_pool(engine, 
     assert where[1].startswith("tokenize")
 
 
-def test_forward_sets_torch_threads_for_its_calling_thread_only(engine):
+def test_forward_sets_torch_threads_for_its_calling_thread_only():
     """What solo passes rely on: a pass that runs on all threads (its own OS thread) leaves the
     other passes' threads as they were, so they do not oversubscribe the cores afterwards."""
     import torch
+
+    engine = EmbeddingEngine(ModelConfig(backend="torch"), num_threads=2)
 
     seqs, _ = engine.tokenize(["a short text"])
     lanes = {"share": ThreadPoolExecutor(1), "solo": ThreadPoolExecutor(1)}
@@ -378,4 +382,8 @@ def test_plan_parallelism():
     assert plan_parallelism(8, cuda) == (1, 8)
     assert plan_parallelism(8, cpu, 4) == (4, 2)
     assert plan_parallelism(2, cpu, 1) == (1, 2)
+    # ONNX Runtime and OpenVINO spread one pass over every thread
+    assert plan_parallelism(2, cpu, backend="openvino") == (1, 2)
+    assert plan_parallelism(8, cpu, backend="onnxruntime") == (1, 8)
+    assert plan_parallelism(8, cpu, 2, backend="openvino") == (2, 4)
     assert plan_parallelism(2, cpu, 3) == (3, 1)

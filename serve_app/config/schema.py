@@ -31,6 +31,8 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len"]
 Topology = Literal["auto", "separate", "colocated"]
+Backend = Literal["auto", "torch", "onnxruntime", "openvino"]
+Precision = Literal["auto", "exact", "fast"]
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -83,11 +85,11 @@ class BatchOptions(_Strict):
     """How a model replica groups texts into forward passes."""
 
     max_batch_size: int = Field(
-        32, ge=1, le=4096, description="Most texts in one forward pass (and one @serve.batch)."
+        32, ge=1, le=4096, description="Most texts in one forward pass."
     )
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0, le=1, description="How long @serve.batch collects arriving requests before "
-        "they join the replica's queue. 0: at once; passes fill while the model is busy anyway, "
+        0.0, ge=0, le=1, description="How long an idle model waits for more requests to join a "
+        "part-filled first pass. 0: not at all; passes fill while the model is busy anyway, "
         "and a lone request never waits for company."
     )
     max_batch_tokens: int = Field(
@@ -130,9 +132,27 @@ class ModelConfig(_Strict):
         "version get (OpenAI, KServe V1, V2 without a version). Default: the first listed."
     )
     device: Device = Field("auto", description="auto: CUDA when present, else CPU.")
-    dtype: DType = Field("auto", description="auto: fp16 on GPU, fp32 on CPU. bfloat16 on a CPU "
-                         "with AVX512-BF16 or AMX is opt-in: faster, vectors close to fp32's "
-                         "(figures in docs/benchmarks-bf16.md).")
+    dtype: DType = Field("auto", description="The torch engine's dtype, for those who name it "
+                         "(float32 is precision exact, float16 and bfloat16 are fast, and any "
+                         "of them picks the torch backend). auto: from precision.")
+    backend: Backend = Field(
+        "auto", description="The engine that runs the model: torch, onnxruntime or openvino "
+        "(CPU only; their graphs are the directory's own onnx/ or openvino/ files, else a "
+        "conversion cached on disk). auto: torch on GPU; on CPU the fastest installed for the "
+        "precision (openvino, then onnxruntime, then torch), by the measurements in "
+        "docs/benchmarks.md."
+    )
+    precision: Precision = Field(
+        "auto", description="exact: float32 math, vectors equal to sentence-transformers' "
+        "within 1e-5; fast: reduced precision where the hardware computes it natively "
+        "(bfloat16 on a CPU with AVX512-BF16 or AMX, float16 on GPU), float32 elsewhere. "
+        "auto: exact on CPU, fast on GPU."
+    )
+    min_fidelity: float | None = Field(
+        None, ge=0, le=1, description="Least agreement with float32 torch (cosine of the "
+        "calibration corpus' embeddings, measured at warm-up) a replica accepts before it "
+        "refuses to become ready. Default: 0.99999 for exact, 0.9999 for fast."
+    )
     max_length: int | None = Field(
         None, ge=1, description="Token limit; default: sentence-transformers' max_seq_length."
     )
@@ -176,6 +196,18 @@ class ModelConfig(_Strict):
         """The Serve deployment of this (name, version): stable whatever else is configured, so
         changing one entry rolls out only that entry."""
         return f"model-{self.name}-v{self.version}"
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> ModelConfig:
+        if self.dtype == "auto":
+            return self
+        if self.backend not in ("auto", "torch"):
+            raise ValueError(f"dtype {self.dtype} is the torch engine's; with backend "
+                             f"{self.backend} say precision: exact or fast instead")
+        implied = "exact" if self.dtype == "float32" else "fast"
+        if self.precision not in ("auto", implied):
+            raise ValueError(f"dtype {self.dtype} is precision {implied}, not {self.precision}")
+        return self
 
     @model_validator(mode="after")
     def _one_admission_bound(self) -> ModelConfig:

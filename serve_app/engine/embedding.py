@@ -1,14 +1,16 @@
-"""The embedding engine: plain torch + transformers, no Ray and no HTTP.
+"""The embedding engine: transformers' tokenizers, a graph on one of the backends
+(:mod:`.backends`: torch, ONNX Runtime, OpenVINO), pooling in torch. No Ray and no HTTP.
 
 Steps are separate so batching can be arranged around them and each can be tested alone:
-``tokenize`` (texts -> token ids), ``forward`` (token ids -> vectors: pad, forward, pool,
+``tokenize`` (texts -> token ids), ``forward`` (token ids -> vectors: pad, run the graph, pool,
 normalize), and the pure helper ``pool`` (passes are planned by :mod:`.batching`).
 :class:`TransformerEngine` holds what the embedding engine and the reranker
-(:mod:`serve_app.engine.reranker`) share.
+(:mod:`serve_app.engine.reranker`) share, the fidelity check (:mod:`.fidelity`) included.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -18,7 +20,18 @@ import numpy as np
 import torch
 
 from serve_app.config.schema import ModelConfig
+from serve_app.engine import fidelity as fid
+from serve_app.engine.backends import (
+    Backend,
+    BackendName,
+    OnnxRuntimeBackend,
+    OpenVinoBackend,
+    TorchBackend,
+    choose,
+    cpu_has_bf16,
+)
 from serve_app.engine.batching import plan_batches
+from serve_app.engine.convert import files_digest, graph_for
 from serve_app.engine.model_files import read_settings, resolve_model_dir
 from serve_app.engine.quantize import Calibration, calibration_texts
 from serve_app.errors import InvalidInput, ModelLoadError
@@ -38,14 +51,17 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def plan_parallelism(threads: int, device: torch.device,
-                     parallel_passes: int | None = None) -> tuple[int, int]:
-    """(forward passes at once, torch threads each) for a replica owning ``threads`` CPU threads.
+def plan_parallelism(threads: int, device: torch.device, parallel_passes: int | None = None,
+                     backend: BackendName = "torch") -> tuple[int, int]:
+    """(forward passes at once, threads each) for a replica owning ``threads`` CPU threads.
 
-    On CPU, small models scale poorly across intra-op threads: two passes at once, each on half
-    the threads, keep the cores busier than one pass on all of them (and a pass that is
-    descheduled stalls only its own half). On GPU one pass at a time feeds the device."""
-    passes = parallel_passes or (1 if device.type != "cpu" or threads < 2 else 2)
+    On CPU, small models scale poorly across torch's intra-op threads: two passes at once, each
+    on half the threads, keep the cores busier than one pass on all of them (and a pass that is
+    descheduled stalls only its own half). ONNX Runtime and OpenVINO spread one pass over all
+    threads as well as two passes over half each, and a lone request then gets every thread, so
+    they run one pass at a time. On GPU one pass at a time feeds the device."""
+    two = device.type == "cpu" and threads >= 2 and backend == "torch"
+    passes = parallel_passes or (2 if two else 1)
     return passes, max(1, threads // passes)
 
 
@@ -55,17 +71,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and dtype == "float16":
         raise ModelLoadError("float16 is not supported on CPU; use float32 or bfloat16")
-    if device.type == "cpu" and dtype == "bfloat16" and not _cpu_has_bf16():
+    if device.type == "cpu" and dtype == "bfloat16" and not cpu_has_bf16():
         log.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 runs "
                     "emulated, slower than float32")
     return _DTYPES[dtype]
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -114,12 +123,19 @@ class PromptIds(list[int]):
 
 
 class TransformerEngine:
-    """What every served model shares: the files, the device and dtype, the tokenizer, the token
-    limit, and padded forward inputs. ``auto_class`` names the transformers class to load."""
+    """What every served model shares: the files, the device, the backend running its graph
+    (:mod:`.backends`), the tokenizer, the token limit, padded forward inputs, and the fidelity
+    check. ``auto_class`` names the transformers class of the graph; ``task`` the outputs'
+    kind, for :func:`serve_app.engine.fidelity.agreement`.
+
+    ``num_threads``: the threads of one forward pass; ``passes``: how many run at once."""
 
     auto_class = "AutoModel"
+    task = "embedding"
+    dim: int
 
-    def __init__(self, cfg: ModelConfig, num_threads: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, num_threads: int | None = None, passes: int = 1
+                 ) -> None:
         import transformers
 
         t0 = time.perf_counter()
@@ -132,21 +148,23 @@ class TransformerEngine:
                  time.perf_counter() - t0)
         self.settings = read_settings(self.model_dir)
         self.device = pick_device(cfg.device)
-        self.dtype = pick_dtype(cfg.dtype, self.device)
-        log.info("loading %s from %s on %s/%s", cfg.model_id, self.model_dir, self.device,
-                 self.dtype)
+        backend, self.precision, dtype = choose(cfg.backend, cfg.precision, cfg.dtype,
+                                                self.device)
+        self.dtype = pick_dtype(dtype, self.device)
+        log.info("loading %s from %s: %s %s on %s", cfg.model_id, self.model_dir, backend,
+                 dtype, self.device)
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 self.model_dir, trust_remote_code=cfg.trust_remote_code
             )
-            model = getattr(transformers, self.auto_class).from_pretrained(
-                self.model_dir, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code
-            )
+            self.model_config = transformers.AutoConfig.from_pretrained(
+                self.model_dir, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load {cfg.model_id!r} from {self.model_dir}: {e}") from e
-        self.model = model.to(self.device).eval()
+        threads = num_threads or torch.get_num_threads()
+        self.backend: Backend = self._load(backend, passes, threads)
 
-        model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _HUGE)
+        model_limit = int(getattr(self.model_config, "max_position_embeddings", 0) or _HUGE)
         tok_limit = int(self.tokenizer.model_max_length or _HUGE)
         natural = self.settings.max_seq_length or min(tok_limit, model_limit)
         self.max_length = int(cfg.max_length or natural)
@@ -157,22 +175,48 @@ class TransformerEngine:
         self.vocab_size = len(self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.uses_token_types = ("token_type_ids" in self.tokenizer.model_input_names
+                                 and "token_type_ids" in self.backend.input_names)
         self.max_batch_tokens = cfg.batching.max_batch_tokens
         self.max_batch_size = cfg.batching.max_batch_size
+        self.fidelity: fid.Fidelity | None = None
+        self._digest: str | None = None
         self.t0 = t0
+
+    def _torch_model(self, dtype: torch.dtype) -> TorchBackend:
+        import transformers
+
+        try:
+            model = getattr(transformers, self.auto_class).from_pretrained(
+                self.model_dir, dtype=dtype, trust_remote_code=self.cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load {self.cfg.model_id!r} from {self.model_dir}: {e}"
+                                 ) from e
+        return TorchBackend(model, self.device, dtype)
+
+    def _load(self, name: BackendName, passes: int, threads: int) -> Backend:
+        if name == "torch":
+            return self._torch_model(self.dtype)
+        path, source = graph_for(self.model_dir, name, self.auto_class,
+                                 self.cfg.trust_remote_code)
+        log.info("%s graph for %s: %s (%s)", name, self.cfg.model_id, path, source)
+        self.graph_source = source
+        precision = str(self.dtype).removeprefix("torch.")
+        try:
+            if name == "onnxruntime":
+                return OnnxRuntimeBackend(path, threads, precision)
+            return OpenVinoBackend(path, passes, threads * passes, precision)
+        except Exception as e:  # each runtime raises its own types for a graph it cannot run
+            raise ModelLoadError(f"{name} cannot run {path}: {type(e).__name__}: {e}") from e
 
     def loaded(self, what: str) -> None:
         self.load_seconds = time.perf_counter() - self.t0
-        log.info("loaded %s in %.2fs: %s max_length=%d threads=%d", self.cfg.model_id,
-                 self.load_seconds, what, self.max_length, torch.get_num_threads())
+        log.info("loaded %s in %.2fs: %s, %s max_length=%d", self.cfg.model_id,
+                 self.load_seconds, self.backend.describe(), what, self.max_length)
 
-    def inputs(self, seqs: Sequence[Sequence[int]], threads: int | None) -> dict[str, Any]:
-        """Right-padded ``input_ids``, ``attention_mask`` (and ``token_type_ids``: 1 on the
-        document part of a :class:`PairIds`) on the model's device. ``threads``: the torch
-        threads this call runs on (torch keeps that setting per calling thread)."""
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    def feeds(self, seqs: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """Right-padded int64 ``input_ids``, ``attention_mask`` (and ``token_type_ids``: 1 on
+        the document part of a :class:`PairIds`), as numpy arrays."""
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -182,12 +226,9 @@ class TransformerEngine:
             mask[row, : len(s)] = 1
             if types is not None and isinstance(s, PairIds):
                 types[row, s.first : len(s)] = 1
-        out: dict[str, Any] = {
-            "input_ids": torch.from_numpy(ids).to(self.device),
-            "attention_mask": torch.from_numpy(mask).to(self.device),
-        }
+        out = {"input_ids": ids, "attention_mask": mask}
         if types is not None:
-            out["token_type_ids"] = torch.from_numpy(types).to(self.device)
+            out["token_type_ids"] = types
         return out
 
     def check_length(self, i: int, n: int, what: str = "input") -> None:
@@ -195,6 +236,87 @@ class TransformerEngine:
             raise InvalidInput(
                 f"{what} {i} has {n} tokens, more than the model's limit of {self.max_length}; "
                 "shorten it or allow truncation", param="input")
+
+    # -- outputs, and how far they are from float32 torch's ------------------------------------
+
+    def run(self, backend: Backend, seqs: Sequence[Sequence[int]], threads: int | None = None
+            ) -> np.ndarray:
+        """One pass over exactly ``seqs`` on ``backend``: float32 ``[n, dim]``."""
+        raise NotImplementedError
+
+    def forward(self, seqs: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
+        """One forward pass over exactly ``seqs`` (padded to the longest): float32 ``[n, dim]``,
+        on ``threads`` threads (torch reads it per call; the other backends fixed theirs)."""
+        return self.run(self.backend, seqs, threads)
+
+    def outputs(self, seqs: Sequence[Sequence[int]], backend: Backend | None = None
+                ) -> np.ndarray:
+        """Outputs for any number of token-id sequences, float32 ``[n, dim]``, in input order,
+        in passes planned by :func:`plan_batches` (a served replica forms its passes in
+        :mod:`serve_app.runtime.batch_queue` and calls :meth:`forward` instead)."""
+        out = np.empty((len(seqs), self.dim), dtype=np.float32)
+        lengths = [len(s) for s in seqs]
+        for idx in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
+            out[idx] = self.run(backend or self.backend, [seqs[i] for i in idx])
+        return out
+
+    def output_settings(self) -> str:
+        """What besides the files and token ids shapes an output (the reference's cache key)."""
+        return self.task
+
+    def fidelity_inputs(self, n: int) -> list[list[int]]:
+        """``n`` calibration inputs, as token ids."""
+        raise NotImplementedError
+
+    @property
+    def is_reference(self) -> bool:
+        return self.backend.name == "torch" and self.dtype == torch.float32
+
+    @property
+    def min_fidelity(self) -> float:
+        if self.cfg.min_fidelity is not None:
+            return self.cfg.min_fidelity
+        return fid.MIN_FIDELITY[self.precision]
+
+    def verify(self, seqs: Sequence[Sequence[int]] | None = None,
+               outputs: np.ndarray | None = None, sample: int = 64) -> fid.Fidelity:
+        """Measure how far this engine's outputs for ``seqs`` (default: ``sample`` calibration
+        inputs; ``outputs``: already computed) are from float32 torch's, keep the figure in
+        :attr:`fidelity`, and refuse (ModelLoadError) an engine below ``min_fidelity``."""
+        if self.is_reference:  # float32 torch is the reference itself
+            self.fidelity = fid.Fidelity(1.0, 1.0, len(seqs) if seqs else 0, measured=False)
+            return self.fidelity
+        seqs = list(seqs) if seqs is not None else self.fidelity_inputs(sample)
+        if outputs is None:
+            outputs = self.outputs(seqs)
+        if self._digest is None:
+            self._digest = files_digest(self.model_dir)
+        key = fid.reference_key(self._digest, self.output_settings(), seqs)
+        reference = fid.reference_outputs(key, lambda: self._reference_outputs(seqs))
+        measured = fid.measure(outputs, reference, self.task)
+        fid.gate(measured, self.min_fidelity, self.cfg.name, self.backend.describe())
+        self.fidelity = measured
+        return measured
+
+    def _reference_outputs(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        log.info("computing the float32 torch reference for %s (once; kept on disk)",
+                 self.cfg.model_id)
+        reference = self._torch_model(torch.float32)
+        try:
+            return self.outputs(seqs, reference)
+        finally:
+            del reference
+            gc.collect()
+
+    def engine_info(self) -> dict[str, Any]:
+        """The engine and its measured fidelity, for model metadata and metrics."""
+        f = self.fidelity
+        return {"backend": self.backend.name, "precision": self.precision,
+                "dtype": self.backend.precision, "device": str(self.device),
+                "fidelity": None if f is None else {
+                    "min": f.min, "mean": f.mean, "inputs": f.inputs,
+                    "reference": fid.REFERENCE, "measured": f.measured},
+                "min_fidelity": self.min_fidelity}
 
 
 class EmbeddingEngine(TransformerEngine):
@@ -205,8 +327,9 @@ class EmbeddingEngine(TransformerEngine):
     :meth:`warmup`, ``calibration`` holds the int8/uint8 ranges of the calibration corpus.
     """
 
-    def __init__(self, cfg: ModelConfig, num_threads: int | None = None) -> None:
-        super().__init__(cfg, num_threads)
+    def __init__(self, cfg: ModelConfig, num_threads: int | None = None, passes: int = 1
+                 ) -> None:
+        super().__init__(cfg, num_threads, passes)
         settings = self.settings
         self.pooling = cfg.pooling if cfg.pooling != "auto" else (settings.pooling or "mean")
         self.normalize = cfg.normalize if cfg.normalize is not None else (
@@ -223,7 +346,7 @@ class EmbeddingEngine(TransformerEngine):
         # of pooling need them
         self._prompt_lengths = {} if self.include_prompt else {
             text: self._prompt_length(text) for text in self.prompts.values() if text}
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(self.model_config.hidden_size)
         self.calibration: Calibration | None = None
         self.loaded(f"dim={self.dim} pooling={self.pooling} normalize={self.normalize}")
 
@@ -303,31 +426,29 @@ class EmbeddingEngine(TransformerEngine):
                 )
 
     def embed_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
-        """Vectors for any number of token-id sequences, float32 ``[n, dim]``, in input order,
-        in passes planned by :func:`plan_batches` (a served replica forms its passes in
-        :mod:`serve_app.runtime.batch_queue` and calls :meth:`forward` instead)."""
-        out = np.empty((len(seqs), self.dim), dtype=np.float32)
-        lengths = [len(s) for s in seqs]
-        for idx in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
-            out[idx] = self.forward([seqs[i] for i in idx])
-        return out
+        """Vectors for any number of token-id sequences (:meth:`outputs`)."""
+        return self.outputs(seqs)
 
-    def forward(self, seqs: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
-        """One forward pass over exactly ``seqs`` (padded to the longest): float32 ``[n, dim]``,
-        on ``threads`` torch threads (see :meth:`inputs`)."""
-        inputs = self.inputs(seqs, threads)
+    def run(self, backend: Backend, seqs: Sequence[Sequence[int]], threads: int | None = None
+            ) -> np.ndarray:
+        feeds = self.feeds(seqs)
         with torch.inference_mode():
-            hidden = self.model(**inputs).last_hidden_state
-            mask = inputs["attention_mask"]
+            hidden = backend.run(feeds, threads)
+            mask = torch.from_numpy(feeds["attention_mask"]).to(hidden.device)
             if any(isinstance(s, PromptIds) for s in seqs):  # the prompt attends, not pools
-                mask = mask.clone()
                 for row, s in enumerate(seqs):
                     if isinstance(s, PromptIds):
                         mask[row, : s.skip] = 0
-            vectors = pool(hidden.float(), mask, self.pooling)
+            vectors = pool(hidden, mask, self.pooling)
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
         return vectors.cpu().numpy()
+
+    def output_settings(self) -> str:
+        return f"embedding pooling={self.pooling} normalize={self.normalize}"
+
+    def fidelity_inputs(self, n: int) -> list[list[int]]:
+        return self.prepare(calibration_texts(self.cfg.calibration_corpus)[:n])[0]
 
     # -- whole requests ------------------------------------------------------------------------
 
@@ -354,8 +475,8 @@ class EmbeddingEngine(TransformerEngine):
 
     def warmup(self, threads: int | None = None) -> float:
         """Run short and full-length batches once so the first request pays no set-up cost,
-        and :meth:`calibrate`. ``threads``: torch threads for this, on the calling thread (a
-        replica's whole share: nothing else runs yet)."""
+        and :meth:`calibrate` (measuring the engine's fidelity). ``threads``: torch threads for
+        this, on the calling thread (a replica's whole share: nothing else runs yet)."""
         t0 = time.perf_counter()
         before = torch.get_num_threads()
         if threads:
@@ -363,16 +484,20 @@ class EmbeddingEngine(TransformerEngine):
         try:
             self.embed(["warm up"] * min(8, self.max_batch_size))
             self.embed_ids([[self.pad_id] * self.max_length])
-            self.calibrate()
+            self.calibrate(verify=True)
         finally:
             torch.set_num_threads(before)
         return time.perf_counter() - t0
 
-    def calibrate(self) -> None:
+    def calibrate(self, verify: bool = False) -> None:
         """Fix the int8/uint8 ranges on the calibration corpus, embedded as a request naming no
-        prompt is (``SentenceTransformer.encode(corpus)``), on the calling thread's threads."""
-        texts = calibration_texts(self.cfg.calibration_corpus)
-        self.calibration = Calibration(self.embed(texts)[0])
+        prompt is (``SentenceTransformer.encode(corpus)``), on the calling thread's threads;
+        with ``verify``, measure the engine's fidelity on the same vectors (:meth:`verify`)."""
+        seqs, _ = self.prepare(calibration_texts(self.cfg.calibration_corpus))
+        vectors = self.embed_ids(seqs)
+        self.calibration = Calibration(vectors)
+        if verify:
+            self.verify(seqs, vectors)
 
     def info(self, name: str, version: str) -> ModelInfo:
         return ModelInfo(
@@ -382,4 +507,5 @@ class EmbeddingEngine(TransformerEngine):
             default_prompt=self.default_prompt,
             int8_ranges=None if self.calibration is None else self.calibration.full,
             calibration_texts=0 if self.calibration is None else self.calibration.texts,
+            engine=self.engine_info(),
         )

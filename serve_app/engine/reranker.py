@@ -1,5 +1,5 @@
-"""The reranking engine: a cross-encoder scoring (query, document) pairs. Plain torch +
-transformers, no Ray and no HTTP, the same steps as the embedding engine: ``tokenize``
+"""The reranking engine: a cross-encoder scoring (query, document) pairs, on any backend
+(:mod:`.backends`), no Ray and no HTTP, the same steps as the embedding engine: ``tokenize``
 (pairs -> :class:`PairIds`), ``forward`` (one pass -> logits), ``scores`` (the activation).
 
 Scores equal sentence-transformers' ``CrossEncoder.predict`` on the same directory: pairs cut
@@ -9,6 +9,7 @@ one-label model that names none).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 
 from serve_app.config.schema import ModelConfig
+from serve_app.engine.backends import Backend
 from serve_app.engine.embedding import PairIds, TransformerEngine
+from serve_app.engine.quantize import calibration_texts
 from serve_app.errors import ModelLoadError
 from serve_app.types import ModelInfo
 
@@ -48,11 +51,13 @@ class RerankEngine(TransformerEngine):
     """
 
     auto_class = "AutoModelForSequenceClassification"
+    task = "rerank"
     dim = 1
 
-    def __init__(self, cfg: ModelConfig, num_threads: int | None = None) -> None:
-        super().__init__(cfg, num_threads)
-        labels = int(getattr(self.model.config, "num_labels", 0))
+    def __init__(self, cfg: ModelConfig, num_threads: int | None = None, passes: int = 1
+                 ) -> None:
+        super().__init__(cfg, num_threads, passes)
+        labels = int(getattr(self.model_config, "num_labels", 0))
         if labels != 1:
             raise ModelLoadError(
                 f"{cfg.model_id!r} has {labels} labels; serve_app reranks with cross-encoders "
@@ -93,12 +98,19 @@ class RerankEngine(TransformerEngine):
             return pairs, sum(1 for e in encodings if e.overflowing)
         return pairs, sum(1 for p in pairs if len(p) >= self.max_length)
 
-    def forward(self, seqs: Sequence[Sequence[int]], threads: int | None = None) -> np.ndarray:
-        """One forward pass over exactly ``seqs``: float32 logits ``[n, 1]``."""
-        inputs = self.inputs(seqs, threads)
+    def run(self, backend: Backend, seqs: Sequence[Sequence[int]], threads: int | None = None
+            ) -> np.ndarray:
+        """One pass over exactly ``seqs``: float32 logits ``[n, 1]``."""
         with torch.inference_mode():
-            logits = self.model(**inputs).logits
-        return logits.float().cpu().numpy()
+            return backend.run(self.feeds(seqs), threads).cpu().numpy()
+
+    def fidelity_inputs(self, n: int) -> list[list[int]]:
+        """``n`` pairs of calibration texts, each text the query of the next."""
+        texts = calibration_texts(self.cfg.calibration_corpus)[: n + 1]
+        pairs: list[list[int]] = []
+        for query, document in itertools.pairwise(texts):
+            pairs += self.tokenize(query, [document])[0]
+        return pairs
 
     def scores(self, logits: np.ndarray, raw: bool = False) -> np.ndarray:
         """float32 ``[n]`` scores from logits ``[n, 1]``: the activation, or raw logits."""
@@ -112,14 +124,16 @@ class RerankEngine(TransformerEngine):
 
     def warmup(self, threads: int | None = None) -> float:
         """Run a short and a full-length pass once so the first request pays no set-up cost,
-        on ``threads`` torch threads (as
+        and measure the engine's fidelity, on ``threads`` torch threads (as
         :meth:`serve_app.engine.embedding.EmbeddingEngine.warmup`)."""
         t0 = time.perf_counter()
         self.rerank("warm up", ["warm up"] * min(8, self.max_batch_size))
         self.forward([PairIds([self.pad_id] * self.max_length, self.max_length // 2)], threads)
+        self.verify()
         return time.perf_counter() - t0
 
     def info(self, name: str, version: str) -> ModelInfo:
         return ModelInfo(name=name, version=version, dim=1, max_length=self.max_length,
                          vocab_size=self.vocab_size, model_id=self.cfg.model_id,
-                         pooling="none", normalize=False, task="rerank")
+                         pooling="none", normalize=False, task="rerank",
+                         engine=self.engine_info())

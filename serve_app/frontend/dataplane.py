@@ -91,6 +91,12 @@ class DataPlane:
             depth[m.name] = depth.get(m.name, 0) + m.backend.queued_inputs()
         return depth
 
+    def engines(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The engine (backend, precision, fidelity) of each (name, version) that has answered
+        its metadata."""
+        return {(m.name, m.version): m.info.engine for m in self.registry
+                if m.info is not None and m.info.engine}
+
     async def info(self, model: ServedModel, wait: bool = False) -> ModelInfo:
         """Metadata of ``model``; :class:`ModelNotReady` if it does not answer within the ready
         timeout (probes, metadata) or, with ``wait``, the load timeout (inference, which may

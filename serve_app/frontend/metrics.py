@@ -10,6 +10,7 @@ Ray Serve's own metrics (replica health, its queues) stay on Ray's metrics expor
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -102,6 +103,13 @@ class Metrics:
             "answer, by base model and model replica.", ["replica", "model", "model_replica"],
             registry=r,
         )
+        self.fidelity = Gauge(
+            "serve_app_engine_fidelity", "Agreement of each model's engine with float32 torch, "
+            "measured at warm-up on the calibration corpus (cosine of embeddings; 1 is equal), "
+            "by statistic (min, mean) over the corpus.",
+            ["replica", "model", "version", "backend", "precision", "stat"], registry=r,
+        )
+        self._engines: Callable[[], Mapping[tuple[str, str], Mapping[str, Any]]] = dict
         self._queue_depth: Callable[[], Mapping[str, int]] = dict
         self._priority_depth: Callable[[], Mapping[tuple[str, int], int]] = dict
 
@@ -151,9 +159,21 @@ class Metrics:
         self._queue_depth = depth
         self._priority_depth = by_priority
 
+    def watch_engines(self, engines: Callable[[], Mapping[tuple[str, str], Mapping[str, Any]]]
+                      ) -> None:
+        """Read each model's engine and fidelity (by name and version) from ``engines`` at
+        every scrape."""
+        self._engines = engines
+
     def render(self) -> bytes:
         for model, n in self._queue_depth().items():
             self.queued.labels(self.replica, model).set(n)
         for (model, priority), n in self._priority_depth().items():
             self.priority_queued.labels(self.replica, model, str(priority)).set(n)
+        for (model, version), engine in self._engines().items():
+            measured = engine.get("fidelity")
+            if measured:
+                for stat in ("min", "mean"):
+                    self.fidelity.labels(self.replica, model, version, engine["backend"],
+                                         engine["precision"], stat).set(measured[stat])
         return generate_latest(self.registry)

@@ -35,6 +35,9 @@ from serve_app.types import Task
 SUPPORTED_TASKS: dict[str, Task] = {"text_embedding": "embedding", "rerank": "rerank"}
 DASHBOARD_HELP = ("Also start Ray's dashboard (port 8265; `serve deploy` and `serve status` "
                   "need it). Off by default: its processes hold about 1 GB.")
+#: --backend values, KServe's included, and the engine each means
+_BACKENDS = {"auto": "auto", "huggingface": "torch", "torch": "torch",
+             "onnxruntime": "onnxruntime", "openvino": "openvino"}
 _DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "float16": "float16",
            "half": "float16", "bfloat16": "bfloat16"}
 _REFUSED = {
@@ -72,8 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: float16 on GPU, float32 on CPU.")
     p.add_argument("--task", default="text_embedding",
                    help=f"One of {', '.join(SUPPORTED_TASKS)} (a one-label cross-encoder).")
-    p.add_argument("--backend", default="auto", choices=["auto", "huggingface"],
-                   help="Only the HuggingFace backend exists here.")
+    p.add_argument("--backend", default="auto", choices=sorted(_BACKENDS),
+                   help="The engine: torch, onnxruntime or openvino (huggingface, KServe's "
+                   "name for transformers, is torch). auto: torch on GPU, on CPU the fastest "
+                   "installed for the precision.")
+    p.add_argument("--precision", default="auto", choices=["auto", "exact", "fast"],
+                   help="exact: float32 math; fast: bfloat16/float16 where the hardware has "
+                   "it. auto: exact on CPU, fast on GPU.")
+    p.add_argument("--min_fidelity", type=float, default=None,
+                   help="Least cosine to float32 torch a replica accepts at warm-up (default "
+                   "0.99999 exact, 0.9999 fast).")
     p.add_argument("--http_port", type=int, default=8080, help="HTTP port (KServe: 8080).")
     p.add_argument("--grpc_port", type=int, default=8081, help="gRPC port (KServe: 8081).")
     p.add_argument("--host", default="0.0.0.0",
@@ -147,6 +158,9 @@ def config_from_args(
             trust_remote_code=args.trust_remote_code,
             max_length=args.max_length,
             dtype=_DTYPES[args.dtype],
+            backend=_BACKENDS[args.backend],
+            precision=args.precision,
+            min_fidelity=args.min_fidelity,
             device=args.device,
             batching=BatchOptions(
                 max_batch_size=args.max_batch_size,

@@ -8,6 +8,7 @@ import logging
 import time
 
 from serve_app.config.schema import ModelConfig
+from serve_app.engine.backends import choose
 from serve_app.engine.embedding import EmbeddingEngine, pick_device, plan_parallelism
 from serve_app.engine.reranker import RerankEngine
 from serve_app.runtime.runner import ModelRunner, ReplicaResources
@@ -16,10 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def passes_of(cfg: ModelConfig) -> tuple[int, int]:
-    """Forward passes at once and torch threads each, for ``cfg``'s replica. Set explicitly:
-    Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress owns the CPUs of
-    every model it holds."""
-    return plan_parallelism(cfg.threads, pick_device(cfg.device), cfg.batching.parallel_passes)
+    """Forward passes at once and threads each, for ``cfg``'s replica and backend. Set
+    explicitly: Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress owns the
+    CPUs of every model it holds."""
+    device = pick_device(cfg.device)
+    backend = choose(cfg.backend, cfg.precision, cfg.dtype, device)[0]
+    return plan_parallelism(cfg.threads, device, cfg.batching.parallel_passes, backend)
 
 
 def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
@@ -27,14 +30,18 @@ def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
     """Load ``cfg``'s model and warm it up. A model with variants shares its threads and input
     bound with them (``shared``). A ``variant`` skips the warm-up (its base warmed this
     process's kernels already; a warm-up would double its load time to spare its first
-    request a few milliseconds) and calibrates on its first int8/uint8 request."""
+    request a few milliseconds) and calibrates on its first int8/uint8 request; it checks its
+    engine's fidelity on a sample of the calibration corpus instead of the whole."""
     t0 = time.perf_counter()
     threads = cfg.threads
     passes, per_pass = passes_of(cfg)
     log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
              cfg.name, cfg.model_id, passes, per_pass)
-    engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(cfg, num_threads=per_pass)
-    if not variant:
+    engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(
+        cfg, num_threads=per_pass, passes=passes)
+    if variant:
+        engine.verify()
+    else:
         log.info("model %r: warming up", cfg.name)
         warm = engine.warmup(threads)
         log.info("model %r: warmed up in %.2fs; ready after %.2fs", cfg.name, warm,

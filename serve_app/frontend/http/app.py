@@ -139,6 +139,7 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
     )
     context = context or ServerContext()
     context.metrics.watch_queue(dataplane.queue_depth, dataplane.depth_by_priority)
+    context.metrics.watch_engines(dataplane.engines)
     app.state.dataplane = dataplane
     app.state.context = context
 

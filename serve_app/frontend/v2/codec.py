@@ -239,11 +239,13 @@ def model_metadata(name: str, versions: Sequence[str], info: ModelInfo) -> dict[
 
 def model_parameters(info: ModelInfo) -> dict[str, Any]:
     """What REST metadata adds under ``parameters`` (gRPC's message has no room for it): the
-    task, a variant's base, and for an embedding model its prompts, encodings and int8/uint8
-    ranges."""
+    task, a variant's base, the engine and its measured fidelity, and for an embedding model
+    its prompts, encodings and int8/uint8 ranges."""
     out: dict[str, Any] = {"task": info.task, "max_length": info.max_length}
     if info.variant_of is not None:  # loaded on first use; described by its base till then
         out["variant_of"] = info.variant_of
+    if info.engine:
+        out["engine"] = info.engine
     if info.task == "rerank":
         return out
     out.update(prompts=dict(info.prompts), default_prompt=info.default_prompt,
