@@ -39,14 +39,17 @@ from serve_app.testing.server import free_port, serve_config, start_server, tree
 THREADS = os.cpu_count() or 1
 
 
-def ceiling(duration: float, dtype: str = "float32",
-            device: str = "cpu") -> dict[str, dict[str, float]]:
+def ceiling(duration: float, dtype: str = "float32", device: str = "cpu",
+            backend: str = "torch", precision: str = "auto") -> dict[str, dict[str, float]]:
     """The engine alone: W1 p50 of single calls; W2-W4 embeddings/s at their batch shapes (W2
-    and W3 share one: W2 is judged at batch 32)."""
+    and W3 share one: W2 is judged at batch 32). ``dtype``: torch's (with ``backend`` torch);
+    ``precision``: the other backends'."""
     from serve_app.config.schema import ModelConfig
     from serve_app.engine.embedding import EmbeddingEngine
 
-    engine = EmbeddingEngine(ModelConfig(dtype=dtype, device=device), num_threads=THREADS)
+    kw = {"dtype": dtype} if backend == "torch" else {"precision": precision}
+    engine = EmbeddingEngine(ModelConfig(device=device, backend=backend, **kw),
+                             num_threads=THREADS)
     engine.warmup()
     out: dict[str, dict[str, float]] = {}
     lat = []
@@ -67,6 +70,58 @@ def ceiling(duration: float, dtype: str = "float32",
         out[w] = {"embeddings_per_s": n / (time.perf_counter() - t0)}
     out["W2"] = out["W3"]
     return out
+
+
+#: (backend, precision) of the in-process engine table, torch float32 first (the reference)
+ENGINES = [("torch", "exact"), ("onnxruntime", "exact"), ("openvino", "exact"),
+           ("torch", "fast"), ("openvino", "fast")]
+
+
+def engine_table(duration: float) -> list[dict[str, Any]]:
+    """Every installed backend and precision in process, on every core: embeddings/s at batch
+    32 of ~14-token (W3's) and ~110-token (W4's) texts, and the engine's agreement with float32
+    torch over 128 calibration texts (min cosine)."""
+    from serve_app.config.schema import ModelConfig
+    from serve_app.engine.backends import installed
+    from serve_app.engine.embedding import EmbeddingEngine
+
+    rows = []
+    for backend, precision in ENGINES:
+        if not installed(backend):  # type: ignore[arg-type]
+            continue
+        engine = EmbeddingEngine(ModelConfig(backend=backend, precision=precision),
+                                 num_threads=THREADS)
+        engine.warmup(THREADS)
+        fid = engine.verify(sample=128)
+        row: dict[str, Any] = {"engine": engine.backend.describe(), "precision": precision,
+                               "min_cosine": fid.min}
+        for w in ("W3", "W4"):
+            n, i, stop = 0, 0, time.perf_counter() + duration
+            t0 = time.perf_counter()
+            while time.perf_counter() < stop:
+                n += len(engine.embed(texts_for(w, i * 32))[0])
+                i += 1
+            row[w] = n / (time.perf_counter() - t0)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del engine
+    return rows
+
+
+def render_engines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    base = rows[0]
+    lines = ["", "In process, every installed engine (bench/run.py's engine table; batch 32, "
+             f"{THREADS} threads, one pass at a time; cosine: the engine's minimum against "
+             "float32 torch over 128 calibration texts):", "",
+             "| engine | precision | ~14-token texts/s | ~110-token texts/s | min cosine |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['precision']} | {r['W3']:.0f} "
+                     f"({r['W3'] / base['W3']:.2f}x) | {r['W4']:.0f} ({r['W4'] / base['W4']:.2f}x)"
+                     f" | {r['min_cosine']:.7f} |")
+    return lines
 
 
 def harder(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -194,11 +249,12 @@ def file_config(path: str, http: int, grpc_port: int) -> dict:
 
 @contextlib.contextmanager
 def server(tmp: Path, setup: str, batch_wait_s: float | None = None,
-           dtype: str = "float32", config_file: str | None = None):
+           engine: dict[str, str] | None = None, config_file: str | None = None):
     """The served model in ``setup`` (see SETUPS), configured as configs/local.yaml (every core,
-    threads from the cores), or as ``config_file``; yields (server, grpc target, ready_s)."""
+    threads from the cores; ``engine``: its backend, precision or dtype), or as
+    ``config_file``; yields (server, grpc target, ready_s)."""
     http, grpc_port = free_port(), free_port()
-    model: dict = {"name": "embedding", "dtype": dtype,
+    model: dict = {"name": "embedding", **(engine or {}),
                    "deployment": {"num_replicas": 1, "num_cpus": "all"}}
     if batch_wait_s is not None:
         model["batching"] = {"batch_wait_timeout_s": batch_wait_s}
@@ -220,8 +276,11 @@ class Peer:
     pid_file: str
     port: int = 0
     base: str = ""  # a server started elsewhere (--peer)
+    mark: str = ""  # the file its install leaves, where its script has no status command
 
     def installed(self) -> bool:
+        if self.mark:
+            return Path(self.mark).is_file()
         out = subprocess.run(["bash", str(PEER_DIR / self.script), "status"],
                              capture_output=True, text=True, timeout=60)
         return "installed in" in out.stdout
@@ -246,6 +305,9 @@ class Peer:
 PEERS = {
     "infinity": Peer("infinity-emb 0.0.78", "peer_infinity.sh", "/v1/embeddings",
                      "/tmp/infinity.pid"),
+    "infinity_onnx": Peer("infinity-emb 0.0.78 ONNX Runtime", "peer_infinity_onnx.sh",
+                          "/v1/embeddings", "/tmp/infinity-onnx.pid",
+                          mark="/tmp/inf-onnx/.peer-ok"),
     "kserve": Peer("KServe 0.20 HF runtime", "peer_kserve.sh", "/openai/v1/embeddings",
                    "/tmp/kserve.pid"),
 }
@@ -320,8 +382,21 @@ def versions() -> str:
 TARGETS = {"W1": 1.0, "W2": 0.85, "W3": 1.15, "W4": 1.10}
 
 
+def _backend_of(engine: dict[str, str]) -> tuple[str, str]:
+    if "dtype" in engine:
+        return "torch", "auto"
+    import torch
+
+    from serve_app.engine.backends import choose
+
+    name, precision, _ = choose(engine["backend"], engine["precision"], "auto",
+                                torch.device("cpu"))
+    return name, precision
+
+
 def render(ceil: dict, rows: list[dict], extra: dict, command: str, out: Path, machine: str,
-           dtype: str = "float32", device: str = "cpu") -> str:
+           dtype: str = "float32", device: str = "cpu",
+           engines: list[dict[str, Any]] | None = None) -> str:
     cpu = device == "cpu"
     model_on = (f"every core (`num_cpus: all`, {THREADS} torch threads, two passes at once)"
                 if cpu else "one GPU")
@@ -370,6 +445,7 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str, out: Path, m
         for w, (n, c, long) in WORKLOADS.items()) + ".", ""]
     for k, v in extra.items():
         lines.append(f"- {k}: {v}")
+    lines += render_engines(engines or [])
     lines += ["", f"![served over ceiling, per workload and protocol]({out.stem}.png)", "",
               f"Raw figures of this run: [{out.stem}.json]({out.stem}.json)."]
     # separate runs (--scheduler-ab; bench/priority.py; bench/rerank.py on the CPU, then on a
@@ -426,7 +502,14 @@ def main() -> None:
     p.add_argument("--peer-name", default="peer", help="what to call --peer in the table")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="the model's dtype, in the ceiling and served (the targets are fp32's)")
+                   help="a torch dtype for the served model and its W1 ceiling (float32: the "
+                        "served engine is --backend's)")
+    p.add_argument("--backend", default="auto",
+                   choices=("auto", "torch", "onnxruntime", "openvino"),
+                   help="the served model's backend (default: the config's default, auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "exact", "fast"))
+    p.add_argument("--no-engines", action="store_true",
+                   help="skip the in-process table of every installed engine")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="the ceiling's device (the served one is the config's)")
     p.add_argument("--serve-config", default=None,
@@ -453,7 +536,8 @@ def main() -> None:
         saved = json.loads(out.with_suffix(".json").read_text())
         out.write_text(render(saved["ceiling"], saved["rows"], saved["extra"], saved["command"],
                               out, saved.get("machine") or versions(),
-                              saved.get("dtype", "float32"), saved.get("device", "cpu")))
+                              saved.get("dtype", "float32"), saved.get("device", "cpu"),
+                              saved.get("engines", [])))
         chart(saved["ceiling"], saved["rows"], out.with_suffix(".png"))
         return
     command = "python bench/run.py " + shlex.join(sys.argv[1:])
@@ -464,10 +548,16 @@ def main() -> None:
                        "autoscaled models held at one replica)"}
     else:
         extra_first = {}
-    runs = [ceiling(min(a.duration, 5.0), a.dtype, a.device)]
+    runs = [ceiling(min(a.duration, 5.0), "float32", a.device)]
     print(json.dumps(runs[0]), flush=True)
+    # W1 is judged against the served engine's own single call
+    own = served_engine(a)
+    same = a.device != "cpu" or ("dtype" not in own and _backend_of(own) == ("torch", "exact"))
+    w1_runs = runs if same else [ceiling(min(a.duration, 5.0), own.get("dtype", "float32"),
+                                         a.device, *_backend_of(own))]
     rows: list[dict] = []
     extra: dict[str, str] = dict(extra_first)
+    engines = [] if a.no_engines or a.device != "cpu" else engine_table(min(a.duration, 5.0))
     if "W2" in a.workloads and a.device == "cpu":
         rate = in_process("W2", a.duration, a.dtype)
         extra[W2_IN_PROCESS] = f"{rate:.0f}/s"
@@ -485,9 +575,15 @@ def main() -> None:
         for setup in a.setups:
             measure_setup(setup, a, rows, extra, peers if setup == a.setups[0] else [])
     print("measuring the in-process ceiling again ...", flush=True)
-    runs.append(ceiling(min(a.duration, 5.0), a.dtype, a.device))
+    runs.append(ceiling(min(a.duration, 5.0), "float32", a.device))
     print(json.dumps(runs[1]), flush=True)
     ceil = harder(runs)
+    if not same:
+        w1_runs.append(ceiling(min(a.duration, 5.0), own.get("dtype", "float32"), a.device,
+                               *_backend_of(own)))
+        ceil["W1"] = harder(w1_runs)["W1"]
+        extra["W1 ceiling: the served engine's own single call"] = "; ".join(
+            f"{r['W1']['p50_ms']:.1f} ms" for r in w1_runs)
     extra["ceiling runs, before and after the served cells (the better figure is used)"] = (
         "; ".join(f"W1 {r['W1']['p50_ms']:.1f} ms, batch 32 {r['W3']['embeddings_per_s']:.0f}/s, "
                   f"W4 {r['W4']['embeddings_per_s']:.0f}/s" for r in runs))
@@ -495,10 +591,11 @@ def main() -> None:
         extra[W2_IN_PROCESS] += f" = {rate / ceil['W2']['embeddings_per_s']:.2f}x"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
-        {"ceiling": ceil, "ceiling_runs": runs, "rows": rows, "extra": extra,
+        {"ceiling": ceil, "ceiling_runs": runs, "rows": rows, "extra": extra, "engines": engines,
          "command": command, "machine": versions(), "dtype": a.dtype, "device": a.device},
         indent=1) + "\n")
-    out.write_text(render(ceil, rows, extra, command, out, versions(), a.dtype, a.device))
+    out.write_text(render(ceil, rows, extra, command, out, versions(), a.dtype, a.device,
+                          engines))
     chart(ceil, rows, out.with_suffix(".png"))
     print(f"wrote {out} and its .json and .png")
 
@@ -511,12 +608,20 @@ def warm_up(url: str, grpc: str = "", duration: float = 8.0,
         cell(proto, "W3", url, grpc, max(duration, 10.0), openai_path)
 
 
+def served_engine(a: argparse.Namespace) -> dict[str, str]:
+    """The served model's engine settings from the command line."""
+    if a.dtype != "float32":
+        return {"dtype": a.dtype}
+    return {"backend": a.backend, "precision": a.precision}
+
+
 def measure_setup(setup: str, a: argparse.Namespace, rows: list[dict], extra: dict[str, str],
                   peers: list[Peer]) -> None:
     """Every (workload, protocol) cell of ``setup``, each workload's peer cells right after
     ours (the machine's speed drifts, so peers are compared at the same moment), then the
     overload figures."""
-    with server(Path(tempfile.mkdtemp()), setup, a.batch_wait, a.dtype, a.serve_config) as (
+    with server(Path(tempfile.mkdtemp()), setup, a.batch_wait, served_engine(a),
+                a.serve_config) as (
             url, grpc, ready_s):
         extra[f"{setup}: start to ready"] = f"{ready_s:.1f} s"
         time.sleep(5)  # settle: start-up work done
@@ -540,8 +645,7 @@ def measure_setup(setup: str, a: argparse.Namespace, rows: list[dict], extra: di
             from serve_app.config.schema import ModelConfig
             from serve_app.engine.embedding import EmbeddingEngine
 
-            engine = EmbeddingEngine(ModelConfig(dtype=a.dtype, device=a.device),
-                                     num_threads=THREADS)
+            engine = EmbeddingEngine(ModelConfig(device=a.device), num_threads=THREADS)
             # twice: the first burst also pays for HAProxy's new connections to the replica
             for burst in ("first", "second"):
                 o = overload(url, lambda texts: engine.embed(texts)[0])

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from serve_app.engine.backends import choose
 from serve_app.engine.embedding import plan_parallelism
 from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
 from tests.helpers import (
@@ -162,8 +163,9 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(restarted, e
     assert haproxy and not server.processes_named("model-embedding")
     assert server.processes_named("ServeReplica:serve_app:Ingress")
     assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
-    passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
-    assert (f"{passes} forward pass(es) at once, {share} torch thread(s) each"
+    backend = choose("auto", "auto", "auto", torch.device("cpu"))[0]
+    passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"), backend=backend)
+    assert (f"on {backend}, {passes} forward pass(es) at once, {share} thread(s) each"
             in server.log.read_text())  # every core: num_cpus all
     assert_every_protocol(server, grpc_port, expected)
     rss = settle_rss(server)

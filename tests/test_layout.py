@@ -35,6 +35,9 @@ CONFINED = {
     "starlette": {"frontend.http", "serve"},
     "torch": {"engine"},
     "transformers": {"engine"},
+    "onnxruntime": {"engine.backends"},
+    "openvino": {"engine.backends"},
+    "onnx": {"engine.convert"},
 }
 ADAPTERS = ("openai", "kserve_v1", "v2", "rerank")
 

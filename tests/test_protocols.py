@@ -450,3 +450,18 @@ def test_several_versions_of_one_name(engine, tiny_engine):
         stats = c.get("/v2/models/embedding/versions/2/stats").json()["model_stats"][0]
         assert stats["version"] == "2" and stats["inference_count"] == 1
         assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_the_engine_and_its_fidelity_in_metadata_and_metrics(tiny_model):
+    engine = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(pooling="cls"))))
+    engine.verify()  # what a replica's warm-up does
+    with app_client({"tiny": replica(engine, "tiny")}) as c:
+        described = c.get("/v2/models/tiny").json()["parameters"]["engine"]
+        m = scrape(c.get("/metrics").text)
+    assert described["backend"] == engine.backend.name == "openvino"  # the CPU default
+    assert (described["precision"], described["dtype"]) == ("exact", "float32")
+    f = described["fidelity"]
+    assert f["measured"] and f["reference"] == "torch float32" and f["inputs"] == 64
+    assert 0.99999 <= f["min"] <= f["mean"] <= 1.0 + 1e-9
+    assert sample(m, "serve_app_engine_fidelity", model="tiny", version="1", backend="openvino",
+                  precision="exact", stat="min") == pytest.approx(f["min"])

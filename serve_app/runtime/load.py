@@ -35,8 +35,9 @@ def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
     t0 = time.perf_counter()
     threads = cfg.threads
     passes, per_pass = passes_of(cfg)
-    log.info("model %r: starting (%s, %d forward pass(es) at once, %d torch thread(s) each)",
-             cfg.name, cfg.model_id, passes, per_pass)
+    backend = choose(cfg.backend, cfg.precision, cfg.dtype, pick_device(cfg.device))[0]
+    log.info("model %r: starting (%s on %s, %d forward pass(es) at once, %d thread(s) each)",
+             cfg.name, cfg.model_id, backend, passes, per_pass)
     engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(
         cfg, num_threads=per_pass, passes=passes)
     if variant:

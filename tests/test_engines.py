@@ -1,0 +1,210 @@
+"""Every engine backend against the reference libraries, the conversion cache, the fidelity gate
+and ``backend: auto``'s choice. In process: no server."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import CrossEncoder, SentenceTransformer
+from sentence_transformers.util import quantize_embeddings
+
+from serve_app.config.schema import ModelConfig
+from serve_app.engine import backends, convert
+from serve_app.engine.backends import choose, cpu_has_bf16
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.engine.quantize import calibration_texts
+from serve_app.engine.reranker import RerankEngine
+from serve_app.errors import ModelLoadError
+from serve_app.runtime.load import load_runner
+
+CPU_BACKENDS = ["onnxruntime", "openvino"]
+TEXTS = ["a short one", "The quick brown fox jumps over the lazy dog. " * 6, "ünïcödé ✓ 漢字",
+         "def f(x):\n    return x + 1"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A conversion cache of this test's own."""
+    monkeypatch.setenv("SERVE_APP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def st_encode(path, texts, **kw) -> np.ndarray:
+    return SentenceTransformer(str(path), device="cpu").encode(texts, **kw)
+
+
+def assert_same(vectors: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    cos = (vectors * expected).sum(1) / (np.linalg.norm(vectors, axis=1)
+                                         * np.linalg.norm(expected, axis=1))
+    assert cos.min() >= 0.99999
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken", "mean_sqrt_len"])
+def test_every_pooling_mode_equals_sentence_transformers(tiny_model, backend, pooling):
+    path = tiny_model(pooling=pooling, normalize=pooling != "max")
+    engine = EmbeddingEngine(ModelConfig(model_id=str(path), backend=backend))
+    assert engine.backend.name == backend
+    assert_same(engine.embed(TEXTS)[0], st_encode(path, TEXTS))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_default_model_with_prompts_left_out_of_pooling(tiny_model, backend):
+    path = tiny_model(prompt="query: ", include_prompt=False)
+    engine = EmbeddingEngine(ModelConfig(model_id=str(path), backend=backend))
+    assert_same(engine.embed(TEXTS, prompt_name="query")[0],
+                st_encode(path, TEXTS, prompt_name="query"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_minilm_and_its_int8_codes_equal_sentence_transformers(minilm_dir, backend):
+    engine = EmbeddingEngine(ModelConfig(backend=backend), num_threads=2)
+    engine.warmup(2)
+    vectors = engine.embed(TEXTS)[0]
+    st = SentenceTransformer(str(minilm_dir), device="cpu")
+    assert_same(vectors, st.encode(TEXTS))
+    corpus = st.encode(calibration_texts())
+    assert engine.calibration is not None
+    expected = quantize_embeddings(st.encode(TEXTS), "int8", calibration_embeddings=corpus)
+    got = engine.calibration.encode(vectors, "int8")
+    # a value on a bucket's edge may land either side of it: at most one step, rarely
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    f = engine.info("m", "1").engine["fidelity"]
+    assert f["measured"] and f["min"] >= 0.99999 and f["inputs"] == len(calibration_texts())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("saved_by", ["transformers", "sentence-transformers"])
+def test_rerankers_equal_cross_encoder(cross_encoder, backend, saved_by):
+    path = cross_encoder(saved_by=saved_by, activation="Sigmoid")
+    engine = RerankEngine(ModelConfig(model_id=str(path), task="rerank", backend=backend))
+    engine.warmup()
+    docs = ["Paris is the capital of France.", "Bananas are yellow.", "x " * 200]
+    expected = CrossEncoder(str(path), device="cpu").predict(
+        [("capital of France?", d) for d in docs])
+    np.testing.assert_allclose(engine.rerank("capital of France?", docs), expected, atol=1e-5)
+    assert engine.fidelity is not None and engine.fidelity.min >= 0.99999
+
+
+def test_a_conversion_is_cached_and_a_changed_model_converts_again(tiny_model, cache,
+                                                                   tmp_path):
+    path = tiny_model()
+    first = EmbeddingEngine(ModelConfig(model_id=str(path), backend="onnxruntime"))
+    assert first.graph_source == "converted"
+    again = EmbeddingEngine(ModelConfig(model_id=str(path), backend="openvino"))
+    assert again.graph_source == "cached"  # one graph serves both backends
+    assert len(list((cache / "engines").iterdir())) == 1
+
+    changed = tmp_path / "changed"
+    shutil.copytree(path, changed)
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(changed)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.mul_(1.5)
+    model.save_pretrained(changed)
+    third = EmbeddingEngine(ModelConfig(model_id=str(changed), backend="onnxruntime"))
+    assert third.graph_source == "converted"
+    assert len(list((cache / "engines").iterdir())) == 2
+    assert not np.allclose(third.embed(TEXTS)[0], first.embed(TEXTS)[0], atol=1e-3)
+    assert_same(third.embed(TEXTS)[0], st_encode(changed, TEXTS))
+
+
+def test_a_shipped_graph_is_used_as_shipped(tiny_model, cache, tmp_path):
+    path = tiny_model(pooling="cls")
+    EmbeddingEngine(ModelConfig(model_id=str(path), backend="onnxruntime"))  # converts
+    shipped = tmp_path / "shipped"
+    shutil.copytree(path, shipped)
+    (shipped / "onnx").mkdir()
+    graph = next((cache / "engines").iterdir()) / convert.GRAPH
+    shutil.copy(graph, shipped / "onnx" / "model.onnx")
+    shutil.rmtree(cache)
+    for backend in CPU_BACKENDS:
+        engine = EmbeddingEngine(ModelConfig(model_id=str(shipped), backend=backend))
+        assert engine.graph_source == "shipped"
+        assert_same(engine.embed(TEXTS)[0], st_encode(path, TEXTS))
+    assert not (cache / "engines").exists()
+
+
+def test_a_degraded_engine_refuses_to_start_naming_engine_and_figure(tiny_model, cache,
+                                                                     tmp_path):
+    """A cached graph that is not the model's (a bad conversion): the replica's warm-up measures
+    it against float32 torch and refuses, with the engine and the figure in the message."""
+    good = tiny_model(pooling="mean")
+    other = tmp_path / "other"
+    shutil.copytree(good, other)
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(other)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    cfg = ModelConfig(model_id=str(good), backend="openvino")
+    for path in (good, other):
+        EmbeddingEngine(cfg.model_copy(update={"model_id": str(path)}))  # converts each
+
+    def graph(path):
+        return cache / "engines" / convert.conversion_key(path, "AutoModel") / convert.GRAPH
+
+    shutil.copy(graph(other), graph(good))
+    with pytest.raises(ModelLoadError) as e:
+        load_runner(cfg)
+    message = str(e.value)
+    assert "openvino float32" in message and "min_fidelity 0.99999" in message
+    assert "minimum of 0.9" in message
+    # the same engine with a floor it meets starts
+    lenient = cfg.model_copy(update={"min_fidelity": 0.5})
+    assert load_runner(lenient).engine.fidelity.min < 0.99999
+
+
+def test_auto_picks_by_the_written_rule(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose("auto", "auto", "auto", cpu) == ("openvino", "exact", "float32")
+    fast = "bfloat16" if cpu_has_bf16() else "float32"
+    assert choose("auto", "fast", "auto", cpu) == ("openvino", "fast", fast)
+    assert choose("onnxruntime", "fast", "auto", cpu) == ("onnxruntime", "fast", "float32")
+    assert choose("torch", "fast", "auto", cpu) == ("torch", "fast", fast)
+    assert choose("auto", "auto", "auto", cuda) == ("torch", "fast", "float16")
+    assert choose("auto", "exact", "auto", cuda) == ("torch", "exact", "float32")
+    assert choose("auto", "auto", "bfloat16", cpu) == ("torch", "fast", "bfloat16")
+    with pytest.raises(ModelLoadError):
+        choose("openvino", "auto", "auto", cuda)
+    monkeypatch.setattr(backends, "installed", lambda name: name != "openvino")
+    assert choose("auto", "auto", "auto", cpu)[0] == "onnxruntime"
+    with pytest.raises(ModelLoadError, match="not installed"):
+        choose("openvino", "auto", "auto", cpu)
+
+
+def test_a_torch_dtype_and_another_backend_are_refused_at_config():
+    with pytest.raises(ValueError, match="precision"):
+        ModelConfig(backend="openvino", dtype="bfloat16")
+    with pytest.raises(ValueError, match="is precision fast"):
+        ModelConfig(dtype="bfloat16", precision="exact")
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16")
+def test_fast_precision_is_bfloat16_within_its_floor(tiny_model):
+    path = tiny_model()
+    engine = EmbeddingEngine(ModelConfig(model_id=str(path), precision="fast"))
+    engine.verify()
+    assert engine.backend.describe() == "openvino bfloat16 on cpu"
+    assert engine.fidelity is not None and 0.9999 <= engine.fidelity.min < 1.0
+    vectors = engine.embed(TEXTS)[0]
+    cos = (vectors * st_encode(path, TEXTS)).sum(1)
+    assert cos.min() >= 0.9999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_default_is_torch_float16_gated_like_fast(tiny_model):
+    path = tiny_model()
+    engine = EmbeddingEngine(ModelConfig(model_id=str(path), device="cuda"))
+    engine.verify()
+    assert engine.backend.describe().startswith("torch float16")
+    assert engine.fidelity is not None and engine.fidelity.min >= 0.9999
