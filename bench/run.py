@@ -152,7 +152,8 @@ def in_process(workload: str, duration: float, dtype: str = "float32",
 
     passes = replica_kw.pop("passes", None)
     passes, share = plan_parallelism(THREADS, torch.device("cpu"), passes)
-    engine = EmbeddingEngine(ModelConfig(dtype=dtype), num_threads=share)
+    cfg = ModelConfig() if dtype == "float32" else ModelConfig(dtype=dtype)
+    engine = EmbeddingEngine(cfg, num_threads=share, passes=passes)
     engine.warmup()
     model = ModelRunner(engine, "embedding", passes=passes, threads=THREADS, **replica_kw)
     n_texts, clients, _ = WORKLOADS[workload]

@@ -164,7 +164,7 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(restarted, e
     assert server.processes_named("ServeReplica:serve_app:Ingress")
     assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
     backend = choose("auto", "auto", "auto", torch.device("cpu"))[0]
-    passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"), backend=backend)
+    passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
     assert (f"on {backend}, {passes} forward pass(es) at once, {share} thread(s) each"
             in server.log.read_text())  # every core: num_cpus all
     assert_every_protocol(server, grpc_port, expected)

@@ -382,8 +382,4 @@ def test_plan_parallelism():
     assert plan_parallelism(8, cuda) == (1, 8)
     assert plan_parallelism(8, cpu, 4) == (4, 2)
     assert plan_parallelism(2, cpu, 1) == (1, 2)
-    # ONNX Runtime and OpenVINO spread one pass over every thread
-    assert plan_parallelism(2, cpu, backend="openvino") == (1, 2)
-    assert plan_parallelism(8, cpu, backend="onnxruntime") == (1, 8)
-    assert plan_parallelism(8, cpu, 2, backend="openvino") == (2, 4)
     assert plan_parallelism(2, cpu, 3) == (3, 1)

@@ -51,17 +51,15 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def plan_parallelism(threads: int, device: torch.device, parallel_passes: int | None = None,
-                     backend: BackendName = "torch") -> tuple[int, int]:
+def plan_parallelism(threads: int, device: torch.device,
+                     parallel_passes: int | None = None) -> tuple[int, int]:
     """(forward passes at once, threads each) for a replica owning ``threads`` CPU threads.
 
-    On CPU, small models scale poorly across torch's intra-op threads: two passes at once, each
-    on half the threads, keep the cores busier than one pass on all of them (and a pass that is
-    descheduled stalls only its own half). ONNX Runtime and OpenVINO spread one pass over all
-    threads as well as two passes over half each, and a lone request then gets every thread, so
-    they run one pass at a time. On GPU one pass at a time feeds the device."""
-    two = device.type == "cpu" and threads >= 2 and backend == "torch"
-    passes = parallel_passes or (2 if two else 1)
+    On CPU, small models scale poorly across intra-op threads, on every backend: two passes at
+    once, each on half the threads, keep the cores busier than one pass on all of them (and a
+    pass that is descheduled stalls only its own half). On GPU one pass at a time feeds the
+    device."""
+    passes = parallel_passes or (1 if device.type != "cpu" or threads < 2 else 2)
     return passes, max(1, threads // passes)
 
 

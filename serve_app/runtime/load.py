@@ -17,12 +17,10 @@ log = logging.getLogger(__name__)
 
 
 def passes_of(cfg: ModelConfig) -> tuple[int, int]:
-    """Forward passes at once and threads each, for ``cfg``'s replica and backend. Set
+    """Forward passes at once and threads each, for ``cfg``'s replica. Set
     explicitly: Ray gives fractional actors OMP_NUM_THREADS=1, and a colocated ingress owns the
     CPUs of every model it holds."""
-    device = pick_device(cfg.device)
-    backend = choose(cfg.backend, cfg.precision, cfg.dtype, device)[0]
-    return plan_parallelism(cfg.threads, device, cfg.batching.parallel_passes, backend)
+    return plan_parallelism(cfg.threads, pick_device(cfg.device), cfg.batching.parallel_passes)
 
 
 def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
