@@ -60,16 +60,22 @@ def test_the_default_model_with_prompts_left_out_of_pooling(tiny_model, backend)
                 st_encode(path, TEXTS, prompt_name="query"))
 
 
+@pytest.fixture(scope="module")
+def minilm_st(minilm_dir):
+    """sentence-transformers' vectors of TEXTS and of the calibration corpus."""
+    st = SentenceTransformer(str(minilm_dir), device="cpu")
+    return st.encode(TEXTS), st.encode(calibration_texts())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_minilm_and_its_int8_codes_equal_sentence_transformers(minilm_dir, backend):
+def test_minilm_and_its_int8_codes_equal_sentence_transformers(minilm_st, backend):
     engine = EmbeddingEngine(ModelConfig(backend=backend), num_threads=2)
     engine.warmup(2)
     vectors = engine.embed(TEXTS)[0]
-    st = SentenceTransformer(str(minilm_dir), device="cpu")
-    assert_same(vectors, st.encode(TEXTS))
-    corpus = st.encode(calibration_texts())
+    reference, corpus = minilm_st
+    assert_same(vectors, reference)
     assert engine.calibration is not None
-    expected = quantize_embeddings(st.encode(TEXTS), "int8", calibration_embeddings=corpus)
+    expected = quantize_embeddings(reference, "int8", calibration_embeddings=corpus)
     got = engine.calibration.encode(vectors, "int8")
     # a value on a bucket's edge may land either side of it: at most one step, rarely
     diff = np.abs(got.astype(int) - expected.astype(int))

@@ -194,6 +194,7 @@ class TransformerEngine:
 
     def _load(self, name: BackendName, passes: int, threads: int) -> Backend:
         if name == "torch":
+            self.graph_source = "weights"
             return self._torch_model(self.dtype)
         path, source = graph_for(self.model_dir, name, self.auto_class,
                                  self.cfg.trust_remote_code)

@@ -54,6 +54,7 @@ class EmbedBatch:
             os.nice(niceness(priority))  # this worker process's own, for the job's lifetime
 
         self.engine = EmbeddingEngine(cfg, num_threads=threads)
+        self.engine.verify()  # the same fidelity floor as a served replica's
         self.column = column
         self.prompt_name = prompt_name
         self.engine.prompt(prompt_name)  # an unknown name fails here, before any batch
