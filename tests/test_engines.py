@@ -214,3 +214,50 @@ def test_gpu_default_is_torch_float16_gated_like_fast(tiny_model):
     engine.verify()
     assert engine.backend.describe().startswith("torch float16")
     assert engine.fidelity is not None and engine.fidelity.min >= 0.9999
+
+
+@pytest.mark.parametrize("backend", ["torch", *CPU_BACKENDS])
+def test_every_protocol_answers_the_same_on_every_backend(tiny_model, cross_encoder, small_corpus,
+                                                          backend):
+    """A replica's whole path (load_runner: conversion, warm-up, fidelity; the queue; the
+    protocols' codecs) on each backend: vectors, cut dimensions, int8 codes and rerank scores
+    equal the reference libraries'."""
+    from sentence_transformers.util import quantize_embeddings as st_quantize
+
+    from serve_app.engine.quantize import reduce_dimensions
+    from tests.helpers import app_client
+
+    path, ranker = tiny_model(), cross_encoder(activation="Sigmoid")
+    embedder = load_runner(ModelConfig(model_id=str(path), backend=backend,
+                                       calibration_corpus=small_corpus))
+    reranker = load_runner(ModelConfig(name="reranker", model_id=str(ranker), task="rerank",
+                                       backend=backend))
+    expected = st_encode(path, TEXTS)
+    corpus = st_encode(path, calibration_texts(small_corpus))
+    with app_client({"embedding": embedder, "reranker": reranker},
+                    tasks={"reranker": "rerank"}) as c:
+        r = c.post("/v1/embeddings", json={"model": "embedding", "input": TEXTS})
+        assert_same(np.array([d["embedding"] for d in r.json()["data"]], np.float32), expected)
+        r = c.post("/v1/embeddings", json={"model": "embedding", "input": TEXTS,
+                                           "dimensions": 16})
+        np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]],
+                                   reduce_dimensions(expected, 16), atol=1e-5)
+        r = c.post("/v1/embeddings", json={"model": "embedding", "input": TEXTS,
+                                           "encoding_format": "int8"})
+        codes = np.array([d["embedding"] for d in r.json()["data"]])
+        want = st_quantize(expected, "int8", calibration_embeddings=corpus)
+        assert np.abs(codes - want.astype(int)).max() <= 1
+        r = c.post("/v1/models/embedding:predict", json={"instances": TEXTS})
+        assert_same(np.array(r.json()["predictions"], np.float32), expected)
+        r = c.post("/v2/models/embedding/infer", json={"inputs": [
+            {"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}]})
+        out = r.json()["outputs"][0]
+        assert_same(np.array(out["data"], np.float32).reshape(out["shape"]), expected)
+        docs = ["Paris is the capital of France.", "Bananas are yellow."]
+        r = c.post("/v1/rerank", json={"model": "reranker", "query": "capital?",
+                                       "documents": docs})
+        scores = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        want = CrossEncoder(str(ranker), device="cpu").predict([("capital?", d) for d in docs])
+        np.testing.assert_allclose([scores[0], scores[1]], want, atol=1e-5)
+        meta = c.get("/v2/models/reranker").json()["parameters"]["engine"]
+        assert meta["backend"] == backend and meta["fidelity"]["min"] >= 0.99999
