@@ -156,7 +156,8 @@ def test_a_degraded_engine_refuses_to_start_naming_engine_and_figure(tiny_model,
         EmbeddingEngine(cfg.model_copy(update={"model_id": str(path)}))  # converts each
 
     def graph(path):
-        return cache / "engines" / convert.conversion_key(path, "AutoModel") / convert.GRAPH
+        return (cache / "engines" / convert.conversion_key(convert.files_digest(path), "AutoModel")
+                / convert.GRAPH)
 
     shutil.copy(graph(other), graph(good))
     with pytest.raises(ModelLoadError) as e:

@@ -29,12 +29,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: each backend is also the name of the Python package it needs
 BackendName = Literal["torch", "onnxruntime", "openvino"]
-BACKENDS: tuple[BackendName, ...] = ("torch", "onnxruntime", "openvino")
-
-#: what each backend needs installed
-MODULES: dict[BackendName, str] = {"torch": "torch", "onnxruntime": "onnxruntime",
-                                   "openvino": "openvino"}
 
 #: the graph outputs an engine reads, by the name exporters give them
 OUTPUT_NAMES = ("last_hidden_state", "logits", "token_embeddings")
@@ -43,11 +39,20 @@ OUTPUT_NAMES = ("last_hidden_state", "logits", "token_embeddings")
 def installed(name: BackendName) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(MODULES[name]) is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def graph_inputs(model_config: Any) -> list[str]:
+    """The feeds a transformers model of ``model_config`` takes: token types only where it has
+    them (BERT does, most newer encoders do not)."""
+    names = ["input_ids", "attention_mask"]
+    if getattr(model_config, "type_vocab_size", 0):
+        names.append("token_type_ids")
+    return names
 
 
 class Backend(Protocol):
-    """One loaded graph. ``name`` is one of :data:`BACKENDS`; ``precision`` the dtype its math
+    """One loaded graph. ``name`` is one of :data:`BackendName`; ``precision`` the dtype its math
     runs in (``float32``, ``bfloat16``, ``float16``); ``input_names`` the feeds it takes."""
 
     name: BackendName
@@ -74,10 +79,7 @@ class TorchBackend:
         self.model = model.to(device).eval()
         self.device = device
         self.precision = str(dtype).removeprefix("torch.")
-        names = ["input_ids", "attention_mask"]
-        if getattr(model.config, "type_vocab_size", 0):
-            names.append("token_type_ids")
-        self.input_names = tuple(names)
+        self.input_names = tuple(graph_inputs(model.config))
 
     def run(self, feeds: dict[str, np.ndarray], threads: int | None = None) -> torch.Tensor:
         if threads and torch.get_num_threads() != threads:
@@ -104,7 +106,6 @@ class OnnxRuntimeBackend:
     """An ONNX graph in an ONNX Runtime CPU session, ``threads`` intra-op threads per call."""
 
     name: BackendName = "onnxruntime"
-    precision = "float32"
 
     def __init__(self, path: Path, threads: int, precision: str = "float32") -> None:
         import onnxruntime as ort
@@ -123,7 +124,6 @@ class OnnxRuntimeBackend:
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         outputs = [o.name for o in self.session.get_outputs()]
         self._output = [outputs[_output_index(outputs)]]
-        self.path = path
 
     def run(self, feeds: dict[str, np.ndarray], threads: int | None = None) -> torch.Tensor:
         out = self.session.run(self._output, {k: feeds[k] for k in self.input_names})[0]
@@ -154,7 +154,6 @@ class OpenVinoBackend:
         outputs = [o.get_any_name() for o in self.compiled.outputs]
         self._output = self.compiled.outputs[_output_index(outputs)]
         self._local = threading.local()
-        self.path = path
 
     def run(self, feeds: dict[str, np.ndarray], threads: int | None = None) -> torch.Tensor:
         request = getattr(self._local, "request", None)
@@ -177,8 +176,8 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-#: the order ``backend: auto`` tries on CPU, fastest first (bench/engines.py on a 2-core
-#: AVX512/AMX machine: docs/benchmarks.md, "Engines")
+#: the order ``backend: auto`` tries on CPU, fastest first (bench/run.py's table of engines in
+#: process: docs/benchmarks.md)
 CPU_ORDER: tuple[BackendName, ...] = ("openvino", "onnxruntime", "torch")
 
 
@@ -199,8 +198,7 @@ def choose(backend: str, precision: str, dtype: str, device: torch.device
     if backend == "auto":
         backend = next(b for b in CPU_ORDER if installed(b))
     elif not installed(backend):  # type: ignore[arg-type]
-        raise ModelLoadError(f"backend {backend} is not installed (pip install "
-                             f"{MODULES[backend]})")  # type: ignore[index]
+        raise ModelLoadError(f"backend {backend} is not installed (pip install {backend})")
     native = precision == "fast" and cpu_has_bf16()
     if precision == "fast" and not native:
         log.info("precision fast: this CPU has no native bfloat16 (AVX512-BF16 or AMX), "

@@ -3,7 +3,7 @@
 conversion of its torch weights, run once and kept on disk.
 
 The conversion is ``torch.onnx.export`` of the transformers model with eager attention (the
-graph ONNX Runtime and OpenVINO both optimize best, bench/engines.py), one ONNX file that both
+graph ONNX Runtime and OpenVINO both ran fastest when the route was chosen), one ONNX file that both
 backends read. It is cached under :func:`cache_root` in a directory named by a hash of the model
 files and of the library versions that shape the graph, so a restart, another replica or another
 model entry on the same files finds it, and a changed model file or a library upgrade converts
@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from serve_app.engine.backends import BackendName
+from serve_app.engine.backends import BackendName, graph_inputs
 from serve_app.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,10 @@ def files_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def conversion_key(model_dir: Path, auto_class: str) -> str:
-    """The cache directory name of ``model_dir``'s conversion as ``auto_class``."""
-    parts = {"files": files_digest(model_dir), "class": auto_class, "format": EXPORT_FORMAT,
+def conversion_key(digest: str, auto_class: str) -> str:
+    """The cache directory name of the conversion, as ``auto_class``, of model files whose
+    :func:`files_digest` is ``digest``."""
+    parts = {"files": digest, "class": auto_class, "format": EXPORT_FORMAT,
              "torch": _version("torch"), "transformers": _version("transformers"),
              "onnx": _version("onnx")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -88,14 +89,14 @@ def shipped_graph(model_dir: Path, backend: BackendName) -> Path | None:
     return None
 
 
-def graph_for(model_dir: Path, backend: BackendName, auto_class: str,
+def graph_for(model_dir: Path, backend: BackendName, auto_class: str, digest: str,
               trust_remote_code: bool = False) -> tuple[Path, str]:
-    """The graph file ``backend`` runs for ``model_dir`` and where it came from (``shipped``,
-    ``cached`` or ``converted``)."""
+    """The graph file ``backend`` runs for ``model_dir`` (whose :func:`files_digest` is
+    ``digest``) and where it came from (``shipped``, ``cached`` or ``converted``)."""
     found = shipped_graph(model_dir, backend)
     if found is not None:
         return found, "shipped"
-    target = cache_root() / "engines" / conversion_key(model_dir, auto_class)
+    target = cache_root() / "engines" / conversion_key(digest, auto_class)
     graph = target / GRAPH
     if graph.is_file():
         return graph, "cached"
@@ -118,9 +119,7 @@ def export(model_dir: Path, auto_class: str, target: Path, trust_remote_code: bo
             trust_remote_code=trust_remote_code).eval()
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load {model_dir} to convert it: {e}") from e
-    names = ["input_ids", "attention_mask"]
-    if getattr(model.config, "type_vocab_size", 0):
-        names.append("token_type_ids")
+    names = graph_inputs(model.config)
     output = "logits" if auto_class != "AutoModel" else "last_hidden_state"
     example = tuple(torch.ones((2, 8), dtype=torch.int64) if n != "token_type_ids"
                     else torch.zeros((2, 8), dtype=torch.int64) for n in names)

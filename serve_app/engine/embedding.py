@@ -10,6 +10,7 @@ normalize), and the pure helper ``pool`` (passes are planned by :mod:`.batching`
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -160,7 +161,7 @@ class TransformerEngine:
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load {cfg.model_id!r} from {self.model_dir}: {e}") from e
         threads = num_threads or torch.get_num_threads()
-        self.backend: Backend = self._load(backend, passes, threads)
+        self.backend: Backend = self._load(backend, dtype, passes, threads)
 
         model_limit = int(getattr(self.model_config, "max_position_embeddings", 0) or _HUGE)
         tok_limit = int(self.tokenizer.model_max_length or _HUGE)
@@ -178,8 +179,13 @@ class TransformerEngine:
         self.max_batch_tokens = cfg.batching.max_batch_tokens
         self.max_batch_size = cfg.batching.max_batch_size
         self.fidelity: fid.Fidelity | None = None
-        self._digest: str | None = None
         self.t0 = t0
+
+    @functools.cached_property
+    def files_digest(self) -> str:
+        """The model files' hash (:func:`serve_app.engine.convert.files_digest`), read once: it
+        names both the cached conversion and the fidelity reference."""
+        return files_digest(self.model_dir)
 
     def _torch_model(self, dtype: torch.dtype) -> TorchBackend:
         import transformers
@@ -192,15 +198,14 @@ class TransformerEngine:
                                  ) from e
         return TorchBackend(model, self.device, dtype)
 
-    def _load(self, name: BackendName, passes: int, threads: int) -> Backend:
+    def _load(self, name: BackendName, precision: str, passes: int, threads: int) -> Backend:
         if name == "torch":
             self.graph_source = "weights"
             return self._torch_model(self.dtype)
-        path, source = graph_for(self.model_dir, name, self.auto_class,
+        path, source = graph_for(self.model_dir, name, self.auto_class, self.files_digest,
                                  self.cfg.trust_remote_code)
         log.info("%s graph for %s: %s (%s)", name, self.cfg.model_id, path, source)
         self.graph_source = source
-        precision = str(self.dtype).removeprefix("torch.")
         try:
             if name == "onnxruntime":
                 return OnnxRuntimeBackend(path, threads, precision)
@@ -288,9 +293,7 @@ class TransformerEngine:
         seqs = list(seqs) if seqs is not None else self.fidelity_inputs(sample)
         if outputs is None:
             outputs = self.outputs(seqs)
-        if self._digest is None:
-            self._digest = files_digest(self.model_dir)
-        key = fid.reference_key(self._digest, self.output_settings(), seqs)
+        key = fid.reference_key(self.files_digest, self.output_settings(), seqs)
         reference = fid.reference_outputs(key, lambda: self._reference_outputs(seqs))
         measured = fid.measure(outputs, reference, self.task)
         fid.gate(measured, self.min_fidelity, self.cfg.name, self.backend.describe())
