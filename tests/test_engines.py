@@ -207,6 +207,54 @@ def test_fast_precision_is_bfloat16_within_its_floor(tiny_model):
     assert cos.min() >= 0.9999
 
 
+def test_int8_is_quantized_once_and_gated_by_its_own_floor(minilm_dir, minilm_st, cache):
+    """precision int8: ONNX Runtime on a dynamically quantized copy of the float graph, made
+    once and cached; its agreement measured at warm-up against float32 torch, close to
+    sentence-transformers' vectors but not equal, and refused by a floor above it."""
+    cfg = ModelConfig(precision="int8")
+    engine = EmbeddingEngine(cfg, num_threads=2)
+    assert engine.graph_source == "quantized"
+    assert engine.backend.describe() == "onnxruntime int8 on cpu"
+    engine.warmup(2)
+    f = engine.fidelity
+    assert f is not None and f.inputs == len(calibration_texts()) and 0.97 <= f.min < 0.99999
+    vectors, reference = engine.embed(TEXTS)[0], minilm_st[0]
+    cos = (vectors * reference).sum(1)
+    assert cos.min() >= 0.97 and not np.allclose(vectors, reference, atol=1e-5)
+    assert EmbeddingEngine(cfg).graph_source == "cached"
+    assert sorted(p.name.startswith("int8-") for p in (cache / "engines").iterdir()) == [
+        False, True]  # the float conversion it came from, and the int8 copy
+    strict = ModelConfig(precision="int8", min_fidelity=0.99999)
+    with pytest.raises(ModelLoadError, match="onnxruntime int8"):
+        load_runner(strict)
+
+
+def test_int8_rerankers_run_quantized_and_report_their_agreement(cross_encoder, cache):
+    """A cross-encoder quantizes too; a tiny random one loses much to int8, so its floor is
+    set by hand, and its measured agreement is what the gate saw."""
+    path = cross_encoder(activation="Sigmoid")
+    engine = RerankEngine(ModelConfig(model_id=str(path), task="rerank", precision="int8",
+                                      min_fidelity=0.0))
+    engine.warmup()
+    assert engine.backend.describe() == "onnxruntime int8 on cpu"
+    assert engine.fidelity is not None and 0 < engine.fidelity.min < 1
+    docs = ["Paris is the capital of France.", "Bananas are yellow."]
+    expected = CrossEncoder(str(path), device="cpu").predict(
+        [("capital of France?", d) for d in docs])
+    np.testing.assert_allclose(engine.rerank("capital of France?", docs), expected, atol=0.1)
+
+
+def test_int8_is_refused_where_it_cannot_run():
+    assert choose("auto", "int8", "auto", torch.device("cpu")) == (
+        "onnxruntime", "int8", "float32")
+    with pytest.raises(ModelLoadError, match="CPU"):
+        choose("auto", "int8", "auto", torch.device("cuda"))
+    for bad in ({"backend": "openvino"}, {"backend": "torch"}, {"device": "cuda"},
+                {"dtype": "float32"}):
+        with pytest.raises(ValueError, match="int8"):
+            ModelConfig(precision="int8", **bad)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_default_is_torch_float16_gated_like_fast(tiny_model):

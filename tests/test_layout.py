@@ -35,7 +35,7 @@ CONFINED = {
     "starlette": {"frontend.http", "serve"},
     "torch": {"engine"},
     "transformers": {"engine"},
-    "onnxruntime": {"engine.backends"},
+    "onnxruntime": {"engine.backends", "engine.convert"},  # convert: int8 quantization
     "openvino": {"engine.backends"},
     "onnx": {"engine.convert"},
 }

@@ -32,7 +32,7 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len"]
 Topology = Literal["auto", "separate", "colocated"]
 Backend = Literal["auto", "torch", "onnxruntime", "openvino"]
-Precision = Literal["auto", "exact", "fast"]
+Precision = Literal["auto", "exact", "fast", "int8"]
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -145,13 +145,16 @@ class ModelConfig(_Strict):
     precision: Precision = Field(
         "auto", description="exact: float32 math, vectors equal to sentence-transformers' "
         "within 1e-5; fast: reduced precision where the hardware computes it natively "
-        "(bfloat16 on a CPU with AVX512-BF16 or AMX, float16 on GPU), float32 elsewhere. "
-        "auto: exact on CPU, fast on GPU."
+        "(bfloat16 on a CPU with AVX512-BF16 or AMX, float16 on GPU), float32 elsewhere; "
+        "int8: the matmuls' weights and activations quantized to int8 (ONNX Runtime's dynamic "
+        "quantization, VNNI where the CPU has it; CPU and onnxruntime only), fastest on long "
+        "texts at a measurable cost in agreement (docs/engines.md). auto: exact on CPU, fast "
+        "on GPU."
     )
     min_fidelity: float | None = Field(
         None, ge=0, le=1, description="Least agreement with float32 torch (cosine of the "
         "calibration corpus' embeddings, measured at warm-up) a replica accepts before it "
-        "refuses to become ready. Default: 0.99999 for exact, 0.9999 for fast."
+        "refuses to become ready. Default: 0.99999 for exact, 0.9999 for fast, 0.97 for int8."
     )
     max_length: int | None = Field(
         None, ge=1, description="Token limit; default: sentence-transformers' max_seq_length."
@@ -199,6 +202,11 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_precision(self) -> ModelConfig:
+        if self.precision == "int8":
+            if self.backend not in ("auto", "onnxruntime"):
+                raise ValueError(f"precision int8 runs on backend onnxruntime, not {self.backend}")
+            if self.device == "cuda":
+                raise ValueError("precision int8 runs on CPU; on GPU say precision: fast")
         if self.dtype == "auto":
             return self
         if self.backend not in ("auto", "torch"):

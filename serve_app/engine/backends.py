@@ -53,7 +53,8 @@ def graph_inputs(model_config: Any) -> list[str]:
 
 class Backend(Protocol):
     """One loaded graph. ``name`` is one of :data:`BackendName`; ``precision`` the dtype its math
-    runs in (``float32``, ``bfloat16``, ``float16``); ``input_names`` the feeds it takes."""
+    runs in (``float32``, ``bfloat16``, ``float16``, or ``int8``: a dynamically quantized graph);
+    ``input_names`` the feeds it takes."""
 
     name: BackendName
     precision: str
@@ -191,6 +192,12 @@ def choose(backend: str, precision: str, dtype: str, device: torch.device
         return "torch", "exact" if dtype == "float32" else "fast", dtype
     if precision == "auto":
         precision = "fast" if device.type == "cuda" else "exact"
+    if precision == "int8":  # the config refuses int8 with another backend or on cuda
+        if device.type == "cuda":
+            raise ModelLoadError("precision int8 runs on CPU; on GPU use precision fast")
+        if not installed("onnxruntime"):
+            raise ModelLoadError("precision int8 needs onnxruntime (pip install onnxruntime)")
+        return "onnxruntime", "int8", "float32"
     if device.type == "cuda":
         if backend not in ("auto", "torch"):
             raise ModelLoadError(f"backend {backend} runs on CPU here; on GPU use torch")

@@ -7,8 +7,11 @@ graph ONNX Runtime and OpenVINO both ran fastest when the route was chosen), one
 backends read. It is cached under :func:`cache_root` in a directory named by a hash of the model
 files and of the library versions that shape the graph, so a restart, another replica or another
 model entry on the same files finds it, and a changed model file or a library upgrade converts
-again. A conversion is written to a temporary directory and renamed into place, so replicas
-converting at once never read a half-written file.
+again. ``precision: int8`` runs a dynamically quantized copy of the float graph (shipped or
+converted), made once by ONNX Runtime's quantizer and cached the same way, keyed by the float
+graph's own bytes and the quantizer's version. A conversion is written to a temporary
+directory and renamed into place, so replicas converting at once never read a half-written
+file.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 #: bump when the exported graph changes shape, so old cache entries are not read
 EXPORT_FORMAT = 1
 GRAPH = "model.onnx"
+INT8_GRAPH = "model.int8.onnx"
+#: bump when the int8 quantization settings change
+INT8_FORMAT = 2
 #: the graphs a model directory may ship, per backend, in the order they are preferred
 SHIPPED: dict[BackendName, tuple[str, ...]] = {
     "onnxruntime": ("onnx/model.onnx", "model.onnx"),
@@ -102,6 +108,57 @@ def graph_for(model_dir: Path, backend: BackendName, auto_class: str, digest: st
         return graph, "cached"
     export(model_dir, auto_class, target, trust_remote_code)
     return graph, "converted"
+
+
+def int8_graph_for(model_dir: Path, auto_class: str, digest: str,
+                   trust_remote_code: bool = False) -> tuple[Path, str]:
+    """The dynamically quantized int8 graph of ``model_dir`` for ONNX Runtime and where it came
+    from (``cached`` or ``quantized``): a quantization of :func:`graph_for`'s float graph."""
+    source, _ = graph_for(model_dir, "onnxruntime", auto_class, digest, trust_remote_code)
+    h = hashlib.sha256()
+    with source.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    parts = {"graph": h.hexdigest(), "format": INT8_FORMAT,
+             "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx")}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    target = cache_root() / "engines" / f"int8-{key}"
+    graph = target / INT8_GRAPH
+    if graph.is_file():
+        return graph, "cached"
+    quantize_int8(source, target)
+    return graph, "quantized"
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """``target / model.int8.onnx``: the float ONNX graph ``source`` with its matmuls' weights
+    quantized to signed int8 per output channel and their activations quantized at run time
+    (ONNX Runtime's dynamic quantization). Of the settings tried (docs/benchmarks.md), this
+    one agreed best with float32; per-tensor weights, unsigned weights and quantizing every
+    operator (not only MatMul) lost more."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    log.info("quantizing %s to int8 (once; cached in %s)", source, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(source, tmp / INT8_GRAPH, weight_type=QuantType.QInt8,
+                             per_channel=True, op_types_to_quantize=["MatMul"])
+        (tmp / "source.json").write_text(json.dumps({"graph": str(source), "quantized": "int8"}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another replica finished first
+            if not (target / INT8_GRAPH).is_file():
+                raise
+    except Exception as e:
+        raise ModelLoadError(f"cannot quantize {source} to int8: {type(e).__name__}: {e}"
+                             ) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("quantized %s in %.2fs", source, time.perf_counter() - t0)
 
 
 def export(model_dir: Path, auto_class: str, target: Path, trust_remote_code: bool = False

@@ -32,7 +32,7 @@ from serve_app.engine.backends import (
     cpu_has_bf16,
 )
 from serve_app.engine.batching import plan_batches
-from serve_app.engine.convert import files_digest, graph_for
+from serve_app.engine.convert import files_digest, graph_for, int8_graph_for
 from serve_app.engine.model_files import read_settings, resolve_model_dir
 from serve_app.engine.quantize import Calibration, calibration_texts
 from serve_app.errors import InvalidInput, ModelLoadError
@@ -202,13 +202,19 @@ class TransformerEngine:
         if name == "torch":
             self.graph_source = "weights"
             return self._torch_model(self.dtype)
-        path, source = graph_for(self.model_dir, name, self.auto_class, self.files_digest,
-                                 self.cfg.trust_remote_code)
+        trust = self.cfg.trust_remote_code
+        if self.precision == "int8":
+            path, source = int8_graph_for(self.model_dir, self.auto_class, self.files_digest,
+                                          trust)
+        else:
+            path, source = graph_for(self.model_dir, name, self.auto_class, self.files_digest,
+                                     trust)
         log.info("%s graph for %s: %s (%s)", name, self.cfg.model_id, path, source)
         self.graph_source = source
         try:
             if name == "onnxruntime":
-                return OnnxRuntimeBackend(path, threads, precision)
+                return OnnxRuntimeBackend(path, threads,
+                                          "int8" if self.precision == "int8" else precision)
             return OpenVinoBackend(path, passes, threads * passes, precision)
         except Exception as e:  # each runtime raises its own types for a graph it cannot run
             raise ModelLoadError(f"{name} cannot run {path}: {type(e).__name__}: {e}") from e

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 #: the reference every engine is compared with
 REFERENCE = "torch float32"
 #: the default ``min_fidelity`` by precision
-MIN_FIDELITY = {"exact": 0.99999, "fast": 0.9999}
+MIN_FIDELITY = {"exact": 0.99999, "fast": 0.9999, "int8": 0.97}
 
 
 @dataclass(frozen=True)

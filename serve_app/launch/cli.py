@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from serve_app.config.schema import (
     AppConfig,
@@ -26,6 +26,7 @@ from serve_app.config.schema import (
     DeploymentOptions,
     IngressOptions,
     ModelConfig,
+    Precision,
 )
 from serve_app.config.serve_yaml import read_serve_config, serve_config
 from serve_app.config.variants import VariantOptions
@@ -79,12 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="The engine: torch, onnxruntime or openvino (huggingface, KServe's "
                    "name for transformers, is torch). auto: torch on GPU, on CPU the fastest "
                    "installed for the precision.")
-    p.add_argument("--precision", default="auto", choices=["auto", "exact", "fast"],
+    p.add_argument("--precision", default="auto", choices=list(get_args(Precision)),
                    help="exact: float32 math; fast: bfloat16/float16 where the hardware has "
-                   "it. auto: exact on CPU, fast on GPU.")
+                   "it; int8: dynamically quantized matmuls on onnxruntime (CPU). auto: exact "
+                   "on CPU, fast on GPU.")
     p.add_argument("--min_fidelity", type=float, default=None,
                    help="Least cosine to float32 torch a replica accepts at warm-up (default "
-                   "0.99999 exact, 0.9999 fast).")
+                   "0.99999 exact, 0.9999 fast, 0.97 int8).")
     p.add_argument("--http_port", type=int, default=8080, help="HTTP port (KServe: 8080).")
     p.add_argument("--grpc_port", type=int, default=8081, help="gRPC port (KServe: 8081).")
     p.add_argument("--host", default="0.0.0.0",
