@@ -147,9 +147,9 @@ class ModelConfig(_Strict):
         "within 1e-5; fast: reduced precision where the hardware computes it natively "
         "(bfloat16 on a CPU with AVX512-BF16 or AMX, float16 on GPU), float32 elsewhere; "
         "int8: the matmuls' weights and activations quantized to int8 (ONNX Runtime's dynamic "
-        "quantization, VNNI where the CPU has it; CPU and onnxruntime only), fastest on long "
-        "texts at a measurable cost in agreement (docs/engines.md). auto: exact on CPU, fast "
-        "on GPU."
+        "quantization, VNNI where the CPU has it; CPU and onnxruntime only), faster than "
+        "float32 at a measurable cost in agreement (docs/operations.md). auto: exact on CPU, "
+        "fast on GPU."
     )
     min_fidelity: float | None = Field(
         None, ge=0, le=1, description="Least agreement with float32 torch (cosine of the "

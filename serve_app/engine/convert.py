@@ -16,6 +16,7 @@ file.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -25,6 +26,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -72,10 +74,14 @@ def files_digest(model_dir: Path) -> str:
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and (path.name == "config.json" or path.suffix in _WEIGHT_SUFFIXES):
             h.update(path.name.encode() + b"\0")
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            _hash_file(h, path)
     return h.hexdigest()
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
 
 
 def conversion_key(digest: str, auto_class: str) -> str:
@@ -116,9 +122,7 @@ def int8_graph_for(model_dir: Path, auto_class: str, digest: str,
     from (``cached`` or ``quantized``): a quantization of :func:`graph_for`'s float graph."""
     source, _ = graph_for(model_dir, "onnxruntime", auto_class, digest, trust_remote_code)
     h = hashlib.sha256()
-    with source.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    _hash_file(h, source)
     parts = {"graph": h.hexdigest(), "format": INT8_FORMAT,
              "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx")}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -140,24 +144,12 @@ def quantize_int8(source: Path, target: Path) -> None:
 
     t0 = time.perf_counter()
     log.info("quantizing %s to int8 (once; cached in %s)", source, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(source, tmp / INT8_GRAPH, weight_type=QuantType.QInt8,
-                             per_channel=True, op_types_to_quantize=["MatMul"])
+    with _staged(target, INT8_GRAPH, f"cannot quantize {source} to int8") as tmp, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(source, tmp / INT8_GRAPH, weight_type=QuantType.QInt8,
+                         per_channel=True, op_types_to_quantize=["MatMul"])
         (tmp / "source.json").write_text(json.dumps({"graph": str(source), "quantized": "int8"}))
-        try:
-            tmp.rename(target)
-        except OSError:  # another replica finished first
-            if not (target / INT8_GRAPH).is_file():
-                raise
-    except Exception as e:
-        raise ModelLoadError(f"cannot quantize {source} to int8: {type(e).__name__}: {e}"
-                             ) from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("quantized %s in %.2fs", source, time.perf_counter() - t0)
 
 
@@ -182,29 +174,39 @@ def export(model_dir: Path, auto_class: str, target: Path, trust_remote_code: bo
                     else torch.zeros((2, 8), dtype=torch.int64) for n in names)
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "tokens"} for n in names}
     axes[output] = {0: "batch", 1: "tokens"} if output == "last_hidden_state" else {0: "batch"}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        with warnings.catch_warnings(), torch.inference_mode():
+        with _staged(target, GRAPH, f"cannot convert {model_dir} to ONNX") as tmp, \
+                warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
             torch.onnx.export(_graph(model, names, output), example, str(tmp / GRAPH),
                               input_names=names, output_names=[output], dynamic_axes=axes,
                               opset_version=17, dynamo=False)
-        (tmp / "source.json").write_text(json.dumps(
-            {"model_dir": str(model_dir), "class": auto_class, "output": output}))
-        try:
-            tmp.rename(target)
-        except OSError:  # another replica finished first: its copy is as good
-            if not (target / GRAPH).is_file():
-                raise
-    except Exception as e:
-        raise ModelLoadError(f"cannot convert {model_dir} to ONNX: {type(e).__name__}: {e}"
-                             ) from e
+            (tmp / "source.json").write_text(json.dumps(
+                {"model_dir": str(model_dir), "class": auto_class, "output": output}))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         del model
         gc.collect()
     log.info("converted %s in %.2fs", model_dir, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _staged(target: Path, graph: str, failure: str) -> Iterator[Path]:
+    """A temporary directory beside ``target`` to write into, renamed to ``target`` when the
+    block ends well (another replica's finished copy, already there, is as good); whatever the
+    block raises becomes a ModelLoadError starting with ``failure``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / graph).is_file():
+                raise
+    except Exception as e:
+        raise ModelLoadError(f"{failure}: {type(e).__name__}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _graph(model: Any, names: list[str], output: str) -> Any:
