@@ -1,11 +1,14 @@
 # make serve: install into .venv and serve the default model on http://127.0.0.1:8000
 #             (python -m serve_app sets Ray's high-throughput mode before it starts Ray)
-# make test:  install into .venv, lint, type-check and run every test (CI runs this)
+# make test:  install into .venv, lint, type-check and run every test (CI runs this), on
+#             TEST_WORKERS pytest workers (xdist): the tests that start servers spend most of
+#             their time waiting on Ray and sockets, and a second worker uses that time
 # make test-fast: the tests that start no server (pytest -m "not e2e"; a test that starts one
 #             without the e2e marker fails, tests/conftest.py)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 
 .PHONY: install serve test test-fast lint clean
@@ -27,7 +30,7 @@ lint: install
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-fast: install
 	$(BIN)/pytest -m "not e2e"

@@ -37,10 +37,92 @@ def ray_serve_env() -> dict[str, str]:
     return env
 
 
+#: Ray's default folder for HAProxy's files; each server started by ``python -m serve_app``
+#: keeps its own in a subfolder named by its pid (:func:`instance_env`).
+HAPROXY_ROOT = "/tmp/haproxy-serve"
+#: Ports Ray Serve binds at fixed defaults: HAProxy's stats page and Prometheus endpoint, and
+#: the Python proxy HAProxy falls back to (HTTP, gRPC) while no replica is in its backends.
+_FIXED_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500,
+                "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
+#: Ray Serve's direct-ingress port ranges (each replica's own HTTP and gRPC servers); one
+#: server takes a window of _WINDOW ports of each.
+_DIRECT_INGRESS = {"HTTP": (30000, 31000), "GRPC": (40000, 41000)}
+_WINDOW = 100
+
+
 def haproxy_config_dir() -> str:
-    """Where Ray writes its HAProxy config (``RAY_SERVE_HAPROXY_CONFIG_FILE_LOC``'s folder)."""
-    return os.path.dirname(
-        os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg"))
+    """The folder HAProxy's config files are under: the folder of
+    ``RAY_SERVE_HAPROXY_CONFIG_FILE_LOC`` where set, else :data:`HAPROXY_ROOT` (each server's
+    subfolder is under it)."""
+    loc = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    return os.path.dirname(loc) if loc else HAPROXY_ROOT
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def instance_env(pid: int) -> dict[str, str]:
+    """What a server of its own Ray (``python -m serve_app``, process ``pid``) must not share
+    with another one on the same machine, for the variables the environment does not set.
+
+    Ray Serve binds HAProxy's stats and metrics ports and its fallback proxy's ports at fixed
+    numbers, and lets every replica bind its direct-ingress ports from one fixed range, the
+    proxies and replicas with SO_REUSEPORT: a second server binds the same ports, and the
+    kernel hands one server's requests to the other's proxy or replicas. It keeps HAProxy's
+    files in a folder per Ray node that nothing removes. Here each server gets the fixed
+    ports while they are free (else free ones), the first window of direct-ingress ports
+    nothing listens on, and a folder of its own for HAProxy's files (``HAPROXY_ROOT/<pid>``,
+    removed when it stops: :func:`remove_instance_dirs`)."""
+    folder = f"{HAPROXY_ROOT}/{pid}"
+    env = {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
+    }
+    for key, port in _FIXED_PORTS.items():
+        if key not in os.environ:
+            env[key] = str(port if _port_free(port) else _free_port())
+    for offset in range(0, _DIRECT_INGRESS["HTTP"][1] - _DIRECT_INGRESS["HTTP"][0], _WINDOW):
+        if all(_port_free(low + offset + i) for low, _ in _DIRECT_INGRESS.values()
+               for i in range(_WINDOW)):
+            break
+    for proto, (low, _) in _DIRECT_INGRESS.items():
+        env.setdefault(f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT", str(low + offset))
+        env.setdefault(f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT",
+                       str(low + offset + _WINDOW - 1))
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+def remove_instance_dirs(including: int | None = None) -> None:
+    """Remove the :func:`instance_env` folders of servers whose process is gone, and that of
+    process ``including`` (a server that is stopping)."""
+    import shutil
+
+    root = Path(HAPROXY_ROOT)
+    for entry in root.glob("[0-9]*") if root.is_dir() else ():
+        if entry.name.isdigit() and (int(entry.name) == including
+                                     or not Path(f"/proc/{entry.name}").exists()):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def grpc_default_application() -> str:

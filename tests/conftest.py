@@ -18,7 +18,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # draining and waits up to 30 s for its work to move elsewhere before it stops, which no test
 # here waits for: a node the tests stop goes at once, as one that is lost does.
 os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-
 from serve_app.config.schema import ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.engine.model_files import resolve_model_dir
@@ -43,6 +42,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run the soak test (tests/test_robustness.py) for this many seconds")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Serve's replicas bind their direct-ingress ports with SO_REUSEPORT, from one fixed range:
+    two clusters on one machine (two xdist workers' servers) would both bind the same port and
+    the kernel would hand each server's HAProxy connections to the other's replicas. Each
+    worker's servers get ranges of their own (the environment they inherit; at most 5
+    workers)."""
+    if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
+        return  # xdist's controller: its workers, which inherit its environment, set theirs
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    for proto, base in (("HTTP", 30000), ("GRPC", 40000)):
+        low = base + 250 * worker
+        os.environ.setdefault(f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT", str(low))
+        os.environ.setdefault(f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT", str(low + 249))
+    # and so do the ports tests hand to servers (serve_app.testing.server.free_port)
+    os.environ.setdefault(testing_server.PORTS_ENV,
+                          f"{20000 + 2000 * worker}-{20000 + 2000 * worker + 1999}")
+
+
 # -- real servers, shared ----------------------------------------------------------------------
 
 #: The fixtures that hold a shared server (each defined below with @shared_server).
@@ -54,8 +71,8 @@ class Servers:
     --config``) shared by every test that asks for the same config, each started on first use
     on free loopback ports and stopped by its pid once the last test that uses it has run (or
     when the session ends). Modules that share one run one after another
-    (:func:`pytest_collection_modifyitems`), so at most one shared server runs at a time and
-    none idles on the cores while other tests run."""
+    in one worker (:func:`pytest_collection_modifyitems`), so at most one shared server runs
+    at a time in each and none idles on the cores while other tests run."""
 
     def __init__(self, tmp: pytest.TempPathFactory) -> None:
         self._tmp = tmp
@@ -111,19 +128,53 @@ def shared_server(fn: Callable[..., Server]) -> Callable[..., Server]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules stay whole and in order, except that a module sharing a server with an earlier
-    one runs right after it (the server then runs once, and only while its users run)."""
+    one runs right after it (the server then runs once, and only while its users run).
+
+    Under ``make test`` (xdist, ``--dist loadgroup``) each such run of modules is one group,
+    given whole to one worker: a shared server starts once, in the worker whose tests use it.
+    The groups that start servers come first (they wait on Ray and sockets, the cores are
+    shared with the rest), the tests that start none fill in after them."""
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
     uses = {m: {f for i in its for f in i.fixturenames if f in SERVER_FIXTURES}
             for m, its in modules.items()}
+    group: dict[str, str] = {}
     order: list[str] = []
     for m in modules:
         if m in order:
             continue
-        order.append(m)
-        order += [o for o in modules if o not in order and uses[o] & uses[m]]
+        # the modules that share a server with m, directly or through another
+        members, fixtures = [m], set(uses[m])
+        grown = True
+        while grown:
+            grown = False
+            for o in modules:
+                if o not in members and o not in order and uses[o] & fixtures:
+                    members.append(o)
+                    fixtures |= uses[o]
+                    grown = True
+        order += members
+        group.update((o, m) for o in members)
+    starts = {m: any(i.get_closest_marker("e2e") for i in modules[m]) for m in modules}
+    order.sort(key=lambda m: not any(starts[o] for o in order if group[o] == group[m]))
     items[:] = [i for m in order for i in modules[m]]
+    if config.getoption("loadgroup", False):  # an xdist worker under --dist loadgroup
+        for m in order:
+            for item in modules[m]:
+                _join_group(item, group[m].replace("/", "."))
+
+
+def _join_group(item: pytest.Item, name: str) -> None:
+    """Put ``item`` in xdist group ``name``: its node id gets the ``@name`` suffix xdist's
+    scheduler reads. (xdist sets it from ``xdist_group`` marks by assigning ``_nodeid``, which
+    pytest 9 no longer reads: its node ids live in ``_id``.)"""
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{name}")
+    else:
+        item.add_marker(pytest.mark.xdist_group(name))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

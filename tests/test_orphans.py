@@ -3,6 +3,7 @@ a start stops what a killed server left (and nothing else)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -97,3 +98,65 @@ def test_orphaned_haproxy_under_the_config_dir_is_stopped_and_nothing_else(tmp_p
         for p in (mine, theirs):
             p.kill()
             p.wait(10)
+
+
+_INSTANCE_KEYS = (
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    *(f"RAY_SERVE_DIRECT_INGRESS_{end}_{proto}_PORT" for end in ("MIN", "MAX")
+      for proto in ("HTTP", "GRPC")),
+)
+
+
+def test_each_server_gets_haproxy_files_and_ports_of_its_own(monkeypatch):
+    """Two servers on one machine share no HAProxy file and no port: a direct-ingress window
+    with a port in use is skipped (its replicas would bind it with SO_REUSEPORT and take the
+    other server's requests), and what the environment sets is left to it."""
+    import socket
+
+    from serve_app.env import HAPROXY_ROOT, instance_env
+
+    for key in _INSTANCE_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    first = instance_env(101)
+    assert set(first) == set(_INSTANCE_KEYS)
+    assert first["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == f"{HAPROXY_ROOT}/101/haproxy.cfg"
+    assert all(v.startswith(f"{HAPROXY_ROOT}/101") for k, v in first.items()
+               if "PATH" in k or "FILE" in k or "BASE" in k)
+    low = int(first["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"])
+    assert int(first["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == low + 99
+    assert int(first["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]) - low == 10000
+    busy = low + 42
+    with socket.socket() as sock:  # a replica of the first server, listening
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("", busy))
+        sock.listen()
+        second = instance_env(102)
+        other = int(second["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"])
+        assert not other <= busy <= other + 99
+        assert second["RAY_SERVE_HAPROXY_SOCKET_PATH"] == f"{HAPROXY_ROOT}/102/admin.sock"
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(busy))
+        monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "35000")
+        told = instance_env(103)
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in told
+    assert "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in told
+    assert told["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]  # the rest still set
+
+
+def test_a_servers_folder_goes_with_it(tmp_path, monkeypatch):
+    """At start, the folders of servers whose process is gone are removed; at stop, its own."""
+    from serve_app import env
+
+    monkeypatch.setattr(env, "HAPROXY_ROOT", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (str(dead.pid), str(os.getpid()), "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "haproxy.cfg").write_text("global\n")
+    env.remove_instance_dirs()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(os.getpid()), "notes"])
+    env.remove_instance_dirs(including=os.getpid())
+    assert [p.name for p in tmp_path.iterdir()] == ["notes"]

@@ -27,7 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 from serve_app import IMPORT_PATH
-from serve_app.env import haproxy_config_dir, ray_address, ray_serve_env
+from serve_app.env import (
+    haproxy_config_dir,
+    instance_env,
+    ray_address,
+    ray_serve_env,
+    remove_instance_dirs,
+)
 from serve_app.launch.orphans import stop_orphans
 
 log = logging.getLogger("serve_app")
@@ -51,6 +57,10 @@ def serve(deploy: Callable[[dict[str, float]], dict[str, Any]], dashboard: bool 
     if stale:
         log.warning("serve_app: stopped processes a killed server left running (HAProxy or "
                     "Ray agents; pids %s)", stale)
+    own = ray_address() == "local"  # a Ray of its own: nothing shared with another server
+    if own:
+        remove_instance_dirs()
+        os.environ.update(instance_env(os.getpid()))
 
     import ray
     from ray.serve._private.api import serve_start
@@ -87,6 +97,8 @@ def serve(deploy: Callable[[dict[str, float]], dict[str, Any]], dashboard: bool 
         for s, handler in previous.items():
             signal.signal(s, handler)
         _shutdown()
+        if own:
+            remove_instance_dirs(including=os.getpid())
 
 
 def _wait_running(apps: list[str], poll_s: float = 0.5) -> bool:

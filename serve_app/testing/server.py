@@ -26,9 +26,12 @@ BIN = Path(sys.executable).parent
 
 
 def haproxy_ports_env() -> dict[str, str]:
-    """HAProxy's stats and Prometheus ports moved off their fixed defaults to free ones."""
-    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    """The ports Ray Serve binds at fixed defaults (HAProxy's stats and Prometheus ports, the
+    fallback proxy's HTTP and gRPC ports) moved to free ones: servers may start side by side,
+    where the launcher's own choice (:func:`serve_app.env.instance_env`) could race."""
+    return {key: str(free_port()) for key in (
+        "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
 
 
 def process_tree(pid: int) -> list:
@@ -101,10 +104,33 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     raise TimeoutError(f"{what} not reached within {timeout}s")
 
 
+#: The ports :func:`free_port` hands out, ``LOW-HIGH`` (``SERVE_APP_TEST_PORTS``; default
+#: 20000-29999): below the kernel's ephemeral range (32768-60999 on Linux), which every bind to
+#: port 0 draws from (Ray's own servers, another free_port), above Ray's worker ports
+#: (10002-19999), and apart from Serve's direct-ingress ranges (30000, 40000). HAProxy and
+#: gRPC servers bind with SO_REUSEPORT: a port handed out twice would be shared, not refused.
+#: Processes that start servers side by side (xdist workers) each get a range of their own.
+PORTS_ENV = "SERVE_APP_TEST_PORTS"
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, never handed out before by this process."""
+    import random
+
+    low, high = (int(x) for x in os.environ.get(PORTS_ENV, "20000-29999").split("-"))
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 45.0) -> None:
