@@ -85,6 +85,8 @@ class Servers:
         started now unless one runs already; ``holder``: the fixture asking."""
         key = json.dumps([args, more_apps, grpc, extra_env], sort_keys=True)
         self._holders[holder] = key
+        if key in self._running and self._running[key][0].proc.poll() is not None:
+            self._running.pop(key)[1].close()  # a test killed it (tests/test_entry.py)
         if key not in self._running:
             config = serve_config(free_port(), args, free_port() if grpc else None, more_apps)
             stack = contextlib.ExitStack()

@@ -72,9 +72,9 @@ def test_ray_data_job_rows_equal_the_served_vectors(server, corpus, tmp_path):
     from serve_app.tools.client import EmbeddingClient
 
     _, texts, _ = corpus
-    texts = texts[:600]
+    texts = texts[:256]
     source = tmp_path / "corpus.parquet"
-    pq.write_table(pa.table({"id": list(range(600)), "body": texts}), source)
+    pq.write_table(pa.table({"id": list(range(256)), "body": texts}), source)
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
         "name": "serve_app", "import_path": "serve_app.serve:build_app",
@@ -90,10 +90,10 @@ def test_ray_data_job_rows_equal_the_served_vectors(server, corpus, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"ray data: {report}")
-    assert report["rows"] == 600 and report["workers"] == 2
+    assert report["rows"] == 256 and report["workers"] == 2
     table = pq.read_table(out)
     assert table.column_names == ["id", "body", "embedding"]
-    assert table.column("id").to_pylist() == list(range(600))
+    assert table.column("id").to_pylist() == list(range(256))
     assert table.column("body").to_pylist() == texts
     offline = np.array(table.column("embedding").to_pylist(), np.float32)
     served = EmbeddingClient(server, batch_size=50, concurrency=1).embed(texts)

