@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.load import PROTOCOLS, WORKLOADS, texts_for  # noqa: E402
+from serve_app.config.schema import Precision  # noqa: E402
 from serve_app.testing.server import free_port, serve_config, start_server, tree_rss_bytes  # noqa: E402
 
 THREADS = os.cpu_count() or 1
@@ -74,7 +75,7 @@ def ceiling(duration: float, dtype: str = "float32", device: str = "cpu",
 
 #: (backend, precision) of the in-process engine table, torch float32 first (the reference)
 ENGINES = [("torch", "exact"), ("onnxruntime", "exact"), ("openvino", "exact"),
-           ("torch", "fast"), ("openvino", "fast")]
+           ("torch", "fast"), ("openvino", "fast"), ("onnxruntime", "int8")]
 
 
 def engine_table(duration: float) -> list[dict[str, Any]]:
@@ -451,10 +452,10 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str, out: Path, m
               f"Raw figures of this run: [{out.stem}.json]({out.stem}.json)."]
     # separate runs (--scheduler-ab; bench/priority.py; bench/rerank.py on the CPU, then on a
     # GPU; bench/variants.py; bench/niceness.py; bench/trees.py; this script with --precision
-    # fast), kept alongside
+    # fast and int8), kept alongside
     for part in ("benchmarks-scheduler.md", "benchmarks-priority.md", "benchmarks-rerank.md",
                  "benchmarks-rerank-gpu.md", "benchmarks-variants.md", "benchmarks-niceness.md",
-                 "benchmarks-trees.md", "benchmarks-fast.md"):
+                 "benchmarks-trees.md", "benchmarks-fast.md", "benchmarks-int8.md"):
         if out.stem == "benchmarks" and out.with_name(part).exists():
             lines += ["", out.with_name(part).read_text().rstrip()]
     return "\n".join(lines) + "\n"
@@ -510,7 +511,7 @@ def main() -> None:
     p.add_argument("--backend", default="auto",
                    choices=("auto", "torch", "onnxruntime", "openvino"),
                    help="the served model's backend (default: the config's default, auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "exact", "fast"))
+    p.add_argument("--precision", default="auto", choices=get_args(Precision))
     p.add_argument("--no-engines", action="store_true",
                    help="skip the in-process table of every installed engine")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
