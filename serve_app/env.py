@@ -84,9 +84,11 @@ def instance_env(pid: int) -> dict[str, str]:
     with another one on the same machine, for the variables the environment does not set.
 
     Ray Serve binds HAProxy's stats and metrics ports and its fallback proxy's ports at fixed
-    numbers, and lets every replica bind its direct-ingress ports from one fixed range, the
-    proxies and replicas with SO_REUSEPORT: a second server binds the same ports, and the
-    kernel hands one server's requests to the other's proxy or replicas. It keeps HAProxy's
+    numbers, with SO_REUSEPORT, and lets every replica bind its direct-ingress ports from one
+    fixed range. Its replicas' HTTP servers refuse a taken port (and move to the next), but
+    their gRPC servers were seen sharing one (Ray asks gRPC for no SO_REUSEPORT with a string
+    where gRPC reads an integer): a second server binds the same ports, and the kernel hands
+    one server's requests to the other's proxy or replicas. It keeps HAProxy's
     files in a folder per Ray node that nothing removes. Here each server gets the fixed
     ports while they are free (else free ones), the first window of direct-ingress ports
     nothing listens on, and a folder of its own for HAProxy's files (``HAPROXY_ROOT/<pid>``,
@@ -102,14 +104,18 @@ def instance_env(pid: int) -> dict[str, str]:
     for key, port in _FIXED_PORTS.items():
         if key not in os.environ:
             env[key] = str(port if _port_free(port) else _free_port())
-    for offset in range(0, _DIRECT_INGRESS["HTTP"][1] - _DIRECT_INGRESS["HTTP"][0], _WINDOW):
-        if all(_port_free(low + offset + i) for low, _ in _DIRECT_INGRESS.values()
-               for i in range(_WINDOW)):
-            break
-    for proto, (low, _) in _DIRECT_INGRESS.items():
-        env.setdefault(f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT", str(low + offset))
-        env.setdefault(f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT",
-                       str(low + offset + _WINDOW - 1))
+    ranges = [f"RAY_SERVE_DIRECT_INGRESS_{end}_{proto}_PORT" for proto in _DIRECT_INGRESS
+              for end in ("MIN", "MAX")]
+    if not any(key in os.environ for key in ranges):  # else the environment sets the ranges
+        for offset in range(0, _DIRECT_INGRESS["HTTP"][1] - _DIRECT_INGRESS["HTTP"][0], _WINDOW):
+            if all(_port_free(low + offset + i) for low, _ in _DIRECT_INGRESS.values()
+                   for i in range(_WINDOW)):
+                break
+        else:  # a listener in every window: Serve's own start of the range
+            offset = 0
+        for proto, (low, _) in _DIRECT_INGRESS.items():
+            env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT"] = str(low + offset)
+            env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT"] = str(low + offset + _WINDOW - 1)
     return {k: v for k, v in env.items() if k not in os.environ}
 
 

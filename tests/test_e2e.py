@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 
 import httpx
 import numpy as np
@@ -15,7 +16,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import BIN, SENTENCE, TEXTS, free_port, running
+from tests.helpers import BIN, SENTENCE, TEXTS, free_port, running, serve_config, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -318,6 +319,64 @@ def test_grpc_application_metadata_routes_to_other_apps(grpc_target):
             stub.ModelInfer(infer_request(["hi"], model="other-tiny"))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert "application" in e.value.details().lower()
+
+
+_FALLBACK = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+_RANGES = tuple(f"RAY_SERVE_DIRECT_INGRESS_{end}_{proto}_PORT" for proto in ("HTTP", "GRPC")
+                for end in ("MIN", "MAX"))
+
+
+def _ports_of(server, keys: tuple[str, ...]) -> set[str]:
+    """The values of ``keys`` the replicas of ``server`` were started with."""
+    import psutil
+
+    seen = set()
+    for proc in server.processes_named("ServeReplica:"):
+        with contextlib.suppress(psutil.Error):
+            env = proc.environ()
+            seen.add(" ".join(env.get(k, "") for k in keys))
+    return seen
+
+
+def test_a_second_server_on_the_machine_answers_only_its_own_requests(server, tmp_path,
+                                                                      tiny_model):
+    """A second ``python -m serve_app`` beside the running one, left to pick its own fixed
+    ports while the defaults are held by another server's fallback proxy (a listener with
+    SO_REUSEPORT, which Serve's proxy would share) and its own direct-ingress window: it takes
+    free ports and a window the running one's replicas are not in, and each server answers
+    only with its own models."""
+    import socket
+
+    held = []
+    try:
+        for port in (8500, 9500):
+            sock = socket.socket()
+            held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("", port))
+            sock.listen()
+    except OSError:
+        pytest.skip("Serve's default fallback-proxy ports are taken on this machine")
+    solo = serve_config(free_port(), {"models": [{
+        "name": "solo", "model_id": str(tiny_model(pooling="mean")),
+        "deployment": {"num_cpus": 0.5}}]})
+    try:
+        # nor the direct-ingress ranges tests/conftest.py gives this worker's servers
+        with start_server(solo, tmp_path, unset=_FALLBACK + _RANGES) as second:
+            (ports,) = _ports_of(second, _FALLBACK)
+            assert len(ports.split()) == 2 and not {"8500", "9500"} & set(ports.split()), ports
+            (mine,), (theirs,) = _ports_of(second, _RANGES), _ports_of(server, _RANGES)
+            low, high = (int(x) for x in mine.split()[:2])  # its HTTP window
+            assert high - low == 99 and not low <= int(theirs.split()[0]) <= high, (mine, theirs)
+            for _ in range(20):
+                a = httpx.post(f"{server}/v1/embeddings",
+                               json={"model": "embedding", "input": "hi"})
+                b = httpx.post(f"{second}/v1/embeddings", json={"model": "solo", "input": "hi"})
+                assert a.status_code == 200 and len(a.json()["data"][0]["embedding"]) == 384
+                assert b.status_code == 200 and len(b.json()["data"][0]["embedding"]) == 32
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_api_keys_through_serve(tmp_path, tiny_model):
