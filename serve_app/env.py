@@ -42,13 +42,16 @@ def ray_serve_env() -> dict[str, str]:
 HAPROXY_ROOT = "/tmp/haproxy-serve"
 #: Ports Ray Serve binds at fixed defaults: HAProxy's stats page and Prometheus endpoint, and
 #: the Python proxy HAProxy falls back to (HTTP, gRPC) while no replica is in its backends.
-_FIXED_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
-                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500,
-                "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
+FIXED_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+               "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500,
+               "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
 #: Ray Serve's direct-ingress port ranges (each replica's own HTTP and gRPC servers); one
 #: server takes a window of _WINDOW ports of each.
 _DIRECT_INGRESS = {"HTTP": (30000, 31000), "GRPC": (40000, 41000)}
 _WINDOW = 100
+#: The variables that bound those ranges: MIN and MAX of HTTP, then of gRPC.
+DIRECT_INGRESS_KEYS = tuple(f"RAY_SERVE_DIRECT_INGRESS_{end}_{proto}_PORT"
+                            for proto in _DIRECT_INGRESS for end in ("MIN", "MAX"))
 
 
 def haproxy_config_dir() -> str:
@@ -101,12 +104,10 @@ def instance_env(pid: int) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
     }
-    for key, port in _FIXED_PORTS.items():
+    for key, port in FIXED_PORTS.items():
         if key not in os.environ:
             env[key] = str(port if _port_free(port) else _free_port())
-    ranges = [f"RAY_SERVE_DIRECT_INGRESS_{end}_{proto}_PORT" for proto in _DIRECT_INGRESS
-              for end in ("MIN", "MAX")]
-    if not any(key in os.environ for key in ranges):  # else the environment sets the ranges
+    if not any(key in os.environ for key in DIRECT_INGRESS_KEYS):  # else the environment's
         for offset in range(0, _DIRECT_INGRESS["HTTP"][1] - _DIRECT_INGRESS["HTTP"][0], _WINDOW):
             if all(_port_free(low + offset + i) for low, _ in _DIRECT_INGRESS.values()
                    for i in range(_WINDOW)):

@@ -18,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # draining and waits up to 30 s for its work to move elsewhere before it stops, which no test
 # here waits for: a node the tests stop goes at once, as one that is lost does.
 os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+
 from serve_app.config.schema import ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.engine.model_files import resolve_model_dir
@@ -43,11 +44,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Serve's replicas bind their direct-ingress ports with SO_REUSEPORT, from one fixed range:
-    two clusters on one machine (two xdist workers' servers) would both bind the same port and
-    the kernel would hand each server's HAProxy connections to the other's replicas. Each
-    worker's servers get ranges of their own (the environment they inherit; at most 5
-    workers)."""
+    """Each xdist worker's servers get direct-ingress ranges of their own (the environment they
+    inherit; at most 5 workers). The launcher picks a free window itself
+    (serve_app.env.instance_env), but two servers starting in the same second could pick the
+    same one, and replicas' gRPC servers share a taken port: one server's HAProxy connections
+    would reach the other's replicas."""
     if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
         return  # xdist's controller: its workers, which inherit its environment, set theirs
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
@@ -158,8 +159,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     grown = True
         order += members
         group.update((o, m) for o in members)
-    starts = {m: any(i.get_closest_marker("e2e") for i in modules[m]) for m in modules}
-    order.sort(key=lambda m: not any(starts[o] for o in order if group[o] == group[m]))
+    starting = {group[m] for m in modules
+                if any(i.get_closest_marker("e2e") for i in modules[m])}
+    order.sort(key=lambda m: group[m] not in starting)
     items[:] = [i for m in order for i in modules[m]]
     if config.getoption("loadgroup", False):  # an xdist worker under --dist loadgroup
         for m in order:

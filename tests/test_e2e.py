@@ -16,6 +16,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 from tritonclient.utils import InferenceServerException
 
+from serve_app.env import DIRECT_INGRESS_KEYS
 from tests.helpers import BIN, SENTENCE, TEXTS, free_port, running, serve_config, start_server
 
 pytestmark = pytest.mark.e2e
@@ -322,8 +323,7 @@ def test_grpc_application_metadata_routes_to_other_apps(grpc_target):
 
 
 _FALLBACK = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
-_RANGES = tuple(f"RAY_SERVE_DIRECT_INGRESS_{end}_{proto}_PORT" for proto in ("HTTP", "GRPC")
-                for end in ("MIN", "MAX"))
+_RANGES = DIRECT_INGRESS_KEYS
 
 
 def _ports_of(server, keys: tuple[str, ...]) -> set[str]:

@@ -113,8 +113,8 @@ _INSTANCE_KEYS = (
 
 def test_each_server_gets_haproxy_files_and_ports_of_its_own(monkeypatch):
     """Two servers on one machine share no HAProxy file and no port: a direct-ingress window
-    with a port in use is skipped (its replicas would bind it with SO_REUSEPORT and take the
-    other server's requests), and what the environment sets is left to it."""
+    with a port in use is skipped (a replica's gRPC server would share it and take the other
+    server's requests), and what the environment sets is left to it."""
     import socket
 
     from serve_app.env import HAPROXY_ROOT, instance_env

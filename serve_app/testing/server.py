@@ -29,9 +29,9 @@ def haproxy_ports_env() -> dict[str, str]:
     """The ports Ray Serve binds at fixed defaults (HAProxy's stats and Prometheus ports, the
     fallback proxy's HTTP and gRPC ports) moved to free ones: servers may start side by side,
     where the launcher's own choice (:func:`serve_app.env.instance_env`) could race."""
-    return {key: str(free_port()) for key in (
-        "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
+    from serve_app.env import FIXED_PORTS
+
+    return {key: str(free_port()) for key in FIXED_PORTS}
 
 
 def process_tree(pid: int) -> list:
