@@ -22,6 +22,9 @@ Task = Literal["embedding", "rerank"]
 #: does (int8/uint8: one byte per value on fixed per-dimension ranges; binary/ubinary: sign bits
 #: packed 8 to a byte, as int8 offset by -128 or as uint8).
 Encoding = Literal["float", "int8", "uint8", "binary", "ubinary"]
+#: Which end of an over-long input truncation cuts (text-embeddings-inference's
+#: ``truncation_direction``): the end (right, the default) or the start (left).
+Side = Literal["right", "left"]
 ENCODINGS: tuple[Encoding, ...] = ("float", "int8", "uint8", "binary", "ubinary")
 #: ``input_type`` values callers send (Cohere, NVIDIA NIM, nomic) and the prompt names they mean,
 #: the model's own name first.
@@ -91,6 +94,9 @@ class EmbedRequest(_Request):
     - ``input_type``: ``query`` or ``document`` (or ``search_query``/``search_document``): the
       data plane turns it into the ``prompt_name`` the model has for it.
     - ``encoding``: float32 vectors, or one of the compact encodings.
+    - ``normalize``: L2-normalize the vectors (True), answer them as pooled (False), or as the
+      model's own config says (None, the default).
+    - ``truncation_side``: which end of an over-long text truncation cuts.
     - ``priority``: where its texts wait in the replica's queue, as in Triton: 1 the
       highest, larger numbers lower, 0 the default (1, interactive).
     - ``request_id``: the caller's id, for logs.
@@ -109,6 +115,8 @@ class EmbedRequest(_Request):
     input_type: str | None = None
     encoding: Encoding = "float"
     priority: int = 0
+    normalize: bool | None = None
+    truncation_side: Side = "right"
 
 
 
@@ -118,8 +126,8 @@ class RerankRequest(_Request):
 
     ``raw_scores``: the model's logits instead of its activation (sigmoid for one-label
     cross-encoders); ``truncate``: cut a (query, document) pair longer than the model's limit
-    the way sentence-transformers does (longest first), or refuse it. Other fields as in
-    :class:`EmbedRequest`.
+    the way sentence-transformers does (longest first), or refuse it; ``truncation_side``:
+    which end of the longer part it cuts. Other fields as in :class:`EmbedRequest`.
     """
 
     model: str
@@ -131,6 +139,64 @@ class RerankRequest(_Request):
     deadline: float | None = None
     version: str | None = None
     priority: int = 0
+    truncation_side: Side = "right"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest(_Request):
+    """Tokenize ``texts`` with model ``model``'s tokenizer, as it tokenizes them to embed
+    (``prompt_name`` as in :class:`EmbedRequest`; with ``add_special_tokens`` false, without
+    its special tokens), never truncating: text-embeddings-inference's ``/tokenize``."""
+
+    model: str
+    texts: tuple[str, ...]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+    request_id: str = ""
+    deadline: float | None = None
+    version: str | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest(_Request):
+    """Turn each of ``ids`` (token-id sequences) back into text with model ``model``'s
+    tokenizer, leaving out its special tokens when ``skip_special_tokens``."""
+
+    model: str
+    ids: tuple[tuple[int, ...], ...]
+    skip_special_tokens: bool = True
+    request_id: str = ""
+    deadline: float | None = None
+    version: str | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One token of a tokenized text: its ``id``, its ``text`` (the text's own characters, or
+    for a special token its name), ``special``, and for a token of the text, where it is:
+    ``start`` and ``stop`` character offsets (None for special tokens)."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeResult:
+    """The tokens of each text, in request order."""
+
+    tokens: tuple[tuple[Token, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeResult:
+    """One text per token-id sequence, in request order."""
+
+    texts: tuple[str, ...]
 
 
 

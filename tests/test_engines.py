@@ -244,6 +244,23 @@ def test_int8_rerankers_run_quantized_and_report_their_agreement(cross_encoder, 
     np.testing.assert_allclose(engine.rerank("capital of France?", docs), expected, atol=0.1)
 
 
+def test_int8_weights_are_7_bit_on_a_cpu_without_vnni(cross_encoder, cache, monkeypatch):
+    """Without VNNI, ONNX Runtime's 8-bit multiply-adds saturate on full-range weights, so the
+    quantization there keeps 7 bits, in a cache entry of its own."""
+    path = cross_encoder(activation="Sigmoid")
+    seen: list[bool] = []
+    real = convert.quantize_int8
+    monkeypatch.setattr(convert, "quantize_int8",
+                        lambda s, t, rr=False: (seen.append(rr), real(s, t, rr))[1])
+    graphs = []
+    for vnni in (True, False):
+        monkeypatch.setattr(convert, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        graphs.append(convert.int8_graph_for(path, "AutoModelForSequenceClassification",
+                                             "digest")[0])
+    assert seen == [False, True] and graphs[0] != graphs[1]
+    assert backends.cpu_has_vnni() in (True, False)
+
+
 def test_int8_is_refused_where_it_cannot_run():
     assert choose("auto", "int8", "auto", torch.device("cpu")) == (
         "onnxruntime", "int8", "float32")

@@ -20,6 +20,7 @@ cores, so two replicas on one node share it instead of fighting over the same co
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -175,6 +176,23 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies int8 with int32 sums (AVX512-VNNI, AVX-VNNI or AMX), which
+    ONNX Runtime's int8 matmuls need to keep full 8-bit weights from saturating; any non-x86
+    CPU answers True (its int8 kernels do not saturate so)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return True
 
 
 #: the order ``backend: auto`` tries on CPU, fastest first (bench/run.py's table of engines in

@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from serve_app.engine.backends import BackendName, graph_inputs
+from serve_app.engine.backends import BackendName, cpu_has_vnni, graph_inputs
 from serve_app.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -123,23 +123,25 @@ def int8_graph_for(model_dir: Path, auto_class: str, digest: str,
     source, _ = graph_for(model_dir, "onnxruntime", auto_class, digest, trust_remote_code)
     h = hashlib.sha256()
     _hash_file(h, source)
-    parts = {"graph": h.hexdigest(), "format": INT8_FORMAT,
+    reduce_range = not cpu_has_vnni()
+    parts = {"graph": h.hexdigest(), "format": INT8_FORMAT, "reduce_range": reduce_range,
              "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx")}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
     target = cache_root() / "engines" / f"int8-{key}"
     graph = target / INT8_GRAPH
     if graph.is_file():
         return graph, "cached"
-    quantize_int8(source, target)
+    quantize_int8(source, target, reduce_range)
     return graph, "quantized"
 
 
-def quantize_int8(source: Path, target: Path) -> None:
+def quantize_int8(source: Path, target: Path, reduce_range: bool = False) -> None:
     """``target / model.int8.onnx``: the float ONNX graph ``source`` with its matmuls' weights
     quantized to signed int8 per output channel and their activations quantized at run time
     (ONNX Runtime's dynamic quantization). Of the settings tried (docs/benchmarks.md), this
     one agreed best with float32; per-tensor weights, unsigned weights and quantizing every
-    operator (not only MatMul) lost more."""
+    operator (not only MatMul) lost more. ``reduce_range``: 7-bit weights, for CPUs without
+    VNNI, whose 8-bit multiply-adds saturate on full-range weights (docs/benchmarks.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     t0 = time.perf_counter()
@@ -148,7 +150,8 @@ def quantize_int8(source: Path, target: Path) -> None:
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(source, tmp / INT8_GRAPH, weight_type=QuantType.QInt8,
-                         per_channel=True, op_types_to_quantize=["MatMul"])
+                         per_channel=True, op_types_to_quantize=["MatMul"],
+                         reduce_range=reduce_range)
         (tmp / "source.json").write_text(json.dumps({"graph": str(source), "quantized": "int8"}))
     log.info("quantized %s in %.2fs", source, time.perf_counter() - t0)
 

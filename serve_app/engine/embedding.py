@@ -10,6 +10,7 @@ normalize), and the pure helper ``pool`` (passes are planned by :mod:`.batching`
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 import logging
@@ -36,7 +37,7 @@ from serve_app.engine.convert import files_digest, graph_for, int8_graph_for
 from serve_app.engine.model_files import read_settings, resolve_model_dir
 from serve_app.engine.quantize import Calibration, calibration_texts
 from serve_app.errors import InvalidInput, ModelLoadError
-from serve_app.types import NO_PROMPT, Input, ModelInfo
+from serve_app.types import NO_PROMPT, Input, ModelInfo, Side, Token
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,48 @@ class TransformerEngine:
             out["token_type_ids"] = types
         return out
 
+    def tokenizer_for(self, side: Side) -> Any:
+        """The tokenizer, truncating at ``side``: a copy made once for the left side, since
+        transformers' tokenizers read the side from an attribute, not per call, and two
+        threads tokenize at once."""
+        if side == "right":
+            return self.tokenizer
+        left = getattr(self, "_left_tokenizer", None)
+        if left is None:
+            left = copy.deepcopy(self.tokenizer)
+            left.truncation_side = "left"
+            self._left_tokenizer = left
+        return left
+
+    def tokens(self, texts: Sequence[str], add_special_tokens: bool = True
+               ) -> list[tuple[Token, ...]]:
+        """Each text's tokens, never truncated: ids, the characters each covers (start and stop
+        offsets into the text, the text itself), and the special tokens by name."""
+        enc = self.tokenizer(list(texts), add_special_tokens=add_special_tokens,
+                             return_offsets_mapping=True, return_special_tokens_mask=True,
+                             return_attention_mask=False, return_token_type_ids=False,
+                             verbose=False)
+        out = []
+        for text, ids, offsets, special in zip(texts, enc["input_ids"], enc["offset_mapping"],
+                                               enc["special_tokens_mask"], strict=True):
+            names = self.tokenizer.convert_ids_to_tokens(ids)
+            out.append(tuple(
+                Token(int(i), name, True, None, None) if s else
+                Token(int(i), text[a:b], False, int(a), int(b))
+                for i, (a, b), s, name in zip(ids, offsets, special, names, strict=True)))
+        return out
+
+    def decode(self, seqs: Sequence[Sequence[int]], skip_special_tokens: bool = True
+               ) -> list[str]:
+        """Each token-id sequence as text; ids outside the vocabulary are refused."""
+        for i, seq in enumerate(seqs):
+            bad = [t for t in seq if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidInput(f"ids {i} holds token id {bad[0]}, outside the vocabulary "
+                                   f"[0, {self.vocab_size})", param="ids")
+        return self.tokenizer.batch_decode([list(s) for s in seqs],
+                                           skip_special_tokens=skip_special_tokens)
+
     def check_length(self, i: int, n: int, what: str = "input") -> None:
         if n > self.max_length:
             raise InvalidInput(
@@ -258,6 +301,12 @@ class TransformerEngine:
         """One forward pass over exactly ``seqs`` (padded to the longest): float32 ``[n, dim]``,
         on ``threads`` threads (torch reads it per call; the other backends fixed theirs)."""
         return self.run(self.backend, seqs, threads)
+
+    def serve_pass(self, seqs: Sequence[Sequence[int]], threads: int | None = None
+                   ) -> np.ndarray:
+        """What one pass of a serving replica's queue computes: :meth:`forward`, unless the
+        engine leaves a per-request step to the runner (:meth:`EmbeddingEngine.serve_pass`)."""
+        return self.forward(seqs, threads)
 
     def outputs(self, seqs: Sequence[Sequence[int]], backend: Backend | None = None
                 ) -> np.ndarray:
@@ -374,17 +423,23 @@ class EmbeddingEngine(TransformerEngine):
                 f"model has no prompt {name!r}; its prompts: {sorted(self.prompts)}",
                 param="prompt_name") from None
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True,
-                 prompt_name: str | None = None) -> tuple[list[list[int]], int]:
-        """Token ids per text (its prompt before it, as sentence-transformers puts it), special
-        tokens included, cut at ``max_length`` when ``truncate``, and how many of the texts were
-        cut. With ``truncate=False`` a text longer than the limit raises :class:`InvalidInput`."""
+    def model_texts(self, texts: Sequence[str], prompt_name: str | None = None) -> list[str]:
+        """The texts as the model reads them: the prompt before each (as sentence-transformers
+        puts it), lower-cased for a model that says ``do_lower_case``."""
         prompt = self.prompt(prompt_name)
-        if prompt:
-            texts = [prompt + t for t in texts]
-        if self.lower_case:
-            texts = [t.lower() for t in texts]
-        enc = self.tokenizer(
+        out = [prompt + t for t in texts] if prompt else list(texts)
+        return [t.lower() for t in out] if self.lower_case else out
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True,
+                 prompt_name: str | None = None, side: Side = "right"
+                 ) -> tuple[list[list[int]], int]:
+        """Token ids per text (:meth:`model_texts`), special tokens included, cut at
+        ``max_length`` when ``truncate`` (the end of the text, or with ``side`` "left" its
+        start), and how many of the texts were cut. With ``truncate=False`` a text longer than
+        the limit raises :class:`InvalidInput`."""
+        prompt = self.prompt(prompt_name)
+        texts = self.model_texts(texts, prompt_name)
+        enc = self.tokenizer_for(side)(
             list(texts),
             add_special_tokens=True,
             truncation=truncate,
@@ -437,8 +492,10 @@ class EmbeddingEngine(TransformerEngine):
         """Vectors for any number of token-id sequences (:meth:`outputs`)."""
         return self.outputs(seqs)
 
-    def run(self, backend: Backend, seqs: Sequence[Sequence[int]], threads: int | None = None
-            ) -> np.ndarray:
+    def run(self, backend: Backend, seqs: Sequence[Sequence[int]], threads: int | None = None,
+            normalize: bool | None = None) -> np.ndarray:
+        """One pass over exactly ``seqs``: pooled vectors, L2-normalized when ``normalize``
+        (None: as the model's config says)."""
         feeds = self.feeds(seqs)
         with torch.inference_mode():
             hidden = backend.run(feeds, threads)
@@ -448,9 +505,24 @@ class EmbeddingEngine(TransformerEngine):
                     if isinstance(s, PromptIds):
                         mask[row, : s.skip] = 0
             vectors = pool(hidden, mask, self.pooling)
-            if self.normalize:
+            if self.normalize if normalize is None else normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
         return vectors.cpu().numpy()
+
+    def serve_pass(self, seqs: Sequence[Sequence[int]], threads: int | None = None
+                   ) -> np.ndarray:
+        """One pass of pooled vectors, not normalized: requests in one pass may differ on
+        normalizing, so the runner does it per request (:meth:`finish`)."""
+        return self.run(self.backend, seqs, threads, normalize=False)
+
+    def finish(self, vectors: np.ndarray, normalize: bool | None = None) -> np.ndarray:
+        """Pooled vectors from :meth:`serve_pass`, L2-normalized when ``normalize`` (None: as
+        the model's config says), as torch's ``normalize`` does it."""
+        if not (self.normalize if normalize is None else normalize):
+            return vectors
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        np.maximum(norms, 1e-12, out=norms)
+        return vectors / norms
 
     def output_settings(self) -> str:
         return f"embedding pooling={self.pooling} normalize={self.normalize}"
@@ -461,16 +533,18 @@ class EmbeddingEngine(TransformerEngine):
     # -- whole requests ------------------------------------------------------------------------
 
     def prepare(self, inputs: Sequence[Input], truncate: bool = True,
-                prompt_name: str | None = None) -> tuple[list[list[int]], int]:
-        """Token ids for mixed text / token-id inputs, in order, and how many texts were cut;
-        ``prompt_name`` goes before the texts (token ids are used as they are)."""
+                prompt_name: str | None = None, side: Side = "right"
+                ) -> tuple[list[list[int]], int]:
+        """Token ids for mixed text / token-id inputs, in order, and how many texts were cut
+        (at ``side``); ``prompt_name`` goes before the texts (token ids are used as they
+        are)."""
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         token_inputs = [x for x in inputs if not isinstance(x, str)]
         self.check_token_ids(token_inputs)
         seqs: list[list[int]] = [list(x) if not isinstance(x, str) else [] for x in inputs]
         truncated = 0
         if texts:
-            ids, truncated = self.tokenize([t for _, t in texts], truncate, prompt_name)
+            ids, truncated = self.tokenize([t for _, t in texts], truncate, prompt_name, side)
             for (i, _), one in zip(texts, ids, strict=True):
                 seqs[i] = one
         return seqs, truncated

@@ -21,7 +21,7 @@ from serve_app.engine.backends import Backend
 from serve_app.engine.embedding import PairIds, TransformerEngine
 from serve_app.engine.quantize import calibration_texts
 from serve_app.errors import ModelLoadError
-from serve_app.types import ModelInfo
+from serve_app.types import ModelInfo, Side
 
 #: The activations sentence-transformers saves for cross-encoders, by the last part of their
 #: dotted torch path.
@@ -66,12 +66,13 @@ class RerankEngine(TransformerEngine):
         self._activate = ACTIVATIONS[self.activation]
         self.loaded(f"reranker, activation={self.activation}")
 
-    def tokenize(self, query: str, documents: Sequence[str],
-                 truncate: bool = True) -> tuple[list[list[int]], int]:
+    def tokenize(self, query: str, documents: Sequence[str], truncate: bool = True,
+                 side: Side = "right") -> tuple[list[list[int]], int]:
         """One :class:`PairIds` per document, special tokens included, cut longest-first at
-        ``max_length`` when ``truncate`` (else a pair over it raises InvalidInput), and how many
-        pairs were cut."""
-        enc = self.tokenizer(
+        ``max_length`` when ``truncate`` (at the end of the longer part, or with ``side``
+        "left" its start; else a pair over it raises InvalidInput), and how many pairs were
+        cut."""
+        enc = self.tokenizer_for(side)(
             [query] * len(documents),
             list(documents),
             add_special_tokens=True,

@@ -20,12 +20,16 @@ from serve_app.errors import InvalidInput, ModelNotReady, wrong_task
 from serve_app.frontend.prompts import resolve_prompt
 from serve_app.frontend.registry import Registry, ServedModel
 from serve_app.types import (
+    DecodeRequest,
+    DecodeResult,
     EmbedRequest,
     EmbedResult,
     ModelInfo,
     RerankRequest,
     RerankResult,
     Task,
+    TokenizeRequest,
+    TokenizeResult,
 )
 
 
@@ -162,9 +166,10 @@ class DataPlane:
         """Refuse an embedding request no model should see (before any lookup of its model)."""
         self._check_inputs(req.inputs, "input")
 
-    async def _ready_info(self, model: ServedModel, task: Task) -> ModelInfo:
-        """The metadata of ``model`` when it does ``task`` and can take a request now."""
-        if model.task != task:  # a mistake whatever the model's state
+    async def _ready_info(self, model: ServedModel, task: Task | None) -> ModelInfo:
+        """The metadata of ``model`` when it does ``task`` (None: any) and can take a request
+        now."""
+        if task is not None and model.task != task:  # a mistake whatever the model's state
             raise wrong_task(model.name, model.task)
         if not await model.backend.ready():  # answer now; never queue behind no replica
             raise ModelNotReady(
@@ -183,6 +188,9 @@ class DataPlane:
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
                 param="dimensions",
             )
+        if req.normalize is False and req.encoding != "float":
+            raise InvalidInput(f"encoding {req.encoding!r} quantizes normalized vectors; ask "
+                               "for float vectors, or leave normalize on", param="normalize")
         req = resolve_prompt(req, info)
         with self._flight(req.model, req.effective_priority, len(req.inputs)):
             return await model.backend.embed(req)
@@ -201,3 +209,19 @@ class DataPlane:
         await self._ready_info(model, "rerank")
         with self._flight(req.model, req.effective_priority, len(req.documents)):
             return await model.backend.rerank(req)
+
+    async def tokenize(self, req: TokenizeRequest, model: ServedModel | None = None
+                       ) -> TokenizeResult:
+        """Validate ``req`` and tokenize its texts with its model's tokenizer."""
+        model = model or self.registry.get(req.model, req.version)
+        self._check_inputs(req.texts, "input")
+        await self._ready_info(model, None)
+        return await model.backend.tokenize(req)
+
+    async def decode(self, req: DecodeRequest, model: ServedModel | None = None
+                     ) -> DecodeResult:
+        """Validate ``req`` and decode its token ids with its model's tokenizer."""
+        model = model or self.registry.get(req.model, req.version)
+        self._check_inputs(req.ids, "ids")
+        await self._ready_info(model, None)
+        return await model.backend.decode(req)

@@ -16,12 +16,16 @@ from typing import Any, Protocol
 from serve_app.config.schema import AppConfig, ModelConfig
 from serve_app.errors import InvalidInput, ModelNotFound
 from serve_app.types import (
+    DecodeRequest,
+    DecodeResult,
     EmbedRequest,
     EmbedResult,
     ModelInfo,
     RerankRequest,
     RerankResult,
     Task,
+    TokenizeRequest,
+    TokenizeResult,
 )
 
 
@@ -32,6 +36,10 @@ class ModelBackend(Protocol):
     async def embed(self, req: EmbedRequest) -> EmbedResult: ...
 
     async def rerank(self, req: RerankRequest) -> RerankResult: ...
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult: ...
+
+    async def decode(self, req: DecodeRequest) -> DecodeResult: ...
 
     async def info(self) -> ModelInfo: ...
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,13 +24,24 @@ from serve_app.engine.quantize import Calibration, quantize, reduce_dimensions
 from serve_app.engine.reranker import RerankEngine
 from serve_app.errors import InvalidInput, Overloaded, wrong_task
 from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
-from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
+from serve_app.types import (
+    DecodeRequest,
+    DecodeResult,
+    EmbedRequest,
+    EmbedResult,
+    ModelInfo,
+    RerankRequest,
+    RerankResult,
+    TokenizeRequest,
+    TokenizeResult,
+)
 
 #: Requests this short (in characters, or token ids) are tokenized on the event loop, where
 #: that costs less than the two thread switches of the tokenizer pool.
 INLINE_TOKENIZE_CHARS = 512
 
 Prepare = Callable[[], tuple[list[list[int]], int]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -86,8 +97,8 @@ class ModelRunner:
         self.engine = engine
         self._inline = inline_chars
         _, share = plan_parallelism(threads, engine.device, passes)
-        compute = functools.partial(engine.forward, threads=share)
-        whole = functools.partial(engine.forward, threads=threads)
+        compute = functools.partial(engine.serve_pass, threads=share)
+        whole = functools.partial(engine.serve_pass, threads=threads)
         own = shared is None
         shared = shared or ReplicaResources.of(passes, max_queued_inputs)
         self.queue = BatchQueue(compute, engine.max_batch_size, engine.max_batch_tokens, passes,
@@ -124,11 +135,7 @@ class ModelRunner:
         """Tokenize (``prepare``), queue and compute one request: the model's output rows in
         input order, and what an answer reports (token counts, truncated, timings, passes)."""
         t0 = time.perf_counter()
-        if chars <= self._inline:
-            seqs, truncated = prepare()
-        else:  # off the event loop, which keeps answering while a long request is tokenized
-            seqs, truncated = await asyncio.get_running_loop().run_in_executor(
-                self._tokenize_pool, prepare)
+        seqs, truncated = await self._off_loop(chars, prepare)
         t1 = time.perf_counter()
         work = Work(seqs, asyncio.get_running_loop().create_future(), deadline,
                     asyncio.current_task(), priority=priority)
@@ -147,11 +154,14 @@ class ModelRunner:
             raise wrong_task(req.model, self._info.task)
         with self._admit(req.model, len(req.inputs)):
             prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
-                                        req.prompt_name)
-            vectors, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
-                                                req.deadline, req.effective_priority)
+                                        req.prompt_name, req.truncation_side)
+            pooled, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
+                                               req.deadline, req.effective_priority)
+        vectors = engine.finish(pooled, req.normalize)
         if req.dimensions is not None and req.dimensions != engine.dim:
-            vectors = reduce_dimensions(vectors, req.dimensions)
+            # cut, and normalized again unless the request asked for vectors as pooled
+            vectors = (np.ascontiguousarray(vectors[:, :req.dimensions])
+                       if req.normalize is False else reduce_dimensions(vectors, req.dimensions))
         if req.encoding in ("int8", "uint8"):
             calibration = engine.calibration or await self._calibrate(engine)
             vectors = calibration.encode(vectors, req.encoding)
@@ -172,10 +182,37 @@ class ModelRunner:
         if not isinstance(engine, RerankEngine):
             raise wrong_task(req.model, self._info.task)
         with self._admit(req.model, len(req.documents)):
-            prepare = functools.partial(engine.tokenize, req.query, req.documents, req.truncate)
+            prepare = functools.partial(engine.tokenize, req.query, req.documents, req.truncate,
+                                        req.truncation_side)
             chars = len(req.query) * len(req.documents) + sum(map(len, req.documents))
             logits, measured = await self._run(prepare, chars, req.deadline, req.effective_priority)
         return RerankResult(scores=engine.scores(logits, req.raw_scores), **measured)
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        """``req``'s texts as the model tokenizes them to embed (a reranker: as they are),
+        untruncated; long requests on the tokenizer pool, as embedding requests."""
+        engine = self.engine
+        if isinstance(engine, EmbeddingEngine):
+            texts = engine.model_texts(req.texts, req.prompt_name)
+        elif req.prompt_name:
+            raise InvalidInput(f"model {req.model!r} has no prompts", param="prompt_name")
+        else:
+            texts = list(req.texts)
+        tokens = await self._off_loop(sum(map(len, texts)), functools.partial(
+            engine.tokens, texts, req.add_special_tokens))
+        return TokenizeResult(tuple(tokens))
+
+    async def decode(self, req: DecodeRequest) -> DecodeResult:
+        texts = await self._off_loop(sum(map(len, req.ids)), functools.partial(
+            self.engine.decode, req.ids, req.skip_special_tokens))
+        return DecodeResult(tuple(texts))
+
+    async def _off_loop(self, size: int, work: Callable[[], T]) -> T:
+        """``work()``, on the event loop when ``size`` is small, else on the tokenizer pool (the
+        event loop keeps answering while a long request is tokenized)."""
+        if size <= self._inline:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, work)
 
     async def info(self) -> ModelInfo:
         return self._info

@@ -29,7 +29,17 @@ from serve_app.runtime.runner import ModelRunner, ReplicaResources
 from serve_app.runtime.variants import Residency, Variant, VariantHost
 from serve_app.serve.handles import HandleBackend, ReplicaCensus, VariantBackend
 from serve_app.serve.logs import log_through_serve
-from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
+from serve_app.types import (
+    DecodeRequest,
+    DecodeResult,
+    EmbedRequest,
+    EmbedResult,
+    ModelInfo,
+    RerankRequest,
+    RerankResult,
+    TokenizeRequest,
+    TokenizeResult,
+)
 
 log = logging.getLogger(__name__)  # under "serve_app": see serve.logs
 
@@ -95,6 +105,12 @@ class ModelDeployment:
 
     async def rerank(self, req: RerankRequest, holders: tuple[str, ...] = ()) -> RerankResult:
         return await self._reported(lambda model: model.rerank(req), holders)
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        return await self.model.tokenize(req)  # variants share the base's tokenizer
+
+    async def decode(self, req: DecodeRequest) -> DecodeResult:
+        return await self.model.decode(req)
 
     async def info(self) -> ModelInfo:
         return await self.model.info()

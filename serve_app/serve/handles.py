@@ -15,7 +15,19 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import DeadlineExceeded, Misrouted, ModelNotReady, ServeAppError
 from serve_app.runtime.variants import Residency, describe
-from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, RerankRequest, RerankResult
+from serve_app.types import (
+    DecodeRequest,
+    DecodeResult,
+    EmbedRequest,
+    EmbedResult,
+    ModelInfo,
+    RerankRequest,
+    RerankResult,
+    TokenizeRequest,
+    TokenizeResult,
+)
+
+Call = EmbedRequest | RerankRequest | TokenizeRequest | DecodeRequest
 
 
 def _name(enum: Any) -> str:
@@ -90,6 +102,8 @@ class HandleBackend:
         self._embed = handle.options(method_name="embed")
         self._rerank = handle.options(method_name="rerank")
         self._info = handle.options(method_name="info")
+        self._tokenize = handle.options(method_name="tokenize")
+        self._decode = handle.options(method_name="decode")
         self._stats = handle.options(method_name="stats")
 
     async def ready(self) -> bool:
@@ -106,6 +120,14 @@ class HandleBackend:
         result: RerankResult = await self._counted(self._rerank, req, len(req.documents))
         return result
 
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        result: TokenizeResult = await self._call(self._tokenize, req)
+        return result
+
+    async def decode(self, req: DecodeRequest) -> DecodeResult:
+        result: DecodeResult = await self._call(self._decode, req)
+        return result
+
     async def _counted(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
                        n: int) -> Any:
         self._in_flight += n
@@ -114,8 +136,7 @@ class HandleBackend:
         finally:
             self._in_flight -= n
 
-    async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
-                    *args: Any) -> Any:
+    async def _call(self, method: DeploymentHandle, req: Call, *args: Any) -> Any:
         remaining = req.remaining()
         timeout = self._timeout_s if remaining is None else max(0.0, min(self._timeout_s,
                                                                            remaining))
@@ -123,7 +144,7 @@ class HandleBackend:
         try:
             result = await asyncio.wait_for(response, timeout)
             if self._residency is not None:
-                self._residency.update(result.variants)
+                self._residency.update(getattr(result, "variants", None))
             return result
         except RayTaskError as e:
             err = _unwrap(e)
@@ -182,8 +203,7 @@ class VariantBackend(HandleBackend):
         self._cold = asyncio.Lock()
         self._reroute_s = reroute_s
 
-    async def _call(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
-                    *args: Any) -> Any:
+    async def _call(self, method: DeploymentHandle, req: Call, *args: Any) -> Any:
         assert self._residency is not None
         if not self._residency.holders(req.model):
             async with self._cold:
@@ -200,3 +220,11 @@ class VariantBackend(HandleBackend):
 
     async def info(self) -> ModelInfo:
         return describe(await self._base.info(), *self._variant)
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        """The base's: a variant shares its base's tokenizer, and asking the base loads
+        nothing."""
+        return await self._base.tokenize(req)
+
+    async def decode(self, req: DecodeRequest) -> DecodeResult:
+        return await self._base.decode(req)
