@@ -20,12 +20,31 @@ class ServeAppError(Exception):
         self.message = message
         self.param = param
 
+    @property
+    def kind(self) -> str:
+        """The error's name in metrics (``serve_app_errors_total{kind}``)."""
+        return type(self).__name__
+
     def __reduce__(self):  # keep ``param`` and ``variants`` across Ray's pickling
         return (type(self), (self.message, self.param), {"variants": self.variants})
 
 
 class InvalidInput(ServeAppError):
     """The request is malformed or asks for something the model cannot do."""
+
+
+class EmptyInput(InvalidInput):
+    """The request holds nothing to compute: no inputs, or an empty one (text-embeddings-inference
+    answers these apart from other invalid input)."""
+
+    kind = "InvalidInput"
+
+
+class WrongTask(InvalidInput):
+    """The model is served, but for another task than the request's (an embedding request to a
+    reranker)."""
+
+    kind = "InvalidInput"
 
 
 class Unauthorized(ServeAppError):
@@ -70,13 +89,22 @@ def lookup(table: Mapping[type[ServeAppError], T], err: ServeAppError, default: 
     return default
 
 
-def wrong_task(model: str, task: str) -> InvalidInput:
-    """The error for a request the model's task cannot answer."""
-    if task == "rerank":
-        return InvalidInput(f"model {model!r} is a reranker: send it (query, documents) on "
-                            "/rerank, /v1/rerank or V2, not texts to embed", param="model")
-    return InvalidInput(f"model {model!r} is an embedding model, not a reranker: rerank with a "
-                        "model served with task: rerank", param="model")
+#: what each task's model is, and what to send it (the :data:`serve_app.types.Task` names)
+TASK_NAMES = {"embedding": "an embedding model", "rerank": "a reranker",
+               "classify": "a classifier", "sparse": "a sparse (SPLADE) embedding model"}
+_TASK_USE = {
+    "embedding": "embed texts with it (/v1/embeddings, /embed, V1 or V2)",
+    "rerank": "send it (query, documents) on /rerank, /v1/rerank or V2",
+    "classify": "classify texts with it (/predict, /v1/classify, V1 or V2)",
+    "sparse": "embed texts with it (/embed_sparse, /v1/embeddings, V1 or V2)",
+}
+
+
+def wrong_task(model: str, task: str, wanted: str) -> WrongTask:
+    """The error for a request for ``wanted`` (a task) to a model of another ``task``."""
+    return WrongTask(f"model {model!r} is {TASK_NAMES.get(task, task)}, not "
+                     f"{TASK_NAMES.get(wanted, wanted)}: {_TASK_USE.get(task, '')}",
+                     param="model")
 
 
 class ModelLoadError(Exception):

@@ -16,8 +16,16 @@ from serve_app.errors import InvalidInput
 
 #: One input: a text, or the model tokenizer's complete token ids for one text.
 Input = str | tuple[int, ...]
-#: What a model does: embed texts, or score (query, document) pairs.
-Task = Literal["embedding", "rerank"]
+#: One input to a classifier: a text, or a pair of texts (a sentence pair, as NLI models take).
+ClassifyInput = str | tuple[str, str]
+#: What a model does: embed texts into dense vectors, score (query, document) pairs (a
+#: cross-encoder), classify texts or text pairs (a sequence classifier), or embed texts into
+#: sparse vocabulary-sized vectors (SPLADE).
+Task = Literal["embedding", "rerank", "classify", "sparse"]
+TASKS: tuple[Task, ...] = ("embedding", "rerank", "classify", "sparse")
+#: What an embedding request answers: one vector per input (pooled), or one per token of each
+#: input (the model's last hidden states, text-embeddings-inference's ``/embed_all``).
+Output = Literal["pooled", "tokens"]
 #: How vectors are answered: float32, or quantized as sentence-transformers' ``quantize_embeddings``
 #: does (int8/uint8: one byte per value on fixed per-dimension ranges; binary/ubinary: sign bits
 #: packed 8 to a byte, as int8 offset by -128 or as uint8).
@@ -97,6 +105,9 @@ class EmbedRequest(_Request):
     - ``normalize``: L2-normalize the vectors (True), answer them as pooled (False), or as the
       model's own config says (None, the default).
     - ``truncation_side``: which end of an over-long text truncation cuts.
+    - ``output``: one vector per input (``pooled``), or every token's (``tokens``: no
+      pooling, normalizing, dimensions or encodings).
+    - ``max_active_dims``: a sparse model's vectors keep only their largest N values.
     - ``priority``: where its texts wait in the replica's queue, as in Triton: 1 the
       highest, larger numbers lower, 0 the default (1, interactive).
     - ``request_id``: the caller's id, for logs.
@@ -117,7 +128,8 @@ class EmbedRequest(_Request):
     priority: int = 0
     normalize: bool | None = None
     truncation_side: Side = "right"
-
+    output: Output = "pooled"
+    max_active_dims: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +145,28 @@ class RerankRequest(_Request):
     model: str
     query: str
     documents: tuple[str, ...]
+    raw_scores: bool = False
+    truncate: bool = True
+    request_id: str = ""
+    deadline: float | None = None
+    version: str | None = None
+    priority: int = 0
+    truncation_side: Side = "right"
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyRequest(_Request):
+    """Classify each of ``inputs`` (a text, or a pair of texts) with sequence classifier
+    ``model``: per input, a score for each of the model's labels (its config's ``id2label``).
+
+    ``raw_scores``: the logits instead of the probabilities (softmax over the labels; sigmoid
+    for a multi-label or one-label model, as transformers' text-classification pipeline
+    applies them); ``truncate``: cut an input longer than the model's limit (a pair longest
+    first) or refuse it; ``truncation_side``: which end it cuts. Other fields as in
+    :class:`EmbedRequest`."""
+
+    model: str
+    inputs: tuple[ClassifyInput, ...]
     raw_scores: bool = False
     truncate: bool = True
     request_id: str = ""
@@ -176,7 +210,7 @@ class DecodeRequest(_Request):
 class Token:
     """One token of a tokenized text: its ``id``, its ``text`` (the text's own characters, or
     for a special token its name), ``special``, and for a token of the text, where it is:
-    ``start`` and ``stop`` character offsets (None for special tokens)."""
+    ``start`` and ``stop``, UTF-8 byte offsets into the text (None for special tokens)."""
 
     id: int
     text: str
@@ -246,6 +280,47 @@ class EmbedResult(Measured):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SparseEmbedResult(Measured):
+    """A sparse model's vectors, row ``i`` in ``indices[indptr[i]:indptr[i + 1]]`` (int32
+    vocabulary ids, ascending) and ``values`` (float32, non-zero) at the same positions:
+    compressed sparse rows of ``[n, dim]``, ``dim`` the vocabulary size."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    dim: int
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``i``'s (indices, values)."""
+        a, b = int(self.indptr[i]), int(self.indptr[i + 1])
+        return self.indices[a:b], self.values[a:b]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenEmbedResult(Measured):
+    """Every token's vector: input ``i``'s float32 ``[tokens_i, dim]`` is
+    ``embeddings[offsets[i]:offsets[i + 1]]`` (``offsets``: int64 ``[n + 1]``)."""
+
+    embeddings: np.ndarray
+    offsets: np.ndarray
+
+    def matrix(self, i: int) -> np.ndarray:
+        return self.embeddings[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+
+#: what an :class:`EmbedRequest` answers, by the model's task and the request's ``output``
+AnyEmbedResult = EmbedResult | SparseEmbedResult | TokenEmbedResult
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClassifyResult(Measured):
+    """``scores``: float32 ``[n, labels]``, one row per input in request order, one column per
+    label in the model's label order (:attr:`ModelInfo.labels`)."""
+
+    scores: np.ndarray
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RerankResult(Measured):
     """``scores``: float32 ``[n]``, one per document in request order."""
 
@@ -254,7 +329,9 @@ class RerankResult(Measured):
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """What the protocols need to describe a loaded model."""
+    """What the protocols need to describe a loaded model. ``dim``: the width of its output
+    (a vector's values, a classifier's labels, 1 for a reranker, a sparse model's vocabulary);
+    ``hidden_size``: the width of its token vectors."""
 
     name: str
     version: str
@@ -278,6 +355,19 @@ class ModelInfo:
     #: the engine running the model and its fidelity to float32 torch
     #: (:meth:`serve_app.engine.embedding.TransformerEngine.engine_info`)
     engine: dict[str, Any] | None = None
+    #: the checkpoint's revision as configured (None: its default branch)
+    revision: str | None = None
+    #: the model's output labels by index, from its config's ``id2label`` (a reranker's one)
+    labels: tuple[str, ...] = ()
+    #: a replica's limits: inputs and tokens per forward pass, inputs admitted at once
+    max_batch_size: int = 0
+    max_batch_tokens: int = 0
+    max_queued_inputs: int = 0
+    #: threads a replica tokenizes long requests on
+    tokenizer_threads: int = 0
+    hidden_size: int = 0
+    #: a classifier's KServe V1/V2 answer (``ModelConfig.kserve_output``)
+    kserve_output: str = "label"
 
     def prompt_names(self) -> list[str]:
         return [n for n, _ in self.prompts]

@@ -356,6 +356,83 @@ def cross_encoder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
     return build
 
 
+#: the tiny classifier's labels
+CLASSIFIER_LABELS = ("negative", "neutral", "positive")
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> TinyFactory:
+    """Build a small random sequence classifier (BERT, MiniLM's tokenizer) with named labels
+    (:data:`CLASSIFIER_LABELS`). ``problem_type``: transformers' (multi-label models get
+    sigmoid scores); ``labels``: how many (named ``LABEL_i`` when not three)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    made: dict[tuple, Path] = {}
+
+    def build(problem_type: str | None = None, labels: int = 3) -> Path:
+        key = (problem_type, labels)
+        if key in made:
+            return made[key]
+        d = tmp_path_factory.mktemp("classifier")
+        torch.manual_seed(3)
+        names = dict(enumerate(CLASSIFIER_LABELS)) if labels == 3 else None
+        cfg = BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128, num_labels=labels,
+            initializer_range=0.5, problem_type=problem_type,
+            **({"id2label": names, "label2id": {v: k for k, v in names.items()}}
+               if names else {}))
+        BertForSequenceClassification(cfg).eval().save_pretrained(d)
+        for f in _TOKENIZER_FILES:
+            shutil.copy(minilm_dir / f, d / f)
+        made[key] = d
+        return d
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def splade(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> TinyFactory:
+    """Build a small random SPLADE model as sentence-transformers' ``SparseEncoder`` saves it
+    (a BERT masked-language model, MiniLM's tokenizer, ``SpladePooling``). Its output bias is
+    lowered so that, as in a trained SPLADE model, most of the vocabulary scores 0.
+    ``pooling``/``activation``: SpladePooling's; ``plain``: the masked-language model's own
+    directory, no sentence-transformers files."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    made: dict[tuple, Path] = {}
+
+    def build(pooling: str = "max", activation: str = "relu", plain: bool = False) -> Path:
+        key = (pooling, activation, plain)
+        if key in made:
+            return made[key]
+        d = tmp_path_factory.mktemp("mlm")
+        torch.manual_seed(4)
+        model = BertForMaskedLM(BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128))
+        with torch.no_grad():  # about 2% of the vocabulary above 0 per token
+            model.cls.predictions.bias -= 0.28
+        model.eval().save_pretrained(d)
+        for f in _TOKENIZER_FILES:
+            shutil.copy(minilm_dir / f, d / f)
+        if not plain:
+            from sentence_transformers import SparseEncoder
+            from sentence_transformers.base.modules.transformer import Transformer
+            from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+            out = tmp_path_factory.mktemp("splade")
+            SparseEncoder(modules=[Transformer(str(d), transformer_task="fill-mask"),
+                                   SpladePooling(pooling, activation)]).save(str(out))
+            d = out
+        made[key] = d
+        return d
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def prompted_minilm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """all-MiniLM-L6-v2 with the prompts of an asymmetric model (as E5 names them), no default:

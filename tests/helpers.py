@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi.testclient import TestClient
 
 from serve_app.config.schema import CorsOptions, LimitOptions
@@ -26,6 +27,7 @@ from serve_app.frontend.auth import ApiKeys
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.http.app import create_http_app
+from serve_app.frontend.http.route import TEI_PATHS
 from serve_app.frontend.metrics import Metrics
 from serve_app.frontend.registry import ModelBackend, Registry
 from serve_app.frontend.v2.codec import join_bytes_tensor
@@ -338,6 +340,39 @@ HTTP_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     v2_binary("v2-binary-invalid-utf8", join_bytes_tensor([b"\xff\xfe"])),
     v2_binary("v2-binary-truncated-element", b"\x09\x00\x00\x00ab"),
     ("v2-oversize-body", "POST", V2, v2_body([BIG]), JSON, 413),
+    # text-embeddings-inference's routes: 422 invalid, 400 empty, its error body
+    ("tei-malformed-json", "POST", "/embed", b'{"inputs": ', JSON, 422),
+    ("tei-missing-inputs", "POST", "/embed", b'{"normalize": true}', JSON, 422),
+    ("tei-inputs-number", "POST", "/embed", b'{"inputs": 5}', JSON, 422),
+    ("tei-inputs-empty-list", "POST", "/embed", b'{"inputs": []}', JSON, 400),
+    ("tei-inputs-empty-string", "POST", "/embed", b'{"inputs": ""}', JSON, 400),
+    ("tei-inputs-nested-too-deep", "POST", "/embed", b'{"inputs": [[["a"]]]}', JSON, 422),
+    ("tei-direction-upper", "POST", "/embed",
+     b'{"inputs": "a", "truncation_direction": "LEFT"}', JSON, 422),
+    ("tei-dimensions-zero", "POST", "/embed", b'{"inputs": "a", "dimensions": 0}', JSON, 422),
+    ("tei-dimensions-huge", "POST", "/embed", b'{"inputs": "a", "dimensions": 99999}', JSON,
+     422),
+    ("tei-normalize-string", "POST", "/embed", b'{"inputs": "a", "normalize": "no"}', JSON, 422),
+    ("tei-too-many-tokens-no-truncate", "POST", "/embed",
+     orjson.dumps({"inputs": LONG, "truncate": False}), JSON, 422),
+    ("tei-too-many-inputs", "POST", "/embed", orjson.dumps({"inputs": ["a"] * (MAX_INPUTS + 1)}),
+     JSON, 422),
+    ("tei-unknown-model", "POST", "/embed", b'{"inputs": "a", "model": "nope"}', JSON, 404),
+    ("tei-oversize-body", "POST", "/embed", orjson.dumps({"inputs": BIG}), JSON, 413),
+    ("tei-unknown-prompt", "POST", "/embed", b'{"inputs": "a", "prompt_name": "nope"}', JSON,
+     422),
+    ("tei-root-empty", "POST", "/", b'{"inputs": []}', JSON, 400),
+    ("tei-similarity-no-sentences", "POST", "/similarity",
+     b'{"inputs": {"source_sentence": "a", "sentences": []}}', JSON, 400),
+    ("tei-similarity-flat", "POST", "/similarity", b'{"inputs": ["a", "b"]}', JSON, 422),
+    ("tei-tokenize-empty", "POST", "/tokenize", b'{"inputs": ""}', JSON, 400),
+    ("tei-tokenize-ids", "POST", "/tokenize", b'{"inputs": [1, 2]}', JSON, 422),
+    ("tei-decode-empty", "POST", "/decode", b'{"ids": []}', JSON, 400),
+    ("tei-decode-empty-nested", "POST", "/decode", b'{"ids": [[]]}', JSON, 400),
+    ("tei-decode-out-of-vocab", "POST", "/decode", b'{"ids": [999999]}', JSON, 422),
+    ("tei-decode-negative", "POST", "/decode", b'{"ids": [-1]}', JSON, 422),
+    ("tei-decode-strings", "POST", "/decode", b'{"ids": ["a"]}', JSON, 422),
+    ("tei-info-unknown-model", "GET", "/info?model=nope", b"", {}, 404),
 ]
 
 
@@ -346,8 +381,9 @@ def assert_error_shape(path: str, r: Any, status: int) -> None:
     protocol that ``path`` belongs to, with a request id."""
     assert r.status_code == status, (r.status_code, r.text[:300])
     body = r.json()
-    if path == "/rerank":  # text-embeddings-inference's error body
-        assert set(body) == {"error", "error_type"} and body["error_type"] == "Validation"
+    if path.split("?")[0] in TEI_PATHS:  # text-embeddings-inference's error body
+        assert set(body) == {"error", "error_type"} and body["error"], body
+        assert body["error_type"] == {400: "Empty", 424: "Backend"}.get(status, "Validation")
         assert r.headers.get("x-request-id")
         return
     assert set(body) == {"error"}, body

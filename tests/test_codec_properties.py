@@ -118,7 +118,8 @@ def test_grpc_request_decodes_to_the_texts_sent(items, raw):
     else:
         inp.contents.bytes_contents.extend(encoded)
     wire = pb.ModelInferRequest.FromString(req.SerializeToString())
-    embed, was_raw = to_request(wire)
+    embed, was_raw, outputs = to_request(wire)
+    assert outputs == ("output-0",)
     assert list(embed.inputs) == items and was_raw == raw
 
 

@@ -104,7 +104,7 @@ def test_rerank_routes_with_httpx(server, scores):
         wrong = c.post("/v1/embeddings", json={"model": "reranker", "input": "a"})
         assert wrong.status_code == 400 and "is a reranker" in wrong.json()["error"]["message"]
         empty = c.post("/rerank", json={"query": QUERY, "texts": []})
-        assert empty.status_code == 400 and empty.json()["error_type"] == "Validation"
+        assert empty.status_code == 400 and empty.json()["error_type"] == "Empty"
         # KServe's runtime embeds "" on V1, and so do we
         v1 = c.post("/v1/models/embedding:predict", json={"instances": ["", SENTENCE]})
         assert v1.status_code == 200, v1.text

@@ -91,7 +91,8 @@ def test_a_request_through_the_pipeline_looks_its_model_up_once():
     registry = CountingRegistry([ServedModel("m", "1", "embedding", FakeBackend("m", dim=4))])
     call = Call(DataPlane(registry), Metrics(), "openai")
     call.find("m")
-    result, vectors = asyncio.run(call.run(EmbedRequest("m", ("hello", "world"))))
+    result = asyncio.run(call.embed_dense(EmbedRequest("m", ("hello", "world"))))
+    vectors = result.embeddings
     assert registry.lookups == 1
     assert vectors.shape == (2, 4) and vectors.dtype == np.float32
     assert result.prompt_tokens == len("hello") + len("world")
@@ -118,7 +119,7 @@ def test_an_answer_is_counted_under_its_protocol_and_timed():
     registry = Registry([ServedModel("m", "1", "embedding", FakeBackend("m")),
                          ServedModel("r", "1", "rerank", FakeBackend("r"))])
     call = Call(DataPlane(registry), metrics, "v2_grpc")
-    result, _ = asyncio.run(call.run(EmbedRequest("m", ("abc",))))
+    result = asyncio.run(call.run(EmbedRequest("m", ("abc",))))
     out = call.answer("m", result, lambda: "rendered", priority=2)
     assert out == "rendered" and call.model == "m"
     assert call.timings is not None and call.timings["x-compute-tokens"] == "3"

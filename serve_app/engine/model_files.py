@@ -105,6 +105,25 @@ class SentenceTransformerSettings:
     default_prompt_name: str | None = None
     #: a cross-encoder's activation, as sentence-transformers saved it (a dotted torch path)
     activation: str | None = None
+    #: a SPLADE model's pooling over tokens (``max`` or ``sum``) and activation (``relu``, or
+    #: ``log1p_relu``: log1p twice), from its ``SpladePooling`` module; None for other models
+    splade: tuple[str, str] | None = None
+    #: a sparse model's default pruning: each vector keeps its largest N values
+    max_active_dims: int | None = None
+
+
+#: what sentence-transformers' ``SpladePooling`` takes
+SPLADE_POOLING = ("max", "sum")
+SPLADE_ACTIVATIONS = ("relu", "log1p_relu")
+
+
+def _splade(pcfg: dict[str, Any]) -> tuple[str, str]:
+    pooling = str(pcfg.get("pooling_strategy", "max"))
+    activation = str(pcfg.get("activation_function", "relu"))
+    if pooling not in SPLADE_POOLING or activation not in SPLADE_ACTIVATIONS:
+        raise ModelLoadError(f"SPLADE pooling {pooling!r} with activation {activation!r}; "
+                             f"serve_app supports {SPLADE_POOLING} with {SPLADE_ACTIVATIONS}")
+    return pooling, activation
 
 
 def read_settings(model_dir: Path) -> SentenceTransformerSettings:
@@ -112,6 +131,7 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
     include_prompt = True
     pooling: str | None = None
     normalize: bool | None = None
+    splade: tuple[str, str] | None = None
     if isinstance(modules, list):
         types = [str(m.get("type", "")) for m in modules]
         normalize = any(t.endswith(".Normalize") for t in types)
@@ -130,10 +150,13 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
                         "one of mean, cls, max, lasttoken, mean_sqrt_len"
                     )
                 pooling = modes[0]
+            elif str(m.get("type", "")).endswith(".SpladePooling"):
+                splade = _splade(_read_json(model_dir / m.get("path", "") / "config.json") or {})
         unsupported = [
             t
             for t in types
-            if not t.endswith((".Transformer", ".Pooling", ".Normalize"))
+            if not t.endswith((".Transformer", ".MLMTransformer", ".Pooling", ".Normalize",
+                               ".SpladePooling"))
         ]
         if unsupported:
             raise ModelLoadError(f"unsupported sentence-transformers modules: {unsupported}")
@@ -156,4 +179,6 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name") or None,
         activation=activation or None,
+        splade=splade,
+        max_active_dims=st_cfg.get("max_active_dims") or None,
     )

@@ -10,9 +10,15 @@ from collections.abc import Iterable
 
 from serve_app.errors import Unauthorized
 
-#: HTTP paths that stay open so probes and scrapers need no key.
-OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/docs",
-                        "/openapi.json"})
+#: HTTP paths that stay open so probes and scrapers need no key, for reading only (``POST /``
+#: embeds, as text-embeddings-inference's root does, and needs the key).
+OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/health", "/ping",
+                        "/metrics", "/docs", "/openapi.json"})
+
+
+def is_open(method: str, path: str) -> bool:
+    """Whether ``method path`` is answered without an API key."""
+    return method in ("GET", "HEAD") and path in OPEN_PATHS
 
 
 class ApiKeys:

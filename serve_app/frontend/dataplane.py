@@ -16,14 +16,16 @@ from typing import Any
 
 from serve_app import __version__
 from serve_app.config.schema import LimitOptions
-from serve_app.errors import InvalidInput, ModelNotReady, wrong_task
+from serve_app.errors import EmptyInput, InvalidInput, ModelNotReady, wrong_task
 from serve_app.frontend.prompts import resolve_prompt
 from serve_app.frontend.registry import Registry, ServedModel
 from serve_app.types import (
+    AnyEmbedResult,
+    ClassifyRequest,
+    ClassifyResult,
     DecodeRequest,
     DecodeResult,
     EmbedRequest,
-    EmbedResult,
     ModelInfo,
     RerankRequest,
     RerankResult,
@@ -31,6 +33,11 @@ from serve_app.types import (
     TokenizeRequest,
     TokenizeResult,
 )
+
+#: the models' tasks each kind of request goes to
+ACCEPTS: dict[Task, tuple[Task, ...]] = {
+    "embedding": ("embedding", "sparse"), "rerank": ("rerank",),
+    "classify": ("classify", "rerank"), "sparse": ("sparse",)}
 
 
 class DataPlane:
@@ -145,7 +152,7 @@ class DataPlane:
         """Refuse what no model should see: no inputs, too many, over-long ones (before any
         tokenizing)."""
         if not inputs:
-            raise InvalidInput(f"at least one {field} is required", param=field)
+            raise EmptyInput(f"at least one {field} is required", param=field)
         limit = self.limits.max_inputs_per_request
         if len(inputs) > limit:
             raise InvalidInput(
@@ -167,10 +174,10 @@ class DataPlane:
         self._check_inputs(req.inputs, "input")
 
     async def _ready_info(self, model: ServedModel, task: Task | None) -> ModelInfo:
-        """The metadata of ``model`` when it does ``task`` (None: any) and can take a request
-        now."""
-        if task is not None and model.task != task:  # a mistake whatever the model's state
-            raise wrong_task(model.name, model.task)
+        """The metadata of ``model`` when it does ``task`` (None: any; a sparse model embeds,
+        a reranker classifies pairs) and can take a request now."""
+        if task is not None and model.task not in ACCEPTS[task]:  # wrong in every state
+            raise wrong_task(model.name, model.task, task)
         if not await model.backend.ready():  # answer now; never queue behind no replica
             raise ModelNotReady(
                 f"model {model.name!r} is not ready: no running replica; retry shortly",
@@ -178,11 +185,20 @@ class DataPlane:
             )
         return await self.info(model, wait=True)
 
-    async def embed(self, req: EmbedRequest, model: ServedModel | None = None) -> EmbedResult:
+    async def embed(self, req: EmbedRequest, model: ServedModel | None = None
+                    ) -> AnyEmbedResult:
         """Validate ``req`` and run it on its model (``model``, when the caller found it)."""
         model = model or self.registry.get(req.model, req.version)
         self.check(req)
         info = await self._ready_info(model, "embedding")
+        if info.task == "sparse":
+            _check_sparse(req)
+        elif req.max_active_dims is not None:
+            raise InvalidInput("max_active_dims prunes a sparse model's vectors; model "
+                               f"{req.model!r} is a dense one", param="max_active_dims")
+        if req.output == "tokens" and (req.dimensions is not None or req.encoding != "float"):
+            raise InvalidInput("token vectors come whole, as float32: no dimensions or "
+                               "encoding", param="dimensions")
         if req.dimensions is not None and not 1 <= req.dimensions <= info.dim:
             raise InvalidInput(
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
@@ -201,7 +217,7 @@ class DataPlane:
         found it)."""
         model = model or self.registry.get(req.model, req.version)
         if not req.query:
-            raise InvalidInput("query must be a non-empty string", param="query")
+            raise EmptyInput("query must be a non-empty string", param="query")
         self._check_inputs(req.documents, "document")
         if len(req.query) > self.limits.max_input_chars:
             raise InvalidInput(f"query has {len(req.query)} characters; the limit is "
@@ -209,6 +225,20 @@ class DataPlane:
         await self._ready_info(model, "rerank")
         with self._flight(req.model, req.effective_priority, len(req.documents)):
             return await model.backend.rerank(req)
+
+    async def classify(self, req: ClassifyRequest, model: ServedModel | None = None
+                       ) -> ClassifyResult:
+        """Validate ``req`` and classify its inputs on its model (``model``, when the caller
+        found it)."""
+        model = model or self.registry.get(req.model, req.version)
+        self._check_inputs(tuple(x if isinstance(x, str) else x[0] + x[1] for x in req.inputs),
+                           "input")
+        for i, x in enumerate(req.inputs):
+            if not x or (not isinstance(x, str) and not all(x)):
+                raise EmptyInput(f"input {i} is empty", param="input")
+        await self._ready_info(model, "classify")
+        with self._flight(req.model, req.effective_priority, len(req.inputs)):
+            return await model.backend.classify(req)
 
     async def tokenize(self, req: TokenizeRequest, model: ServedModel | None = None
                        ) -> TokenizeResult:
@@ -225,3 +255,17 @@ class DataPlane:
         self._check_inputs(req.ids, "ids")
         await self._ready_info(model, None)
         return await model.backend.decode(req)
+
+
+def _check_sparse(req: EmbedRequest) -> None:
+    """Refuse what a sparse model's vectors cannot be given."""
+    if req.dimensions is not None:
+        raise InvalidInput("a sparse model's vectors span its vocabulary: dimensions cannot "
+                           "cut them; use max_active_dims to keep the largest values",
+                           param="dimensions")
+    if req.encoding != "float":
+        raise InvalidInput("a sparse model's vectors come as indices and float values: no "
+                           f"{req.encoding!r} encoding", param="encoding")
+    if req.max_active_dims is not None and req.max_active_dims < 1:
+        raise InvalidInput("max_active_dims must be a positive integer",
+                           param="max_active_dims")

@@ -14,24 +14,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
-import numpy as np
-
+from serve_app.errors import wrong_task
 from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.metrics import Metrics
 from serve_app.frontend.registry import ServedModel
 from serve_app.types import (
     DEFAULT_PRIORITY,
+    AnyEmbedResult,
+    ClassifyRequest,
+    ClassifyResult,
     EmbedRequest,
+    EmbedResult,
     Measured,
     RerankRequest,
+    RerankResult,
     deadline,
     priority,
 )
 
 T = TypeVar("T")
-Internal = EmbedRequest | RerankRequest
+Internal = EmbedRequest | RerankRequest | ClassifyRequest
 
 
 def _ms(seconds: float) -> str:
@@ -79,15 +83,32 @@ class Call:
             self._found = ((name, version), self.dataplane.model(name, version))
         return self._found[1]
 
-    async def run(self, req: Internal) -> tuple[Measured, np.ndarray]:
-        """Run ``req`` on its model: the result, and the array the answer holds (vectors or
-        their codes, or a reranker's scores)."""
+    @overload
+    async def run(self, req: EmbedRequest) -> AnyEmbedResult: ...
+
+    @overload
+    async def run(self, req: RerankRequest) -> RerankResult: ...
+
+    @overload
+    async def run(self, req: ClassifyRequest) -> ClassifyResult: ...
+
+    async def run(self, req: Internal) -> AnyEmbedResult | RerankResult | ClassifyResult:
+        """Run ``req`` on its model: its result (vectors or their codes, sparse vectors or
+        every token's, a reranker's or a classifier's scores)."""
         served = self.find(req.model, req.version)
         if isinstance(req, RerankRequest):
-            scored = await self.dataplane.rerank(req, served)
-            return scored, scored.scores
-        embedded = await self.dataplane.embed(req, served)
-        return embedded, embedded.embeddings
+            return await self.dataplane.rerank(req, served)
+        if isinstance(req, ClassifyRequest):
+            return await self.dataplane.classify(req, served)
+        return await self.dataplane.embed(req, served)
+
+    async def embed_dense(self, req: EmbedRequest) -> EmbedResult:
+        """Run ``req``, which its protocol answers with dense vectors only: a model of
+        another kind (sparse) is the protocol's :class:`WrongTask`."""
+        result = await self.run(req)
+        if not isinstance(result, EmbedResult):
+            raise wrong_task(req.model, self.find(req.model, req.version).task, "embedding")
+        return result
 
     def answer(self, model: str, result: Measured, render: Callable[[], T],
                priority: int = DEFAULT_PRIORITY) -> T:

@@ -16,10 +16,12 @@ from typing import Any, Protocol
 from serve_app.config.schema import AppConfig, ModelConfig
 from serve_app.errors import InvalidInput, ModelNotFound
 from serve_app.types import (
+    AnyEmbedResult,
+    ClassifyRequest,
+    ClassifyResult,
     DecodeRequest,
     DecodeResult,
     EmbedRequest,
-    EmbedResult,
     ModelInfo,
     RerankRequest,
     RerankResult,
@@ -33,9 +35,11 @@ class ModelBackend(Protocol):
     """One model seen from the ingress: a model runner in process (colocated), or a model
     deployment (or one of its variants) behind a Serve handle."""
 
-    async def embed(self, req: EmbedRequest) -> EmbedResult: ...
+    async def embed(self, req: EmbedRequest) -> AnyEmbedResult: ...
 
     async def rerank(self, req: RerankRequest) -> RerankResult: ...
+
+    async def classify(self, req: ClassifyRequest) -> ClassifyResult: ...
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResult: ...
 
@@ -129,14 +133,21 @@ class Registry:
 
     def reranker(self, name: str | None) -> str:
         """The reranker a request names, or the only one served when it names none."""
+        return self._only(name, "rerank", "reranker")
+
+    def classifier(self, name: str | None) -> str:
+        """The classifier a request names, or the only one served when it names none."""
+        return self._only(name, "classify", "classifier")
+
+    def _only(self, name: str | None, task: Task, word: str) -> str:
         if name is not None:
             return name
-        rerankers = self.of_task("rerank")
-        if len(rerankers) != 1:
+        found = self.of_task(task)
+        if len(found) != 1:
             raise InvalidInput(
-                "no reranker is served here" if not rerankers else
-                f"several rerankers are served ({rerankers}): name one in 'model'", param="model")
-        return rerankers[0]
+                f"no {word} is served here" if not found else
+                f"several {word}s are served ({found}): name one in 'model'", param="model")
+        return found[0]
 
 
 #: How the Serve layer reaches a model entry, and a variant of it (its name, its checkpoint, the

@@ -26,6 +26,7 @@ from serve_app.config.schema import (
     DeploymentOptions,
     IngressOptions,
     ModelConfig,
+    Pooling,
     Precision,
 )
 from serve_app.config.serve_yaml import read_serve_config, serve_config
@@ -33,7 +34,9 @@ from serve_app.config.variants import VariantOptions
 from serve_app.types import Task
 
 #: KServe's --task values served here, and the model task each means
-SUPPORTED_TASKS: dict[str, Task] = {"text_embedding": "embedding", "rerank": "rerank"}
+SUPPORTED_TASKS: dict[str, Task] = {"text_embedding": "embedding", "rerank": "rerank",
+                                     "sequence_classification": "classify",
+                                     "text_classification": "classify"}
 DASHBOARD_HELP = ("Also start Ray's dashboard (port 8265; `serve deploy` and `serve status` "
                   "need it). Off by default: its processes hold about 1 GB.")
 #: --backend values, KServe's included, and the engine each means
@@ -45,7 +48,6 @@ _REFUSED = {
     "--disable_lower_case": "the tokenizer's own lower-casing is always used",
     "--disable_special_tokens": "special tokens are part of every embedding model's input",
     "--return_token_type_ids": "embedding responses carry no token type ids",
-    "--return_probabilities": "probabilities belong to classification tasks",
     "--tensor_input_names": "inputs are always the tokenizer's ids and attention mask",
     "--predictor_host": "serve_app runs the model itself; there is no separate predictor",
     "--tokenizer_revision": "the tokenizer is loaded from the model's own files, at "
@@ -75,7 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
                    help="auto: float16 on GPU, float32 on CPU.")
     p.add_argument("--task", default="text_embedding",
-                   help=f"One of {', '.join(SUPPORTED_TASKS)} (a one-label cross-encoder).")
+                   help=f"One of {', '.join(SUPPORTED_TASKS)} (rerank: a one-label "
+                   "cross-encoder; sequence_classification: any sequence classifier). A "
+                   "SPLADE model embeds with --pooling splade.")
+    p.add_argument("--pooling", default="auto", choices=list(get_args(Pooling)),
+                   help="How an embedding model pools its tokens (auto: as its files say); "
+                   "splade serves a SPLADE model's sparse vectors (text-embeddings-inference's "
+                   "flag).")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--return_probabilities", action="store_true",
+                     help="A classifier's KServe V1/V2 answers: each label's probability "
+                     "instead of the best label's index (KServe's flag).")
+    out.add_argument("--return_raw_logits", action="store_true",
+                     help="A classifier's KServe V1/V2 answers: each label's logit (KServe's "
+                     "flag).")
     p.add_argument("--backend", default="auto", choices=sorted(_BACKENDS),
                    help="The engine: torch, onnxruntime or openvino (huggingface, KServe's "
                    "name for transformers, is torch). auto: torch on GPU, on CPU the fastest "
@@ -149,6 +164,11 @@ def config_from_args(
         parser.error(f"--task {args.task!r} is not supported; supported: "
                      f"{', '.join(SUPPORTED_TASKS)}")
     model_id = _model_source(args, parser)
+    task = SUPPORTED_TASKS[args.task]
+    if args.pooling == "splade":
+        if task != "embedding":
+            parser.error(f"--pooling splade embeds (a SPLADE model); not with --task {args.task}")
+        task = "sparse"
     num_cpus = args.num_cpus if args.num_cpus is not None else max(1.0, float(cpus or 1))
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
     try:
@@ -156,7 +176,10 @@ def config_from_args(
             name=args.model_name,
             model_id=model_id,
             model_revision=args.model_revision,
-            task=SUPPORTED_TASKS[args.task],
+            task=task,
+            pooling=args.pooling,
+            kserve_output=("probabilities" if args.return_probabilities else
+                           "logits" if args.return_raw_logits else "label"),
             trust_remote_code=args.trust_remote_code,
             max_length=args.max_length,
             dtype=_DTYPES[args.dtype],

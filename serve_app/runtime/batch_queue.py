@@ -45,8 +45,11 @@ from serve_app.types import DEFAULT_PRIORITY
 FAIR_EVERY = 4
 
 Seqs = list[list[int]]
-#: computes one forward pass: token-id sequences -> float32 ``[n, dim]``
-Compute = Callable[[Seqs], np.ndarray]
+#: what one forward pass answers: float32 ``[n, dim]``, or one array per sequence (outputs
+#: whose shape differs between sequences, such as every token's vector)
+Rows = np.ndarray | list[np.ndarray]
+#: computes one forward pass: token-id sequences -> :data:`Rows`
+Compute = Callable[[Seqs], Rows]
 
 
 def _expired() -> DeadlineExceeded:
@@ -57,14 +60,15 @@ def _expired() -> DeadlineExceeded:
 class Work:
     """One request's token-id sequences on their way through the queue.
 
-    ``future`` gets float32 ``[n, dim]`` in input order once every sequence has run, or the
-    error that ended the request. ``owner`` is the task that awaits it: once that task is done
+    ``future`` gets the outputs in input order once every sequence has run (float32
+    ``[n, dim]``, or a list of arrays from a pass that answers those), or the error that ended
+    the request. ``owner`` is the task that awaits it: once that task is done
     or being cancelled, nobody wants the answer. ``deadline`` is wall-clock (``time.time()``).
     ``priority``: its priority, 1 the highest.
     """
 
     seqs: Seqs
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Any]
     deadline: float | None = None
     owner: asyncio.Task[Any] | None = None
     priority: int = DEFAULT_PRIORITY
@@ -72,7 +76,7 @@ class Work:
     order: list[int] = field(default_factory=list)  # indices longest first
     taken: int = 0  # how many of ``order`` are in a pass already
     left: int = 0  # sequences not computed yet
-    out: np.ndarray | None = None
+    out: np.ndarray | list[Any] | None = None
     passes: dict[int, float] = field(default_factory=dict)  # pass number -> its seconds
 
     def __post_init__(self) -> None:
@@ -329,7 +333,8 @@ class BatchQueue:
             if w.future.done():
                 continue
             if w.out is None:
-                w.out = np.empty((len(w.seqs), vectors.shape[1]), dtype=np.float32)
+                w.out = (np.empty((len(w.seqs), vectors.shape[1]), dtype=np.float32)
+                         if isinstance(vectors, np.ndarray) else [None] * len(w.seqs))
             w.out[i] = vectors[row]
             w.passes[number] = seconds
             w.left -= 1

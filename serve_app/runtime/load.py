@@ -9,11 +9,19 @@ import time
 
 from serve_app.config.schema import ModelConfig
 from serve_app.engine.backends import choose
+from serve_app.engine.classifier import ClassifyEngine
 from serve_app.engine.embedding import EmbeddingEngine, pick_device, plan_parallelism
 from serve_app.engine.reranker import RerankEngine
+from serve_app.engine.sparse import SparseEngine
 from serve_app.runtime.runner import ModelRunner, ReplicaResources
+from serve_app.types import Task
 
 log = logging.getLogger(__name__)
+
+#: the engine of each task
+ENGINES: dict[Task, type[EmbeddingEngine] | type[ClassifyEngine]] = {
+    "embedding": EmbeddingEngine, "rerank": RerankEngine, "classify": ClassifyEngine,
+    "sparse": SparseEngine}
 
 
 def passes_of(cfg: ModelConfig) -> tuple[int, int]:
@@ -36,8 +44,7 @@ def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
     backend = choose(cfg.backend, cfg.precision, cfg.dtype, pick_device(cfg.device))[0]
     log.info("model %r: starting (%s on %s, %d forward pass(es) at once, %d thread(s) each)",
              cfg.name, cfg.model_id, backend, passes, per_pass)
-    engine = (RerankEngine if cfg.task == "rerank" else EmbeddingEngine)(
-        cfg, num_threads=per_pass, passes=passes)
+    engine = ENGINES[cfg.task](cfg, num_threads=per_pass, passes=passes)
     if variant:
         engine.verify()
     else:

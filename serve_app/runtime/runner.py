@@ -9,6 +9,7 @@ process; in every case its requests enter its :class:`BatchQueue` directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -19,12 +20,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from serve_app.engine.classifier import ClassifyEngine
 from serve_app.engine.embedding import EmbeddingEngine, plan_parallelism
 from serve_app.engine.quantize import Calibration, quantize, reduce_dimensions
 from serve_app.engine.reranker import RerankEngine
-from serve_app.errors import InvalidInput, Overloaded, wrong_task
+from serve_app.engine.sparse import SparseEngine
+from serve_app.errors import EmptyInput, InvalidInput, Overloaded, wrong_task
 from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
 from serve_app.types import (
+    AnyEmbedResult,
+    ClassifyRequest,
+    ClassifyResult,
     DecodeRequest,
     DecodeResult,
     EmbedRequest,
@@ -32,6 +38,8 @@ from serve_app.types import (
     ModelInfo,
     RerankRequest,
     RerankResult,
+    SparseEmbedResult,
+    TokenEmbedResult,
     TokenizeRequest,
     TokenizeResult,
 )
@@ -39,6 +47,9 @@ from serve_app.types import (
 #: Requests this short (in characters, or token ids) are tokenized on the event loop, where
 #: that costs less than the two thread switches of the tokenizer pool.
 INLINE_TOKENIZE_CHARS = 512
+
+#: threads of a replica's tokenizer pool (long requests are tokenized there)
+TOKENIZER_THREADS = 2
 
 Prepare = Callable[[], tuple[list[list[int]], int]]
 T = TypeVar("T")
@@ -67,13 +78,18 @@ class ReplicaResources:
     @classmethod
     def of(cls, passes: int, max_queued_inputs: int) -> ReplicaResources:
         return cls(ThreadPoolExecutor(passes, thread_name_prefix="forward"),
-                   ThreadPoolExecutor(2, thread_name_prefix="tokenize"),
+                   ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize"),
                    Admission(max_queued_inputs))
 
 
+Engine = EmbeddingEngine | ClassifyEngine
+
+
 class ModelRunner:
-    """Embeds :class:`EmbedRequest` objects with an :class:`EmbeddingEngine`, or scores
-    :class:`RerankRequest` objects with a :class:`RerankEngine`.
+    """Embeds :class:`EmbedRequest` objects with an :class:`EmbeddingEngine` (dense, or sparse
+    with a :class:`SparseEngine`), scores :class:`RerankRequest` objects with a
+    :class:`RerankEngine`, classifies :class:`ClassifyRequest` objects with a
+    :class:`ClassifyEngine` (a reranker classifies pairs too).
 
     A request is admitted only while the inputs held (tokenizing, queued, in a pass) stay within
     ``max_queued_inputs``; past it the request is refused at once with :class:`Overloaded`: the
@@ -87,9 +103,11 @@ class ModelRunner:
     (:class:`BatchQueue`). Vectors are cut to ``dimensions`` and encoded
     (:mod:`serve_app.engine.quantize`) here, so compact encodings cross to the ingress compact; a
     model not calibrated at warm-up (a variant) calibrates on its first int8/uint8 request.
+    Requests for every token's vector (``output: tokens``) form passes of their own, in a
+    second queue made on the first such request, on the same forward threads.
     """
 
-    def __init__(self, engine: EmbeddingEngine | RerankEngine, name: str, version: str = "1",
+    def __init__(self, engine: Engine, name: str, version: str = "1",
                  max_queued_inputs: int = 4096, passes: int = 1, threads: int = 1,
                  solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS,
                  shared: ReplicaResources | None = None, batch_wait_s: float = 0.0,
@@ -101,20 +119,25 @@ class ModelRunner:
         whole = functools.partial(engine.serve_pass, threads=threads)
         own = shared is None
         shared = shared or ReplicaResources.of(passes, max_queued_inputs)
-        self.queue = BatchQueue(compute, engine.max_batch_size, engine.max_batch_tokens, passes,
-                                solo=whole if own and solo and threads > share else None,
-                                executor=shared.forward, wait_s=batch_wait_s,
-                                fair_every=fair_every)
+        self._queue_of = functools.partial(
+            BatchQueue, max_batch_size=engine.max_batch_size,
+            max_batch_tokens=engine.max_batch_tokens, passes=passes, executor=shared.forward,
+            wait_s=batch_wait_s, fair_every=fair_every)
+        self.queue = self._queue_of(
+            compute, solo=whole if own and solo and threads > share else None)
+        self._token_queue: BatchQueue | None = None
+        self._share = share
         self._tokenize_pool = shared.tokenize
         self.admission = shared.admission
         self._held = 0  # this model's part of admission.held
         self._calibrating = asyncio.Lock()
-        self._info = engine.info(name, version)
+        self._info = dataclasses.replace(engine.info(name, version),
+                                         tokenizer_threads=TOKENIZER_THREADS)
 
     @contextmanager
     def _admit(self, model: str, n: int) -> Iterator[None]:
         if not n:  # the data plane refuses these; here a Work of no texts would never resolve
-            raise InvalidInput("input must not be empty", param="input")
+            raise EmptyInput("input must not be empty", param="input")
         a = self.admission
         if a.held + n > a.limit:
             a.refused += 1
@@ -130,34 +153,54 @@ class ModelRunner:
             a.held -= n
             self._held -= n
 
-    async def _run(self, prepare: Prepare, chars: int, deadline: float | None, priority: int
-                   ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Tokenize (``prepare``), queue and compute one request: the model's output rows in
-        input order, and what an answer reports (token counts, truncated, timings, passes)."""
+    async def _run(self, prepare: Prepare, chars: int, deadline: float | None, priority: int,
+                   queue: BatchQueue | None = None) -> tuple[Any, dict[str, Any]]:
+        """Tokenize (``prepare``), queue and compute one request (on ``queue``, default the
+        model's): the model's output rows in input order, and what an answer reports (token
+        counts, truncated, timings, passes)."""
         t0 = time.perf_counter()
         seqs, truncated = await self._off_loop(chars, prepare)
         t1 = time.perf_counter()
         work = Work(seqs, asyncio.get_running_loop().create_future(), deadline,
                     asyncio.current_task(), priority=priority)
-        self.queue.put([work])
+        queue = queue or self.queue
+        queue.put([work])
         out = await work.future
         waited = time.perf_counter() - t1
         counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         inference = work.inference_s
         return out, {"token_counts": counts, "truncated": truncated, "tokenize_s": t1 - t0,
                      "queue_s": max(0.0, waited - inference), "inference_s": inference,
-                     "passes": self.queue.take_passes()}
+                     "passes": queue.take_passes()}
 
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
+    def _tokens_queue(self, engine: EmbeddingEngine) -> BatchQueue:
+        if self._token_queue is None:
+            self._token_queue = self._queue_of(
+                functools.partial(engine.token_pass, threads=self._share))
+        return self._token_queue
+
+    async def embed(self, req: EmbedRequest) -> AnyEmbedResult:
         engine = self.engine
         if not isinstance(engine, EmbeddingEngine):
-            raise wrong_task(req.model, self._info.task)
+            raise wrong_task(req.model, self._info.task, "embedding")
+        if req.output == "tokens" and isinstance(engine, SparseEngine):
+            engine.token_pass([])  # refuses, saying why
+        queue = self._tokens_queue(engine) if req.output == "tokens" else None
         with self._admit(req.model, len(req.inputs)):
             prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
                                         req.prompt_name, req.truncation_side)
             pooled, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
-                                               req.deadline, req.effective_priority)
+                                               req.deadline, req.effective_priority, queue)
+        if req.output == "tokens":
+            offsets = np.zeros(len(pooled) + 1, dtype=np.int64)
+            np.cumsum([len(m) for m in pooled], out=offsets[1:])
+            return TokenEmbedResult(embeddings=np.concatenate(pooled), offsets=offsets,
+                                    **measured)
         vectors = engine.finish(pooled, req.normalize)
+        if isinstance(engine, SparseEngine):
+            indptr, indices, values = engine.rows(vectors, req.max_active_dims)
+            return SparseEmbedResult(indptr=indptr, indices=indices, values=values,
+                                     dim=engine.dim, **measured)
         if req.dimensions is not None and req.dimensions != engine.dim:
             # cut, and normalized again unless the request asked for vectors as pooled
             vectors = (np.ascontiguousarray(vectors[:, :req.dimensions])
@@ -180,13 +223,26 @@ class ModelRunner:
     async def rerank(self, req: RerankRequest) -> RerankResult:
         engine = self.engine
         if not isinstance(engine, RerankEngine):
-            raise wrong_task(req.model, self._info.task)
+            raise wrong_task(req.model, self._info.task, "rerank")
         with self._admit(req.model, len(req.documents)):
             prepare = functools.partial(engine.tokenize, req.query, req.documents, req.truncate,
                                         req.truncation_side)
             chars = len(req.query) * len(req.documents) + sum(map(len, req.documents))
             logits, measured = await self._run(prepare, chars, req.deadline, req.effective_priority)
         return RerankResult(scores=engine.scores(logits, req.raw_scores), **measured)
+
+    async def classify(self, req: ClassifyRequest) -> ClassifyResult:
+        engine = self.engine
+        if not isinstance(engine, ClassifyEngine):
+            raise wrong_task(req.model, self._info.task, "classify")
+        with self._admit(req.model, len(req.inputs)):
+            prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
+                                        req.truncation_side)
+            chars = sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1])
+                        for x in req.inputs)
+            logits, measured = await self._run(prepare, chars, req.deadline,
+                                               req.effective_priority)
+        return ClassifyResult(scores=engine.probabilities(logits, req.raw_scores), **measured)
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
         """``req``'s texts as the model tokenizes them to embed (a reranker: as they are),

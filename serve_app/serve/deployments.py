@@ -30,10 +30,13 @@ from serve_app.runtime.variants import Residency, Variant, VariantHost
 from serve_app.serve.handles import HandleBackend, ReplicaCensus, VariantBackend
 from serve_app.serve.logs import log_through_serve
 from serve_app.types import (
+    AnyEmbedResult,
+    ClassifyRequest,
+    ClassifyResult,
     DecodeRequest,
     DecodeResult,
     EmbedRequest,
-    EmbedResult,
+    Measured,
     ModelInfo,
     RerankRequest,
     RerankResult,
@@ -44,14 +47,15 @@ from serve_app.types import (
 log = logging.getLogger(__name__)  # under "serve_app": see serve.logs
 
 
-R = TypeVar("R", EmbedResult, RerankResult)
+R = TypeVar("R", bound=Measured)
 
 
 @serve.deployment
 class ModelDeployment:
     """One model's replica (the separate topology): its runner
     (:func:`serve_app.runtime.load.load_runner`) built in ``__init__``, then
-    :class:`EmbedRequest` (or, for a reranker, :class:`RerankRequest`) objects in, results out.
+    :class:`EmbedRequest` (a reranker :class:`RerankRequest`, a classifier
+    :class:`ClassifyRequest`) objects in, results out.
 
     With ``variants``, a request whose multiplexed model id names a variant goes to that variant's
     model (:class:`serve_app.runtime.variants.VariantHost`), loaded through ``@serve.multiplexed``,
@@ -100,11 +104,16 @@ class ModelDeployment:
             raise
         return dataclasses.replace(result, variants=self.host.report())
 
-    async def embed(self, req: EmbedRequest, holders: tuple[str, ...] = ()) -> EmbedResult:
+    async def embed(self, req: EmbedRequest, holders: tuple[str, ...] = ()
+                    ) -> AnyEmbedResult:
         return await self._reported(lambda model: model.embed(req), holders)
 
     async def rerank(self, req: RerankRequest, holders: tuple[str, ...] = ()) -> RerankResult:
         return await self._reported(lambda model: model.rerank(req), holders)
+
+    async def classify(self, req: ClassifyRequest, holders: tuple[str, ...] = ()
+                       ) -> ClassifyResult:
+        return await self._reported(lambda model: model.classify(req), holders)
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
         return await self.model.tokenize(req)  # variants share the base's tokenizer

@@ -16,10 +16,12 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.errors import DeadlineExceeded, Misrouted, ModelNotReady, ServeAppError
 from serve_app.runtime.variants import Residency, describe
 from serve_app.types import (
+    AnyEmbedResult,
+    ClassifyRequest,
+    ClassifyResult,
     DecodeRequest,
     DecodeResult,
     EmbedRequest,
-    EmbedResult,
     ModelInfo,
     RerankRequest,
     RerankResult,
@@ -27,7 +29,7 @@ from serve_app.types import (
     TokenizeResult,
 )
 
-Call = EmbedRequest | RerankRequest | TokenizeRequest | DecodeRequest
+Call = EmbedRequest | RerankRequest | ClassifyRequest | TokenizeRequest | DecodeRequest
 
 
 def _name(enum: Any) -> str:
@@ -101,6 +103,7 @@ class HandleBackend:
         self._in_flight = 0
         self._embed = handle.options(method_name="embed")
         self._rerank = handle.options(method_name="rerank")
+        self._classify = handle.options(method_name="classify")
         self._info = handle.options(method_name="info")
         self._tokenize = handle.options(method_name="tokenize")
         self._decode = handle.options(method_name="decode")
@@ -112,12 +115,16 @@ class HandleBackend:
     def queued_inputs(self) -> int:
         return self._in_flight
 
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
-        result: EmbedResult = await self._counted(self._embed, req, len(req.inputs))
+    async def embed(self, req: EmbedRequest) -> AnyEmbedResult:
+        result: AnyEmbedResult = await self._counted(self._embed, req, len(req.inputs))
         return result
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
         result: RerankResult = await self._counted(self._rerank, req, len(req.documents))
+        return result
+
+    async def classify(self, req: ClassifyRequest) -> ClassifyResult:
+        result: ClassifyResult = await self._counted(self._classify, req, len(req.inputs))
         return result
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
@@ -128,8 +135,8 @@ class HandleBackend:
         result: DecodeResult = await self._call(self._decode, req)
         return result
 
-    async def _counted(self, method: DeploymentHandle, req: EmbedRequest | RerankRequest,
-                       n: int) -> Any:
+    async def _counted(self, method: DeploymentHandle,
+                       req: EmbedRequest | RerankRequest | ClassifyRequest, n: int) -> Any:
         self._in_flight += n
         try:
             return await self._call(method, req)

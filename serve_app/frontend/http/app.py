@@ -17,16 +17,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_app import __version__
 from serve_app.config.schema import CorsOptions
 from serve_app.errors import InvalidInput, ModelNotFound, ServeAppError, Unauthorized
-from serve_app.frontend.auth import OPEN_PATHS
+from serve_app.frontend.auth import is_open
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
-from serve_app.frontend.http import kserve_v1, openai, rerank, v2
+from serve_app.frontend.http import classify, kserve_v1, openai, rerank, tei, v2
 from serve_app.frontend.http.bodies import json_response
-from serve_app.frontend.http.error_bodies import kserve_error, openai_error
+from serve_app.frontend.http.error_bodies import kserve_error, openai_error, tei_error
 from serve_app.frontend.http.route import protocol_of
 from serve_app.frontend.metrics import CONTENT_TYPE
 
-_RENDERERS = {"openai": openai_error, "tei": rerank.render_tei_error}
+_RENDERERS = {"openai": openai_error, "tei": tei_error}
 
 
 def _render_for_path(path: str, err: ServeAppError) -> Response:
@@ -107,11 +107,11 @@ class Observe:
 
         keys = self.context.api_keys
         try:
-            if keys.enabled and path not in OPEN_PATHS:
+            if keys.enabled and not is_open(scope["method"], path):
                 try:
                     keys.check(headers.get("authorization"))
                 except Unauthorized as e:
-                    self.context.metrics.observe_error(protocol, type(e).__name__)
+                    self.context.metrics.observe_error(protocol, e.kind)
                     await _render_for_path(path, e)(scope, receive, send_observed)
                     return
             await self.app(scope, receive, send_observed)
@@ -135,7 +135,7 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
         title="serve_app",
         version=__version__,
         description="Text embeddings and reranking over KServe V1, Open Inference (V2), OpenAI, "
-        "text-embeddings-inference and Cohere APIs.",
+        "text-embeddings-inference's and Cohere's APIs.",
     )
     context = context or ServerContext()
     context.metrics.watch_queue(dataplane.queue_depth, dataplane.depth_by_priority)
@@ -166,7 +166,8 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
 
     app.include_router(openai.router)
     app.include_router(rerank.router)
-    app.include_router(rerank.tei_router)
+    app.include_router(classify.router)
+    app.include_router(tei.router)
     app.include_router(kserve_v1.router)
     app.include_router(v2.router)
 
@@ -177,7 +178,7 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
             err = ModelNotFound(f"no route for {request.method} {request.url.path}")
         else:
             err = InvalidInput(str(exc.detail))
-        context.metrics.observe_error(protocol_of(request.url.path), type(err).__name__)
+        context.metrics.observe_error(protocol_of(request.url.path), err.kind)
         response = _render_for_path(request.url.path, err)
         response.status_code = exc.status_code
         if exc.headers:

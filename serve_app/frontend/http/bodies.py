@@ -9,7 +9,8 @@ import orjson
 from fastapi import Response
 from pydantic import BaseModel, ValidationError
 
-from serve_app.errors import InvalidInput
+from serve_app.errors import EmptyInput, InvalidInput
+from serve_app.types import ClassifyInput
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -67,12 +68,33 @@ def check_texts(items: Any, field: str, allow_empty: bool = False) -> tuple[str,
     if not isinstance(items, list):
         raise InvalidInput(f"'{field}' must be a list of strings", param=field)
     if not items:
-        raise InvalidInput(f"'{field}' must not be empty", param=field)
+        raise EmptyInput(f"'{field}' must not be empty", param=field)
     for i, x in enumerate(items):
         if not isinstance(x, str):
             raise InvalidInput(
                 f"'{field}[{i}]' must be a string, got {type(x).__name__}", param=field
             )
         if not x and not allow_empty:
-            raise InvalidInput(f"'{field}[{i}]' is an empty string", param=field)
+            raise EmptyInput(f"'{field}[{i}]' is an empty string", param=field)
     return tuple(items)
+
+
+def classify_inputs(items: Any, field: str) -> tuple[ClassifyInput, ...]:
+    """A classifier's inputs: a list of texts and text pairs (``["a", "b"]``), none empty."""
+    if not isinstance(items, list):
+        raise InvalidInput(f"'{field}' must be a list of texts or [text, text] pairs",
+                           param=field)
+    if not items:
+        raise EmptyInput(f"'{field}' must not be empty", param=field)
+    out: list[ClassifyInput] = []
+    for i, x in enumerate(items):
+        if isinstance(x, list) and len(x) == 2 and all(isinstance(t, str) for t in x):
+            out.append((x[0], x[1]))
+        elif isinstance(x, str):
+            out.append(x)
+        else:
+            raise InvalidInput(f"'{field}[{i}]' must be a text or a [text, text] pair",
+                               param=field)
+        if not x or not all(x):
+            raise EmptyInput(f"'{field}[{i}]' is empty", param=field)
+    return tuple(out)

@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 
 from serve_app.errors import (
     DeadlineExceeded,
+    EmptyInput,
     InferenceFailed,
     InvalidInput,
     ModelNotFound,
@@ -22,6 +23,7 @@ from serve_app.errors import (
     PayloadTooLarge,
     ServeAppError,
     Unauthorized,
+    WrongTask,
     lookup,
 )
 from serve_app.frontend.http.bodies import describe_validation, json_response
@@ -77,6 +79,29 @@ def openai_error(err: ServeAppError) -> Response:
     return json_response(body, status_code=status, headers=error_headers(status))
 
 
+#: text-embeddings-inference's ``error_type`` and status per domain error, where they differ
+#: from :data:`HTTP_STATUS` (anything else: Validation at its own status)
+TEI_ERRORS: dict[type[ServeAppError], tuple[str, int]] = {
+    EmptyInput: ("Empty", 400),
+    InvalidInput: ("Validation", 422),
+    WrongTask: ("Backend", 424),
+    InferenceFailed: ("Backend", 424),
+    Overloaded: ("Overloaded", 429),
+    DeadlineExceeded: ("Overloaded", 504),
+    ModelNotReady: ("Unhealthy", 503),
+}
+
+
+def tei_error(err: ServeAppError) -> Response:
+    """text-embeddings-inference's error body, ``{"error": str, "error_type": str}``, at TEI's
+    status: 422 for invalid input, 400 for empty input, 424 when the model cannot do the task
+    (or fails), 429 overloaded, 503 not ready; ours for the errors TEI has no name for (401,
+    404, 413, and 504 past the request's own deadline)."""
+    etype, status = lookup(TEI_ERRORS, err, ("Validation", http_status(err)))
+    body = {"error": err.message, "error_type": etype}
+    return json_response(body, status_code=status, headers=error_headers(status))
+
+
 def error_route_class(render: Renderer) -> type[APIRoute]:
     """An APIRoute whose errors, domain or validation or unexpected, are rendered by ``render``.
 
@@ -100,7 +125,7 @@ def error_route_class(render: Renderer) -> type[APIRoute]:
                     log.exception("unexpected error on %s %s", request.method, request.url.path)
                     err = InferenceFailed("internal server error")
                 context_of(request).metrics.observe_error(
-                    protocol_of(request.url.path), type(err).__name__, err.variants)
+                    protocol_of(request.url.path), err.kind, err.variants)
                 return render(err)
 
             return handle

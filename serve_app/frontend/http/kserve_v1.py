@@ -6,13 +6,16 @@ the OpenAI model-list fields, so KServe and OpenAI clients both find theirs on o
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from serve_app.errors import InvalidInput, ModelNotReady
-from serve_app.frontend.http.bodies import check_texts, json_response, parse_json
+from serve_app.frontend.http.bodies import check_texts, classify_inputs, json_response, parse_json
 from serve_app.frontend.http.error_bodies import error_route_class, kserve_error
 from serve_app.frontend.http.route import call_of, dataplane_of, model_card, read_body, respond
-from serve_app.types import EmbedRequest
+from serve_app.frontend.kserve import classify_mode, sparse_objects, v1_predictions
+from serve_app.types import ClassifyRequest, EmbedRequest, EmbedResult, SparseEmbedResult
 
 router = APIRouter(route_class=error_route_class(kserve_error), tags=["kserve-v1"])
 
@@ -27,6 +30,12 @@ _PREDICT_SCHEMA = {
                     "properties": {
                         "instances": {"type": "array", "items": {"type": "string"}},
                         "inputs": {"type": "array", "items": {"type": "string"}},
+                        "return_probabilities": {
+                            "type": "boolean", "description": "a classifier: each label's "
+                            "probability instead of the best label's index"},
+                        "return_raw_logits": {
+                            "type": "boolean", "description": "a classifier: each label's "
+                            "logit instead of the best label's index"},
                         "truncate": {"type": "boolean", "default": True,
                                      "description": "false: refuse over-long texts (400)"},
                         "priority": {"type": "integer", "minimum": 0,
@@ -62,9 +71,12 @@ async def model_status(name: str, request: Request) -> Response:
 
 @router.post("/v1/models/{name}:predict", openapi_extra=_PREDICT_SCHEMA)
 async def predict(name: str, request: Request) -> Response:
-    """``{"instances": [str, ...], "truncate"?: bool}`` -> ``{"predictions": [[float, ...]]}``."""
+    """``{"instances": [str, ...], "truncate"?: bool}`` -> ``{"predictions": [...]}``: a vector
+    per text (an embedding model), ``{"indices", "values"}`` per text (a sparse one), or
+    as KServe's runtime answers a classifier (:mod:`serve_app.frontend.kserve`; a pair of texts,
+    ``["a", "b"]``, is one input too)."""
     call = call_of(request)
-    call.find(name)
+    model = call.find(name)
     data = parse_json(await read_body(request))
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object with 'instances'")
@@ -74,12 +86,28 @@ async def predict(name: str, request: Request) -> Response:
         field = "inputs"
     else:
         raise InvalidInput("request body must have 'instances' (or 'inputs'): a list of strings")
-    texts = check_texts(data[field], field, allow_empty=True)  # "" embeds, as in KServe
     truncate = data.get("truncate", True)
     if type(truncate) is not bool:
         raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
-    req = EmbedRequest(model=name, inputs=texts, truncate=truncate, request_id=call.request_id,
-                       deadline=call.deadline(), priority=call.priority(data.get("priority")))
-    result, vectors = await call.run(req)
+    common: dict[str, Any] = {
+        "model": name, "truncate": truncate, "request_id": call.request_id,
+        "deadline": call.deadline(), "priority": call.priority(data.get("priority"))}
+    if model.task == "classify":
+        info = await call.dataplane.info(model)
+        mode = classify_mode(data, info.kserve_output)
+        creq = ClassifyRequest(inputs=classify_inputs(data[field], field),
+                               raw_scores=mode == "logits", **common)
+        classified = await call.run(creq)
+        return respond(request, call, name, classified, lambda: json_response(
+            {"predictions": v1_predictions(classified.scores, mode)}), creq.effective_priority)
+    texts = check_texts(data[field], field, allow_empty=True)  # "" embeds, as in KServe
+    req = EmbedRequest(inputs=texts, **common)
+    result = await call.run(req)
+    if isinstance(result, SparseEmbedResult):
+        sparse = result
+        return respond(request, call, name, result, lambda: json_response(
+            {"predictions": sparse_objects(sparse)}), req.effective_priority)
+    assert isinstance(result, EmbedResult)
+    vectors = result.embeddings
     return respond(request, call, name, result,
                    lambda: json_response({"predictions": vectors}), req.effective_priority)

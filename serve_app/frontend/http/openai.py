@@ -9,11 +9,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from serve_app.errors import InvalidInput
+from serve_app.errors import EmptyInput, InvalidInput
 from serve_app.frontend.http.bodies import json_response, parse_json, validate
 from serve_app.frontend.http.error_bodies import error_route_class, openai_error
 from serve_app.frontend.http.route import call_of, dataplane_of, model_card, read_body, respond
-from serve_app.types import EmbedRequest, EmbedResult, Input
+from serve_app.frontend.kserve import sparse_objects
+from serve_app.types import EmbedRequest, EmbedResult, Input, SparseEmbedResult
 
 _INPUT_HELP = (
     "'input' must be a non-empty string, a non-empty list of strings, a list of token ids, or a "
@@ -52,13 +53,16 @@ class EmbeddingRequest(BaseModel):
         True, description="serve_app extension (as in text-embeddings-inference): false refuses "
         "inputs over the model's token limit with a 400 instead of cutting them."
     )
+    max_active_dims: StrictInt | None = Field(
+        None, description="serve_app extension, a sparse (SPLADE) model's: keep each vector's "
+        "largest N values (sentence-transformers' max_active_dims).")
 
 
 def _inputs(value: Any) -> tuple[Input, ...]:
     """The request's ``input`` as internal inputs, with a message that says what to fix."""
     if isinstance(value, str):
         if not value:
-            raise InvalidInput("'input' is an empty string", param="input")
+            raise EmptyInput("'input' is an empty string", param="input")
         return (value,)
     if not isinstance(value, list) or not value:
         raise InvalidInput(_INPUT_HELP, param="input")
@@ -84,13 +88,21 @@ def _inputs(value: Any) -> tuple[Input, ...]:
     raise InvalidInput(_INPUT_HELP, param="input")
 
 
-def render_embeddings(result: EmbedResult, model: str, encoding: str) -> Response:
-    vectors = result.embeddings  # int8/uint8 for compact encodings: orjson writes integers
-    if encoding == "base64":
+def render_embeddings(result: EmbedResult | SparseEmbedResult, model: str, encoding: str
+                      ) -> Response:
+    """OpenAI's list of embeddings; a sparse model's each as ``{"indices", "values"}``
+    (serve_app's extension: docs/protocols.md)."""
+    items: list[Any]
+    if isinstance(result, SparseEmbedResult):
+        items = sparse_objects(result)
+    elif encoding == "base64":
+        vectors = result.embeddings
         le = vectors.astype("<f4", copy=False)
-        items: list[Any] = [base64.b64encode(le[i].tobytes()).decode() for i in range(len(le))]
+        items = [base64.b64encode(le[i].tobytes()).decode() for i in range(len(le))]
     else:
-        items = list(vectors)  # rows stay numpy; orjson writes them without Python floats
+        # rows stay numpy (int8/uint8 for compact encodings): orjson writes them without a
+        # Python number per value
+        items = list(result.embeddings)
     data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)]
     tokens = result.prompt_tokens
     return json_response(
@@ -132,9 +144,13 @@ async def create_embeddings(request: Request) -> Response:
         input_type=body.input_type,
         encoding="float" if body.encoding_format == "base64" else body.encoding_format,
         priority=call.priority(body.priority),
+        max_active_dims=body.max_active_dims,
     )
-    result, _ = await call.run(req)
-    assert isinstance(result, EmbedResult)
+    if body.encoding_format == "base64" and call.find(body.model).task == "sparse":
+        raise InvalidInput("a sparse model's vectors come as indices and values: ask for "
+                           "encoding_format float", param="encoding_format")
+    result = await call.run(req)
+    assert isinstance(result, EmbedResult | SparseEmbedResult)
     return respond(request, call, body.model, result,
                    lambda: render_embeddings(result, body.model, body.encoding_format),
                    req.effective_priority)

@@ -25,13 +25,20 @@ TIMEOUT_HEADERS = ("x-request-timeout", "x-stainless-timeout")
 OWNED_BY = "serve_app"
 
 
+#: text-embeddings-inference's paths (``/`` among them: TEI answers ``POST /``)
+TEI_PATHS = frozenset({"/", "/embed", "/embed_all", "/embed_sparse", "/predict", "/rerank",
+                       "/similarity", "/tokenize", "/decode", "/info", "/health", "/ping",
+                       "/invocations"})
+
+
 def protocol_of(path: str) -> str:
     """The protocol an HTTP path belongs to (the metrics label, the error body's shape)."""
     if path.startswith("/v2"):
         return "v2"
-    if path.startswith(("/openai/", "/v1/embeddings", "/v1/rerank")):
+    if path.startswith(("/openai/", "/v1/embeddings", "/v1/rerank", "/v1/classify",
+                        "/classify")):
         return "openai"
-    if path.startswith("/rerank"):
+    if path in TEI_PATHS:
         return "tei"
     if path.startswith("/v1/"):
         return "kserve_v1"

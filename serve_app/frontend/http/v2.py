@@ -17,12 +17,14 @@ from serve_app.frontend.http.bodies import json_response, parse_json, validate
 from serve_app.frontend.http.error_bodies import error_route_class, kserve_error
 from serve_app.frontend.http.route import call_of, dataplane_of, read_body, respond
 from serve_app.frontend.v2.codec import (
-    OUTPUTS,
     check_outputs,
+    classify_mode_of,
     datatype_of,
     internal_request,
+    json_data,
     model_metadata,
     model_parameters,
+    output_tensors,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
@@ -123,15 +125,18 @@ def _input_tensors(inputs: list[InferInput], binary: memoryview) -> dict[str, tu
     return tensors
 
 
-def _wants_binary(req: InferRequest, task: Task) -> bool:
-    if req.outputs:
-        for out in req.outputs:
-            for p in _UNSUPPORTED_PARAMS:
-                if p in out.parameters:
-                    raise InvalidInput(f"output parameter '{p}' is not supported")
-        check_outputs([o.name for o in req.outputs], task)
-        return bool(req.outputs[0].parameters.get("binary_data", False))
-    return bool(req.parameters.get("binary_data_output", False))
+def _outputs(req: InferRequest, task: Task) -> tuple[tuple[str, ...], bool]:
+    """The outputs to answer, and whether as binary data (any output asking for it, or the
+    request's ``binary_data_output``)."""
+    asked = req.outputs or []
+    for out in asked:
+        for p in _UNSUPPORTED_PARAMS:
+            if p in out.parameters:
+                raise InvalidInput(f"output parameter '{p}' is not supported")
+    names = check_outputs([o.name for o in asked], task)
+    if asked:
+        return names, any(bool(o.parameters.get("binary_data", False)) for o in asked)
+    return names, bool(req.parameters.get("binary_data_output", False))
 
 
 router = APIRouter(route_class=error_route_class(kserve_error), tags=["v2"])
@@ -223,32 +228,38 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     header, binary = _split_body(await read_body(request), request.headers.get(_HEADER_LEN))
     req = validate(InferRequest, parse_json(header))
     tensors = _input_tensors(req.inputs, binary)
-    binary_out = _wants_binary(req, model.task)
+    names, binary_out = _outputs(req, model.task)
+    mode = await classify_mode_of(call, model, req.parameters)
     internal = internal_request(name, model.task, tensors, req.parameters, call.request_id,
-                                version, call.timeout_s, call.priority())
-    result, array = await call.run(internal)
+                                version, call.timeout_s, call.priority(), mode)
+    result = await call.run(internal)
     return respond(request, call, name, result, lambda: render_infer(
-        name, model.version, req.id or call.request_id, OUTPUTS[model.task], array,
+        name, model.version, req.id or call.request_id, output_tensors(result, names, mode),
         result.prompt_tokens, binary_out), internal.effective_priority)
 
 
-def render_infer(name: str, version: str, response_id: str, output_name: str, array: np.ndarray,
-                 prompt_tokens: int, binary_out: bool) -> Response:
-    """The V2 answer: JSON data, or a JSON header followed by the raw little-endian bytes."""
-    output: dict[str, Any] = {"name": output_name, "datatype": datatype_of(array),
-                              "shape": list(array.shape)}
+def render_infer(name: str, version: str, response_id: str,
+                 tensors: list[tuple[str, np.ndarray]], prompt_tokens: int, binary_out: bool
+                 ) -> Response:
+    """The V2 answer: JSON data, or a JSON header followed by each tensor's raw little-endian
+    bytes in output order."""
+    outputs: list[dict[str, Any]] = [
+        {"name": n, "datatype": datatype_of(a), "shape": list(a.shape)} for n, a in tensors]
     body: dict[str, Any] = {
         "model_name": name,
         "model_version": version,
         "id": response_id,
         "parameters": {"prompt_tokens": prompt_tokens},
-        "outputs": [output],
+        "outputs": outputs,
     }
     if not binary_out:
-        output["data"] = array.reshape(-1)
+        for output, (_, array) in zip(outputs, tensors, strict=True):
+            output["data"] = json_data(array)
         return json_response(body)
-    raw = tensor_bytes(array)
-    output["parameters"] = {"binary_data_size": len(raw)}
+    raws = [tensor_bytes(array) for _, array in tensors]
+    for output, raw in zip(outputs, raws, strict=True):
+        output["parameters"] = {"binary_data_size": len(raw)}
+    raw = b"".join(raws)
     head = orjson.dumps(body)
     return Response(
         head + raw,

@@ -7,6 +7,15 @@ BYTES elements on the wire: each a 4-byte little-endian length, then that many b
   ``[n, dim]`` (int8, uint8) or ``[n, ceil(dim / 8)]`` (binary, ubinary).
 - A reranker takes ``query`` (BYTES ``[1]``) and ``documents`` (BYTES ``[n]``) and answers
   ``scores``: FP32 ``[n]`` in document order.
+- A classifier takes one BYTES tensor of texts (any name, as KServe's runtime), or ``text`` and
+  ``text_pair`` (pairs), and answers ``output-0`` as KServe's runtime does
+  (:mod:`serve_app.frontend.kserve`: INT64 label indices, or with ``return_probabilities`` /
+  ``return_raw_logits`` BYTES), and, when asked for by name, ``scores``: FP32 ``[n, labels]``
+  (probabilities; logits with ``raw_scores``).
+- A sparse model takes one BYTES tensor of texts and answers its vectors as compressed sparse
+  rows: ``indices`` INT32 ``[nnz]`` (vocabulary ids), ``values`` FP32 ``[nnz]`` and
+  ``offsets`` INT64 ``[n + 1]`` (row ``i`` is ``offsets[i]:offsets[i + 1]``); parameter
+  ``max_active_dims`` keeps each row's largest values.
 """
 
 from __future__ import annotations
@@ -19,12 +28,28 @@ from typing import Any
 import numpy as np
 
 from serve_app.errors import InvalidInput
+from serve_app.frontend.kserve import (
+    MODE_PARAMETERS,
+    Mode,
+    by_label_text,
+    classify_mode,
+    labels_of,
+)
+from serve_app.frontend.pipeline import Call
+from serve_app.frontend.registry import ServedModel
 from serve_app.types import (
     ENCODINGS,
+    ClassifyInput,
+    ClassifyRequest,
+    ClassifyResult,
     EmbedRequest,
+    EmbedResult,
     Encoding,
+    Measured,
     ModelInfo,
     RerankRequest,
+    RerankResult,
+    SparseEmbedResult,
     Task,
     deadline,
     priority,
@@ -36,10 +61,17 @@ OUTPUT_NAME = "output-0"
 QUERY_INPUT = "query"
 DOCUMENTS_INPUT = "documents"
 SCORES_OUTPUT = "scores"
-OUTPUTS: dict[Task, str] = {"embedding": OUTPUT_NAME, "rerank": SCORES_OUTPUT}
+PAIR_INPUT = "text_pair"
+SPARSE_OUTPUTS = ("indices", "values", "offsets")
+#: the outputs a model of each task has, and (first) those it answers when none is asked for
+OUTPUTS: dict[Task, tuple[str, ...]] = {
+    "embedding": (OUTPUT_NAME,), "rerank": (SCORES_OUTPUT,), "sparse": SPARSE_OUTPUTS,
+    "classify": (OUTPUT_NAME, SCORES_OUTPUT)}
+DEFAULT_OUTPUTS: dict[Task, tuple[str, ...]] = {**OUTPUTS, "classify": (OUTPUT_NAME,)}
 #: the V2 datatype of each numpy dtype an answer holds
 DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int8): "INT8",
-             np.dtype(np.uint8): "UINT8"}
+             np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32",
+             np.dtype(np.int64): "INT64", np.dtype(object): "BYTES"}
 _LEN = struct.Struct("<I")
 
 
@@ -73,10 +105,19 @@ def fp32_bytes(vectors: np.ndarray) -> bytes:
 
 
 def tensor_bytes(array: np.ndarray) -> bytes:
-    """Row-major little-endian bytes of an FP32, INT8 or UINT8 answer."""
+    """Row-major little-endian bytes of an answer (BYTES: length-prefixed elements)."""
     if array.dtype == np.float32:
         return fp32_bytes(array)
-    return np.ascontiguousarray(array).tobytes()
+    if array.dtype == object:
+        return join_bytes_tensor(list(array.reshape(-1)))
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def json_data(array: np.ndarray) -> Any:
+    """A tensor's JSON ``data``: flat, BYTES elements as text."""
+    if array.dtype == object:
+        return [e.decode() for e in array.reshape(-1)]
+    return array.reshape(-1)
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -127,6 +168,9 @@ class InferOptions:
     encoding: Encoding = "float"
     raw_scores: bool = False
     priority: int | None = None
+    max_active_dims: int | None = None
+    #: what the request's parameters are, for what only some tasks read
+    params: Mapping[str, Any] | None = None
 
 
 def _optional_str(params: Mapping[str, Any], key: str) -> str | None:
@@ -159,43 +203,75 @@ def infer_options(params: Mapping[str, Any]) -> InferOptions:
     raw_scores = params.get("raw_scores", False)
     if type(raw_scores) is not bool:
         raise InvalidInput(f"parameter 'raw_scores' must be a boolean, got {raw_scores!r}")
+    active = params.get("max_active_dims")
+    if active is not None and type(active) is not int:
+        raise InvalidInput(f"parameter 'max_active_dims' must be an integer, got {active!r}")
     return InferOptions(dimensions=dims, truncate=truncate,
                         timeout_s=None if timeout is None else timeout / 1e6,
                         prompt_name=_optional_str(params, "prompt_name"),
                         input_type=_optional_str(params, "input_type"),
-                        encoding=encoding, raw_scores=raw_scores,
+                        encoding=encoding, raw_scores=raw_scores, max_active_dims=active,
+                        params=params,
                         priority=None if params.get("priority") is None else priority(
                             params["priority"], "parameter 'priority'"))
 
 
 def check_task_options(opts: InferOptions, task: Task) -> None:
     """Refuse parameters the model's task has no use for, rather than ignore them."""
-    if task == "rerank":
+    given = []
+    if task in ("rerank", "classify"):
         given = [name for name, value in (("dimensions", opts.dimensions),
                                           ("prompt_name", opts.prompt_name),
                                           ("input_type", opts.input_type)) if value is not None]
         if opts.encoding != "float":
             given.append("encoding_format")
-    else:
-        given = ["raw_scores"] if opts.raw_scores else []
+    elif opts.raw_scores:
+        given.append("raw_scores")
+    if task != "sparse" and opts.max_active_dims is not None:
+        given.append("max_active_dims")
+    if task != "classify":
+        given += [k for k in MODE_PARAMETERS if opts.params and k in opts.params]
     if given:
         raise InvalidInput(f"parameter(s) {given} do not apply to a model with task {task!r}")
 
 
-def check_outputs(names: Sequence[str], task: Task = "embedding") -> None:
-    out = OUTPUTS[task]
+def check_outputs(names: Sequence[str], task: Task = "embedding") -> tuple[str, ...]:
+    """The outputs to answer: those ``names`` asks for, else the task's default ones."""
+    have = OUTPUTS[task]
     for n in names:
-        if n != out:
-            raise InvalidInput(f"unknown output '{n}'; this model has one output, '{out}'")
+        if n not in have:
+            raise InvalidInput(f"unknown output '{n}'; this model's outputs: {list(have)}")
+    return tuple(dict.fromkeys(names)) or DEFAULT_OUTPUTS[task]
+
+
+def output_tensors(result: Measured, names: Sequence[str], mode: Mode = "label"
+                   ) -> list[tuple[str, np.ndarray]]:
+    """The answer's tensors by name, in the order asked for. A classifier's ``output-0`` is
+    written as ``mode`` says (:mod:`serve_app.frontend.kserve`)."""
+    out: dict[str, np.ndarray] = {}
+    if isinstance(result, EmbedResult):
+        out[OUTPUT_NAME] = result.embeddings
+    elif isinstance(result, RerankResult):
+        out[SCORES_OUTPUT] = result.scores
+    elif isinstance(result, SparseEmbedResult):
+        out.update(zip(SPARSE_OUTPUTS, (result.indices, result.values, result.indptr),
+                       strict=True))
+    elif isinstance(result, ClassifyResult):
+        out[SCORES_OUTPUT] = result.scores
+        out[OUTPUT_NAME] = (labels_of(result.scores) if mode == "label"
+                            else by_label_text(result.scores))
+    return [(n, out[n]) for n in names]
 
 
 def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ...]],
                      params: Mapping[str, Any], request_id: str, version: str | None,
-                     timeout_s: float | None = None, priority: int = 0
-                     ) -> EmbedRequest | RerankRequest:
+                     timeout_s: float | None = None, priority: int = 0,
+                     mode: Mode = "label") -> EmbedRequest | RerankRequest | ClassifyRequest:
     """The internal request of one V2 inference for a model doing ``task``: its input tensors'
     texts by name and its request ``parameters``; the ``timeout`` and ``priority`` parameters,
-    when given, win over ``timeout_s`` and ``priority`` (the transport's own: headers, metadata)."""
+    when given, win over ``timeout_s`` and ``priority`` (the transport's own: headers,
+    metadata). ``mode``: a classifier's answer (:func:`serve_app.frontend.kserve.classify_mode`),
+    whose logits mode asks for logits."""
     opts = infer_options(params)
     check_task_options(opts, task)
     common: dict[str, Any] = {
@@ -206,11 +282,36 @@ def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ..
         query, documents = rerank_inputs(tensors)
         return RerankRequest(query=query, documents=documents, raw_scores=opts.raw_scores,
                              **common)
+    if task == "classify":
+        if mode == "probabilities" and opts.raw_scores:
+            raise InvalidInput("return_probabilities and raw_scores ask for two answers; "
+                               "send one")
+        return ClassifyRequest(inputs=classify_inputs(tensors),
+                               raw_scores=opts.raw_scores or mode == "logits", **common)
     if len(tensors) != 1:
         raise InvalidInput(f"expected exactly one input tensor of texts, got {len(tensors)}")
     (texts,) = tensors.values()
     return EmbedRequest(inputs=texts, dimensions=opts.dimensions, prompt_name=opts.prompt_name,
-                        input_type=opts.input_type, encoding=opts.encoding, **common)
+                        input_type=opts.input_type, encoding=opts.encoding,
+                        max_active_dims=opts.max_active_dims, **common)
+
+
+def classify_inputs(tensors: Mapping[str, tuple[str, ...]]) -> tuple[ClassifyInput, ...]:
+    """A classifier's inputs: one tensor of texts (whatever its name), or ``text`` and
+    ``text_pair`` of equal length (pairs)."""
+    if len(tensors) == 1:
+        (texts,) = tensors.values()
+        out: tuple[ClassifyInput, ...] = texts
+    elif set(tensors) == {INPUT_NAME, PAIR_INPUT}:
+        firsts, seconds = tensors[INPUT_NAME], tensors[PAIR_INPUT]
+        if len(firsts) != len(seconds):
+            raise InvalidInput(f"inputs '{INPUT_NAME}' ({len(firsts)} texts) and "
+                               f"'{PAIR_INPUT}' ({len(seconds)}) must pair up one to one")
+        out = tuple(zip(firsts, seconds, strict=True))
+    else:
+        raise InvalidInput(f"a classifier takes one BYTES input of texts, or '{INPUT_NAME}' and "
+                           f"'{PAIR_INPUT}' (pairs), got {sorted(tensors)}")
+    return out
 
 
 def rerank_inputs(tensors: Mapping[str, tuple[str, ...]]) -> tuple[str, tuple[str, ...]]:
@@ -226,12 +327,22 @@ def rerank_inputs(tensors: Mapping[str, tuple[str, ...]]) -> tuple[str, tuple[st
 
 def model_metadata(name: str, versions: Sequence[str], info: ModelInfo) -> dict[str, Any]:
     """The model metadata answer, as a dict of both transports' field names."""
+    inputs = [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
     if info.task == "rerank":
         inputs = [{"name": QUERY_INPUT, "datatype": "BYTES", "shape": [1]},
                   {"name": DOCUMENTS_INPUT, "datatype": "BYTES", "shape": [-1]}]
         outputs = [{"name": SCORES_OUTPUT, "datatype": "FP32", "shape": [-1]}]
+    elif info.task == "classify":
+        # pairs only: ``text_pair`` beside ``text``
+        inputs.append({"name": PAIR_INPUT, "datatype": "BYTES", "shape": [-1]})
+        outputs = [{"name": OUTPUT_NAME,
+                    "datatype": "INT64" if info.kserve_output == "label" else "BYTES",
+                    "shape": [-1]},
+                   {"name": SCORES_OUTPUT, "datatype": "FP32", "shape": [-1, info.dim]}]
+    elif info.task == "sparse":
+        outputs = [{"name": n, "datatype": t, "shape": [-1]}
+                   for n, t in zip(SPARSE_OUTPUTS, ("INT32", "FP32", "INT64"), strict=True)]
     else:
-        inputs = [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
         outputs = [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, info.dim]}]
     return {"name": name, "versions": list(versions), "platform": PLATFORM, "inputs": inputs,
             "outputs": outputs}
@@ -246,11 +357,22 @@ def model_parameters(info: ModelInfo) -> dict[str, Any]:
         out["variant_of"] = info.variant_of
     if info.engine:
         out["engine"] = info.engine
-    if info.task == "rerank":
+    if info.task in ("rerank", "classify"):
+        if info.task == "classify":
+            out["labels"] = list(info.labels)
         return out
     out.update(prompts=dict(info.prompts), default_prompt=info.default_prompt,
-               encodings=list(ENCODINGS))
+               encodings=["float"] if info.task == "sparse" else list(ENCODINGS))
     if info.int8_ranges is not None:
         out["int8_ranges"] = {"min": info.int8_ranges[0], "max": info.int8_ranges[1],
                               "calibration_texts": info.calibration_texts}
     return out
+
+
+async def classify_mode_of(call: Call, model: ServedModel, params: Mapping[str, Any]) -> Mode:
+    """What a classifier's ``output-0`` holds for this request (another model: ``label``,
+    unread)."""
+    if model.task != "classify":
+        return "label"
+    info = await call.dataplane.info(model, wait=True)
+    return classify_mode(params, info.kserve_output)

@@ -30,21 +30,23 @@ from serve_app.errors import (
 )
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
-from serve_app.frontend.pipeline import Call
+from serve_app.frontend.kserve import Mode
+from serve_app.frontend.pipeline import Call, Internal
 from serve_app.frontend.v2.codec import (
-    OUTPUTS,
     check_outputs,
+    classify_mode_of,
     datatype_of,
     fp32_bytes,
     internal_request,
     model_metadata,
+    output_tensors,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
 )
 from serve_app.frontend.v2.proto import inference_pb2 as pb
 from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
-from serve_app.types import EmbedRequest, RerankRequest, Task
+from serve_app.types import Task
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,12 @@ def _contents(array: np.ndarray) -> pb.InferTensorContents:
         return pb.InferTensorContents(int_contents=array.reshape(-1).tolist())
     if array.dtype == np.uint8:
         return pb.InferTensorContents(uint_contents=array.reshape(-1).tolist())
+    if array.dtype == np.int32:
+        return pb.InferTensorContents(int_contents=array.reshape(-1).tolist())
+    if array.dtype == np.int64:
+        return pb.InferTensorContents(int64_contents=array.reshape(-1).tolist())
+    if array.dtype == object:
+        return pb.InferTensorContents(bytes_contents=list(array.reshape(-1)))
     raw = fp32_bytes(array)
     n, header = len(raw), bytearray([0x32])  # field 6, wire type 2 (length-delimited)
     while True:
@@ -127,18 +135,18 @@ def _tensors(req: pb.ModelInferRequest) -> tuple[dict[str, tuple[str, ...]], boo
     return tensors, raw
 
 
-def to_request(req: pb.ModelInferRequest, task: Task = "embedding", priority: int = 0
-               ) -> tuple[EmbedRequest | RerankRequest, bool]:
+def to_request(req: pb.ModelInferRequest, task: Task = "embedding", priority: int = 0,
+               mode: Mode = "label") -> tuple[Internal, bool, tuple[str, ...]]:
     """The internal request for a model doing ``task`` (``priority``: the ``x-priority``
-    metadata's, used when no ``priority`` parameter is given), and whether the texts came as
-    raw input contents."""
-    if task == "embedding" and len(req.inputs) != 1:
+    metadata's, used when no ``priority`` parameter is given; ``mode``: a classifier's
+    answer), whether the texts came as raw input contents, and the outputs to answer."""
+    if task in ("embedding", "sparse") and len(req.inputs) != 1:
         raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
     tensors, raw = _tensors(req)
-    check_outputs([o.name for o in req.outputs], task)
+    names = check_outputs([o.name for o in req.outputs], task)
     internal = internal_request(req.model_name, task, tensors, _params(req.parameters), req.id,
-                                req.model_version or None, priority=priority)
-    return internal, raw
+                                req.model_version or None, priority=priority, mode=mode)
+    return internal, raw, names
 
 
 class GrpcInference:
@@ -161,7 +169,7 @@ class GrpcInference:
             return await call()
         except ServeAppError as e:
             status = grpc_status(e)
-            metrics.observe_error(PROTOCOL, type(e).__name__, e.variants)
+            metrics.observe_error(PROTOCOL, e.kind, e.variants)
             grpc_context.set_code(status)
             grpc_context.set_details(e.message)
         except Exception:
@@ -228,22 +236,23 @@ class GrpcInference:
             if request.ByteSize() > limit:
                 raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
                                       "send fewer or shorter inputs")
-            internal, raw = to_request(request, model.task, call.priority())
-            result, array = await call.run(internal)
+            mode = await classify_mode_of(call, model, _params(request.parameters))
+            internal, raw, names = to_request(request, model.task, call.priority(), mode)
+            result = await call.run(internal)
 
             def render() -> pb.ModelInferResponse:
-                out = pb.ModelInferResponse.InferOutputTensor(
-                    name=OUTPUTS[model.task], datatype=datatype_of(array),
-                    shape=list(array.shape))
                 resp = pb.ModelInferResponse(model_name=request.model_name,
                                              model_version=model.version,
                                              id=request.id or str(uuid.uuid4()))
                 resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
-                if raw:
-                    resp.raw_output_contents.append(tensor_bytes(array))
-                else:
-                    out.contents.CopyFrom(_contents(array))
-                resp.outputs.append(out)
+                for name, array in output_tensors(result, names, mode):
+                    out = pb.ModelInferResponse.InferOutputTensor(
+                        name=name, datatype=datatype_of(array), shape=list(array.shape))
+                    if raw:
+                        resp.raw_output_contents.append(tensor_bytes(array))
+                    else:
+                        out.contents.CopyFrom(_contents(array))
+                    resp.outputs.append(out)
                 return resp
 
             return call.answer(request.model_name, result, render, internal.effective_priority)

@@ -1,0 +1,110 @@
+"""The sparse (SPLADE) embedding engine: a masked-language model whose logits become one
+vocabulary-sized vector per text, on any backend (:mod:`.backends`); no Ray and no HTTP.
+
+Vectors equal sentence-transformers' ``SparseEncoder.encode`` on the same directory: the logits
+of every token, masked, through ``log1p(relu(.))`` (twice ``log1p`` for the ``log1p_relu``
+activation), max- (or sum-) pooled over the tokens, as the directory's ``SpladePooling`` names
+it; prompts, lower-casing and the token limit as for dense models (:class:`EmbeddingEngine`,
+whose steps this engine shares). ``max_active_dims`` keeps each vector's largest values, as
+``SparseEncoder`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from serve_app.engine.backends import Backend
+from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.errors import InvalidInput
+from serve_app.types import ModelInfo, Task
+
+#: the most bytes of logits (texts x tokens x vocabulary, float32) one pass may hold: a
+#: masked-language model's output is the vocabulary wide at every token
+LOGITS_BYTES = 256 << 20
+
+
+def splade_pool(logits: torch.Tensor, mask: torch.Tensor, pooling: str, activation: str
+                ) -> torch.Tensor:
+    """``[b, V]`` from logits ``[b, L, V]`` (changed in place) and ``mask`` ``[b, L]``."""
+    logits.mul_(mask.unsqueeze(-1).to(logits.dtype)).relu_().log1p_()
+    if activation == "log1p_relu":
+        logits.log1p_()
+    return logits.amax(dim=1) if pooling == "max" else logits.sum(dim=1)
+
+
+def sparse_rows(vectors: np.ndarray, max_active_dims: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compressed sparse rows of ``vectors`` ``[n, V]``: (indptr ``[n + 1]`` int64, indices
+    int32 ascending per row, values float32), zeros left out; with ``max_active_dims``, each
+    row's largest values by magnitude only (sentence-transformers' ``max_active_dims``)."""
+    if max_active_dims is not None and max_active_dims < vectors.shape[1]:
+        keep = np.argpartition(-np.abs(vectors), max_active_dims - 1, axis=1)[:, :max_active_dims]
+        pruned = np.zeros_like(vectors)
+        np.put_along_axis(pruned, keep, np.take_along_axis(vectors, keep, axis=1), axis=1)
+        vectors = pruned
+    rows, cols = np.nonzero(vectors)  # row-major: each row's indices ascending
+    indptr = np.zeros(len(vectors) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(vectors)), out=indptr[1:])
+    return indptr, cols.astype(np.int32), vectors[rows, cols].astype(np.float32)
+
+
+class SparseEngine(EmbeddingEngine):
+    """One loaded SPLADE model (``AutoModelForMaskedLM`` with a ``SpladePooling`` module, or a
+    masked-language model served with ``task: sparse``).
+
+    Passes answer dense float32 ``[n, V]`` (the runner keeps the non-zeros); a pass holds at
+    most :data:`LOGITS_BYTES` of logits. ``max_active_dims``: the model's own default pruning
+    (``config_sentence_transformers.json``), None for none.
+    """
+
+    auto_class = "AutoModelForMaskedLM"
+    task: Task = "sparse"
+
+    def _output_kind(self) -> tuple[str, bool, int]:
+        self.splade = self.settings.splade or ("max", "relu")
+        vocab = int(getattr(self.model_config, "vocab_size", 0) or self.vocab_size)
+        # the logits of a pass: the vocabulary wide at every token
+        budget = max(self.max_length, LOGITS_BYTES // (4 * vocab))
+        self.max_batch_tokens = min(self.max_batch_tokens, budget)
+        self.max_active_dims = self.settings.max_active_dims
+        return "splade", bool(self.cfg.normalize), vocab
+
+    def run(self, backend: Backend, seqs: Sequence[Sequence[int]], threads: int | None = None,
+            normalize: bool | None = None) -> np.ndarray:
+        """One pass over exactly ``seqs``: SPLADE vectors ``[n, V]``, L2-normalized when
+        ``normalize`` (None: as configured)."""
+        feeds = self.feeds(seqs)
+        with torch.inference_mode():
+            logits = backend.run(feeds, threads)
+            mask = torch.from_numpy(feeds["attention_mask"]).to(logits.device)
+            vectors = splade_pool(logits, mask, *self.splade).cpu().numpy()
+        return self.finish(vectors, normalize)
+
+    def token_pass(self, seqs: Sequence[Sequence[int]], threads: int | None = None
+                   ) -> list[np.ndarray]:
+        raise InvalidInput("a SPLADE model has no token vectors to answer (its tokens' "
+                           "outputs are vocabulary logits)", param="model")
+
+    def rows(self, vectors: np.ndarray, max_active_dims: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`sparse_rows` of pooled vectors, pruned to ``max_active_dims`` (None: the
+        model's default)."""
+        return sparse_rows(vectors, max_active_dims or self.max_active_dims)
+
+    def output_settings(self) -> str:
+        return f"sparse splade={self.splade} normalize={self.normalize}"
+
+    def calibrate(self, verify: bool = False) -> None:
+        """No int8 ranges (compact encodings are for dense vectors); with ``verify``, measure
+        the engine's fidelity on a sample of the calibration corpus."""
+        if verify:
+            self.verify()
+
+    def info(self, name: str, version: str) -> ModelInfo:
+        return ModelInfo(
+            name=name, version=version, dim=self.dim, pooling="splade",
+            normalize=self.normalize, prompts=tuple(self.prompts.items()),
+            default_prompt=self.default_prompt, task="sparse", **self.described())
