@@ -484,19 +484,24 @@ def e2e_server(servers: Servers, tiny_model: TinyFactory, small_corpus: str) -> 
 
 
 @shared_server
-def separate_server(servers: Servers, prompted_minilm: Path, cross_encoder: TinyFactory
-                    ) -> Server:
+def separate_server(servers: Servers, prompted_minilm: Path, cross_encoder: TinyFactory,
+                    classifier: TinyFactory, splade: TinyFactory, small_corpus: str) -> Server:
     """configs/local.yaml with ``topology: separate``, serving the default model's weights with
     the query/document prompts of an asymmetric model (no default prompt: a request naming none
-    gets the default model's vectors) and a tiny reranker, each in a model deployment of its
-    own: requests and results cross to the model replicas over Ray. The real calibration
-    corpus: test_e2e_retrieval compares int8 codes with sentence-transformers' on it."""
+    gets the default model's vectors), a tiny reranker, a tiny classifier and a tiny SPLADE
+    model, each in a model deployment of its own: requests and results cross to the model
+    replicas over Ray. The real calibration corpus for the first: test_e2e_retrieval compares
+    int8 codes with sentence-transformers' on it."""
     args = local_args()
     (model,) = args.pop("models")
     return servers.get("separate_server", {**args, "topology": "separate", "models": [
         {**model, "model_id": str(prompted_minilm), "deployment": {"num_cpus": 1}},
         {"name": "reranker", "model_id": str(cross_encoder()), "task": "rerank",
          "deployment": {"num_cpus": 0.5}},
+        {"name": "classifier", "model_id": str(classifier()), "task": "classify",
+         "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0.25}},
+        {"name": "splade", "model_id": str(splade()), "task": "sparse",
+         "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0.25}},
     ]})
 
 

@@ -27,7 +27,7 @@ from serve_app.frontend.auth import ApiKeys
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
 from serve_app.frontend.http.app import create_http_app
-from serve_app.frontend.http.route import TEI_PATHS
+from serve_app.frontend.http.route import TEI_PATHS, protocol_of
 from serve_app.frontend.metrics import Metrics
 from serve_app.frontend.registry import ModelBackend, Registry
 from serve_app.frontend.v2.codec import join_bytes_tensor
@@ -373,6 +373,34 @@ HTTP_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("tei-decode-negative", "POST", "/decode", b'{"ids": [-1]}', JSON, 422),
     ("tei-decode-strings", "POST", "/decode", b'{"ids": ["a"]}', JSON, 422),
     ("tei-info-unknown-model", "GET", "/info?model=nope", b"", {}, 404),
+    ("tei-predict-no-classifier", "POST", "/predict", b'{"inputs": "a"}', JSON, 424),
+    ("tei-predict-three-strings", "POST", "/predict", b'{"inputs": ["a", "b", "c"]}', JSON,
+     422),
+    ("tei-predict-batch-item-empty-list", "POST", "/predict", b'{"inputs": [["a"], []]}', JSON,
+     422),
+    ("tei-predict-empty", "POST", "/predict", b'{"inputs": []}', JSON, 400),
+    ("tei-predict-number", "POST", "/predict", b'{"inputs": 3}', JSON, 422),
+    ("tei-predict-raw-scores-string", "POST", "/predict",
+     b'{"inputs": "a", "raw_scores": "yes"}', JSON, 422),
+    ("tei-embed-sparse-no-splade-model", "POST", "/embed_sparse", b'{"inputs": "a"}', JSON,
+     424),
+    ("tei-embed-sparse-named-dense-model", "POST", "/embed_sparse",
+     b'{"inputs": "a", "model": "embedding"}', JSON, 424),
+    ("tei-embed-all-empty", "POST", "/embed_all", b'{"inputs": []}', JSON, 400),
+    ("tei-embed-all-too-long", "POST", "/embed_all",
+     orjson.dumps({"inputs": LONG, "truncate": False}), JSON, 422),
+    ("oai-classify-no-classifier", "POST", "/v1/classify", b'{"input": "a"}', JSON, 400),
+    ("oai-classify-input-number", "POST", "/v1/classify", b'{"input": 5}', JSON, 400),
+    ("oai-classify-not-a-classifier", "POST", "/classify",
+     b'{"input": "a", "model": "embedding"}', JSON, 400),
+    ("oai-max-active-dims-dense", "POST", OAI, oai_body(input="x", max_active_dims=3), JSON,
+     400),
+    ("v2-max-active-dims-dense", "POST", V2, v2_body(["a"], parameters={"max_active_dims": 3}),
+     JSON, 400),
+    ("v2-return-probabilities-dense", "POST", V2,
+     v2_body(["a"], parameters={"return_probabilities": True}), JSON, 400),
+    ("v2-scores-output-dense", "POST", V2, v2_body(["a"], outputs=[{"name": "scores"}]), JSON,
+     400),
 ]
 
 
@@ -387,7 +415,7 @@ def assert_error_shape(path: str, r: Any, status: int) -> None:
         assert r.headers.get("x-request-id")
         return
     assert set(body) == {"error"}, body
-    if path.startswith(("/v1/embeddings", "/openai/", "/v1/rerank")):
+    if protocol_of(path) == "openai":
         err = body["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
         assert err["type"] == "invalid_request_error"

@@ -63,7 +63,10 @@ def stub(server):
 
 HTTP_SAMPLES = ["oai-malformed-json", "oai-token-id-out-of-vocab", "oai-oversize-body",
                 "oai-wrong-method", "v1-instances-empty", "v1-gzip-bomb", "v2-datatype-fp32",
-                "v2-binary-invalid-utf8", "v2-oversize-body", "v2-unknown-model"]
+                "v2-binary-invalid-utf8", "v2-oversize-body", "v2-unknown-model",
+                "tei-malformed-json", "tei-inputs-empty-list", "tei-oversize-body",
+                "tei-predict-no-classifier", "tei-predict-three-strings",
+                "oai-classify-no-classifier"]
 GRPC_SAMPLES = ["grpc-empty-input", "grpc-invalid-utf8-raw", "grpc-no-truncate",
                 "grpc-unknown-model", "grpc-oversize"]
 HTTP_SAMPLE_CASES = [c for c in HTTP_CASES if c[0] in HTTP_SAMPLES]
