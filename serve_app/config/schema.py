@@ -101,6 +101,11 @@ class BatchOptions(_Strict):
         "batch with an equal share of the torch threads. Default: 2 on CPU when the replica has "
         "2 or more threads (faster than one pass on all of them: docs/benchmarks.md), 1 on GPU.",
     )
+    inline_pass_s: float = Field(
+        0.002, ge=0, le=1, description="A small forward pass (a few short texts) with nothing "
+        "else running or waiting runs on the replica's event loop instead of a forward thread "
+        "when such passes have measured at most this long: the hop to a thread and back costs "
+        "more than that at low load (docs/benchmarks-capacity.md). 0: never.")
     fair_every: int = Field(
         4, ge=1, description="While lower priority levels wait, one forward pass in this many "
         "serves the level of the oldest waiting request instead of the highest, so no level "

@@ -109,48 +109,59 @@ class Metrics:
             "by statistic (min, mean) over the corpus.",
             ["replica", "model", "version", "backend", "precision", "stat"], registry=r,
         )
+        # each metric's children by labels: found once, not per request (prometheus_client's
+        # labels() checks and hashes its arguments on every call)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._engines: Callable[[], Mapping[tuple[str, str], Mapping[str, Any]]] = dict
         self._queue_depth: Callable[[], Mapping[str, int]] = dict
         self._priority_depth: Callable[[], Mapping[tuple[str, int], int]] = dict
 
+    def _of(self, metric: Any, *labels: str) -> Any:
+        """``metric``'s child of this replica and ``labels``."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.replica, *labels)
+        return child
+
     def observe_request(self, protocol: str, route: str, method: str, status: int | str,
                         seconds: float) -> None:
-        self.requests.labels(self.replica, protocol, route, method, str(status)).inc()
-        self.latency.labels(self.replica, protocol, route).observe(seconds)
+        self._of(self.requests, protocol, route, method, str(status)).inc()
+        self._of(self.latency, protocol, route).observe(seconds)
 
     def observe_error(self, protocol: str, kind: str, variants: VariantReport | None = None
                       ) -> None:
-        self.errors.labels(self.replica, protocol, kind).inc()
+        self._of(self.errors, protocol, kind).inc()
         if variants is not None:
             self.observe_variants(variants)
 
     def observe_embedding(self, model: str, protocol: str, result: Measured,
                           priority: int = 1) -> None:
-        self.inputs.labels(self.replica, model, protocol).inc(len(result.token_counts))
-        self.tokens.labels(self.replica, model, protocol).inc(result.prompt_tokens)
+        self._of(self.inputs, model, protocol).inc(len(result.token_counts))
+        self._of(self.tokens, model, protocol).inc(result.prompt_tokens)
         if result.truncated:
-            self.truncated.labels(self.replica, model).inc(result.truncated)
-        self.stage.labels(self.replica, model, "tokenize").observe(result.tokenize_s)
-        self.stage.labels(self.replica, model, "queue").observe(result.queue_s)
-        self.priority_wait.labels(self.replica, model, str(priority)).observe(result.queue_s)
-        self.stage.labels(self.replica, model, "inference").observe(result.inference_s)
+            self._of(self.truncated, model).inc(result.truncated)
+        self._of(self.stage, model, "tokenize").observe(result.tokenize_s)
+        self._of(self.stage, model, "queue").observe(result.queue_s)
+        self._of(self.priority_wait, model, str(priority)).observe(result.queue_s)
+        self._of(self.stage, model, "inference").observe(result.inference_s)
         for inputs, tokens in result.passes:
-            self.batch_inputs.labels(self.replica, model).observe(inputs)
-            self.batch_tokens.labels(self.replica, model).observe(tokens)
+            self._of(self.batch_inputs, model).observe(inputs)
+            self._of(self.batch_tokens, model).observe(tokens)
         if result.variants is not None:
             self.observe_variants(result.variants)
 
     def observe_variants(self, report: VariantReport) -> None:
         for name, seconds, ok in report.loads:
-            self.variant_loads.labels(self.replica, name, "loaded" if ok else "failed").inc()
-            self.variant_load_seconds.labels(self.replica, name).observe(seconds)
+            self._of(self.variant_loads, name, "loaded" if ok else "failed").inc()
+            self._of(self.variant_load_seconds, name).observe(seconds)
         for name in report.evictions:
-            self.variant_evictions.labels(self.replica, name).inc()
-        self.variants_resident.labels(self.replica, report.base, report.replica).set(
+            self._of(self.variant_evictions, name).inc()
+        self._of(self.variants_resident, report.base, report.replica).set(
             len(report.resident))
 
     def observe_encode(self, model: str, seconds: float) -> None:
-        self.stage.labels(self.replica, model, "encode").observe(seconds)
+        self._of(self.stage, model, "encode").observe(seconds)
 
     def watch_queue(self, depth: Callable[[], Mapping[str, int]],
                     by_priority: Callable[[], Mapping[tuple[str, int], int]] = dict) -> None:
@@ -167,13 +178,13 @@ class Metrics:
 
     def render(self) -> bytes:
         for model, n in self._queue_depth().items():
-            self.queued.labels(self.replica, model).set(n)
+            self._of(self.queued, model).set(n)
         for (model, priority), n in self._priority_depth().items():
-            self.priority_queued.labels(self.replica, model, str(priority)).set(n)
+            self._of(self.priority_queued, model, str(priority)).set(n)
         for (model, version), engine in self._engines().items():
             measured = engine.get("fidelity")
             if measured:
                 for stat in ("min", "mean"):
-                    self.fidelity.labels(self.replica, model, version, engine["backend"],
+                    self._of(self.fidelity, model, version, engine["backend"],
                                          engine["precision"], stat).set(measured[stat])
         return generate_latest(self.registry)

@@ -43,6 +43,9 @@ from serve_app.types import DEFAULT_PRIORITY
 #: While lower priorities wait, one pass in this many serves the oldest waiting request's priority
 #: (the default of the config's ``batching.fair_every``).
 FAIR_EVERY = 4
+#: A pass of at most this many padded tokens is small: its time is mostly the pass's own fixed
+#: cost, which the queue measures to decide whether a lone small pass runs inline.
+SMALL_PASS_TOKENS = 64
 
 Seqs = list[list[int]]
 #: what one forward pass answers: float32 ``[n, dim]``, or one array per sequence (outputs
@@ -50,6 +53,12 @@ Seqs = list[list[int]]
 Rows = np.ndarray | list[np.ndarray]
 #: computes one forward pass: token-id sequences -> :data:`Rows`
 Compute = Callable[[Seqs], Rows]
+
+
+def _timed(compute: Compute, seqs: Seqs) -> tuple[Rows, float]:
+    """``compute(seqs)`` and its seconds, measured on the thread that runs it."""
+    t0 = time.perf_counter()
+    return compute(seqs), time.perf_counter() - t0
 
 
 def _expired() -> DeadlineExceeded:
@@ -156,14 +165,19 @@ class BatchQueue:
     run on, when several queues of one replica (a model's variants) share ``passes`` threads.
     ``wait_s``: when work arrives at an idle queue, how long the first pass waits for more to
     join it (it starts at once when ``max_batch_size`` texts wait); 0, the default, starts it at
-    once. ``fair_every``: see the module doc.
+    once. ``fair_every``: see the module doc. ``inline_s``: a small pass (at most
+    :data:`SMALL_PASS_TOKENS` padded tokens) that is alone runs on the event loop itself when
+    small passes have measured at most this long: handing it to a forward thread and back
+    costs more than that at low load (two thread wake-ups); 0 never.
     """
 
     def __init__(self, compute: Compute, max_batch_size: int, max_batch_tokens: int,
                  passes: int = 1, solo: Compute | None = None,
                  executor: ThreadPoolExecutor | None = None, wait_s: float = 0.0,
-                 fair_every: int = FAIR_EVERY) -> None:
+                 fair_every: int = FAIR_EVERY, inline_s: float = 0.0) -> None:
         self._compute = compute
+        self._inline_s = inline_s
+        self._small_s: float | None = None  # small passes' compute seconds, averaged
         self._solo = solo
         self._max_size = max_batch_size
         self._max_tokens = max_batch_tokens
@@ -308,14 +322,24 @@ class BatchQueue:
         if not batch:
             return
         seqs = [w.seqs[i] for w, i in batch]
-        alone = self._solo is not None and not self.queued and len(self._workers) == 1
+        single = not self.queued and len(self._workers) == 1
+        alone = self._solo is not None and single
         compute = self._solo if alone and self._solo is not None else self._compute
         self._solo_running = alone
         self._running[priority] += 1
+        padded = len(seqs) * max(len(q) for q in seqs)
+        small = padded <= SMALL_PASS_TOKENS
+        inline = (single and small and self._small_s is not None
+                  and self._small_s <= self._inline_s)
         t0 = time.perf_counter()
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(
-                self._executor, compute, seqs)
+            if inline:  # shorter than the hop to a forward thread and back
+                vectors, took = _timed(compute, seqs)
+            else:
+                vectors, took = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _timed, compute, seqs)
+            if small:
+                self._small_s = took if self._small_s is None else 0.8 * self._small_s + 0.2 * took
         except Exception as e:  # every request in the pass fails; the queue lives on
             for w, _ in batch:
                 if not w.future.done():

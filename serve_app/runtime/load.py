@@ -54,4 +54,5 @@ def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
                  time.perf_counter() - t0)
     return ModelRunner(engine, cfg.name, cfg.version, cfg.max_queued_inputs, passes, threads,
                        shared=shared, batch_wait_s=cfg.batching.batch_wait_timeout_s,
-                       fair_every=cfg.batching.fair_every)
+                       fair_every=cfg.batching.fair_every,
+                       inline_pass_s=cfg.batching.inline_pass_s)

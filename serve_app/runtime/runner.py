@@ -99,8 +99,9 @@ class ModelRunner:
     measured faster (``bench/run.py --scheduler-ab``). With ``shared`` threads and bound (the
     models of one replica) no pass runs alone, so none takes every thread. ``batch_wait_s``: how
     long an idle model waits for more requests to join a part-filled first pass;
-    ``fair_every``: how often a pass serves the oldest waiting priority level
-    (:class:`BatchQueue`). Vectors are cut to ``dimensions`` and encoded
+    ``fair_every``: how often a pass serves the oldest waiting priority level;
+    ``inline_pass_s``: how short a lone small pass runs on the event loop (:class:`BatchQueue`).
+    Vectors are cut to ``dimensions`` and encoded
     (:mod:`serve_app.engine.quantize`) here, so compact encodings cross to the ingress compact; a
     model not calibrated at warm-up (a variant) calibrates on its first int8/uint8 request.
     Requests for every token's vector (``output: tokens``) form passes of their own, in a
@@ -111,7 +112,7 @@ class ModelRunner:
                  max_queued_inputs: int = 4096, passes: int = 1, threads: int = 1,
                  solo: bool = True, inline_chars: int = INLINE_TOKENIZE_CHARS,
                  shared: ReplicaResources | None = None, batch_wait_s: float = 0.0,
-                 fair_every: int = FAIR_EVERY) -> None:
+                 fair_every: int = FAIR_EVERY, inline_pass_s: float = 0.0) -> None:
         self.engine = engine
         self._inline = inline_chars
         _, share = plan_parallelism(threads, engine.device, passes)
@@ -122,7 +123,7 @@ class ModelRunner:
         self._queue_of = functools.partial(
             BatchQueue, max_batch_size=engine.max_batch_size,
             max_batch_tokens=engine.max_batch_tokens, passes=passes, executor=shared.forward,
-            wait_s=batch_wait_s, fair_every=fair_every)
+            wait_s=batch_wait_s, fair_every=fair_every, inline_s=inline_pass_s)
         self.queue = self._queue_of(
             compute, solo=whole if own and solo and threads > share else None)
         self._token_queue: BatchQueue | None = None

@@ -6,6 +6,7 @@ themselves.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -114,6 +115,15 @@ class ModelDeployment:
     async def classify(self, req: ClassifyRequest, holders: tuple[str, ...] = ()
                        ) -> ClassifyResult:
         return await self._reported(lambda model: model.classify(req), holders)
+
+    async def many(self, kind: str, reqs: list[EmbedRequest | RerankRequest | ClassifyRequest]
+                   ) -> list[Measured | BaseException]:
+        """The requests of one coalesced call (:mod:`serve_app.serve.coalesce`; a model without
+        variants), each run as if it came alone: each one's result or error, in order.
+        ``kind``: the runner's method (``embed``, ``rerank`` or ``classify``)."""
+        assert kind in ("embed", "rerank", "classify"), kind
+        run: Callable[[Any], Awaitable[Measured]] = getattr(self.model, kind)
+        return list(await asyncio.gather(*(run(r) for r in reqs), return_exceptions=True))
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
         return await self.model.tokenize(req)  # variants share the base's tokenizer

@@ -6,7 +6,9 @@ reaches a model deployment (:class:`HandleBackend`) and a variant it serves
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from ray import serve
@@ -15,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import DeadlineExceeded, Misrouted, ModelNotReady, ServeAppError
 from serve_app.runtime.variants import Residency, describe
+from serve_app.serve.coalesce import Coalescer
 from serve_app.types import (
     AnyEmbedResult,
     ClassifyRequest,
@@ -30,6 +33,10 @@ from serve_app.types import (
 )
 
 Call = EmbedRequest | RerankRequest | ClassifyRequest | TokenizeRequest | DecodeRequest
+
+
+def _priority_of(req: EmbedRequest | RerankRequest | ClassifyRequest) -> int:
+    return req.effective_priority
 
 
 def _name(enum: Any) -> str:
@@ -68,6 +75,10 @@ class ReplicaCensus:
                 self._at = time.monotonic()
         return self._state.get(deployment, (0, self._deploying))
 
+    def running(self, deployment: str) -> int:
+        """The running replicas of ``deployment`` when last asked (0 before the first ask)."""
+        return self._state.get(deployment, (0, False))[0]
+
     async def serving(self, deployment: str) -> bool:
         """A replica runs, or Serve is deploying a new version: with one replica Serve stops
         the old one before the new one runs, and requests wait for it rather than fail."""
@@ -92,6 +103,11 @@ class HandleBackend:
     hang; during a rollout of a new version it stays true and requests wait for the new replica.
     A replica lost mid-request is the same retryable error, and so is no answer within
     ``timeout_s``. The wait for an answer also ends at the request's deadline.
+
+    Embedding, reranking and classification requests to a model without variants travel
+    coalesced (:class:`serve_app.serve.coalesce.Coalescer`): at once while fewer than two calls
+    per running replica are in flight, else together in the next call, which the replica
+    answers request by request (``ModelDeployment.many``).
     """
 
     def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
@@ -108,6 +124,11 @@ class HandleBackend:
         self._tokenize = handle.options(method_name="tokenize")
         self._decode = handle.options(method_name="decode")
         self._stats = handle.options(method_name="stats")
+        self._many = handle.options(method_name="many")
+        self._coalesced: dict[str, Coalescer[Any, Any]] = {
+            kind: Coalescer(functools.partial(self._send_many, kind), self._depth,
+                            _priority_of) for kind in ("embed", "rerank", "classify")
+        } if residency is None else {}
 
     async def ready(self) -> bool:
         return await self._census.serving(self._name)
@@ -116,15 +137,18 @@ class HandleBackend:
         return self._in_flight
 
     async def embed(self, req: EmbedRequest) -> AnyEmbedResult:
-        result: AnyEmbedResult = await self._counted(self._embed, req, len(req.inputs))
+        result: AnyEmbedResult = await self._counted("embed", self._embed, req,
+                                                     len(req.inputs))
         return result
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
-        result: RerankResult = await self._counted(self._rerank, req, len(req.documents))
+        result: RerankResult = await self._counted("rerank", self._rerank, req,
+                                                   len(req.documents))
         return result
 
     async def classify(self, req: ClassifyRequest) -> ClassifyResult:
-        result: ClassifyResult = await self._counted(self._classify, req, len(req.inputs))
+        result: ClassifyResult = await self._counted("classify", self._classify, req,
+                                                     len(req.inputs))
         return result
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
@@ -135,18 +159,60 @@ class HandleBackend:
         result: DecodeResult = await self._call(self._decode, req)
         return result
 
-    async def _counted(self, method: DeploymentHandle,
+    async def _counted(self, kind: str, method: DeploymentHandle,
                        req: EmbedRequest | RerankRequest | ClassifyRequest, n: int) -> Any:
         self._in_flight += n
         try:
-            return await self._call(method, req)
+            coalescer = self._coalesced.get(kind)
+            if coalescer is None:
+                return await self._call(method, req)
+            return await self._waited(req, coalescer.submit(req))
         finally:
             self._in_flight -= n
 
-    async def _call(self, method: DeploymentHandle, req: Call, *args: Any) -> Any:
+    def _depth(self) -> int:
+        return 2 * max(1, self._census.running(self._name))
+
+    def _timeout(self, req: Call) -> tuple[float, float | None]:
+        """How long to wait for ``req``'s answer, and its remaining deadline (None: none)."""
         remaining = req.remaining()
         timeout = self._timeout_s if remaining is None else max(0.0, min(self._timeout_s,
-                                                                           remaining))
+                                                                          remaining))
+        return timeout, remaining
+
+    async def _waited(self, req: Call, answer: Awaitable[Any]) -> Any:
+        """``answer`` (a coalesced call's share), waited for as :meth:`_call` waits."""
+        timeout, remaining = self._timeout(req)
+        try:
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError:  # the replica drops the work once its deadline passes
+            raise self._no_answer(req, remaining) from None
+
+    def _no_answer(self, req: Call, remaining: float | None) -> ServeAppError:
+        if remaining is not None and remaining <= self._timeout_s:
+            return DeadlineExceeded(f"no answer within the request's deadline ({remaining:.3g}s)")
+        return ModelNotReady(
+            f"model {req.model!r} gave no answer within {self._timeout_s:g}s; retry later")
+
+    async def _send_many(self, kind: str, reqs: list[Any]) -> list[Any]:
+        """One call carrying ``reqs``: each one's result or error, in order."""
+        timeout = max(self._timeout(r)[0] for r in reqs)
+        response = self._many.remote(kind, reqs)
+        try:
+            answers: list[Any] = await asyncio.wait_for(response, timeout)
+            return answers
+        except RayTaskError as e:
+            raise _unwrap(e) from None
+        except RayActorError:
+            raise ModelNotReady(f"the replica of model {reqs[0].model!r} was lost during the "
+                                "request; retry") from None
+        except TimeoutError:
+            response.cancel()
+            raise ModelNotReady(f"model {reqs[0].model!r} gave no answer within "
+                                f"{timeout:g}s; retry later") from None
+
+    async def _call(self, method: DeploymentHandle, req: Call, *args: Any) -> Any:
+        timeout, remaining = self._timeout(req)
         response = method.remote(req, *args)
         try:
             result = await asyncio.wait_for(response, timeout)
@@ -164,13 +230,7 @@ class HandleBackend:
             ) from None
         except TimeoutError:
             response.cancel()  # the replica drops the work if it has not reached the model
-            if remaining is not None and remaining <= self._timeout_s:
-                raise DeadlineExceeded(
-                    f"no answer within the request's deadline ({remaining:.3g}s)"
-                ) from None
-            raise ModelNotReady(
-                f"model {req.model!r} gave no answer within {self._timeout_s:g}s; retry later"
-            ) from None
+            raise self._no_answer(req, remaining) from None
         except asyncio.CancelledError:
             response.cancel()  # the client went away: so does its work
             raise

@@ -102,32 +102,45 @@ def tei_error(err: ServeAppError) -> Response:
     return json_response(body, status_code=status, headers=error_headers(status))
 
 
-def error_route_class(render: Renderer) -> type[APIRoute]:
-    """An APIRoute whose errors, domain or validation or unexpected, are rendered by ``render``.
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+def guarded(render: Renderer, handler: Handler) -> Handler:
+    """``handler`` with its errors, domain or validation or unexpected, rendered by ``render``
+    and counted.
 
     Unexpected exceptions are logged and shown as a generic InferenceFailed (500): every 500 is a
     bug to find in the logs, never a user mistake.
     """
 
-    class ProtocolRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = super().get_route_handler()
+    async def handle(request: Request) -> Response:
+        err: ServeAppError
+        try:
+            return await handler(request)
+        except ServeAppError as e:
+            err = e
+        except RequestValidationError as e:
+            err = InvalidInput(describe_validation(e.errors()))
+        except Exception:
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            err = InferenceFailed("internal server error")
+        context_of(request).metrics.observe_error(
+            protocol_of(request.url.path), err.kind, err.variants)
+        return render(err)
 
-            async def handle(request: Request) -> Response:
-                err: ServeAppError
-                try:
-                    return await handler(request)
-                except ServeAppError as e:
-                    err = e
-                except RequestValidationError as e:
-                    err = InvalidInput(describe_validation(e.errors()))
-                except Exception:
-                    log.exception("unexpected error on %s %s", request.method, request.url.path)
-                    err = InferenceFailed("internal server error")
-                context_of(request).metrics.observe_error(
-                    protocol_of(request.url.path), err.kind, err.variants)
-                return render(err)
+    return handle
 
-            return handle
 
-    return ProtocolRoute
+class ProtocolRoute(APIRoute):
+    """A route of one protocol: its errors in that protocol's shape (``render``)."""
+
+    render: Renderer
+
+    def get_route_handler(self) -> Handler:
+        return guarded(type(self).render, super().get_route_handler())
+
+
+def error_route_class(render: Renderer) -> type[ProtocolRoute]:
+    """A route class whose errors, domain or validation or unexpected, are rendered by
+    ``render`` (:func:`guarded`)."""
+    return type("ProtocolRoute", (ProtocolRoute,), {"render": staticmethod(render)})
