@@ -87,6 +87,25 @@ def near_free_model(root: Path) -> Path:
     return out
 
 
+def with_onnx(model_dir: Path, root: Path) -> Path:
+    """``model_dir`` with its ONNX export at the directory's root (``model.onnx``), as
+    infinity's ONNX Runtime engine reads a local directory (peer_infinity_onnx.sh), made
+    once under ``root``."""
+    out = root / f"{model_dir.name}-onnx"
+    if (out / "model.onnx").is_file():
+        return out
+    from serve_app.engine.convert import export
+
+    graph = Path(tempfile.mkdtemp(dir=root)) / "graph"
+    export(model_dir, "AutoModel", graph)
+    tmp = Path(tempfile.mkdtemp(dir=root))
+    shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+    shutil.copy(graph / "model.onnx", tmp / "model.onnx")
+    shutil.rmtree(graph.parent)
+    tmp.rename(out)
+    return out
+
+
 # -- the requests ------------------------------------------------------------------------------
 
 def http_request(protocol: str) -> tuple[str, bytes]:
@@ -218,11 +237,13 @@ def ours(model_dir: Path, setup: str, tree: Path | None, tmp: Path
 
 
 @contextlib.contextmanager
-def peer(p: Peer, model_dir: Path) -> Iterator[None]:
+def peer(p: Peer, model_dir: Path, onnx_dir: Path) -> Iterator[None]:
     """A peer of ../shared/peers serving ``model_dir`` (its scripts read the model directory
-    from the environment)."""
+    from the environment; infinity's ONNX engine reads ``onnx_dir``, the same with its
+    export)."""
     keep = {k: os.environ.get(k) for k in ("INF_MODEL_DIR", "KSERVE_MODEL_DIR", "INFO_MODEL_DIR")}
-    os.environ.update({k: str(model_dir) for k in keep})
+    os.environ.update({"INF_MODEL_DIR": str(model_dir), "KSERVE_MODEL_DIR": str(model_dir),
+                       "INFO_MODEL_DIR": str(onnx_dir)})
     try:
         p.start()
         yield
@@ -291,6 +312,7 @@ def main() -> None:
     cache = Path(os.environ.get("SERVE_APP_CACHE", Path.home() / ".cache" / "serve_app"))
     cache.mkdir(parents=True, exist_ok=True)
     model_dir = near_free_model(cache)
+    onnx_dir = with_onnx(model_dir, cache)
     peers = [] if a.no_peers else [
         PEERS[n] for n in (a.peers if a.peers is not None else sorted(PEERS))
         if PEERS[n].installed()]
@@ -314,7 +336,7 @@ def main() -> None:
                         extra.append(f"{name}: RSS of the whole stack, idle after the load: "
                                      f"{server.rss_bytes() / 2**20:.0f} MB")
         for q in peers:
-            with tempfile.TemporaryDirectory() as tmp_name, peer(q, model_dir):
+            with tempfile.TemporaryDirectory() as tmp_name, peer(q, model_dir, onnx_dir):
                 got = measure("openai", q.url, "", a.duration, Path(tmp_name), q.openai_path)
                 rows[(q.name, "openai")] = better(rows.get((q.name, "openai")), got)
                 print(q.name, got, flush=True)

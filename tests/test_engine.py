@@ -196,3 +196,19 @@ def test_plan_batches_bounds_size_and_padded_tokens():
     # longest first: similar lengths share a pass
     assert batches[0] == [1, 3]
     assert plan_batches([500], max_tokens=10, max_size=4) == [[0]]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("truncate", [True, False])
+def test_direct_tokenizing_gives_transformers_ids(engine, side, truncate):
+    """The Rust tokenizer called directly (EmbeddingEngine.encode) gives the ids and the cut
+    count transformers' tokenizer gives."""
+    texts = ["", "hello", "ça coûte 5 € 🙂", "word " * 400, "  spaced\ttext\n",
+             "[CLS] special [SEP] tokens [MASK]", "Ünïcödé\u200bzero width"]
+    ids, cut = engine.encode(texts, truncate, side)
+    want = engine.tokenizer_for(side)(
+        texts, add_special_tokens=True, truncation=truncate,
+        max_length=engine.max_length if truncate else None, return_attention_mask=False,
+        return_token_type_ids=False)["input_ids"]
+    assert ids == want
+    assert cut == (1 if truncate else 0)

@@ -277,6 +277,79 @@ def test_a_pass_alone_runs_solo_and_holds_the_other_worker_back():
     run(main())
 
 
+def test_a_lone_small_pass_runs_inline_once_small_passes_measure_short():
+    """The first small pass runs on a forward thread (nothing is measured yet); once small
+    passes measure under ``inline_s``, a lone one runs on the event loop's own thread; a pass
+    beside another, a large one, or any pass with ``inline_s`` 0, never does."""
+    async def main():
+        threads: list[str] = []
+
+        def compute(seqs: list[list[int]]) -> np.ndarray:
+            threads.append(threading.current_thread().name)
+            return np.zeros((len(seqs), 2), dtype=np.float32)
+
+        loop_thread = threading.current_thread().name
+        for inline_s, expected in ((1.0, ["forward", loop_thread, "forward"]),
+                                   (0.0, ["forward", "forward", "forward"])):
+            threads.clear()
+            queue = BatchQueue(compute, max_batch_size=8, max_batch_tokens=10_000, passes=2,
+                               executor=ThreadPoolExecutor(2, thread_name_prefix="forward"),
+                               inline_s=inline_s)
+            for w in (one(1), one(2), work([3] * 100)):  # small, small, large: one at a time
+                queue.put([w])
+                await w.future
+            assert [t.split("_")[0] for t in threads] == expected, threads
+
+    run(main())
+
+
+def test_the_coalescer_sends_at_once_then_holds_for_the_next_call():
+    """Below the depth a request is sent alone; past it requests wait for a call to return and
+    go together; a request of a higher priority than every call in flight goes at once; each
+    gets its own result or error."""
+    from serve_app.serve.coalesce import Coalescer
+
+    async def main():
+        async def settle() -> None:  # a few turns of the loop: tasks started run until they wait
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        calls: list[list[int]] = []
+        gates: list[asyncio.Future[None]] = []
+
+        async def send(reqs: list[int]) -> list[int | BaseException]:
+            calls.append(reqs)
+            gate = asyncio.get_running_loop().create_future()
+            gates.append(gate)
+            await gate
+            return [ValueError(r) if r == 13 else r * 10 for r in reqs]
+
+        c: Coalescer[int, int] = Coalescer(send, lambda: 1, lambda r: 1 if r >= 100 else 5)
+        first = asyncio.ensure_future(c.submit(1))
+        await settle()
+        held = [asyncio.ensure_future(c.submit(r)) for r in (2, 13, 4)]
+        await settle()
+        assert calls == [[1]] and c.held() == 3
+        urgent = asyncio.ensure_future(c.submit(100))  # above every call in flight: at once
+        await settle()
+        assert calls == [[1], [100]]
+        gates[0].set_result(None)
+        assert await first == 10
+        await settle()
+        assert len(calls) == 2  # one call still flies (the urgent one): the depth is 1
+        gates[1].set_result(None)
+        assert await urgent == 1000
+        await settle()
+        assert calls[-1] == [2, 13, 4]  # the held ones, as one call
+        gates[2].set_result(None)
+        assert await held[0] == 20 and await held[2] == 40
+        with pytest.raises(ValueError):
+            await held[1]
+        assert c.calls == 3
+
+    run(main())
+
+
 # -- the model replica: admission, tokenizing, dimensions (the real engine) ------------------
 
 def test_replica_embeds_large_requests_in_passes_and_applies_dimensions(engine):

@@ -190,6 +190,7 @@ class TransformerEngine:
         self.max_batch_tokens = cfg.batching.max_batch_tokens
         self.max_batch_size = cfg.batching.max_batch_size
         self.fidelity: fid.Fidelity | None = None
+        self._rust: dict[tuple[bool, Side], Any] = {}  # see _rust_tokenizer
         self.t0 = t0
 
     @functools.cached_property
@@ -264,6 +265,44 @@ class TransformerEngine:
             left.truncation_side = "left"
             self._left_tokenizer = left
         return left
+
+    def encode(self, texts: Sequence[str], truncate: bool = True, side: Side = "right"
+               ) -> tuple[list[list[int]], int]:
+        """Token ids per text, special tokens included, cut at ``max_length`` (at ``side``)
+        when ``truncate``, and how many were cut.
+
+        A fast tokenizer's own (Rust) tokenizer is called directly, configured once per
+        truncation and side: transformers' call sets its truncation up and back on every call,
+        which costs more than tokenizing a short text, and copies are safe to share between
+        threads where the one transformers reconfigures is not. Same ids (tests hold it)."""
+        rust = self._rust_tokenizer(truncate, side)
+        if rust is None:  # a slow (Python) tokenizer
+            enc = self.tokenizer_for(side)(
+                list(texts), add_special_tokens=True, truncation=truncate,
+                max_length=self.max_length if truncate else None,
+                return_attention_mask=False, return_token_type_ids=False, verbose=False)
+            ids: list[list[int]] = enc["input_ids"]
+            return ids, sum(1 for seq in ids if truncate and len(seq) >= self.max_length)
+        encodings = rust.encode_batch(list(texts), add_special_tokens=True)
+        return [e.ids for e in encodings], sum(1 for e in encodings if e.overflowing)
+
+    def _rust_tokenizer(self, truncate: bool, side: Side) -> Any:
+        """The fast tokenizer's Rust tokenizer set up for (``truncate``, ``side``), made once;
+        None for a slow tokenizer."""
+        made = self._rust
+        found = made.get((truncate, side))
+        if found is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                return None
+            found = copy.deepcopy(backend)
+            if truncate:
+                found.enable_truncation(self.max_length, direction=side)
+            else:
+                found.no_truncation()
+            found.no_padding()
+            made[(truncate, side)] = found
+        return found
 
     def tokens(self, texts: Sequence[str], add_special_tokens: bool = True
                ) -> list[tuple[Token, ...]]:
@@ -465,27 +504,14 @@ class EmbeddingEngine(TransformerEngine):
         the limit raises :class:`InvalidInput`."""
         prompt = self.prompt(prompt_name)
         texts = self.model_texts(texts, prompt_name)
-        enc = self.tokenizer_for(side)(
-            list(texts),
-            add_special_tokens=True,
-            truncation=truncate,
-            max_length=self.max_length if truncate else None,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )
-        ids: list[list[int]] = enc["input_ids"]
+        ids, cut = self.encode(texts, truncate, side)
         if prompt and not self.include_prompt:
             skip = self._prompt_lengths[prompt]
             ids = [PromptIds(seq, skip) for seq in ids]
         if not truncate:
             for i, seq in enumerate(ids):
                 self.check_length(i, len(seq))
-            return ids, 0
-        encodings = getattr(enc, "encodings", None)  # fast tokenizers know what they cut
-        if encodings:
-            return ids, sum(1 for e in encodings if e.overflowing)
-        return ids, sum(1 for seq in ids if len(seq) >= self.max_length)
+        return ids, cut
 
     def _prompt_length(self, prompt: str) -> int:
         """The prompt's tokens at the start of a text's ids, as sentence-transformers counts them:

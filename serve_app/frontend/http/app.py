@@ -3,10 +3,12 @@ with the request id, API key check, metrics and access log around every request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
@@ -80,6 +82,52 @@ def _access_record(scope: Scope, protocol: str, route: str, status: int, seconds
     return orjson.dumps(record).decode()
 
 
+class DirectRoutes:
+    """The POST routes of the protocol routers, found by path without FastAPI: exact paths in
+    a dict, the few with path parameters (V1's and V2's model paths) by their patterns, in the
+    order FastAPI would try them. Each is called with its path parameters through its
+    protocol's error handling (:func:`guarded`); its endpoint reads everything else from the
+    request itself, as every route here does."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, tuple[APIRoute, Handler]] = {}
+        self._patterns: list[ProtocolRoute] = []
+
+    def add(self, routes: Iterable[Any]) -> None:
+        for route in routes:
+            if not (isinstance(route, ProtocolRoute) and "POST" in (route.methods or ())):
+                continue
+            if route.param_convertors:
+                self._patterns.append(route)
+            else:
+                self._exact.setdefault(route.path, (route, guarded(type(route).render,
+                                                                   route.endpoint)))
+
+    def find(self, scope: Scope) -> Handler | None:
+        """The handler of ``scope``'s route, its route and path parameters put in ``scope`` as
+        FastAPI puts them; None: let FastAPI route it."""
+        path = get_route_path(scope)
+        hit = self._exact.get(path)
+        if hit is not None:
+            scope["route"], handle = hit
+            return handle
+        for route in self._patterns:
+            match = route.path_regex.match(path)
+            if match is None:
+                continue
+            params = {k: route.param_convertors[k].convert(v)
+                      for k, v in match.groupdict().items()}
+            scope["route"], scope["path_params"] = route, params
+            return guarded(type(route).render,
+                           functools.partial(_with_params, route.endpoint, params))
+        return None
+
+
+async def _with_params(endpoint: Callable[..., Awaitable[Response]], params: dict[str, Any],
+                       request: Request) -> Response:
+    return await endpoint(request=request, **params)
+
+
 class Observe:
     """ASGI middleware around every HTTP request: request id (the caller's ``X-Request-Id`` or
     a new one, echoed when ``echo_request_id``), API key check, metrics and one access-log line.
@@ -88,13 +136,13 @@ class Observe:
     each request in an anyio task group with memory streams, which costs more than the app's
     own work per request.
 
-    ``direct``: the POST routes without path parameters (every protocol's inference routes
-    but V1's and V2's), by path, which it calls itself, each through its protocol's error
-    handling: FastAPI's routing, dependency solving and inner middleware cost more per request
-    than a short text's forward pass, and those routes use none of them."""
+    ``direct``: the POST routes (every protocol's inference routes), which it calls itself,
+    each through its protocol's error handling: FastAPI's routing, dependency solving and inner
+    middleware cost more per request than a short text's forward pass, and those routes use
+    none of them (:class:`DirectRoutes`)."""
 
     def __init__(self, app: ASGIApp, context: ServerContext, echo_request_id: bool,
-                 direct: Mapping[str, tuple[APIRoute, Handler]]) -> None:
+                 direct: DirectRoutes) -> None:
         self.app = app
         self.context = context
         self.echo = echo_request_id
@@ -131,9 +179,8 @@ class Observe:
                     self.context.metrics.observe_error(protocol, e.kind)
                     await _render_for_path(path, e)(scope, receive, send_observed)
                     return
-            hit = self.direct.get(get_route_path(scope)) if scope["method"] == "POST" else None
-            if hit is not None:
-                scope["route"], handle = hit
+            handle = self.direct.find(scope) if scope["method"] == "POST" else None
+            if handle is not None:
                 response = await handle(Request(scope, receive))
                 await response(scope, receive, send_observed)
                 return
@@ -174,7 +221,7 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
     async def metrics() -> Response:
         return Response(context.metrics.render(), media_type=CONTENT_TYPE)
 
-    direct: dict[str, tuple[APIRoute, Handler]] = {}  # filled once the routes are in
+    direct = DirectRoutes()  # filled once the routes are in
     app.add_middleware(Observe, context=context, echo_request_id=echo_request_id,
                        direct=direct)
 
@@ -193,11 +240,7 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
                v2.router)
     for router in routers:
         app.include_router(router)
-        for route in router.routes:
-            if (isinstance(route, ProtocolRoute) and "POST" in (route.methods or ())
-                    and not route.param_convertors):
-                direct.setdefault(route.path, (route, guarded(type(route).render,
-                                                              route.endpoint)))
+        direct.add(router.routes)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
