@@ -303,17 +303,13 @@ def test_a_lone_small_pass_runs_inline_once_small_passes_measure_short():
     run(main())
 
 
-def test_the_coalescer_sends_at_once_then_holds_for_the_next_call():
-    """Below the depth a request is sent alone; past it requests wait for a call to return and
-    go together; a request of a higher priority than every call in flight goes at once; each
-    gets its own result or error."""
+def test_the_coalescer_sends_what_arrives_together_as_one_call_and_holds_nothing():
+    """Requests submitted in one turn of the event loop go as one call, at the end of that
+    turn; one submitted while a call is in flight goes at once in a call of its own (nothing
+    waits for a call to return); each gets its own result or error."""
     from serve_app.serve.coalesce import Coalescer
 
     async def main():
-        async def settle() -> None:  # a few turns of the loop: tasks started run until they wait
-            for _ in range(5):
-                await asyncio.sleep(0)
-
         calls: list[list[int]] = []
         gates: list[asyncio.Future[None]] = []
 
@@ -324,28 +320,24 @@ def test_the_coalescer_sends_at_once_then_holds_for_the_next_call():
             await gate
             return [ValueError(r) if r == 13 else r * 10 for r in reqs]
 
-        c: Coalescer[int, int] = Coalescer(send, lambda: 1, lambda r: 1 if r >= 100 else 5)
-        first = asyncio.ensure_future(c.submit(1))
+        async def settle() -> None:  # a few turns of the loop: tasks started run until they wait
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        c: Coalescer[int, int] = Coalescer(send)
+        together = [asyncio.ensure_future(c.submit(r)) for r in (1, 13, 3)]  # one turn
         await settle()
-        held = [asyncio.ensure_future(c.submit(r)) for r in (2, 13, 4)]
+        assert calls == [[1, 13, 3]]
+        alone = asyncio.ensure_future(c.submit(4))  # the first call still flies
         await settle()
-        assert calls == [[1]] and c.held() == 3
-        urgent = asyncio.ensure_future(c.submit(100))  # above every call in flight: at once
-        await settle()
-        assert calls == [[1], [100]]
-        gates[0].set_result(None)
-        assert await first == 10
-        await settle()
-        assert len(calls) == 2  # one call still flies (the urgent one): the depth is 1
+        assert calls == [[1, 13, 3], [4]]
         gates[1].set_result(None)
-        assert await urgent == 1000
-        await settle()
-        assert calls[-1] == [2, 13, 4]  # the held ones, as one call
-        gates[2].set_result(None)
-        assert await held[0] == 20 and await held[2] == 40
+        assert await alone == 40
+        gates[0].set_result(None)
+        assert await together[0] == 10 and await together[2] == 30
         with pytest.raises(ValueError):
-            await held[1]
-        assert c.calls == 3
+            await together[1]
+        assert c.calls == 2
 
     run(main())
 

@@ -1,17 +1,16 @@
-"""Requests to one model deployment, sent as few calls as keep it busy (two-level batching).
+"""Requests to one model deployment, sent together when they arrive together (two-level
+batching).
 
 Every call from the ingress to a model replica costs a Ray round trip and the replica's own
 per-call handling, which for a short text cost more than its share of a forward pass. So the
-ingress sends a request at once while fewer than ``depth`` calls to the model are in flight,
-and otherwise holds it until one returns, then sends everything held as one call; the replica
-runs each request of a call through its queue as it would have alone (its own deadline,
+requests that reach the coalescer within one turn of the event loop (under load, those whose
+bodies arrived in one read of the sockets) go as one call, sent at the end of that turn; the
+replica runs each request of a call through its queue as it would have alone (its own deadline,
 priority and admission), so passes still form across calls, and answers each request's result
-or error in order. A lone request never waits; under load a call carries what arrived during
-the previous one.
-
-Priorities: a request is held only behind a call that holds work of its priority or a higher
-one, never behind calls of lower-priority (bulk) work alone, so a query is sent at once beside
-a running bulk job. No Ray here (:class:`serve_app.serve.handles.HandleBackend` wires it).
+or error in order. Nothing is ever held for a later call: a lone request goes at once, and a
+request the replica would refuse (its admission bound) is refused as fast as without
+coalescing, never queued in front of it. No Ray here
+(:class:`serve_app.serve.handles.HandleBackend` wires it).
 """
 
 from __future__ import annotations
@@ -28,42 +27,39 @@ MAX_CALL = 256
 
 
 class Coalescer(Generic[Q, R]):
-    """Sends ``Q`` requests through ``send`` (one call for a list of them, answering a result
-    or an exception per request, in order); ``depth()``: how many calls may be in flight before
-    requests are held; ``priority(q)``: a request's priority (1 the highest)."""
+    """Sends ``Q`` requests through ``send`` (one call for a list of them, answering a result or
+    an exception per request, in order): those submitted in one turn of the event loop as one
+    call."""
 
-    def __init__(self, send: Callable[[list[Q]], Awaitable[Sequence[R | BaseException]]],
-                 depth: Callable[[], int], priority: Callable[[Q], int]) -> None:
+    def __init__(self, send: Callable[[list[Q]], Awaitable[Sequence[R | BaseException]]]
+                 ) -> None:
         self._send = send
-        self._depth = depth
-        self._priority = priority
-        self._held: list[tuple[Q, asyncio.Future[R]]] = []
-        self._flying: list[int] = []  # each call in flight: its best (lowest) priority
+        self._pending: list[tuple[Q, asyncio.Future[R]]] = []
+        self._flying: set[asyncio.Task[None]] = set()  # held here: the loop keeps weak ones
         self.calls = 0  # calls sent, for tests and statistics
 
     async def submit(self, req: Q) -> R:
-        """``req``'s result, or its error raised; cancelling the wait leaves the call (and
-        the other requests in it) alone."""
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        level = self._priority(req)
-        if len(self._flying) < self._depth() or all(p > level for p in self._flying):
-            self._start([(req, future)])
-        else:
-            self._held.append((req, future))
+        """``req``'s result, or its error raised; cancelling the wait leaves the call (and the
+        other requests in it) alone."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)  # at the end of this turn of the loop
+        self._pending.append((req, future))
         return await future
 
-    def _start(self, batch: list[tuple[Q, asyncio.Future[R]]]) -> None:
-        self._flying.append(min(self._priority(q) for q, _ in batch))
-        self.calls += 1
-        asyncio.get_running_loop().create_task(self._run(batch, self._flying[-1]))
-
     def _flush(self) -> None:
-        self._held = [(q, f) for q, f in self._held if not f.done()]  # callers gone
-        while self._held and len(self._flying) < self._depth():
-            batch, self._held = self._held[:MAX_CALL], self._held[MAX_CALL:]
-            self._start(batch)
+        pending, self._pending = self._pending, []
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(pending), MAX_CALL):
+            batch = [(q, f) for q, f in pending[i:i + MAX_CALL] if not f.done()]
+            if batch:
+                self.calls += 1
+                task = loop.create_task(self._run(batch))
+                self._flying.add(task)
+                task.add_done_callback(self._flying.discard)
 
-    async def _run(self, batch: list[tuple[Q, asyncio.Future[R]]], level: int) -> None:
+    async def _run(self, batch: list[tuple[Q, asyncio.Future[R]]]) -> None:
         try:
             results: Sequence[R | BaseException] = await self._send([q for q, _ in batch])
             for (_, future), result in zip(batch, results, strict=True):
@@ -77,13 +73,3 @@ class Coalescer(Generic[Q, R]):
             for _, future in batch:
                 if not future.done():
                     future.set_exception(e)
-        finally:
-            self._flying.remove(level)
-            self._flush()
-
-    def held(self) -> int:
-        return len(self._held)
-
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"Coalescer(flying={self._flying}, held={len(self._held)})"
-

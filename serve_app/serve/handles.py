@@ -35,10 +35,6 @@ from serve_app.types import (
 Call = EmbedRequest | RerankRequest | ClassifyRequest | TokenizeRequest | DecodeRequest
 
 
-def _priority_of(req: EmbedRequest | RerankRequest | ClassifyRequest) -> int:
-    return req.effective_priority
-
-
 def _name(enum: Any) -> str:
     return str(getattr(enum, "value", enum))
 
@@ -75,10 +71,6 @@ class ReplicaCensus:
                 self._at = time.monotonic()
         return self._state.get(deployment, (0, self._deploying))
 
-    def running(self, deployment: str) -> int:
-        """The running replicas of ``deployment`` when last asked (0 before the first ask)."""
-        return self._state.get(deployment, (0, False))[0]
-
     async def serving(self, deployment: str) -> bool:
         """A replica runs, or Serve is deploying a new version: with one replica Serve stops
         the old one before the new one runs, and requests wait for it rather than fail."""
@@ -105,9 +97,9 @@ class HandleBackend:
     ``timeout_s``. The wait for an answer also ends at the request's deadline.
 
     Embedding, reranking and classification requests to a model without variants travel
-    coalesced (:class:`serve_app.serve.coalesce.Coalescer`): at once while fewer than two calls
-    per running replica are in flight, else together in the next call, which the replica
-    answers request by request (``ModelDeployment.many``).
+    coalesced (:class:`serve_app.serve.coalesce.Coalescer`): those arriving in one turn of the
+    event loop as one call, which the replica answers request by request
+    (``ModelDeployment.many``).
     """
 
     def __init__(self, handle: DeploymentHandle, census: ReplicaCensus, timeout_s: float,
@@ -126,8 +118,8 @@ class HandleBackend:
         self._stats = handle.options(method_name="stats")
         self._many = handle.options(method_name="many")
         self._coalesced: dict[str, Coalescer[Any, Any]] = {
-            kind: Coalescer(functools.partial(self._send_many, kind), self._depth,
-                            _priority_of) for kind in ("embed", "rerank", "classify")
+            kind: Coalescer(functools.partial(self._send_many, kind))
+            for kind in ("embed", "rerank", "classify")
         } if residency is None else {}
 
     async def ready(self) -> bool:
@@ -169,9 +161,6 @@ class HandleBackend:
             return await self._waited(req, coalescer.submit(req))
         finally:
             self._in_flight -= n
-
-    def _depth(self) -> int:
-        return 2 * max(1, self._census.running(self._name))
 
     def _timeout(self, req: Call) -> tuple[float, float | None]:
         """How long to wait for ``req``'s answer, and its remaining deadline (None: none)."""
