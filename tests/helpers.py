@@ -51,7 +51,15 @@ from serve_app.testing.server import (  # noqa: F401  (re-exported for the end-t
 )
 from serve_app.testing.texts import SENTENCE, TEXTS  # noqa: F401  (re-exported)
 from serve_app.testing.variants import make_variants  # noqa: F401  (re-exported)
-from serve_app.types import EmbedRequest, EmbedResult, ModelInfo, Task
+from serve_app.types import (
+    EmbedRequest,
+    EmbedResult,
+    ModelInfo,
+    Task,
+    Token,
+    TokenizeRequest,
+    TokenizeResult,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,6 +157,7 @@ class FakeBackend:
         self.error = error
         self.requests: list[EmbedRequest] = []
         self.expired = 0
+        self.is_full = False
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         self.requests.append(req)
@@ -168,6 +177,12 @@ class FakeBackend:
         counts = np.array([len(x) for x in req.inputs], np.int64)
         return EmbedResult(embeddings=vectors, token_counts=counts)
 
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        """One token per character, as the fake counts them."""
+        return TokenizeResult(tuple(
+            tuple(Token(ord(ch), ch, False, i, i + 1) for i, ch in enumerate(text))
+            for text in req.texts))
+
     async def info(self) -> ModelInfo:
         if not self.loads:
             await asyncio.sleep(3600)
@@ -181,6 +196,9 @@ class FakeBackend:
 
     def queued_inputs(self) -> int:
         return 0
+
+    def full(self) -> bool:
+        return self.is_full
 
 
 def infer_request(texts: list[str | bytes], raw: bool = False, shape: list[int] | None = None,

@@ -194,3 +194,27 @@ def test_body_limit_applies_to_the_raw_binary_v2_body(client):
     r = client.post("/v2/models/embedding/infer", content=head + raw,
                     headers={"inference-header-content-length": str(len(head))})
     assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+
+
+def test_while_every_model_is_full_requests_are_refused_before_their_bodies_are_read():
+    """A burst past the admission bound is answered 429 (Retry-After) without parsing: a body
+    that would be a 400 is a 429 while every model is full, in each protocol's shape; routes
+    that compute nothing (TEI's /tokenize) still answer; once there is room again, the body is
+    read as usual."""
+    fake = FakeBackend("embedding")
+    with app_client({"embedding": fake}) as c:
+        fake.is_full = True
+        for path, shape in [("/v1/embeddings", "openai"), ("/embed", "tei"),
+                            ("/v1/models/embedding:predict", "kserve")]:
+            r = c.post(path, content=b'{"not json')
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", (path, r.text)
+            body = r.json()
+            error = body["error"]
+            assert "queue limit" in (error["message"] if shape == "openai" else error)
+            if shape == "tei":
+                assert body["error_type"] == "Overloaded"
+        tokens = c.post("/tokenize", json={"inputs": "hello"})
+        assert tokens.status_code == 200 and len(tokens.json()[0]) == 5
+        assert not fake.requests
+        fake.is_full = False
+        assert c.post("/v1/embeddings", content=b'{"not json').status_code == 400

@@ -16,7 +16,7 @@ from typing import Any
 
 from serve_app import __version__
 from serve_app.config.schema import LimitOptions
-from serve_app.errors import EmptyInput, InvalidInput, ModelNotReady, wrong_task
+from serve_app.errors import EmptyInput, InvalidInput, ModelNotReady, Overloaded, wrong_task
 from serve_app.frontend.prompts import resolve_prompt
 from serve_app.frontend.registry import Registry, ServedModel
 from serve_app.types import (
@@ -139,6 +139,14 @@ class DataPlane:
 
     async def all_ready(self) -> bool:
         return all(await asyncio.gather(*(self.ready(m) for m in self.registry)))
+
+    def overloaded(self) -> Overloaded | None:
+        """While every served model is at its admission bound, the error any request that
+        would compute gets (429) before its body is read; else None."""
+        if self.registry.names and all(m.backend.full() for m in self.registry):
+            return Overloaded("every served model is at its queue limit; retry after a short "
+                              "wait")
+        return None
 
     def drain(self) -> int:
         """Start shutting down: readiness turns false (load balancers stop sending) while

@@ -57,6 +57,11 @@ class ModelBackend(Protocol):
         """Inputs admitted and not answered yet (the queue depth metric)."""
         ...
 
+    def full(self) -> bool:
+        """Whether the model's admission bound is reached now, as far as the ingress knows
+        (it refuses requests before reading them while every served model is full)."""
+        ...
+
 
 @dataclass(eq=False)
 class ServedModel:

@@ -280,6 +280,9 @@ class ModelRunner:
     def queued_inputs(self) -> int:
         return self._held
 
+    def full(self) -> bool:
+        return self.admission.held >= self.admission.limit
+
     async def stats(self) -> dict[str, Any]:
         """What ``/v2/models/{name}/stats`` reports of this replica."""
         return {**self.queue.stats.as_dict(), "refused": self.admission.refused,

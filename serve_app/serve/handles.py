@@ -128,6 +128,9 @@ class HandleBackend:
     def queued_inputs(self) -> int:
         return self._in_flight
 
+    def full(self) -> bool:
+        return False  # the replicas' bounds are theirs: each refuses for itself
+
     async def embed(self, req: EmbedRequest) -> AnyEmbedResult:
         result: AnyEmbedResult = await self._counted("embed", self._embed, req,
                                                      len(req.inputs))

@@ -82,6 +82,10 @@ def _access_record(scope: Scope, protocol: str, route: str, status: int, seconds
     return orjson.dumps(record).decode()
 
 
+#: POST routes that compute nothing (no admission bound to wait on)
+UNBOUNDED = frozenset({"/tokenize", "/decode"})
+
+
 class DirectRoutes:
     """The POST routes of the protocol routers, found by path without FastAPI: exact paths in
     a dict, the few with path parameters (V1's and V2's model paths) by their patterns, in the
@@ -142,11 +146,12 @@ class Observe:
     none of them (:class:`DirectRoutes`)."""
 
     def __init__(self, app: ASGIApp, context: ServerContext, echo_request_id: bool,
-                 direct: DirectRoutes) -> None:
+                 direct: DirectRoutes, dataplane: DataPlane) -> None:
         self.app = app
         self.context = context
         self.echo = echo_request_id
         self.direct = direct
+        self.dataplane = dataplane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -179,7 +184,15 @@ class Observe:
                     self.context.metrics.observe_error(protocol, e.kind)
                     await _render_for_path(path, e)(scope, receive, send_observed)
                     return
-            handle = self.direct.find(scope) if scope["method"] == "POST" else None
+            post = scope["method"] == "POST"
+            full = self.dataplane.overloaded() if post else None
+            if full is not None and get_route_path(scope) not in UNBOUNDED:
+                # refused before its body is read: under a burst, parsing what will be
+                # refused anyway is what delays every answer (the 429s first)
+                self.context.metrics.observe_error(protocol, full.kind)
+                await _render_for_path(path, full)(scope, receive, send_observed)
+                return
+            handle = self.direct.find(scope) if post else None
             if handle is not None:
                 response = await handle(Request(scope, receive))
                 await response(scope, receive, send_observed)
@@ -223,7 +236,7 @@ def create_http_app(dataplane: DataPlane, context: ServerContext | None = None,
 
     direct = DirectRoutes()  # filled once the routes are in
     app.add_middleware(Observe, context=context, echo_request_id=echo_request_id,
-                       direct=direct)
+                       direct=direct, dataplane=dataplane)
 
     if cors is not None and cors.enabled:
         app.add_middleware(

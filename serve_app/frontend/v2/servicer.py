@@ -232,6 +232,9 @@ class GrpcInference:
                         priority_text=_metadata(grpc_context, "x-priority"),
                         priority_where="metadata x-priority")
             model = call.find(request.model_name, request.model_version or None)
+            full = self.dataplane.overloaded()
+            if full is not None:
+                raise full
             limit = self.context.max_body_bytes
             if request.ByteSize() > limit:
                 raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
