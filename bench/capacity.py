@@ -4,7 +4,7 @@ counted by C load generators: wrk on every HTTP protocol, h2load on V2 gRPC.
 
     python bench/capacity.py                       # colocated and separate, every protocol, peers
     python bench/capacity.py --setups default --protocols openai --no-peers --rounds 3
-    python bench/capacity.py --tree before=/tmp/base --tree after=.   # same-run A/B of trees
+    python bench/capacity.py --tree a=/tmp/base --tree b=. --setups separate   # A/B of trees
 
 For each setup and protocol, after a warm-up: ``c=1`` (one connection: p50 latency; h2load
 reports the mean) and ``c=64`` (64 connections: requests per second), for ``--duration``
@@ -303,7 +303,7 @@ def main() -> None:
                    help="peers to measure (default: every installed one)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
-                   help="A/B source trees (the default setup from each), instead of --setups")
+                   help="A/B source trees: each setup served from each tree in turn")
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-capacity.md")
@@ -321,7 +321,8 @@ def main() -> None:
     rows: dict[tuple[str, str], dict] = {}
     extra: list[str] = []
     for r in range(a.rounds):
-        servers = ([(name, "default", tree) for name, tree in trees] if trees else
+        servers = ([(f"{name} {setup}", setup, tree) for name, tree in trees
+                    for setup in a.setups] if trees else
                    [(setup, setup, None) for setup in a.setups])
         for name, setup, tree in servers:
             with tempfile.TemporaryDirectory() as tmp_name:
