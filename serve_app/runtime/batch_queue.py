@@ -46,6 +46,8 @@ FAIR_EVERY = 4
 #: A pass of at most this many padded tokens is small: its time is mostly the pass's own fixed
 #: cost, which the queue measures to decide whether a lone small pass runs inline.
 SMALL_PASS_TOKENS = 64
+#: turns of the event loop a pass that may run inline waits for arrivals to join it
+INLINE_YIELDS = 8
 
 Seqs = list[list[int]]
 #: what one forward pass answers: float32 ``[n, dim]``, or one array per sequence (outputs
@@ -317,6 +319,14 @@ class BatchQueue:
         return batch
 
     async def _run_pass(self) -> None:
+        if (len(self._workers) == 1 and self._small_s is not None
+                and self._small_s <= self._inline_s):
+            # this pass may run inline, blocking the loop: first let the requests already
+            # arriving join it, or under load every request would run alone, inline, one
+            # after the other; a gRPC request takes several turns of the loop to arrive
+            # (docs/benchmarks.md, "Capacity")
+            for _ in range(INLINE_YIELDS):
+                await asyncio.sleep(0)
         batch, priority = self._form()
         self._forming -= 1
         if not batch:
