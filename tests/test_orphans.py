@@ -117,10 +117,17 @@ def test_each_server_gets_haproxy_files_and_ports_of_its_own(monkeypatch):
     server's requests), and what the environment sets is left to it."""
     import socket
 
+    from serve_app import env
     from serve_app.env import HAPROXY_ROOT, instance_env
 
     for key in _INSTANCE_KEYS:
         monkeypatch.delenv(key, raising=False)
+    # The gRPC range lies in the kernel's ephemeral ports, where the connections of whatever
+    # else runs (the other test worker's servers) come and go: only this test's listener
+    # counts as taken, the real check is asserted on it below.
+    taken: set[int] = set()
+    real_free = env._port_free
+    monkeypatch.setattr(env, "_port_free", lambda port: port not in taken)
     first = instance_env(101)
     assert set(first) == set(_INSTANCE_KEYS)
     assert first["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == f"{HAPROXY_ROOT}/101/haproxy.cfg"
@@ -134,6 +141,8 @@ def test_each_server_gets_haproxy_files_and_ports_of_its_own(monkeypatch):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(("", busy))
         sock.listen()
+        assert not real_free(busy)  # a listener with SO_REUSEPORT is seen as taken
+        taken.add(busy)
         second = instance_env(102)
         other = int(second["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"])
         assert not other <= busy <= other + 99

@@ -27,6 +27,14 @@ def json_response(
     )
 
 
+def openapi_body(*models: type[BaseModel]) -> dict[str, Any]:
+    """A route's ``openapi_extra`` for a JSON body of ``models`` (one of them, for several):
+    routes read their bodies themselves, so FastAPI cannot see them."""
+    schemas = [m.model_json_schema() for m in models]
+    schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def parse_json(data: bytes) -> Any:
     if not data:
         raise InvalidInput("request body is empty; expected a JSON object")

@@ -18,7 +18,13 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from serve_app.frontend.http.bodies import classify_inputs, json_response, parse_json, validate
+from serve_app.frontend.http.bodies import (
+    classify_inputs,
+    json_response,
+    openapi_body,
+    parse_json,
+    validate,
+)
 from serve_app.frontend.http.error_bodies import error_route_class, openai_error
 from serve_app.frontend.http.route import call_of, read_body, respond
 from serve_app.types import ClassifyRequest
@@ -41,8 +47,7 @@ class ClassificationRequest(BaseModel):
                                        "level, larger lower, 0 the default (1).")
 
 
-_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": ClassificationRequest.model_json_schema()}}}}
+_SCHEMA = openapi_body(ClassificationRequest)
 
 router = APIRouter(route_class=error_route_class(openai_error), tags=["classify"])
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serve_app.errors import EmptyInput, InvalidInput
-from serve_app.frontend.http.bodies import json_response, parse_json, validate
+from serve_app.frontend.http.bodies import json_response, openapi_body, parse_json, validate
 from serve_app.frontend.http.error_bodies import error_route_class, openai_error
 from serve_app.frontend.http.route import call_of, dataplane_of, model_card, read_body, respond
 from serve_app.frontend.kserve import sparse_objects
@@ -117,12 +117,7 @@ def render_embeddings(result: EmbedResult | SparseEmbedResult, model: str, encod
 
 router = APIRouter(route_class=error_route_class(openai_error), tags=["openai"])
 
-_BODY_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
-    }
-}
+_BODY_SCHEMA = openapi_body(EmbeddingRequest)
 
 
 @router.post("/v1/embeddings", openapi_extra=_BODY_SCHEMA)

@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from serve_app.frontend.http.bodies import json_response, parse_json, validate
+from serve_app.frontend.http.bodies import json_response, openapi_body, parse_json, validate
 from serve_app.frontend.http.error_bodies import error_route_class, openai_error
 from serve_app.frontend.http.route import call_of, read_body, respond
 from serve_app.frontend.pipeline import Call
@@ -93,8 +93,7 @@ async def cohere(request: Request, call: Call, data: Any) -> Response:
     return respond(request, call, req.model, result, render, req.effective_priority)
 
 
-_COHERE_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": CohereRerank.model_json_schema()}}}}
+_COHERE_SCHEMA = openapi_body(CohereRerank)
 
 router = APIRouter(route_class=error_route_class(openai_error), tags=["rerank"])
 

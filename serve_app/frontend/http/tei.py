@@ -36,7 +36,7 @@ from serve_app import __version__
 from serve_app.errors import TASK_NAMES, EmptyInput, InvalidInput, ModelNotReady, WrongTask
 from serve_app.frontend.dataplane import ACCEPTS
 from serve_app.frontend.http import rerank
-from serve_app.frontend.http.bodies import json_response, parse_json, validate
+from serve_app.frontend.http.bodies import json_response, openapi_body, parse_json, validate
 from serve_app.frontend.http.error_bodies import error_route_class, tei_error
 from serve_app.frontend.http.route import call_of, dataplane_of, read_body, respond
 from serve_app.frontend.pipeline import Call
@@ -347,19 +347,12 @@ async def _rerank(request: Request, call: Call, data: Any) -> Response:
 router = APIRouter(route_class=error_route_class(tei_error), tags=["tei"])
 
 
-def _schema(*bodies: type[BaseModel]) -> dict[str, Any]:
-    schemas = [b.model_json_schema() for b in bodies]
-    schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": schema}}}}
-
-
-@router.post("/embed", openapi_extra=_schema(TeiEmbed))
+@router.post("/embed", openapi_extra=openapi_body(TeiEmbed))
 async def embed(request: Request) -> Response:
     return await _embed(request, call_of(request), parse_json(await read_body(request)))
 
 
-@router.post("/embed_all", openapi_extra=_schema(TeiEmbedAll))
+@router.post("/embed_all", openapi_extra=openapi_body(TeiEmbedAll))
 async def embed_all(request: Request) -> Response:
     """Every token's vector of each input (the model's last hidden states, special tokens
     included): ``[[[float]]]``."""
@@ -377,24 +370,24 @@ async def embed_all(request: Request) -> Response:
                    req.effective_priority)
 
 
-@router.post("/embed_sparse", openapi_extra=_schema(TeiEmbedSparse))
+@router.post("/embed_sparse", openapi_extra=openapi_body(TeiEmbedSparse))
 async def embed_sparse(request: Request) -> Response:
     """A SPLADE model's vectors, non-zero values only: ``[[{"index", "value"}]]``."""
     return await _embed_sparse(request, call_of(request), parse_json(await read_body(request)))
 
 
-@router.post("/predict", openapi_extra=_schema(TeiPredict))
+@router.post("/predict", openapi_extra=openapi_body(TeiPredict))
 async def predict(request: Request) -> Response:
     """Each label's score, best first: ``[{"score", "label"}]`` (a batch: one list each)."""
     return await _predict(request, call_of(request), parse_json(await read_body(request)))
 
 
-@router.post("/rerank", openapi_extra=_schema(TeiRerank, rerank.CohereRerank))
+@router.post("/rerank", openapi_extra=openapi_body(TeiRerank, rerank.CohereRerank))
 async def tei_rerank(request: Request) -> Response:
     return await _rerank(request, call_of(request), parse_json(await read_body(request)))
 
 
-@router.post("/similarity", openapi_extra=_schema(TeiSimilarity))
+@router.post("/similarity", openapi_extra=openapi_body(TeiSimilarity))
 async def similarity(request: Request) -> Response:
     call = call_of(request)
     body = validate(TeiSimilarity, parse_json(await read_body(request)))
@@ -418,7 +411,7 @@ async def similarity(request: Request) -> Response:
                    req.effective_priority)
 
 
-@router.post("/tokenize", openapi_extra=_schema(TeiTokenize))
+@router.post("/tokenize", openapi_extra=openapi_body(TeiTokenize))
 async def tokenize(request: Request) -> Response:
     call = call_of(request)
     body = validate(TeiTokenize, parse_json(await read_body(request)))
@@ -434,7 +427,7 @@ async def tokenize(request: Request) -> Response:
                             "stop": t.stop} for t in tokens] for tokens in result.tokens])
 
 
-@router.post("/decode", openapi_extra=_schema(TeiDecode))
+@router.post("/decode", openapi_extra=openapi_body(TeiDecode))
 async def decode(request: Request) -> Response:
     call = call_of(request)
     body = validate(TeiDecode, parse_json(await read_body(request)))
@@ -495,7 +488,7 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
-_ROOT_SCHEMA = _schema(TeiEmbed, TeiEmbedSparse, TeiPredict, TeiRerank)
+_ROOT_SCHEMA = openapi_body(TeiEmbed, TeiEmbedSparse, TeiPredict, TeiRerank)
 
 
 @router.post("/", openapi_extra=_ROOT_SCHEMA)

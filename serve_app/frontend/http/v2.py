@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.errors import InvalidInput, ModelNotReady
-from serve_app.frontend.http.bodies import json_response, parse_json, validate
+from serve_app.frontend.http.bodies import json_response, openapi_body, parse_json, validate
 from serve_app.frontend.http.error_bodies import error_route_class, kserve_error
 from serve_app.frontend.http.route import call_of, dataplane_of, read_body, respond
 from serve_app.frontend.v2.codec import (
@@ -212,12 +212,7 @@ async def statistics(name: str, request: Request, version: str | None = None) ->
     })
 
 
-_INFER_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
-    }
-}
+_INFER_SCHEMA = openapi_body(InferRequest)
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=_INFER_SCHEMA)
