@@ -7,6 +7,7 @@ protobuf object ever reaches a model replica.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +19,14 @@ from serve_app.errors import InvalidInput
 Input = str | tuple[int, ...]
 #: One input to a classifier: a text, or a pair of texts (a sentence pair, as NLI models take).
 ClassifyInput = str | tuple[str, str]
+
+
+def chars(inputs: Sequence[ClassifyInput]) -> int:
+    """The characters of texts and text pairs (what decides where they are tokenized, and
+    text-embeddings-inference's ``x-compute-characters``)."""
+    return sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1]) for x in inputs)
+
+
 #: What a model does: embed texts into dense vectors, score (query, document) pairs (a
 #: cross-encoder), classify texts or text pairs (a sequence classifier), or embed texts into
 #: sparse vocabulary-sized vectors (SPLADE).
@@ -34,6 +43,11 @@ Encoding = Literal["float", "int8", "uint8", "binary", "ubinary"]
 #: ``truncation_direction``): the end (right, the default) or the start (left).
 Side = Literal["right", "left"]
 ENCODINGS: tuple[Encoding, ...] = ("float", "int8", "uint8", "binary", "ubinary")
+#: What becomes of a text longer than the model's token limit: cut at the limit, as
+#: sentence-transformers does (``truncate``); embedded whole in windows of the limit whose
+#: vectors are averaged, weighted by their tokens (``chunk``); or refused (``error``).
+LongInputs = Literal["truncate", "chunk", "error"]
+LONG_INPUTS: tuple[LongInputs, ...] = ("truncate", "chunk", "error")
 #: ``input_type`` values callers send (Cohere, NVIDIA NIM, nomic) and the prompt names they mean,
 #: the model's own name first.
 INPUT_TYPES: dict[str, tuple[str, ...]] = {
@@ -67,6 +81,44 @@ def priority(value: Any, where: str = "priority", text: bool = False) -> int:
     return value
 
 
+def long_inputs(value: Any, truncate: Any = None) -> LongInputs | None:
+    """A request's ``long_inputs`` from the wire (None: the model's default); when it names
+    none, a ``truncate`` boolean (text-embeddings-inference's field) means ``truncate``
+    (true) or ``error`` (false)."""
+    if value is not None:
+        if value not in LONG_INPUTS:
+            raise InvalidInput(f"long_inputs must be one of {', '.join(LONG_INPUTS)}, got "
+                               f"{value!r}", param="long_inputs")
+        return value
+    if truncate is None:
+        return None
+    if type(truncate) is not bool:
+        raise InvalidInput(f"truncate must be true or false, got {truncate!r}",
+                           param="truncate")
+    return "truncate" if truncate else "error"
+
+
+def late_chunking(chunks: Any, chunk_tokens: Any
+                  ) -> tuple[tuple[tuple[int, int], ...] | None, int | None]:
+    """A request's late chunking from the wire: ``chunks``, a non-empty list of ``[start,
+    end]`` character offsets, or ``chunk_tokens``, a positive number of tokens; not both."""
+    if chunks is not None and chunk_tokens is not None:
+        raise InvalidInput("give chunks or chunk_tokens, not both", param="chunks")
+    if chunk_tokens is not None:
+        if type(chunk_tokens) is not int or chunk_tokens < 1:
+            raise InvalidInput(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}",
+                               param="chunk_tokens")
+        return None, chunk_tokens
+    if chunks is None:
+        return None, None
+    pairs = list(chunks) if isinstance(chunks, (list, tuple)) else None
+    if not pairs or not all(isinstance(c, (list, tuple)) and len(c) == 2
+                            and all(type(x) is int for x in c) for c in pairs):
+        raise InvalidInput("chunks must be a non-empty list of [start, end] character offsets",
+                           param="chunks")
+    return tuple((int(a), int(b)) for a, b in pairs), None
+
+
 def deadline(seconds: float | None) -> float | None:
     """The wall-clock deadline ``seconds`` from now (None: none)."""
     return None if seconds is None else time.time() + seconds
@@ -94,7 +146,8 @@ class EmbedRequest(_Request):
     """Embed ``inputs`` with model ``model``.
 
     - ``inputs``: non-empty; each a ``str`` or a tuple of token ids (special tokens included).
-    - ``truncate``: cut texts at the model's token limit (True) or refuse longer ones (False).
+    - ``long_inputs``: what becomes of a text over the model's token limit (:data:`LongInputs`);
+      None: the model's configured default.
     - ``dimensions``: keep the first N values of each vector and L2-normalize again.
     - ``version``: the model version (V2); None: the name's default version.
     - ``prompt_name``: one of the model's prompts (``config_sentence_transformers.json``) put
@@ -108,6 +161,10 @@ class EmbedRequest(_Request):
     - ``output``: one vector per input (``pooled``), or every token's (``tokens``: no
       pooling, normalizing, dimensions or encodings).
     - ``max_active_dims``: a sparse model's vectors keep only their largest N values.
+    - ``chunks`` / ``chunk_tokens``: late chunking of the one input, a text: one vector per
+      chunk, each the pooling of that chunk's tokens' outputs from a pass over the whole
+      text (in overlapping windows of the model's limit when longer). ``chunks``: ``[start,
+      end)`` character offsets into the text; ``chunk_tokens``: cut it every N tokens.
     - ``priority``: where its texts wait in the replica's queue, as in Triton: 1 the
       highest, larger numbers lower, 0 the default (1, interactive).
     - ``request_id``: the caller's id, for logs.
@@ -117,7 +174,7 @@ class EmbedRequest(_Request):
 
     model: str
     inputs: tuple[Input, ...]
-    truncate: bool = True
+    long_inputs: LongInputs | None = None
     dimensions: int | None = None
     request_id: str = ""
     deadline: float | None = None
@@ -130,6 +187,12 @@ class EmbedRequest(_Request):
     truncation_side: Side = "right"
     output: Output = "pooled"
     max_active_dims: int | None = None
+    chunks: tuple[tuple[int, int], ...] | None = None
+    chunk_tokens: int | None = None
+
+    @property
+    def late_chunking(self) -> bool:
+        return self.chunks is not None or self.chunk_tokens is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +369,15 @@ class TokenEmbedResult(Measured):
 
     def matrix(self, i: int) -> np.ndarray:
         return self.embeddings[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChunkEmbedResult(EmbedResult):
+    """Late chunking's answer: one vector per chunk of the one text, in chunk order, and each
+    chunk's ``spans`` row: its ``[start, end)`` character offsets into the text (int64
+    ``[chunks, 2]``)."""
+
+    spans: np.ndarray
 
 
 #: what an :class:`EmbedRequest` answers, by the model's task and the request's ``output``

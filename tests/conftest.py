@@ -462,8 +462,9 @@ def local_args() -> dict:
 
 @shared_server
 def e2e_server(servers: Servers, tiny_model: TinyFactory, small_corpus: str) -> Server:
-    """Two models in one app (the default model and a tiny CLS-pooled one) plus a second
-    application, so gRPC clients that send no ``application`` metadata are put to the test."""
+    """Two models in one app (the default model and a tiny CLS-pooled one, whose long texts
+    split into windows of 64 tokens that share 8) plus a second application, so gRPC clients
+    that send no ``application`` metadata are put to the test."""
     other = {
         "name": "other",
         "route_prefix": "/other",
@@ -478,7 +479,8 @@ def e2e_server(servers: Servers, tiny_model: TinyFactory, small_corpus: str) -> 
              "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
              "deployment": {"num_cpus": 1}},
             {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
-             "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0.5}},
+             "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0.5},
+             "chunk_overlap": 8, "max_document_tokens": 600},
         ],
     }, more_apps=(other,))
 

@@ -25,7 +25,7 @@ from pydantic import (
 
 from serve_app.config.ray_options import ServeOptions
 from serve_app.config.variants import NAME_RE, NAME_RULE, VariantOptions
-from serve_app.types import Task
+from serve_app.types import LongInputs, Task
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -169,6 +169,19 @@ class ModelConfig(_Strict):
     max_length: int | None = Field(
         None, ge=1, description="Token limit; default: sentence-transformers' max_seq_length."
     )
+    long_inputs: LongInputs = Field(
+        "truncate", description="What becomes of a text longer than max_length, unless a "
+        "request's long_inputs says otherwise: truncate, cut at the limit as "
+        "sentence-transformers does (vectors equal its encode; the answer's "
+        "x-truncated-inputs header counts them); chunk, embed every window of the limit and "
+        "answer their mean, weighted by tokens (normalized again when the model normalizes); "
+        "error, refuse it (400).")
+    chunk_overlap: int = Field(
+        0, ge=0, description="Tokens each window shares with the one before, for long_inputs "
+        "chunk and late chunking's windows; less than a window's room for text.")
+    max_document_tokens: int = Field(
+        32768, ge=1, description="Most tokens one text may have when it is embedded whole "
+        "(long_inputs chunk, late chunking); more is a 413 in the protocol's shape.")
     pooling: Pooling = Field("auto", description="auto: from 1_Pooling/config.json, else "
                              "mean (splade for task: sparse, the only pooling it takes).")
     normalize: bool | None = Field(None, description="None: from modules.json, else true "

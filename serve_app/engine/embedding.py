@@ -34,9 +34,10 @@ from serve_app.engine.backends import (
 )
 from serve_app.engine.batching import plan_batches
 from serve_app.engine.convert import files_digest, graph_for, int8_graph_for
+from serve_app.engine.long_inputs import Frame, LateChunks, Windows, late_chunks
 from serve_app.engine.model_files import read_settings, resolve_model_dir
 from serve_app.engine.quantize import Calibration, calibration_texts
-from serve_app.errors import InvalidInput, ModelLoadError
+from serve_app.errors import InvalidInput, ModelLoadError, PayloadTooLarge
 from serve_app.types import NO_PROMPT, Input, ModelInfo, Side, Task, Token
 
 log = logging.getLogger(__name__)
@@ -496,19 +497,19 @@ class EmbeddingEngine(TransformerEngine):
         return [t.lower() for t in out] if self.lower_case else out
 
     def tokenize(self, texts: Sequence[str], truncate: bool = True,
-                 prompt_name: str | None = None, side: Side = "right"
+                 prompt_name: str | None = None, side: Side = "right", whole: bool = False
                  ) -> tuple[list[list[int]], int]:
         """Token ids per text (:meth:`model_texts`), special tokens included, cut at
         ``max_length`` when ``truncate`` (the end of the text, or with ``side`` "left" its
         start), and how many of the texts were cut. With ``truncate=False`` a text longer than
-        the limit raises :class:`InvalidInput`."""
+        the limit raises :class:`InvalidInput`, unless ``whole`` (to embed in windows)."""
         prompt = self.prompt(prompt_name)
         texts = self.model_texts(texts, prompt_name)
         ids, cut = self.encode(texts, truncate, side)
         if prompt and not self.include_prompt:
             skip = self._prompt_lengths[prompt]
             ids = [PromptIds(seq, skip) for seq in ids]
-        if not truncate:
+        if not truncate and not whole:
             for i, seq in enumerate(ids):
                 self.check_length(i, len(seq))
         return ids, cut
@@ -520,12 +521,16 @@ class EmbeddingEngine(TransformerEngine):
                              add_special_tokens=True)["input_ids"]
         return len(ids) - (1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0)
 
-    def check_token_ids(self, seqs: Sequence[Sequence[int]]) -> None:
-        """Refuse token-id inputs the model cannot take: empty, too long, outside the vocabulary."""
+    def check_token_ids(self, seqs: Sequence[Sequence[int]], whole: bool = False) -> None:
+        """Refuse token-id inputs the model cannot take: empty, too long (with ``whole``, for
+        embedding whole in windows: longer than ``max_document_tokens``), outside the
+        vocabulary."""
         for i, seq in enumerate(seqs):
             if len(seq) == 0:
                 raise InvalidInput(f"input {i} is an empty token list", param="input")
-            if len(seq) > self.max_length:
+            if whole:
+                self.check_document(i, len(seq))
+            elif len(seq) > self.max_length:
                 raise InvalidInput(
                     f"input {i} has {len(seq)} tokens, more than the model's limit of "
                     f"{self.max_length}",
@@ -539,6 +544,68 @@ class EmbeddingEngine(TransformerEngine):
                     f"{self.vocab_size})",
                     param="input",
                 )
+
+    def check_document(self, i: int, n: int) -> None:
+        """Refuse input ``i`` of ``n`` tokens when it is more than one text may have to be
+        embedded whole (:class:`PayloadTooLarge`)."""
+        if n > self.cfg.max_document_tokens:
+            raise PayloadTooLarge(
+                f"input {i} has {n} tokens, more than the {self.cfg.max_document_tokens} one "
+                "text may have to be embedded whole (max_document_tokens)")
+
+    @functools.cached_property
+    def specials(self) -> tuple[int, int]:
+        """The special tokens the tokenizer puts before and after a text's own."""
+        mask = self.tokenizer("a", add_special_tokens=True,
+                              return_special_tokens_mask=True)["special_tokens_mask"]
+        own = [i for i, m in enumerate(mask) if not m]
+        return own[0], len(mask) - 1 - own[-1]
+
+    def frame(self, prompt_name: str | None = None, ids: bool = False) -> Frame:
+        """How a text's ids (with ``prompt_name``'s prompt), or with ``ids`` a caller's token
+        ids, are framed, for windows of the model's limit (:mod:`.long_inputs`)."""
+        lead, trail = self.specials
+        prompt = "" if ids else self.prompt(prompt_name)
+        head = self._prompt_length(prompt) if prompt else lead
+        return Frame(head, trail, self.max_length, self.cfg.chunk_overlap)
+
+    def prepare_windows(self, inputs: Sequence[Input], prompt_name: str | None = None
+                        ) -> tuple[Windows, int]:
+        """``inputs`` embedded whole (``long_inputs: chunk``): every input's windows of the
+        model's limit, in order, with the plan that averages them back (none is cut)."""
+        self.check_token_ids([x for x in inputs if not isinstance(x, str)], whole=True)
+        texts = [x for x in inputs if isinstance(x, str)]
+        ids = iter(self.tokenize(texts, False, prompt_name, whole=True)[0] if texts else [])
+        text_frame, id_frame = self.frame(prompt_name), self.frame(ids=True)
+        windows = []
+        for i, x in enumerate(inputs):
+            seq = next(ids) if isinstance(x, str) else list(x)
+            self.check_document(i, len(seq))
+            one = (text_frame if isinstance(x, str) else id_frame).windows(seq)
+            if isinstance(seq, PromptIds) and len(one) > 1:
+                one = [PromptIds(w, seq.skip) for w in one]
+            windows.append(one)
+        return Windows.of(windows), 0
+
+    def late_chunks(self, text: str, prompt_name: str | None,
+                    chunks: Sequence[tuple[int, int]] | None, chunk_tokens: int | None
+                    ) -> LateChunks:
+        """Plan late chunking of ``text`` (:func:`.long_inputs.late_chunks`): tokenized with
+        its character offsets, never cut."""
+        rust = self._rust_tokenizer(False, "right")
+        if rust is None:
+            raise InvalidInput("late chunking needs the character offsets of a fast "
+                               "tokenizer; this model's tokenizer is a slow one", param="chunks")
+        prompt = self.prompt(prompt_name)
+        shift = len(prompt.lower() if self.lower_case else prompt)
+        enc = rust.encode(self.model_texts([text], prompt_name)[0], add_special_tokens=True)
+        seq = list(enc.ids)
+        self.check_document(0, len(seq))
+        frame = self.frame(prompt_name)
+        own = enc.offsets[frame.head: len(seq) - frame.tail]
+        offsets = [(max(0, a - shift), max(0, b - shift)) for a, b in own]
+        return late_chunks(seq, offsets, frame, chunks, chunk_tokens, len(text),
+                           "max" if self.pooling == "max" else "mean")
 
     def embed_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         """Vectors for any number of token-id sequences (:meth:`outputs`)."""
@@ -556,10 +623,15 @@ class EmbeddingEngine(TransformerEngine):
                 for row, s in enumerate(seqs):
                     if isinstance(s, PromptIds):
                         mask[row, : s.skip] = 0
-            vectors = pool(hidden, mask, self.pooling).cpu().numpy()
+            vectors = self.pool_pass(hidden, mask).cpu().numpy()
         # one normalizing for every path (served passes normalize per request): the same text
         # gives the same bits in process and served
         return self.finish(vectors, normalize)
+
+    def pool_pass(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[b, dim]`` from a pass's outputs ``[b, L, ...]`` and ``mask`` ``[b, L]`` (0 for
+        padding and prompt tokens); the outputs may be changed in place."""
+        return pool(hidden, mask, self.pooling)
 
     def token_pass(self, seqs: Sequence[Sequence[int]], threads: int | None = None
                    ) -> list[np.ndarray]:
@@ -645,7 +717,7 @@ class EmbeddingEngine(TransformerEngine):
         return ModelInfo(
             name=name, version=version, dim=self.dim, pooling=self.pooling,
             normalize=self.normalize, prompts=tuple(self.prompts.items()),
-            default_prompt=self.default_prompt,
+            default_prompt=self.default_prompt, task=self.task,
             int8_ranges=None if self.calibration is None else self.calibration.full,
             calibration_texts=0 if self.calibration is None else self.calibration.texts,
             **self.described(),

@@ -11,15 +11,11 @@ whose steps this engine shares). ``max_active_dims`` keeps each vector's largest
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
-from serve_app.engine.backends import Backend
 from serve_app.engine.embedding import EmbeddingEngine
-from serve_app.errors import InvalidInput
-from serve_app.types import ModelInfo, Task
+from serve_app.types import Task
 
 #: the most bytes of logits (texts x tokens x vocabulary, float32) one pass may hold: a
 #: masked-language model's output is the vocabulary wide at every token
@@ -72,21 +68,8 @@ class SparseEngine(EmbeddingEngine):
         self.max_active_dims = self.settings.max_active_dims
         return "splade", bool(self.cfg.normalize), vocab
 
-    def run(self, backend: Backend, seqs: Sequence[Sequence[int]], threads: int | None = None,
-            normalize: bool | None = None) -> np.ndarray:
-        """One pass over exactly ``seqs``: SPLADE vectors ``[n, V]``, L2-normalized when
-        ``normalize`` (None: as configured)."""
-        feeds = self.feeds(seqs)
-        with torch.inference_mode():
-            logits = backend.run(feeds, threads)
-            mask = torch.from_numpy(feeds["attention_mask"]).to(logits.device)
-            vectors = splade_pool(logits, mask, *self.splade).cpu().numpy()
-        return self.finish(vectors, normalize)
-
-    def token_pass(self, seqs: Sequence[Sequence[int]], threads: int | None = None
-                   ) -> list[np.ndarray]:
-        raise InvalidInput("a SPLADE model has no token vectors to answer (its tokens' "
-                           "outputs are vocabulary logits)", param="model")
+    def pool_pass(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return splade_pool(hidden, mask, *self.splade)
 
     def rows(self, vectors: np.ndarray, max_active_dims: int | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,9 +85,3 @@ class SparseEngine(EmbeddingEngine):
         the engine's fidelity on a sample of the calibration corpus."""
         if verify:
             self.verify()
-
-    def info(self, name: str, version: str) -> ModelInfo:
-        return ModelInfo(
-            name=name, version=version, dim=self.dim, pooling="splade",
-            normalize=self.normalize, prompts=tuple(self.prompts.items()),
-            default_prompt=self.default_prompt, task="sparse", **self.described())

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import numpy as np
 
 from serve_app.errors import InvalidInput
+from serve_app.frontend.dataplane import DataPlane
+from serve_app.frontend.registry import ServedModel
 from serve_app.types import SparseEmbedResult
 
 Mode = Literal["label", "probabilities", "logits"]
@@ -31,9 +33,14 @@ MODE_PARAMETERS: dict[str, Mode] = {"return_probabilities": "probabilities",
                                     "return_raw_logits": "logits"}
 
 
-def classify_mode(params: Mapping[str, Any], default: str) -> Mode:
-    """The classifier answer a request asks for (``params``: its body or V2 parameters), else
-    the model's ``default``."""
+async def classify_mode(dataplane: DataPlane, model: ServedModel,
+                        params: Mapping[str, Any]) -> Mode:
+    """The answer a request to a classifier asks for (``params``: its V1 body or V2
+    parameters), else the model's ``kserve_output``; ``label`` for another model (its
+    parameters unread)."""
+    if model.task != "classify":
+        return "label"
+    default = (await dataplane.info(model, wait=True)).kserve_output
     asked = []
     for key, mode in MODE_PARAMETERS.items():
         value = params.get(key, False)

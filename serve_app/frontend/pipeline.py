@@ -35,6 +35,9 @@ from serve_app.types import (
 )
 
 T = TypeVar("T")
+#: the header (and V2 response parameter, as ``truncated_inputs``) that counts the texts an
+#: answer cut at the model's token limit; absent when it cut none
+TRUNCATED_HEADER = "x-truncated-inputs"
 Internal = EmbedRequest | RerankRequest | ClassifyRequest
 
 
@@ -104,10 +107,12 @@ class Call:
 
     async def embed_dense(self, req: EmbedRequest) -> EmbedResult:
         """Run ``req``, which its protocol answers with dense vectors only: a model of
-        another kind (sparse) is the protocol's :class:`WrongTask`."""
+        another kind (sparse) is the protocol's :class:`WrongTask`, before any model work."""
+        task = self.find(req.model, req.version).task
+        if task == "sparse":
+            raise wrong_task(req.model, task, "embedding")
         result = await self.run(req)
-        if not isinstance(result, EmbedResult):
-            raise wrong_task(req.model, self.find(req.model, req.version).task, "embedding")
+        assert isinstance(result, EmbedResult)
         return result
 
     def answer(self, model: str, result: Measured, render: Callable[[], T],
@@ -115,8 +120,9 @@ class Call:
         """Count the inputs computed (the queue wait under ``priority``), ``render()``
         the answer, timing the encoding, and keep the timings (:attr:`timings`):
         ``x-compute-tokens``, ``x-tokenization-time``, ``x-queue-time``,
-        ``x-inference-time``, ``x-compute-time`` (the three together) and ``x-total-time``
-        (the frontend's whole handling, encoding included)."""
+        ``x-inference-time``, ``x-compute-time`` (the three together), ``x-total-time``
+        (the frontend's whole handling, encoding included) and, when the model cut texts at
+        its token limit, ``x-truncated-inputs`` (how many)."""
         self.metrics.observe_embedding(model, self.protocol, result, priority)
         t0 = time.perf_counter()
         out = render()
@@ -132,4 +138,6 @@ class Call:
             "x-compute-time": _ms(compute),
             "x-total-time": _ms(done - self.started),
         }
+        if result.truncated:  # an answer that cut texts says so
+            self.timings[TRUNCATED_HEADER] = str(result.truncated)
         return out

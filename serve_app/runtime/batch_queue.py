@@ -318,9 +318,12 @@ class BatchQueue:
             waiting.popleft()
         return batch
 
+    def _small_is_quick(self) -> bool:
+        """Whether a small pass has taken less than the hop to a forward thread and back."""
+        return self._small_s is not None and self._small_s <= self._inline_s
+
     async def _run_pass(self) -> None:
-        if (len(self._workers) == 1 and self._small_s is not None
-                and self._small_s <= self._inline_s):
+        if len(self._workers) == 1 and self._small_is_quick():
             # this pass may run inline, blocking the loop: first let the requests already
             # arriving join it, or under load every request would run alone, inline, one
             # after the other; a gRPC request takes several turns of the loop to arrive
@@ -339,8 +342,7 @@ class BatchQueue:
         self._running[priority] += 1
         padded = len(seqs) * max(len(q) for q in seqs)
         small = padded <= SMALL_PASS_TOKENS
-        inline = (single and small and self._small_s is not None
-                  and self._small_s <= self._inline_s)
+        inline = single and small and self._small_is_quick()
         t0 = time.perf_counter()
         try:
             if inline:  # shorter than the hop to a forward thread and back

@@ -22,6 +22,7 @@ import numpy as np
 
 from serve_app.engine.classifier import ClassifyEngine
 from serve_app.engine.embedding import EmbeddingEngine, plan_parallelism
+from serve_app.engine.long_inputs import LateChunks, Windows
 from serve_app.engine.quantize import Calibration, quantize, reduce_dimensions
 from serve_app.engine.reranker import RerankEngine
 from serve_app.engine.sparse import SparseEngine
@@ -29,6 +30,7 @@ from serve_app.errors import EmptyInput, InvalidInput, Overloaded, wrong_task
 from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
 from serve_app.types import (
     AnyEmbedResult,
+    ChunkEmbedResult,
     ClassifyRequest,
     ClassifyResult,
     DecodeRequest,
@@ -42,6 +44,7 @@ from serve_app.types import (
     TokenEmbedResult,
     TokenizeRequest,
     TokenizeResult,
+    chars,
 )
 
 #: Requests this short (in characters, or token ids) are tokenized on the event loop, where
@@ -168,7 +171,10 @@ class ModelRunner:
         queue.put([work])
         out = await work.future
         waited = time.perf_counter() - t1
-        counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        if isinstance(seqs, Windows):  # inputs embedded whole, in windows
+            out, counts = seqs.plan.finish(out), seqs.plan.token_counts()
+        else:
+            counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         inference = work.inference_s
         return out, {"token_counts": counts, "truncated": truncated, "tokenize_s": t1 - t0,
                      "queue_s": max(0.0, waited - inference), "inference_s": inference,
@@ -184,12 +190,24 @@ class ModelRunner:
         engine = self.engine
         if not isinstance(engine, EmbeddingEngine):
             raise wrong_task(req.model, self._info.task, "embedding")
-        if req.output == "tokens" and isinstance(engine, SparseEngine):
-            engine.token_pass([])  # refuses, saying why
+        mode = req.long_inputs or engine.cfg.long_inputs
+        if req.late_chunking:
+            return await self._late_chunks(engine, req)
+        if req.output == "tokens":
+            if isinstance(engine, SparseEngine):
+                raise InvalidInput("a SPLADE model has no token vectors to answer (its "
+                                   "tokens' outputs are vocabulary logits)", param="output")
+            if mode == "chunk":
+                raise InvalidInput("long_inputs chunk answers one vector per input; every "
+                                   "token's vectors are answered for texts within the limit "
+                                   "(long_inputs truncate or error)", param="long_inputs")
         queue = self._tokens_queue(engine) if req.output == "tokens" else None
         with self._admit(req.model, len(req.inputs)):
-            prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
-                                        req.prompt_name, req.truncation_side)
+            prepare: Prepare = (
+                functools.partial(engine.prepare_windows, req.inputs, req.prompt_name)
+                if mode == "chunk" else
+                functools.partial(engine.prepare, req.inputs, mode == "truncate",
+                                  req.prompt_name, req.truncation_side))
             pooled, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
                                                req.deadline, req.effective_priority, queue)
         if req.output == "tokens":
@@ -202,16 +220,48 @@ class ModelRunner:
             indptr, indices, values = engine.rows(vectors, req.max_active_dims)
             return SparseEmbedResult(indptr=indptr, indices=indices, values=values,
                                      dim=engine.dim, **measured)
+        return EmbedResult(embeddings=await self._encode(engine, req, vectors), **measured)
+
+    async def _late_chunks(self, engine: EmbeddingEngine, req: EmbedRequest
+                           ) -> ChunkEmbedResult:
+        """One vector per chunk of the request's one text, from its tokens' outputs of a pass
+        over the whole text (:mod:`serve_app.engine.long_inputs`)."""
+        if isinstance(engine, SparseEngine) or req.output == "tokens":
+            raise InvalidInput("late chunking answers one dense vector per chunk: it takes a "
+                               "dense embedding model and pooled output", param="chunks")
+        text = req.inputs[0]
+        if len(req.inputs) != 1 or not isinstance(text, str):
+            raise InvalidInput(f"late chunking takes one text, the document to chunk; got "
+                               f"{len(req.inputs)} inputs", param="input")
+        plans: list[LateChunks] = []
+
+        def prepare() -> tuple[Windows, int]:
+            plan = engine.late_chunks(text, req.prompt_name, req.chunks, req.chunk_tokens)
+            plans.append(plan)
+            return Windows(plan.windows, plan), 0
+
+        with self._admit(req.model, 1):
+            pooled, measured = await self._run(prepare, len(text), req.deadline,
+                                               req.effective_priority,
+                                               self._tokens_queue(engine))
+        vectors = engine.finish(pooled, req.normalize)
+        return ChunkEmbedResult(embeddings=await self._encode(engine, req, vectors),
+                                spans=plans[0].spans, **measured)
+
+    async def _encode(self, engine: EmbeddingEngine, req: EmbedRequest, vectors: np.ndarray
+                      ) -> np.ndarray:
+        """Dense vectors as ``req`` asks for them: cut to its ``dimensions``, in its
+        ``encoding``."""
         if req.dimensions is not None and req.dimensions != engine.dim:
             # cut, and normalized again unless the request asked for vectors as pooled
             vectors = (np.ascontiguousarray(vectors[:, :req.dimensions])
                        if req.normalize is False else reduce_dimensions(vectors, req.dimensions))
         if req.encoding in ("int8", "uint8"):
             calibration = engine.calibration or await self._calibrate(engine)
-            vectors = calibration.encode(vectors, req.encoding)
-        elif req.encoding != "float":
-            vectors = quantize(vectors, req.encoding)
-        return EmbedResult(embeddings=vectors, **measured)
+            return calibration.encode(vectors, req.encoding)
+        if req.encoding != "float":
+            return quantize(vectors, req.encoding)
+        return vectors
 
     async def _calibrate(self, engine: EmbeddingEngine) -> Calibration:
         """Calibrate once, however many requests ask at once, off the event loop."""
@@ -239,9 +289,7 @@ class ModelRunner:
         with self._admit(req.model, len(req.inputs)):
             prepare = functools.partial(engine.prepare, req.inputs, req.truncate,
                                         req.truncation_side)
-            chars = sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1])
-                        for x in req.inputs)
-            logits, measured = await self._run(prepare, chars, req.deadline,
+            logits, measured = await self._run(prepare, chars(req.inputs), req.deadline,
                                                req.effective_priority)
         return ClassifyResult(scores=engine.probabilities(logits, req.raw_scores), **measured)
 

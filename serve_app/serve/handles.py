@@ -178,34 +178,31 @@ class HandleBackend:
         try:
             return await asyncio.wait_for(answer, timeout)
         except TimeoutError:  # the replica drops the work once its deadline passes
-            raise self._no_answer(req, remaining) from None
+            raise self._no_answer(req.model, remaining) from None
 
-    def _no_answer(self, req: Call, remaining: float | None) -> ServeAppError:
+    def _no_answer(self, model: str, remaining: float | None) -> ServeAppError:
         if remaining is not None and remaining <= self._timeout_s:
             return DeadlineExceeded(f"no answer within the request's deadline ({remaining:.3g}s)")
         return ModelNotReady(
-            f"model {req.model!r} gave no answer within {self._timeout_s:g}s; retry later")
+            f"model {model!r} gave no answer within {self._timeout_s:g}s; retry later")
 
     async def _send_many(self, kind: str, reqs: list[Any]) -> list[Any]:
-        """One call carrying ``reqs``: each one's result or error, in order."""
+        """One call carrying ``reqs``: each one's result or error, in order (each request's
+        own wait ends at its own deadline, :meth:`_waited`)."""
         timeout = max(self._timeout(r)[0] for r in reqs)
-        response = self._many.remote(kind, reqs)
-        try:
-            answers: list[Any] = await asyncio.wait_for(response, timeout)
-            return answers
-        except RayTaskError as e:
-            raise _unwrap(e) from None
-        except RayActorError:
-            raise ModelNotReady(f"the replica of model {reqs[0].model!r} was lost during the "
-                                "request; retry") from None
-        except TimeoutError:
-            response.cancel()
-            raise ModelNotReady(f"model {reqs[0].model!r} gave no answer within "
-                                f"{timeout:g}s; retry later") from None
+        answers: list[Any] = await self._answer(self._many.remote(kind, reqs), reqs[0].model,
+                                                timeout, None)
+        return answers
 
     async def _call(self, method: DeploymentHandle, req: Call, *args: Any) -> Any:
         timeout, remaining = self._timeout(req)
-        response = method.remote(req, *args)
+        return await self._answer(method.remote(req, *args), req.model, timeout, remaining)
+
+    async def _answer(self, response: Any, model: str, timeout: float,
+                      remaining: float | None) -> Any:
+        """The answer to a call (``response``) for ``model``, waited for at most ``timeout``
+        (``remaining``: the request's deadline, which a timeout is reported against); the
+        replica's domain error raised as it is, a lost replica or no answer as retryable."""
         try:
             result = await asyncio.wait_for(response, timeout)
             if self._residency is not None:
@@ -218,11 +215,11 @@ class HandleBackend:
             raise err from None
         except RayActorError:
             raise ModelNotReady(
-                f"the replica of model {req.model!r} was lost during the request; retry"
+                f"the replica of model {model!r} was lost during the request; retry"
             ) from None
         except TimeoutError:
             response.cancel()  # the replica drops the work if it has not reached the model
-            raise self._no_answer(req, remaining) from None
+            raise self._no_answer(model, remaining) from None
         except asyncio.CancelledError:
             response.cancel()  # the client went away: so does its work
             raise

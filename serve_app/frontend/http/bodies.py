@@ -3,16 +3,45 @@ checks, and encoding straight from numpy."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 from fastapi import Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from serve_app.errors import EmptyInput, InvalidInput
-from serve_app.types import ClassifyInput
+from serve_app.types import ClassifyInput, LongInputs, late_chunking, long_inputs
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class LongInputField(BaseModel):
+    """The field of every embedding body that says what becomes of long texts (serve_app's
+    extension, the same on every protocol: docs/protocols.md)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    long_inputs: Literal["truncate", "chunk", "error"] | None = Field(
+        None, description="serve_app extension: a text over the model's token limit is cut "
+        "(truncate), embedded whole in windows whose vectors are averaged (chunk), or refused "
+        "(error); default: the model's long_inputs.")
+
+    def long_inputs_of(self, truncate: bool | None = None) -> LongInputs | None:
+        return long_inputs(self.long_inputs, truncate)
+
+
+class LateChunkFields(LongInputField):
+    """Late chunking's fields (serve_app's extension): one vector per chunk of the one text."""
+
+    chunks: list[tuple[StrictInt, StrictInt]] | None = Field(
+        None, description="serve_app extension, late chunking: the one input's chunks as "
+        "[start, end] character offsets; one vector per chunk, from a pass over the whole text.")
+    chunk_tokens: StrictInt | None = Field(
+        None, description="serve_app extension, late chunking: cut the one input every N "
+        "tokens; one vector per chunk, with its offsets.")
+
+    def late_chunking(self) -> tuple[tuple[tuple[int, int], ...] | None, int | None]:
+        return late_chunking(self.chunks, self.chunk_tokens)
 
 
 def json_response(

@@ -15,7 +15,13 @@ from serve_app.frontend.http.bodies import check_texts, classify_inputs, json_re
 from serve_app.frontend.http.error_bodies import error_route_class, kserve_error
 from serve_app.frontend.http.route import call_of, dataplane_of, model_card, read_body, respond
 from serve_app.frontend.kserve import classify_mode, sparse_objects, v1_predictions
-from serve_app.types import ClassifyRequest, EmbedRequest, EmbedResult, SparseEmbedResult
+from serve_app.types import (
+    ClassifyRequest,
+    EmbedRequest,
+    EmbedResult,
+    SparseEmbedResult,
+    long_inputs,
+)
 
 router = APIRouter(route_class=error_route_class(kserve_error), tags=["kserve-v1"])
 
@@ -36,8 +42,13 @@ _PREDICT_SCHEMA = {
                         "return_raw_logits": {
                             "type": "boolean", "description": "a classifier: each label's "
                             "logit instead of the best label's index"},
-                        "truncate": {"type": "boolean", "default": True,
-                                     "description": "false: refuse over-long texts (400)"},
+                        "truncate": {"type": "boolean",
+                                     "description": "true: cut over-long texts; false: refuse "
+                                     "them (400); default: the model's long_inputs"},
+                        "long_inputs": {"type": "string", "enum": ["truncate", "chunk", "error"],
+                                        "description": "an embedding model: cut over-long "
+                                        "texts, embed them whole in windows (chunk), or refuse "
+                                        "them; default: the model's long_inputs"},
                         "priority": {"type": "integer", "minimum": 0,
                                      "description": "1 the highest level, larger lower, 0 the "
                                      "default (1); or the X-Priority header"},
@@ -86,22 +97,23 @@ async def predict(name: str, request: Request) -> Response:
         field = "inputs"
     else:
         raise InvalidInput("request body must have 'instances' (or 'inputs'): a list of strings")
-    truncate = data.get("truncate", True)
-    if type(truncate) is not bool:
+    truncate = data.get("truncate")
+    if truncate is not None and type(truncate) is not bool:
         raise InvalidInput(f"'truncate' must be true or false, got {truncate!r}", param="truncate")
     common: dict[str, Any] = {
-        "model": name, "truncate": truncate, "request_id": call.request_id,
+        "model": name, "request_id": call.request_id,
         "deadline": call.deadline(), "priority": call.priority(data.get("priority"))}
     if model.task == "classify":
-        info = await call.dataplane.info(model)
-        mode = classify_mode(data, info.kserve_output)
+        mode = await classify_mode(call.dataplane, model, data)
         creq = ClassifyRequest(inputs=classify_inputs(data[field], field),
-                               raw_scores=mode == "logits", **common)
+                               raw_scores=mode == "logits", truncate=truncate is not False,
+                               **common)
         classified = await call.run(creq)
         return respond(request, call, name, classified, lambda: json_response(
             {"predictions": v1_predictions(classified.scores, mode)}), creq.effective_priority)
     texts = check_texts(data[field], field, allow_empty=True)  # "" embeds, as in KServe
-    req = EmbedRequest(inputs=texts, **common)
+    req = EmbedRequest(inputs=texts, long_inputs=long_inputs(data.get("long_inputs"), truncate),
+                       **common)
     result = await call.run(req)
     if isinstance(result, SparseEmbedResult):
         sparse = result

@@ -7,14 +7,26 @@ import base64
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serve_app.errors import EmptyInput, InvalidInput
-from serve_app.frontend.http.bodies import json_response, openapi_body, parse_json, validate
+from serve_app.frontend.http.bodies import (
+    LateChunkFields,
+    json_response,
+    openapi_body,
+    parse_json,
+    validate,
+)
 from serve_app.frontend.http.error_bodies import error_route_class, openai_error
 from serve_app.frontend.http.route import call_of, dataplane_of, model_card, read_body, respond
 from serve_app.frontend.kserve import sparse_objects
-from serve_app.types import EmbedRequest, EmbedResult, Input, SparseEmbedResult
+from serve_app.types import (
+    ChunkEmbedResult,
+    EmbedRequest,
+    EmbedResult,
+    Input,
+    SparseEmbedResult,
+)
 
 _INPUT_HELP = (
     "'input' must be a non-empty string, a non-empty list of strings, a list of token ids, or a "
@@ -22,10 +34,12 @@ _INPUT_HELP = (
 )
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(LateChunkFields):
     """``{"input": str | [str] | [int] | [[int]], "model": str, "encoding_format"?: "float" |
     "base64" | "int8" | "uint8" | "binary" | "ubinary", "dimensions"?: int, "user"?: str,
-    "prompt_name"?: str, "input_type"?: str}``. Unknown fields are accepted and ignored."""
+    "prompt_name"?: str, "input_type"?: str}``, and serve_app's extensions (``long_inputs``,
+    late chunking's ``chunks`` / ``chunk_tokens``, ...). Unknown fields are accepted and
+    ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -49,10 +63,10 @@ class EmbeddingRequest(BaseModel):
     priority: StrictInt | None = Field(
         None, description="serve_app extension: the level the texts wait at, as in Triton: 1 "
         "the highest, larger numbers lower, 0 the default (1). The X-Priority header works too.")
-    truncate: StrictBool = Field(
-        True, description="serve_app extension (as in text-embeddings-inference): false refuses "
-        "inputs over the model's token limit with a 400 instead of cutting them."
-    )
+    truncate: StrictBool | None = Field(
+        None, description="serve_app extension (as in text-embeddings-inference): true cuts "
+        "inputs over the model's token limit, false refuses them with a 400 (long_inputs "
+        "truncate / error); default: the model's long_inputs.")
     max_active_dims: StrictInt | None = Field(
         None, description="serve_app extension, a sparse (SPLADE) model's: keep each vector's "
         "largest N values (sentence-transformers' max_active_dims).")
@@ -90,8 +104,9 @@ def _inputs(value: Any) -> tuple[Input, ...]:
 
 def render_embeddings(result: EmbedResult | SparseEmbedResult, model: str, encoding: str
                       ) -> Response:
-    """OpenAI's list of embeddings; a sparse model's each as ``{"indices", "values"}``
-    (serve_app's extension: docs/protocols.md)."""
+    """OpenAI's list of embeddings; a sparse model's each as ``{"indices", "values"}``, late
+    chunking's one per chunk with its ``offsets`` (serve_app's extensions:
+    docs/protocols.md)."""
     items: list[Any]
     if isinstance(result, SparseEmbedResult):
         items = sparse_objects(result)
@@ -104,6 +119,9 @@ def render_embeddings(result: EmbedResult | SparseEmbedResult, model: str, encod
         # Python number per value
         items = list(result.embeddings)
     data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)]
+    if isinstance(result, ChunkEmbedResult):  # late chunking: each chunk's place in the text
+        for item, span in zip(data, result.spans.tolist(), strict=True):
+            item["offsets"] = span
     tokens = result.prompt_tokens
     return json_response(
         {
@@ -128,10 +146,13 @@ async def create_embeddings(request: Request) -> Response:
     # Check 'input' before pydantic does: its messages for a four-way union are unreadable.
     inputs = _inputs(data["input"]) if isinstance(data, dict) and "input" in data else ()
     body = validate(EmbeddingRequest, data)
+    chunks, chunk_tokens = body.late_chunking()
     req = EmbedRequest(
         model=body.model,
         inputs=inputs,
-        truncate=body.truncate,
+        long_inputs=body.long_inputs_of(body.truncate),
+        chunks=chunks,
+        chunk_tokens=chunk_tokens,
         dimensions=body.dimensions,
         request_id=call.request_id,
         deadline=call.deadline(),

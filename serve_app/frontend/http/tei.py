@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -36,11 +37,19 @@ from serve_app import __version__
 from serve_app.errors import TASK_NAMES, EmptyInput, InvalidInput, ModelNotReady, WrongTask
 from serve_app.frontend.dataplane import ACCEPTS
 from serve_app.frontend.http import rerank
-from serve_app.frontend.http.bodies import json_response, openapi_body, parse_json, validate
+from serve_app.frontend.http.bodies import (
+    LateChunkFields,
+    LongInputField,
+    json_response,
+    openapi_body,
+    parse_json,
+    validate,
+)
 from serve_app.frontend.http.error_bodies import error_route_class, tei_error
 from serve_app.frontend.http.route import call_of, dataplane_of, read_body, respond
 from serve_app.frontend.pipeline import Call
 from serve_app.types import (
+    ChunkEmbedResult,
     ClassifyInput,
     ClassifyRequest,
     DecodeRequest,
@@ -54,6 +63,7 @@ from serve_app.types import (
     Task,
     TokenEmbedResult,
     TokenizeRequest,
+    chars,
 )
 
 Direction = Literal["Right", "right", "Left", "left"]
@@ -78,8 +88,6 @@ class _Truncation(BaseModel):
                                         "limit (null: true, TEI's --auto-truncate); false: "
                                         "refuse them.")
     truncation_direction: Direction = Field("Right", description="Which end truncation cuts.")
-    prompt_name: StrictStr | None = Field(None, description="One of the model's prompts, put "
-                                          "before each text.")
 
     def side(self) -> Side:
         return "left" if self.truncation_direction.lower() == "left" else "right"
@@ -88,7 +96,12 @@ class _Truncation(BaseModel):
         return True if self.truncate is None else self.truncate
 
 
-class TeiEmbedAll(_Body, _Truncation):
+class _Prompted(_Truncation, LongInputField):
+    prompt_name: StrictStr | None = Field(None, description="One of the model's prompts, put "
+                                          "before each text.")
+
+
+class TeiEmbedAll(_Body, _Prompted):
     """``{"inputs", "truncate"?, "truncation_direction"?, "prompt_name"?}`` (``/embed_all``;
     ``/embed_sparse`` takes ``max_active_dims`` too)"""
 
@@ -100,24 +113,22 @@ class TeiEmbedSparse(TeiEmbedAll):
         None, description="serve_app extension: keep each vector's largest N values.")
 
 
-class TeiEmbed(TeiEmbedAll):
+class TeiEmbed(TeiEmbedAll, LateChunkFields):
     """``{"inputs", "normalize"?, "truncate"?, "truncation_direction"?, "prompt_name"?,
-    "dimensions"?}``"""
+    "dimensions"?}``, and serve_app's late chunking (``chunks`` / ``chunk_tokens``: one
+    vector per chunk, their offsets in the ``x-chunk-offsets`` header)"""
 
     normalize: StrictBool = Field(True, description="L2-normalize (false: vectors as pooled).")
     dimensions: StrictInt | None = Field(None, description="Keep the first N values (then "
                                          "normalize).")
 
 
-class TeiPredict(_Body):
+class TeiPredict(_Body, _Truncation):
     """``{"inputs": str | [str] | [str, str] | [[str] | [str, str]], "truncate"?,
     "truncation_direction"?, "raw_scores"?}``"""
 
-    model_config = ConfigDict(extra="allow")
     inputs: Any = Field(description="A text, a pair [text, text], or a list of texts and pairs "
                         "(each [text] or [text, text]).")
-    truncate: StrictBool | None = None
-    truncation_direction: Direction = "Right"
     raw_scores: StrictBool = Field(False, description="Logits instead of the probabilities.")
 
 
@@ -132,7 +143,7 @@ class TeiSimilarity(_Body):
     "truncation_direction"?, "prompt_name"?}}``"""
 
     inputs: SimilarityInputs
-    parameters: _Truncation | None = None
+    parameters: _Prompted | None = None
 
 
 class TeiTokenize(_Body):
@@ -256,8 +267,9 @@ def _embed_request(request: Request, call: Call, data: Any, body_type: type[E], 
     inputs = _inputs(data.get("inputs")) if isinstance(data, dict) and "inputs" in data else ()
     body = validate(body_type, data)
     req = EmbedRequest(
-        model=model_for(request, body.model, task), inputs=inputs, truncate=body.cut(),
-        truncation_side=body.side(), prompt_name=body.prompt_name, request_id=call.request_id,
+        model=model_for(request, body.model, task), inputs=inputs,
+        long_inputs=body.long_inputs_of(body.truncate), truncation_side=body.side(),
+        prompt_name=body.prompt_name, request_id=call.request_id,
         deadline=call.deadline(), priority=call.priority(body.priority), **fields)
     return body, req
 
@@ -269,8 +281,10 @@ async def _embed(request: Request, call: Call, data: Any) -> Response:
     sparse = call.find(req.model).task == "sparse"
     if sparse and body.normalize:  # TEI's words: a SPLADE model's vectors are not normalized
         raise WrongTask("`normalize` is not available for SPLADE models", param="normalize")
+    chunks, chunk_tokens = body.late_chunking()
     req = dataclasses.replace(req, dimensions=body.dimensions,
-                              normalize=None if sparse else body.normalize)
+                              normalize=None if sparse else body.normalize,
+                              chunks=chunks, chunk_tokens=chunk_tokens)
     result = await call.run(req)
     if isinstance(result, SparseEmbedResult):  # TEI answers a SPLADE model's /embed dense
         vectors = np.zeros((len(req.inputs), result.dim), dtype=np.float32)
@@ -280,8 +294,11 @@ async def _embed(request: Request, call: Call, data: Any) -> Response:
     else:
         assert isinstance(result, EmbedResult)
         vectors = result.embeddings
-    return _answer(request, call, req.model, result, vectors, _chars(req.inputs),
-                   req.effective_priority)
+    response = _answer(request, call, req.model, result, vectors, _chars(req.inputs),
+                       req.effective_priority)
+    if isinstance(result, ChunkEmbedResult):  # late chunking: where each vector's chunk lies
+        response.headers["x-chunk-offsets"] = orjson.dumps(result.spans.tolist()).decode()
+    return response
 
 
 async def _embed_sparse(request: Request, call: Call, data: Any) -> Response:
@@ -310,17 +327,14 @@ async def _predict(request: Request, call: Call, data: Any) -> Response:
     body = validate(TeiPredict, data)
     name = model_for(request, body.model, "classify")
     req = ClassifyRequest(
-        model=name, inputs=inputs, raw_scores=body.raw_scores,
-        truncate=True if body.truncate is None else body.truncate,
-        truncation_side="left" if body.truncation_direction.lower() == "left" else "right",
-        request_id=call.request_id, deadline=call.deadline(),
+        model=name, inputs=inputs, raw_scores=body.raw_scores, truncate=body.cut(),
+        truncation_side=body.side(), request_id=call.request_id, deadline=call.deadline(),
         priority=call.priority(body.priority))
     result = await call.run(req)
     labels = (await call.dataplane.info(call.find(name))).labels
     ranked = [[{"score": float(row[j]), "label": labels[j]}
                for j in np.argsort(-row, kind="stable").tolist()] for row in result.scores]
-    chars = sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1]) for x in inputs)
-    return _answer(request, call, name, result, ranked if batch else ranked[0], chars,
+    return _answer(request, call, name, result, ranked if batch else ranked[0], chars(inputs),
                    req.effective_priority)
 
 
@@ -398,10 +412,11 @@ async def similarity(request: Request) -> Response:
         if not t:
             raise EmptyInput("`inputs.source_sentence` cannot be empty" if i == 0 else
                              f"`inputs.sentences[{i - 1}]` cannot be empty", param="inputs")
-    opts = body.parameters or _Truncation()
+    opts = body.parameters or _Prompted()
     req = EmbedRequest(
-        model=model_for(request, body.model, "embedding"), inputs=texts, truncate=opts.cut(),
-        truncation_side=opts.side(), prompt_name=opts.prompt_name, normalize=True,
+        model=model_for(request, body.model, "embedding"), inputs=texts,
+        long_inputs=opts.long_inputs_of(opts.truncate), truncation_side=opts.side(),
+        prompt_name=opts.prompt_name, normalize=True,
         request_id=call.request_id, deadline=call.deadline(),
         priority=call.priority(body.priority))
     result = await call.embed_dense(req)

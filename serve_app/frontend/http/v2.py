@@ -16,15 +16,16 @@ from serve_app.errors import InvalidInput, ModelNotReady
 from serve_app.frontend.http.bodies import json_response, openapi_body, parse_json, validate
 from serve_app.frontend.http.error_bodies import error_route_class, kserve_error
 from serve_app.frontend.http.route import call_of, dataplane_of, read_body, respond
+from serve_app.frontend.kserve import classify_mode
 from serve_app.frontend.v2.codec import (
     check_outputs,
-    classify_mode_of,
     datatype_of,
     internal_request,
     json_data,
     model_metadata,
     model_parameters,
     output_tensors,
+    response_parameters,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
@@ -224,18 +225,18 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     req = validate(InferRequest, parse_json(header))
     tensors = _input_tensors(req.inputs, binary)
     names, binary_out = _outputs(req, model.task)
-    mode = await classify_mode_of(call, model, req.parameters)
+    mode = await classify_mode(call.dataplane, model, req.parameters)
     internal = internal_request(name, model.task, tensors, req.parameters, call.request_id,
                                 version, call.timeout_s, call.priority(), mode)
     result = await call.run(internal)
     return respond(request, call, name, result, lambda: render_infer(
         name, model.version, req.id or call.request_id, output_tensors(result, names, mode),
-        result.prompt_tokens, binary_out), internal.effective_priority)
+        response_parameters(result), binary_out), internal.effective_priority)
 
 
 def render_infer(name: str, version: str, response_id: str,
-                 tensors: list[tuple[str, np.ndarray]], prompt_tokens: int, binary_out: bool
-                 ) -> Response:
+                 tensors: list[tuple[str, np.ndarray]], parameters: dict[str, int],
+                 binary_out: bool) -> Response:
     """The V2 answer: JSON data, or a JSON header followed by each tensor's raw little-endian
     bytes in output order."""
     outputs: list[dict[str, Any]] = [
@@ -244,7 +245,7 @@ def render_infer(name: str, version: str, response_id: str,
         "model_name": name,
         "model_version": version,
         "id": response_id,
-        "parameters": {"prompt_tokens": prompt_tokens},
+        "parameters": parameters,
         "outputs": outputs,
     }
     if not binary_out:

@@ -4,7 +4,11 @@ BYTES elements on the wire: each a 4-byte little-endian length, then that many b
 
 - An embedding model takes one BYTES tensor of texts, shape ``[n]`` or ``[n, 1]``, and answers
   ``output-0``: FP32 ``[n, dim]``, or with parameter ``encoding_format`` INT8 / UINT8
-  ``[n, dim]`` (int8, uint8) or ``[n, ceil(dim / 8)]`` (binary, ubinary).
+  ``[n, dim]`` (int8, uint8) or ``[n, ceil(dim / 8)]`` (binary, ubinary). Parameter
+  ``long_inputs`` (truncate, chunk, error) says what becomes of a text over the model's limit.
+  Late chunking (parameter ``chunks``: ``[[start, end], ...]`` character offsets, as JSON text
+  over gRPC; or ``chunk_tokens``: N) takes one text and answers a vector per chunk in
+  ``output-0`` and their offsets in ``chunk_offsets``: INT64 ``[chunks, 2]``.
 - A reranker takes ``query`` (BYTES ``[1]``) and ``documents`` (BYTES ``[n]``) and answers
   ``scores``: FP32 ``[n]`` in document order.
 - A classifier takes one BYTES tensor of texts (any name, as KServe's runtime), or ``text`` and
@@ -26,25 +30,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from serve_app.errors import InvalidInput
-from serve_app.frontend.kserve import (
-    MODE_PARAMETERS,
-    Mode,
-    by_label_text,
-    classify_mode,
-    labels_of,
-)
-from serve_app.frontend.pipeline import Call
-from serve_app.frontend.registry import ServedModel
+from serve_app.frontend.kserve import MODE_PARAMETERS, Mode, by_label_text, labels_of
 from serve_app.types import (
     ENCODINGS,
+    ChunkEmbedResult,
     ClassifyInput,
     ClassifyRequest,
     ClassifyResult,
     EmbedRequest,
     EmbedResult,
     Encoding,
+    LongInputs,
     Measured,
     ModelInfo,
     RerankRequest,
@@ -52,6 +51,8 @@ from serve_app.types import (
     SparseEmbedResult,
     Task,
     deadline,
+    late_chunking,
+    long_inputs,
     priority,
 )
 
@@ -64,10 +65,13 @@ SCORES_OUTPUT = "scores"
 PAIR_INPUT = "text_pair"
 SPARSE_OUTPUTS = ("indices", "values", "offsets")
 #: the outputs a model of each task has, and (first) those it answers when none is asked for
+#: late chunking's output: each chunk's [start, end) character offsets, INT64 [chunks, 2]
+CHUNK_OFFSETS = "chunk_offsets"
 OUTPUTS: dict[Task, tuple[str, ...]] = {
-    "embedding": (OUTPUT_NAME,), "rerank": (SCORES_OUTPUT,), "sparse": SPARSE_OUTPUTS,
+    "embedding": (OUTPUT_NAME, CHUNK_OFFSETS), "rerank": (SCORES_OUTPUT,), "sparse": SPARSE_OUTPUTS,
     "classify": (OUTPUT_NAME, SCORES_OUTPUT)}
-DEFAULT_OUTPUTS: dict[Task, tuple[str, ...]] = {**OUTPUTS, "classify": (OUTPUT_NAME,)}
+DEFAULT_OUTPUTS: dict[Task, tuple[str, ...]] = {**OUTPUTS, "classify": (OUTPUT_NAME,),
+                                                "embedding": (OUTPUT_NAME,)}
 #: the V2 datatype of each numpy dtype an answer holds
 DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int8): "INT8",
              np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32",
@@ -162,6 +166,9 @@ class InferOptions:
 
     dimensions: int | None = None
     truncate: bool = True
+    long_inputs: LongInputs | None = None
+    chunks: tuple[tuple[int, int], ...] | None = None
+    chunk_tokens: int | None = None
     timeout_s: float | None = None
     prompt_name: str | None = None
     input_type: str | None = None
@@ -206,7 +213,18 @@ def infer_options(params: Mapping[str, Any]) -> InferOptions:
     active = params.get("max_active_dims")
     if active is not None and type(active) is not int:
         raise InvalidInput(f"parameter 'max_active_dims' must be an integer, got {active!r}")
+    chunks = params.get("chunks")
+    if isinstance(chunks, str):  # gRPC parameters are scalars: the offsets as JSON text
+        try:
+            chunks = orjson.loads(chunks)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("parameter 'chunks' must be a list of [start, end] character "
+                               "offsets, or that list as JSON text", param="chunks") from None
+    chunk_spans, chunk_tokens = late_chunking(chunks, params.get("chunk_tokens"))
     return InferOptions(dimensions=dims, truncate=truncate,
+                        long_inputs=long_inputs(params.get("long_inputs"),
+                                                params.get("truncate")),
+                        chunks=chunk_spans, chunk_tokens=chunk_tokens,
                         timeout_s=None if timeout is None else timeout / 1e6,
                         prompt_name=_optional_str(params, "prompt_name"),
                         input_type=_optional_str(params, "input_type"),
@@ -229,6 +247,10 @@ def check_task_options(opts: InferOptions, task: Task) -> None:
         given.append("raw_scores")
     if task != "sparse" and opts.max_active_dims is not None:
         given.append("max_active_dims")
+    if task in ("rerank", "classify") and opts.params and "long_inputs" in opts.params:
+        given.append("long_inputs")
+    if task != "embedding":
+        given += [k for k in ("chunks", "chunk_tokens") if opts.params and k in opts.params]
     if task != "classify":
         given += [k for k in MODE_PARAMETERS if opts.params and k in opts.params]
     if given:
@@ -244,11 +266,27 @@ def check_outputs(names: Sequence[str], task: Task = "embedding") -> tuple[str, 
     return tuple(dict.fromkeys(names)) or DEFAULT_OUTPUTS[task]
 
 
+def response_parameters(result: Measured) -> dict[str, int]:
+    """An answer's parameters: ``prompt_tokens``, and ``truncated_inputs`` when the model cut
+    texts at its token limit."""
+    out = {"prompt_tokens": result.prompt_tokens}
+    if result.truncated:
+        out["truncated_inputs"] = result.truncated
+    return out
+
+
 def output_tensors(result: Measured, names: Sequence[str], mode: Mode = "label"
                    ) -> list[tuple[str, np.ndarray]]:
     """The answer's tensors by name, in the order asked for. A classifier's ``output-0`` is
     written as ``mode`` says (:mod:`serve_app.frontend.kserve`)."""
     out: dict[str, np.ndarray] = {}
+    if isinstance(result, ChunkEmbedResult):  # late chunking: its offsets unless left out
+        out[CHUNK_OFFSETS] = result.spans
+        if tuple(names) == DEFAULT_OUTPUTS["embedding"]:
+            names = (*names, CHUNK_OFFSETS)
+    elif CHUNK_OFFSETS in names:
+        raise InvalidInput(f"output '{CHUNK_OFFSETS}' answers late chunking (parameter chunks "
+                           "or chunk_tokens)", param="outputs")
     if isinstance(result, EmbedResult):
         out[OUTPUT_NAME] = result.embeddings
     elif isinstance(result, RerankResult):
@@ -291,9 +329,11 @@ def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ..
     if len(tensors) != 1:
         raise InvalidInput(f"expected exactly one input tensor of texts, got {len(tensors)}")
     (texts,) = tensors.values()
+    del common["truncate"]
     return EmbedRequest(inputs=texts, dimensions=opts.dimensions, prompt_name=opts.prompt_name,
                         input_type=opts.input_type, encoding=opts.encoding,
-                        max_active_dims=opts.max_active_dims, **common)
+                        max_active_dims=opts.max_active_dims, long_inputs=opts.long_inputs,
+                        chunks=opts.chunks, chunk_tokens=opts.chunk_tokens, **common)
 
 
 def classify_inputs(tensors: Mapping[str, tuple[str, ...]]) -> tuple[ClassifyInput, ...]:
@@ -368,11 +408,3 @@ def model_parameters(info: ModelInfo) -> dict[str, Any]:
                               "calibration_texts": info.calibration_texts}
     return out
 
-
-async def classify_mode_of(call: Call, model: ServedModel, params: Mapping[str, Any]) -> Mode:
-    """What a classifier's ``output-0`` holds for this request (another model: ``label``,
-    unread)."""
-    if model.task != "classify":
-        return "label"
-    info = await call.dataplane.info(model, wait=True)
-    return classify_mode(params, info.kserve_output)

@@ -30,16 +30,16 @@ from serve_app.errors import (
 )
 from serve_app.frontend.context import ServerContext
 from serve_app.frontend.dataplane import DataPlane
-from serve_app.frontend.kserve import Mode
+from serve_app.frontend.kserve import Mode, classify_mode
 from serve_app.frontend.pipeline import Call, Internal
 from serve_app.frontend.v2.codec import (
     check_outputs,
-    classify_mode_of,
     datatype_of,
     fp32_bytes,
     internal_request,
     model_metadata,
     output_tensors,
+    response_parameters,
     split_bytes_tensor,
     tensor_bytes,
     texts_from_elements,
@@ -239,7 +239,7 @@ class GrpcInference:
             if request.ByteSize() > limit:
                 raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
                                       "send fewer or shorter inputs")
-            mode = await classify_mode_of(call, model, _params(request.parameters))
+            mode = await classify_mode(self.dataplane, model, _params(request.parameters))
             internal, raw, names = to_request(request, model.task, call.priority(), mode)
             result = await call.run(internal)
 
@@ -247,7 +247,8 @@ class GrpcInference:
                 resp = pb.ModelInferResponse(model_name=request.model_name,
                                              model_version=model.version,
                                              id=request.id or str(uuid.uuid4()))
-                resp.parameters["prompt_tokens"].int64_param = result.prompt_tokens
+                for key, value in response_parameters(result).items():
+                    resp.parameters[key].int64_param = value
                 for name, array in output_tensors(result, names, mode):
                     out = pb.ModelInferResponse.InferOutputTensor(
                         name=name, datatype=datatype_of(array), shape=list(array.shape))
