@@ -91,12 +91,15 @@ def lookup(table: Mapping[type[ServeAppError], T], err: ServeAppError, default: 
 
 #: what each task's model is, and what to send it (the :data:`serve_app.types.Task` names)
 TASK_NAMES = {"embedding": "an embedding model", "rerank": "a reranker",
-               "classify": "a classifier", "sparse": "a sparse (SPLADE) embedding model"}
+              "classify": "a classifier", "sparse": "a sparse (SPLADE) embedding model",
+              "multivector": "a multi-vector (ColBERT) embedding model"}
 _TASK_USE = {
     "embedding": "embed texts with it (/v1/embeddings, /embed, V1 or V2)",
     "rerank": "send it (query, documents) on /rerank, /v1/rerank or V2",
     "classify": "classify texts with it (/predict, /v1/classify, V1 or V2)",
     "sparse": "embed texts with it (/embed_sparse, /v1/embeddings, V1 or V2)",
+    "multivector": "embed texts with it (/embed_all, /v1/embeddings, V2) or score documents "
+                   "(/rerank)",
 }
 
 

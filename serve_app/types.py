@@ -29,12 +29,16 @@ def chars(inputs: Sequence[ClassifyInput]) -> int:
 
 #: What a model does: embed texts into dense vectors, score (query, document) pairs (a
 #: cross-encoder), classify texts or text pairs (a sequence classifier), or embed texts into
-#: sparse vocabulary-sized vectors (SPLADE).
-Task = Literal["embedding", "rerank", "classify", "sparse"]
-TASKS: tuple[Task, ...] = ("embedding", "rerank", "classify", "sparse")
-#: What an embedding request answers: one vector per input (pooled), or one per token of each
-#: input (the model's last hidden states, text-embeddings-inference's ``/embed_all``).
-Output = Literal["pooled", "tokens"]
+#: sparse vocabulary-sized vectors (SPLADE), or into one vector per token (ColBERT, PyLate).
+Task = Literal["embedding", "rerank", "classify", "sparse", "multivector"]
+TASKS: tuple[Task, ...] = ("embedding", "rerank", "classify", "sparse", "multivector")
+#: What an embedding request answers: the model's own vectors (``pooled``: a dense model's one
+#: vector per input, a SPLADE model's sparse one, a multi-vector model's matrix), or one of a
+#: model's other outputs: every token's last hidden state (``tokens``,
+#: text-embeddings-inference's ``/embed_all``), sparse lexical weights (``sparse``) or
+#: late-interaction vectors (``multivector``), as BGE-M3 answers them (:attr:`ModelInfo.outputs`
+#: lists a model's).
+Output = Literal["pooled", "tokens", "sparse", "multivector"]
 #: How vectors are answered: float32, or quantized as sentence-transformers' ``quantize_embeddings``
 #: does (int8/uint8: one byte per value on fixed per-dimension ranges; binary/ubinary: sign bits
 #: packed 8 to a byte, as int8 offset by -128 or as uint8).
@@ -158,8 +162,9 @@ class EmbedRequest(_Request):
     - ``normalize``: L2-normalize the vectors (True), answer them as pooled (False), or as the
       model's own config says (None, the default).
     - ``truncation_side``: which end of an over-long text truncation cuts.
-    - ``output``: one vector per input (``pooled``), or every token's (``tokens``: no
-      pooling, normalizing, dimensions or encodings).
+    - ``outputs``: what to answer (:data:`Output`): usually one; a model with several
+      outputs (BGE-M3) answers several from one forward pass. ``tokens`` takes no pooling,
+      normalizing, dimensions or encodings.
     - ``max_active_dims``: a sparse model's vectors keep only their largest N values.
     - ``chunks`` / ``chunk_tokens``: late chunking of the one input, a text: one vector per
       chunk, each the pooling of that chunk's tokens' outputs from a pass over the whole
@@ -185,10 +190,15 @@ class EmbedRequest(_Request):
     priority: int = 0
     normalize: bool | None = None
     truncation_side: Side = "right"
-    output: Output = "pooled"
+    outputs: tuple[Output, ...] = ("pooled",)
     max_active_dims: int | None = None
     chunks: tuple[tuple[int, int], ...] | None = None
     chunk_tokens: int | None = None
+
+    @property
+    def output(self) -> Output:
+        """The first output asked for (the only one, but for a model with several)."""
+        return self.outputs[0]
 
     @property
     def late_chunking(self) -> bool:
@@ -380,8 +390,16 @@ class ChunkEmbedResult(EmbedResult):
     spans: np.ndarray
 
 
-#: what an :class:`EmbedRequest` answers, by the model's task and the request's ``output``
-AnyEmbedResult = EmbedResult | SparseEmbedResult | TokenEmbedResult
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MultiEmbedResult(Measured):
+    """Several outputs of one forward pass (BGE-M3), ``parts`` in the order the request's
+    ``outputs`` named them."""
+
+    parts: tuple[EmbedResult | SparseEmbedResult | TokenEmbedResult, ...]
+
+
+#: what an :class:`EmbedRequest` answers, by the model's task and the request's ``outputs``
+AnyEmbedResult = EmbedResult | SparseEmbedResult | TokenEmbedResult | MultiEmbedResult
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -440,6 +458,12 @@ class ModelInfo:
     hidden_size: int = 0
     #: a classifier's KServe V1/V2 answer (``ModelConfig.kserve_output``)
     kserve_output: str = "label"
+    #: what an embedding request may ask of it (:data:`Output`), its own answer first
+    outputs: tuple[str, ...] = ("pooled", "tokens")
+    #: a multi-vector model's query length (its documents': ``max_length``)
+    query_length: int = 0
+    #: the width of its multi-vector rows (a multi-vector model's ``dim``; BGE-M3's heads')
+    multivector_dim: int = 0
 
     def prompt_names(self) -> list[str]:
         return [n for n, _ in self.prompts]

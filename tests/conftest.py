@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -433,6 +434,87 @@ def splade(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> TinyFa
     return build
 
 
+def _tiny_bert(folder: Path, minilm_dir: Path, seed: int, **config: Any) -> Path:
+    """A small random BERT (hidden 64, 2 layers) with MiniLM's tokenizer, saved to ``folder``."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=128,
+                         max_position_embeddings=128, **config)).eval().save_pretrained(folder)
+    for f in _TOKENIZER_FILES:
+        shutil.copy(minilm_dir / f, folder / f)
+    return folder
+
+
+#: the tiny ColBERT checkpoints tests/refs/pylate_encode.py builds, by name: PyLate's defaults
+#: (at small lengths), attending to the expansion tokens, and neither expansion nor markers
+COLBERT_VARIANTS = {
+    "default": {"embedding_size": 24, "query_length": 16, "document_length": 48},
+    "attend": {"embedding_size": 24, "query_length": 16, "document_length": 48,
+               "attend_to_expansion_tokens": True},
+    "plain": {"embedding_size": 24, "query_length": 16, "document_length": 48,
+              "do_query_expansion": False, "query_prefix": "", "document_prefix": ""},
+}
+COLBERT_QUERIES = ["what is late interaction?", "ColBERT",
+                   "How do multi-vector retrievers, such as ColBERT, PLAID and XTR, compare "
+                   "with single-vector dense retrievers on long documents?",
+                   "  leading and trailing spaces  "]
+COLBERT_DOCUMENTS = [
+    "Late interaction encodes queries and documents into token-level vectors.",
+    "Hello, world! Punctuation: commas, periods. And (parentheses); quotes \"like this\"?",
+    "A long document that goes well beyond the document length, so that truncation happens: "
+    "it keeps talking about retrieval, indexing, compression, residuals, centroids, PLAID, "
+    "MaxSim scoring and many other things that ColBERT-style models do when they encode "
+    "passages.",
+    "short", "Café naïve résumé — unicode, accents and a dash…", "..."]
+
+
+@pytest.fixture(scope="session")
+def colbert(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """Tiny PyLate ColBERT checkpoints, built by PyLate itself in its own environment
+    (tests/references.py), and its vectors and scores for :data:`COLBERT_QUERIES` and
+    :data:`COLBERT_DOCUMENTS`: ``<folder>/<variant>`` and ``<folder>/<variant>.npz``."""
+    from tests.references import reference
+
+    source = _tiny_bert(tmp_path_factory.mktemp("colbert-source"), minilm_dir, seed=7)
+    return reference("pylate", "pylate_encode.py", {
+        "queries": COLBERT_QUERIES, "documents": COLBERT_DOCUMENTS,
+        "variants": COLBERT_VARIANTS}, {"source": source})
+
+
+#: the texts tests compare with FlagEmbedding's BGE-M3 outputs, and the token limit used
+M3_TEXTS = ["What is BGE M3?", "Dense, sparse and multi-vector retrieval from one model.",
+            "the the the repeated repeated words", "an emoji 🦜 and accents: café",
+            "a text long enough that a limit of thirty-two tokens cuts it somewhere in the "
+            "middle of this sentence, well before its end, which comes only after many more "
+            "words than the limit allows"]
+M3_MAX_LENGTH = 32
+
+
+@pytest.fixture(scope="session")
+def bge_m3(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> tuple[Path, Path]:
+    """A tiny BGE-M3 checkpoint (a BERT and FlagEmbedding's two heads beside it: its
+    initializer range widened so that texts' [CLS] states differ) and FlagEmbedding's outputs
+    for :data:`M3_TEXTS` (tests/refs/bgem3_encode.py, in its own environment): (folder, npz)."""
+    import torch
+
+    from tests.references import reference
+
+    folder = _tiny_bert(tmp_path_factory.mktemp("bge-m3"), minilm_dir, seed=3,
+                        initializer_range=0.2)
+    torch.manual_seed(5)
+    torch.save(torch.nn.Linear(64, 64).state_dict(), folder / "colbert_linear.pt")
+    sparse = torch.nn.Linear(64, 1)
+    with torch.no_grad():  # most tokens weigh more than 0, some exactly 0
+        sparse.bias.fill_(0.8)
+    torch.save(sparse.state_dict(), folder / "sparse_linear.pt")
+    out = reference("flagembedding", "bgem3_encode.py",
+                    {"texts": M3_TEXTS, "max_length": M3_MAX_LENGTH}, {"model": folder})
+    return folder, out / "ref.npz"
+
+
 @pytest.fixture(scope="session")
 def prompted_minilm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """all-MiniLM-L6-v2 with the prompts of an asymmetric model (as E5 names them), no default:
@@ -461,10 +543,12 @@ def local_args() -> dict:
 
 
 @shared_server
-def e2e_server(servers: Servers, tiny_model: TinyFactory, small_corpus: str) -> Server:
-    """Two models in one app (the default model and a tiny CLS-pooled one, whose long texts
-    split into windows of 64 tokens that share 8) plus a second application, so gRPC clients
-    that send no ``application`` metadata are put to the test."""
+def e2e_server(servers: Servers, tiny_model: TinyFactory, small_corpus: str, colbert: Path,
+               bge_m3: tuple[Path, Path]) -> Server:
+    """Four models in one app (the default model; a tiny CLS-pooled one, whose long texts split
+    into windows of 64 tokens that share 8; a tiny PyLate ColBERT model; a tiny BGE-M3) plus a
+    second application, so gRPC clients that send no ``application`` metadata are put to the
+    test."""
     other = {
         "name": "other",
         "route_prefix": "/other",
@@ -481,6 +565,11 @@ def e2e_server(servers: Servers, tiny_model: TinyFactory, small_corpus: str) -> 
             {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
              "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0.5},
              "chunk_overlap": 8, "max_document_tokens": 600},
+            # no CPUs of their own: the two above and the other app's model take the 2
+            {"name": "colbert", "model_id": str(colbert / "default"), "task": "multivector",
+             "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0}},
+            {"name": "m3", "model_id": str(bge_m3[0]), "max_length": M3_MAX_LENGTH,
+             "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0}},
         ],
     }, more_apps=(other,))
 

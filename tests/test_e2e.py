@@ -64,7 +64,7 @@ def test_openai_sdk_errors_and_models(oai):
         oai.embeddings.create(model="embedding", input=[])
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         oai.embeddings.create(model="embedding", input=[[101, 999999, 102]])  # replica-side check
-    assert {m.id for m in oai.models.list()} == {"embedding", "tiny"}
+    assert {m.id for m in oai.models.list()} == {"embedding", "tiny", "colbert", "m3"}
     assert oai.models.retrieve("tiny").id == "tiny"
 
 
@@ -103,7 +103,7 @@ def test_kserve_v1_with_httpx(server, reference):
         assert r.status_code == 200
         np.testing.assert_allclose(r.json()["predictions"], reference, atol=1e-5)
         assert c.get("/v1/models/embedding").json()["ready"] is True
-        assert c.get("/v1/models").json()["models"] == ["embedding", "tiny"]
+        assert c.get("/v1/models").json()["models"] == ["embedding", "tiny", "colbert", "m3"]
         bad = c.post("/v1/models/embedding:predict", json={"instances": []})
         assert bad.status_code == 400 and set(bad.json()) == {"error"}
         assert c.post("/v1/models/nope:predict", json={"instances": ["a"]}).status_code == 404

@@ -229,7 +229,7 @@ def test_late_chunks_leave_the_prompt_out_and_refuse_what_they_cannot_answer(
                       ({"chunks": ((5, 5),)}, "not a non-empty span"),
                       ({"chunks": ((3, 4),)}, "holds no token"),
                       ({"chunks": ((0, 5),), "inputs": (text, text)}, "one text"),
-                      ({"chunk_tokens": 4, "output": "tokens"}, "pooled output")):
+                      ({"chunk_tokens": 4, "outputs": ("tokens",)}, "pooled output")):
         with pytest.raises(InvalidInput, match=match):
             embed(engine, **{"inputs": (text,), **kw})
     with pytest.raises(InvalidInput, match="dense embedding model"):

@@ -170,8 +170,9 @@ def test_a_plain_masked_language_model_serves_as_splade(splade):
 def test_sparse_models_refuse_what_they_cannot_answer(splade):
     engine = SparseEngine(ModelConfig(model_id=str(splade()), task="sparse"), num_threads=2)
     runner = ModelRunner(engine, "splade")
-    with pytest.raises(InvalidInput, match="no token vectors"):
-        asyncio.run(runner.embed(EmbedRequest(model="splade", inputs=("a",), output="tokens")))
+    with pytest.raises(InvalidInput, match=r"answers the outputs \['pooled', 'sparse'\]"):
+        asyncio.run(runner.embed(EmbedRequest(model="splade", inputs=("a",),
+                                              outputs=("tokens",))))
     with pytest.raises(InvalidInput, match="embedding model"):
         asyncio.run(runner.classify(ClassifyRequest(model="splade", inputs=("a",))))
 
@@ -186,7 +187,7 @@ def test_token_vectors_are_the_models_last_hidden_states(tiny_model):
     runner = ModelRunner(engine, "tiny")
     texts = ("hello world", "a longer text of several words", "word " * 100)
     result = asyncio.run(runner.embed(EmbedRequest(model="tiny", inputs=texts,
-                                                   output="tokens")))
+                                                   outputs=("tokens",))))
     assert isinstance(result, TokenEmbedResult)
     tok, model = AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path))
     for i, text in enumerate(texts):

@@ -128,7 +128,11 @@ class ModelConfig(_Strict):
         "scoring (query, document) pairs (rerank routes, V2); classify: a sequence classifier "
         "(any AutoModelForSequenceClassification) scoring each label for texts or text pairs "
         "(/predict, /v1/classify, V1, V2); sparse: a SPLADE model (a masked-language model) "
-        "answering vocabulary-sized sparse vectors (/embed_sparse, /v1/embeddings, V1, V2).")
+        "answering vocabulary-sized sparse vectors (/embed_sparse, /v1/embeddings, V1, V2); "
+        "multivector: a PyLate (ColBERT) checkpoint answering a normalized vector per token "
+        "(/embed_all, /v1/embeddings, V1, V2) and MaxSim scores (rerank routes). An embedding "
+        "model with BGE-M3's heads beside it (colbert_linear.pt, sparse_linear.pt) answers "
+        "their sparse and multi-vector outputs too.")
     calibration_corpus: str | None = Field(None, description="Text file, a text a line, whose "
                                            "embeddings fix the int8/uint8 ranges at warm-up; "
                                            "default: serve_app/engine/data/calibration.txt.")

@@ -38,7 +38,7 @@ from serve_app.engine.long_inputs import Frame, LateChunks, Windows, late_chunks
 from serve_app.engine.model_files import read_settings, resolve_model_dir
 from serve_app.engine.quantize import Calibration, calibration_texts
 from serve_app.errors import InvalidInput, ModelLoadError, PayloadTooLarge
-from serve_app.types import NO_PROMPT, Input, ModelInfo, Side, Task, Token
+from serve_app.types import NO_PROMPT, Input, ModelInfo, Output, Side, Task, Token
 
 log = logging.getLogger(__name__)
 
@@ -446,10 +446,22 @@ class EmbeddingEngine(TransformerEngine):
     :meth:`warmup`, ``calibration`` holds the int8/uint8 ranges of the calibration corpus.
     """
 
+    #: whether the engine applies the directory's ``Dense`` projections (a multi-vector one)
+    takes_dense = False
+    #: what a request may ask of it (:data:`serve_app.types.Output`), its own answer first
+    offers: tuple[Output, ...] = ("pooled", "tokens")
+
     def __init__(self, cfg: ModelConfig, num_threads: int | None = None, passes: int = 1
                  ) -> None:
         super().__init__(cfg, num_threads, passes)
         settings = self.settings
+        if settings.dense and not self.takes_dense:
+            kind = settings.st_config.get("model_type")
+            raise ModelLoadError(
+                f"{cfg.model_id!r} has Dense projections after its transformer, which a "
+                f"task {cfg.task!r} model does not apply"
+                + ("; it is a ColBERT model: serve it with task: multivector"
+                   if kind == "ColBERT" else ""))
         self.pooling, self.normalize, self.dim = self._output_kind()
         self.lower_case = settings.do_lower_case
         self.include_prompt = settings.include_prompt
@@ -717,7 +729,7 @@ class EmbeddingEngine(TransformerEngine):
         return ModelInfo(
             name=name, version=version, dim=self.dim, pooling=self.pooling,
             normalize=self.normalize, prompts=tuple(self.prompts.items()),
-            default_prompt=self.default_prompt, task=self.task,
+            default_prompt=self.default_prompt, task=self.task, outputs=self.offers,
             int8_ranges=None if self.calibration is None else self.calibration.full,
             calibration_texts=0 if self.calibration is None else self.calibration.texts,
             **self.described(),

@@ -110,6 +110,12 @@ class SentenceTransformerSettings:
     splade: tuple[str, str] | None = None
     #: a sparse model's default pruning: each vector keeps its largest N values
     max_active_dims: int | None = None
+    #: the directories of the ``Dense`` projections after the transformer, in order (a
+    #: multi-vector model's: PyLate's, or sentence-transformers')
+    dense: tuple[str, ...] = ()
+    #: ``config_sentence_transformers.json`` whole, for what only some models read (PyLate's
+    #: query and document settings)
+    st_config: dict[str, Any] = field(default_factory=dict)
 
 
 #: what sentence-transformers' ``SpladePooling`` takes
@@ -132,6 +138,7 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
     pooling: str | None = None
     normalize: bool | None = None
     splade: tuple[str, str] | None = None
+    dense: list[str] = []
     if isinstance(modules, list):
         types = [str(m.get("type", "")) for m in modules]
         normalize = any(t.endswith(".Normalize") for t in types)
@@ -152,11 +159,13 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
                 pooling = modes[0]
             elif str(m.get("type", "")).endswith(".SpladePooling"):
                 splade = _splade(_read_json(model_dir / m.get("path", "") / "config.json") or {})
+            elif str(m.get("type", "")).endswith(".Dense"):
+                dense.append(str(m.get("path", "")))
         unsupported = [
             t
             for t in types
             if not t.endswith((".Transformer", ".MLMTransformer", ".Pooling", ".Normalize",
-                               ".SpladePooling"))
+                               ".SpladePooling", ".Dense"))
         ]
         if unsupported:
             raise ModelLoadError(f"unsupported sentence-transformers modules: {unsupported}")
@@ -181,4 +190,6 @@ def read_settings(model_dir: Path) -> SentenceTransformerSettings:
         activation=activation or None,
         splade=splade,
         max_active_dims=st_cfg.get("max_active_dims") or None,
+        dense=tuple(dense),
+        st_config=dict(st_cfg),
     )

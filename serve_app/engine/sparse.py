@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from serve_app.engine.embedding import EmbeddingEngine
-from serve_app.types import Task
+from serve_app.types import Output, Task
 
 #: the most bytes of logits (texts x tokens x vocabulary, float32) one pass may hold: a
 #: masked-language model's output is the vocabulary wide at every token
@@ -47,6 +47,23 @@ def sparse_rows(vectors: np.ndarray, max_active_dims: int | None = None
     return indptr, cols.astype(np.int32), vectors[rows, cols].astype(np.float32)
 
 
+def prune_rows(indices: list[np.ndarray], values: list[np.ndarray],
+               max_active_dims: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compressed sparse rows of per-row (indices ascending, values), each row cut to its
+    ``max_active_dims`` largest values when given (indices stay ascending)."""
+    if max_active_dims is not None:
+        for i, v in enumerate(values):
+            if len(v) > max_active_dims:
+                keep = np.sort(np.argpartition(-np.abs(v), max_active_dims - 1)[:max_active_dims])
+                indices[i], values[i] = indices[i][keep], v[keep]
+    indptr = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum([len(v) for v in values], out=indptr[1:])
+    empty_i, empty_v = np.zeros(0, np.int32), np.zeros(0, np.float32)
+    return (indptr, np.concatenate([empty_i, *indices]).astype(np.int32),
+            np.concatenate([empty_v, *values]).astype(np.float32))
+
+
 class SparseEngine(EmbeddingEngine):
     """One loaded SPLADE model (``AutoModelForMaskedLM`` with a ``SpladePooling`` module, or a
     masked-language model served with ``task: sparse``).
@@ -58,6 +75,7 @@ class SparseEngine(EmbeddingEngine):
 
     auto_class = "AutoModelForMaskedLM"
     task: Task = "sparse"
+    offers: tuple[Output, ...] = ("pooled", "sparse")
 
     def _output_kind(self) -> tuple[str, bool, int]:
         self.splade = self.settings.splade or ("max", "relu")

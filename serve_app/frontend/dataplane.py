@@ -36,8 +36,9 @@ from serve_app.types import (
 
 #: the models' tasks each kind of request goes to
 ACCEPTS: dict[Task, tuple[Task, ...]] = {
-    "embedding": ("embedding", "sparse"), "rerank": ("rerank",),
-    "classify": ("classify", "rerank"), "sparse": ("sparse",)}
+    "embedding": ("embedding", "sparse", "multivector"), "rerank": ("rerank", "multivector"),
+    "classify": ("classify", "rerank"), "sparse": ("sparse",),
+    "multivector": ("multivector",)}
 
 
 class DataPlane:
@@ -121,6 +122,14 @@ class DataPlane:
             raise ModelNotReady(f"model {model.name!r} is not ready yet", param="model") from None
         return model.info
 
+    async def outputs(self, model: ServedModel) -> tuple[str, ...]:
+        """What an embedding request may ask of ``model`` (:attr:`ModelInfo.outputs`: BGE-M3
+        answers sparse and multi-vector outputs besides its vectors; known once it has loaded);
+        its own answer only, for other tasks."""
+        if model.task != "embedding":
+            return ("pooled",)
+        return (await self.info(model, wait=True)).outputs
+
     async def stats(self, model: ServedModel) -> dict[str, Any]:
         """Forward-pass statistics of ``model`` (from one replica when there are several)."""
         return await model.backend.stats()
@@ -199,14 +208,7 @@ class DataPlane:
         model = model or self.registry.get(req.model, req.version)
         self.check(req)
         info = await self._ready_info(model, "embedding")
-        if info.task == "sparse":
-            _check_sparse(req)
-        elif req.max_active_dims is not None:
-            raise InvalidInput("max_active_dims prunes a sparse model's vectors; model "
-                               f"{req.model!r} is a dense one", param="max_active_dims")
-        if req.output == "tokens" and (req.dimensions is not None or req.encoding != "float"):
-            raise InvalidInput("token vectors come whole, as float32: no dimensions or "
-                               "encoding", param="dimensions")
+        _check_outputs(req, info)
         if req.dimensions is not None and not 1 <= req.dimensions <= info.dim:
             raise InvalidInput(
                 f"dimensions must be between 1 and {info.dim}, got {req.dimensions}",
@@ -265,15 +267,30 @@ class DataPlane:
         return await model.backend.decode(req)
 
 
-def _check_sparse(req: EmbedRequest) -> None:
-    """Refuse what a sparse model's vectors cannot be given."""
-    if req.dimensions is not None:
-        raise InvalidInput("a sparse model's vectors span its vocabulary: dimensions cannot "
-                           "cut them; use max_active_dims to keep the largest values",
-                           param="dimensions")
-    if req.encoding != "float":
-        raise InvalidInput("a sparse model's vectors come as indices and float values: no "
-                           f"{req.encoding!r} encoding", param="encoding")
-    if req.max_active_dims is not None and req.max_active_dims < 1:
-        raise InvalidInput("max_active_dims must be a positive integer",
-                           param="max_active_dims")
+def _check_outputs(req: EmbedRequest, info: ModelInfo) -> None:
+    """Refuse outputs the model does not answer, and options its answer cannot take."""
+    unknown = [o for o in req.outputs if o not in info.outputs]
+    if unknown or len(set(req.outputs)) != len(req.outputs):
+        raise InvalidInput(f"model {req.model!r} answers the outputs {list(info.outputs)}, "
+                           f"each once; asked for {list(req.outputs)}", param="output")
+    if len(req.outputs) > 1 and "tokens" in req.outputs:
+        raise InvalidInput("every token's hidden state (tokens) comes alone; ask for it in a "
+                           "request of its own", param="output")
+    dense = info.task == "embedding" and "pooled" in req.outputs
+    if not dense and (req.dimensions is not None or req.encoding != "float"):
+        what = {"sparse": "a sparse vector spans the vocabulary and comes as indices and "
+                "float values (max_active_dims keeps its largest)",
+                "multivector": "multi-vector rows come whole, as float32",
+                "tokens": "token vectors come whole, as float32"}
+        kind = "sparse" if info.task == "sparse" else (
+            "multivector" if info.task == "multivector" else req.outputs[0])
+        raise InvalidInput(f"dimensions and compact encodings apply to dense vectors: "
+                           f"{what.get(kind, kind)}",
+                           param="dimensions" if req.dimensions is not None else "encoding")
+    if req.max_active_dims is not None:
+        if info.task != "sparse" and "sparse" not in req.outputs:
+            raise InvalidInput("max_active_dims prunes sparse vectors; this request asks "
+                               f"model {req.model!r} for dense ones", param="max_active_dims")
+        if req.max_active_dims < 1:
+            raise InvalidInput("max_active_dims must be a positive integer",
+                               param="max_active_dims")

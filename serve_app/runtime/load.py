@@ -11,6 +11,9 @@ from serve_app.config.schema import ModelConfig
 from serve_app.engine.backends import choose
 from serve_app.engine.classifier import ClassifyEngine
 from serve_app.engine.embedding import EmbeddingEngine, pick_device, plan_parallelism
+from serve_app.engine.m3 import M3Engine, is_m3
+from serve_app.engine.model_files import resolve_model_dir
+from serve_app.engine.multivector import MultiVectorEngine
 from serve_app.engine.reranker import RerankEngine
 from serve_app.engine.sparse import SparseEngine
 from serve_app.runtime.runner import ModelRunner, ReplicaResources
@@ -21,7 +24,15 @@ log = logging.getLogger(__name__)
 #: the engine of each task
 ENGINES: dict[Task, type[EmbeddingEngine] | type[ClassifyEngine]] = {
     "embedding": EmbeddingEngine, "rerank": RerankEngine, "classify": ClassifyEngine,
-    "sparse": SparseEngine}
+    "sparse": SparseEngine, "multivector": MultiVectorEngine}
+
+
+def engine_class(cfg: ModelConfig) -> type[EmbeddingEngine] | type[ClassifyEngine]:
+    """The engine of ``cfg``'s task; for an embedding model with BGE-M3's heads beside it,
+    the engine that answers them too."""
+    if cfg.task == "embedding" and is_m3(resolve_model_dir(cfg.model_id, cfg.model_revision)):
+        return M3Engine
+    return ENGINES[cfg.task]
 
 
 def passes_of(cfg: ModelConfig) -> tuple[int, int]:
@@ -44,7 +55,7 @@ def load_runner(cfg: ModelConfig, shared: ReplicaResources | None = None,
     backend = choose(cfg.backend, cfg.precision, cfg.dtype, pick_device(cfg.device))[0]
     log.info("model %r: starting (%s on %s, %d forward pass(es) at once, %d thread(s) each)",
              cfg.name, cfg.model_id, backend, passes, per_pass)
-    engine = ENGINES[cfg.task](cfg, num_threads=per_pass, passes=passes)
+    engine = engine_class(cfg)(cfg, num_threads=per_pass, passes=passes)
     if variant:
         engine.verify()
     else:

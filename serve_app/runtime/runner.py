@@ -23,9 +23,11 @@ import numpy as np
 from serve_app.engine.classifier import ClassifyEngine
 from serve_app.engine.embedding import EmbeddingEngine, plan_parallelism
 from serve_app.engine.long_inputs import LateChunks, Windows
+from serve_app.engine.m3 import Heads, M3Engine
+from serve_app.engine.multivector import MultiVectorEngine, maxsim
 from serve_app.engine.quantize import Calibration, quantize, reduce_dimensions
 from serve_app.engine.reranker import RerankEngine
-from serve_app.engine.sparse import SparseEngine
+from serve_app.engine.sparse import SparseEngine, prune_rows
 from serve_app.errors import EmptyInput, InvalidInput, Overloaded, wrong_task
 from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
 from serve_app.types import (
@@ -38,6 +40,8 @@ from serve_app.types import (
     EmbedRequest,
     EmbedResult,
     ModelInfo,
+    MultiEmbedResult,
+    Output,
     RerankRequest,
     RerankResult,
     SparseEmbedResult,
@@ -88,6 +92,13 @@ class ReplicaResources:
 Engine = EmbeddingEngine | ClassifyEngine
 
 
+def matrices(rows: list[np.ndarray], measured: dict[str, Any]) -> TokenEmbedResult:
+    """Per-input matrices ``[rows_i, dim]`` as one :class:`TokenEmbedResult`."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(m) for m in rows], out=offsets[1:])
+    return TokenEmbedResult(embeddings=np.concatenate(rows), offsets=offsets, **measured)
+
+
 class ModelRunner:
     """Embeds :class:`EmbedRequest` objects with an :class:`EmbeddingEngine` (dense, or sparse
     with a :class:`SparseEngine`), scores :class:`RerankRequest` objects with a
@@ -129,7 +140,7 @@ class ModelRunner:
             wait_s=batch_wait_s, fair_every=fair_every, inline_s=inline_pass_s)
         self.queue = self._queue_of(
             compute, solo=whole if own and solo and threads > share else None)
-        self._token_queue: BatchQueue | None = None
+        self._queues: dict[str, BatchQueue] = {}  # see _queue_named
         self._share = share
         self._tokenize_pool = shared.tokenize
         self.admission = shared.admission
@@ -180,53 +191,83 @@ class ModelRunner:
                      "queue_s": max(0.0, waited - inference), "inference_s": inference,
                      "passes": queue.take_passes()}
 
-    def _tokens_queue(self, engine: EmbeddingEngine) -> BatchQueue:
-        if self._token_queue is None:
-            self._token_queue = self._queue_of(
-                functools.partial(engine.token_pass, threads=self._share))
-        return self._token_queue
+    def _queue_named(self, name: str, compute: Callable[..., Any]) -> BatchQueue:
+        """The queue of passes of another kind than the model's own (every token's states,
+        all of BGE-M3's outputs), made on its first request, on the same forward threads."""
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = self._queue_of(
+                functools.partial(compute, threads=self._share))
+        return queue
 
     async def embed(self, req: EmbedRequest) -> AnyEmbedResult:
         engine = self.engine
         if not isinstance(engine, EmbeddingEngine):
             raise wrong_task(req.model, self._info.task, "embedding")
-        mode = req.long_inputs or engine.cfg.long_inputs
+        missing = [o for o in req.outputs if o not in engine.offers]
+        if missing:
+            raise InvalidInput(f"model {req.model!r} answers the outputs {list(engine.offers)}, "
+                               f"not {missing}", param="output")
         if req.late_chunking:
             return await self._late_chunks(engine, req)
-        if req.output == "tokens":
-            if isinstance(engine, SparseEngine):
-                raise InvalidInput("a SPLADE model has no token vectors to answer (its "
-                                   "tokens' outputs are vocabulary logits)", param="output")
-            if mode == "chunk":
-                raise InvalidInput("long_inputs chunk answers one vector per input; every "
-                                   "token's vectors are answered for texts within the limit "
-                                   "(long_inputs truncate or error)", param="long_inputs")
-        queue = self._tokens_queue(engine) if req.output == "tokens" else None
+        mode = req.long_inputs or engine.cfg.long_inputs
+        heads = isinstance(engine, M3Engine) and bool({"sparse", "multivector"} & set(req.outputs))
+        if len(req.outputs) > 1 and (not heads or "tokens" in req.outputs):
+            raise InvalidInput("only BGE-M3's dense, sparse and multi-vector outputs come "
+                               "together; ask for the others one to a request", param="output")
+        if mode == "chunk" and (heads or req.outputs != ("pooled",)):
+            raise InvalidInput("long_inputs chunk answers one vector per input; other outputs "
+                               "are answered for texts within the limit (long_inputs truncate "
+                               "or error)", param="long_inputs")
+        queue = None
+        if heads:
+            assert isinstance(engine, M3Engine)
+            queue = self._queue_named("heads", engine.heads)
+        elif req.outputs == ("tokens",):
+            queue = self._queue_named("tokens", engine.token_pass)
         with self._admit(req.model, len(req.inputs)):
             prepare: Prepare = (
                 functools.partial(engine.prepare_windows, req.inputs, req.prompt_name)
                 if mode == "chunk" else
                 functools.partial(engine.prepare, req.inputs, mode == "truncate",
                                   req.prompt_name, req.truncation_side))
-            pooled, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
-                                               req.deadline, req.effective_priority, queue)
-        if req.output == "tokens":
-            offsets = np.zeros(len(pooled) + 1, dtype=np.int64)
-            np.cumsum([len(m) for m in pooled], out=offsets[1:])
-            return TokenEmbedResult(embeddings=np.concatenate(pooled), offsets=offsets,
-                                    **measured)
-        vectors = engine.finish(pooled, req.normalize)
+            out, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
+                                            req.deadline, req.effective_priority, queue)
+        if heads:
+            assert isinstance(engine, M3Engine)
+            parts = [await self._head_part(engine, req, out, output, measured)
+                     for output in req.outputs]
+            return parts[0] if len(parts) == 1 else MultiEmbedResult(parts=tuple(parts),
+                                                                     **measured)
+        if req.outputs == ("tokens",) or isinstance(engine, MultiVectorEngine):
+            return matrices(out, measured)
+        vectors = engine.finish(out, req.normalize)
         if isinstance(engine, SparseEngine):
             indptr, indices, values = engine.rows(vectors, req.max_active_dims)
             return SparseEmbedResult(indptr=indptr, indices=indices, values=values,
                                      dim=engine.dim, **measured)
         return EmbedResult(embeddings=await self._encode(engine, req, vectors), **measured)
 
+    async def _head_part(self, engine: M3Engine, req: EmbedRequest, rows: list[Heads],
+                         output: Output, measured: dict[str, Any]
+                         ) -> EmbedResult | SparseEmbedResult | TokenEmbedResult:
+        """One of BGE-M3's outputs, from the texts' :class:`Heads`."""
+        if output == "multivector":
+            return matrices([r.multivector for r in rows], measured)
+        if output == "sparse":
+            indptr, indices, values = prune_rows([r.indices for r in rows],
+                                                 [r.values for r in rows], req.max_active_dims)
+            return SparseEmbedResult(indptr=indptr, indices=indices, values=values,
+                                     dim=engine.sparse_dim, **measured)
+        assert output == "pooled", output
+        vectors = engine.finish(np.stack([r.dense for r in rows]), req.normalize)
+        return EmbedResult(embeddings=await self._encode(engine, req, vectors), **measured)
+
     async def _late_chunks(self, engine: EmbeddingEngine, req: EmbedRequest
                            ) -> ChunkEmbedResult:
         """One vector per chunk of the request's one text, from its tokens' outputs of a pass
         over the whole text (:mod:`serve_app.engine.long_inputs`)."""
-        if isinstance(engine, SparseEngine) or req.output == "tokens":
+        if engine.task != "embedding" or req.outputs != ("pooled",):
             raise InvalidInput("late chunking answers one dense vector per chunk: it takes a "
                                "dense embedding model and pooled output", param="chunks")
         text = req.inputs[0]
@@ -243,7 +284,7 @@ class ModelRunner:
         with self._admit(req.model, 1):
             pooled, measured = await self._run(prepare, len(text), req.deadline,
                                                req.effective_priority,
-                                               self._tokens_queue(engine))
+                                               self._queue_named("tokens", engine.token_pass))
         vectors = engine.finish(pooled, req.normalize)
         return ChunkEmbedResult(embeddings=await self._encode(engine, req, vectors),
                                 spans=plans[0].spans, **measured)
@@ -273,6 +314,8 @@ class ModelRunner:
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
         engine = self.engine
+        if isinstance(engine, MultiVectorEngine):
+            return await self._maxsim(engine, req)
         if not isinstance(engine, RerankEngine):
             raise wrong_task(req.model, self._info.task, "rerank")
         with self._admit(req.model, len(req.documents)):
@@ -281,6 +324,19 @@ class ModelRunner:
             chars = len(req.query) * len(req.documents) + sum(map(len, req.documents))
             logits, measured = await self._run(prepare, chars, req.deadline, req.effective_priority)
         return RerankResult(scores=engine.scores(logits, req.raw_scores), **measured)
+
+    async def _maxsim(self, engine: MultiVectorEngine, req: RerankRequest) -> RerankResult:
+        """Late-interaction scores: the query's vectors (the query side) against each
+        document's, in one pass; usage counts the query's tokens once."""
+        with self._admit(req.model, len(req.documents) + 1):
+            prepare = functools.partial(engine.rerank_inputs, req.query, req.documents,
+                                        req.truncate, req.truncation_side)
+            out, measured = await self._run(prepare, len(req.query) + sum(map(len, req.documents)),
+                                            req.deadline, req.effective_priority)
+        counts = measured["token_counts"][1:].copy()
+        counts[0] += measured["token_counts"][0]
+        return RerankResult(scores=maxsim(out[0], out[1:]),
+                            **{**measured, "token_counts": counts})
 
     async def classify(self, req: ClassifyRequest) -> ClassifyResult:
         engine = self.engine

@@ -20,6 +20,7 @@ from serve_app.types import (
     EmbedRequest,
     EmbedResult,
     SparseEmbedResult,
+    TokenEmbedResult,
     long_inputs,
 )
 
@@ -119,6 +120,11 @@ async def predict(name: str, request: Request) -> Response:
         sparse = result
         return respond(request, call, name, result, lambda: json_response(
             {"predictions": sparse_objects(sparse)}), req.effective_priority)
+    if isinstance(result, TokenEmbedResult):  # a multi-vector model: a matrix per text
+        tokens = result
+        return respond(request, call, name, result, lambda: json_response(
+            {"predictions": [tokens.matrix(i) for i in range(len(texts))]}),
+            req.effective_priority)
     assert isinstance(result, EmbedResult)
     vectors = result.embeddings
     return respond(request, call, name, result,

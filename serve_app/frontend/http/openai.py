@@ -25,7 +25,9 @@ from serve_app.types import (
     EmbedRequest,
     EmbedResult,
     Input,
+    MultiEmbedResult,
     SparseEmbedResult,
+    TokenEmbedResult,
 )
 
 _INPUT_HELP = (
@@ -70,6 +72,10 @@ class EmbeddingRequest(LateChunkFields):
     max_active_dims: StrictInt | None = Field(
         None, description="serve_app extension, a sparse (SPLADE) model's: keep each vector's "
         "largest N values (sentence-transformers' max_active_dims).")
+    output: Literal["pooled", "sparse", "multivector", "tokens"] = Field(
+        "pooled", description="serve_app extension: the model's own vectors (pooled), or "
+        "another of its outputs (the model's metadata lists them): sparse lexical weights or "
+        "multi-vector rows (BGE-M3), every token's last hidden state (tokens).")
 
 
 def _inputs(value: Any) -> tuple[Input, ...]:
@@ -102,14 +108,18 @@ def _inputs(value: Any) -> tuple[Input, ...]:
     raise InvalidInput(_INPUT_HELP, param="input")
 
 
-def render_embeddings(result: EmbedResult | SparseEmbedResult, model: str, encoding: str
-                      ) -> Response:
-    """OpenAI's list of embeddings; a sparse model's each as ``{"indices", "values"}``, late
-    chunking's one per chunk with its ``offsets`` (serve_app's extensions:
-    docs/protocols.md)."""
+def render_embeddings(result: EmbedResult | SparseEmbedResult | TokenEmbedResult, model: str,
+                      encoding: str) -> Response:
+    """OpenAI's list of embeddings; sparse vectors each as ``{"indices", "values"}``,
+    multi-vector (or token) rows as a matrix (base64: its float32 bytes, row after row), late
+    chunking's one per chunk with its ``offsets`` (serve_app's extensions: docs/protocols.md)."""
     items: list[Any]
     if isinstance(result, SparseEmbedResult):
         items = sparse_objects(result)
+    elif isinstance(result, TokenEmbedResult):
+        matrices = [result.matrix(i) for i in range(len(result.offsets) - 1)]
+        items = ([base64.b64encode(m.astype("<f4", copy=False).tobytes()).decode()
+                  for m in matrices] if encoding == "base64" else matrices)
     elif encoding == "base64":
         vectors = result.embeddings
         le = vectors.astype("<f4", copy=False)
@@ -161,12 +171,14 @@ async def create_embeddings(request: Request) -> Response:
         encoding="float" if body.encoding_format == "base64" else body.encoding_format,
         priority=call.priority(body.priority),
         max_active_dims=body.max_active_dims,
+        outputs=(body.output,),
     )
-    if body.encoding_format == "base64" and call.find(body.model).task == "sparse":
-        raise InvalidInput("a sparse model's vectors come as indices and values: ask for "
+    if body.encoding_format == "base64" and (call.find(body.model).task == "sparse"
+                                             or body.output == "sparse"):
+        raise InvalidInput("sparse vectors come as indices and values: ask for "
                            "encoding_format float", param="encoding_format")
     result = await call.run(req)
-    assert isinstance(result, EmbedResult | SparseEmbedResult)
+    assert not isinstance(result, MultiEmbedResult)
     return respond(request, call, body.model, result,
                    lambda: render_embeddings(result, body.model, body.encoding_format),
                    req.effective_priority)

@@ -278,7 +278,11 @@ async def _embed(request: Request, call: Call, data: Any) -> Response:
     body, req = _embed_request(request, call, data, TeiEmbed, "embedding")
     if body.dimensions is not None and body.dimensions < 1:
         raise InvalidInput("`dimensions` should be positive", param="dimensions")
-    sparse = call.find(req.model).task == "sparse"
+    task = call.find(req.model).task
+    if task == "multivector":
+        raise WrongTask("a multi-vector model answers a matrix per text: use `embed_all`",
+                        param="model")
+    sparse = task == "sparse"
     if sparse and body.normalize:  # TEI's words: a SPLADE model's vectors are not normalized
         raise WrongTask("`normalize` is not available for SPLADE models", param="normalize")
     chunks, chunk_tokens = body.late_chunking()
@@ -303,8 +307,12 @@ async def _embed(request: Request, call: Call, data: Any) -> Response:
 
 async def _embed_sparse(request: Request, call: Call, data: Any) -> Response:
     body, req = _embed_request(request, call, data, TeiEmbedSparse, "sparse")
-    req = dataclasses.replace(req, max_active_dims=body.max_active_dims)
-    if call.find(req.model).task != "sparse":  # TEI's words
+    model = call.find(req.model)
+    if model.task == "sparse":
+        req = dataclasses.replace(req, max_active_dims=body.max_active_dims)
+    elif "sparse" in await call.dataplane.outputs(model):  # BGE-M3's lexical weights
+        req = dataclasses.replace(req, max_active_dims=body.max_active_dims, outputs=("sparse",))
+    else:  # TEI's words
         raise WrongTask("Model is not an embedding model with SPLADE pooling", param="model")
     result = await call.run(req)
     assert isinstance(result, SparseEmbedResult)
@@ -369,14 +377,16 @@ async def embed(request: Request) -> Response:
 @router.post("/embed_all", openapi_extra=openapi_body(TeiEmbedAll))
 async def embed_all(request: Request) -> Response:
     """Every token's vector of each input (the model's last hidden states, special tokens
-    included): ``[[[float]]]``."""
+    included; a multi-vector model's rows): ``[[[float]]]``."""
     call = call_of(request)
     _, req = _embed_request(request, call, parse_json(await read_body(request)),
-                            TeiEmbedAll, "embedding", output="tokens")
-    if call.find(req.model).task != "embedding":  # TEI's words
-        raise WrongTask("Model is not an embedding model" if call.find(req.model).task !=
-                        "sparse" else "`embed_all` is not available for SPLADE models",
-                        param="model")
+                            TeiEmbedAll, "embedding", outputs=("tokens",))
+    task = call.find(req.model).task
+    if task == "multivector":  # its own answer is a matrix per text
+        req = dataclasses.replace(req, outputs=("pooled",))
+    elif task != "embedding":  # TEI's words
+        raise WrongTask("Model is not an embedding model" if task != "sparse"
+                        else "`embed_all` is not available for SPLADE models", param="model")
     result = await call.run(req)
     assert isinstance(result, TokenEmbedResult)
     matrices = [result.matrix(i) for i in range(len(req.inputs))]

@@ -20,6 +20,7 @@ from serve_app.frontend.kserve import classify_mode
 from serve_app.frontend.v2.codec import (
     check_outputs,
     datatype_of,
+    internal_outputs,
     internal_request,
     json_data,
     model_metadata,
@@ -126,7 +127,8 @@ def _input_tensors(inputs: list[InferInput], binary: memoryview) -> dict[str, tu
     return tensors
 
 
-def _outputs(req: InferRequest, task: Task) -> tuple[tuple[str, ...], bool]:
+def _outputs(req: InferRequest, task: Task, offers: tuple[str, ...]
+             ) -> tuple[tuple[str, ...], bool]:
     """The outputs to answer, and whether as binary data (any output asking for it, or the
     request's ``binary_data_output``)."""
     asked = req.outputs or []
@@ -134,7 +136,7 @@ def _outputs(req: InferRequest, task: Task) -> tuple[tuple[str, ...], bool]:
         for p in _UNSUPPORTED_PARAMS:
             if p in out.parameters:
                 raise InvalidInput(f"output parameter '{p}' is not supported")
-    names = check_outputs([o.name for o in asked], task)
+    names = check_outputs([o.name for o in asked], task, offers)
     if asked:
         return names, any(bool(o.parameters.get("binary_data", False)) for o in asked)
     return names, bool(req.parameters.get("binary_data_output", False))
@@ -224,10 +226,12 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     header, binary = _split_body(await read_body(request), request.headers.get(_HEADER_LEN))
     req = validate(InferRequest, parse_json(header))
     tensors = _input_tensors(req.inputs, binary)
-    names, binary_out = _outputs(req, model.task)
+    offers = await call.dataplane.outputs(model)
+    names, binary_out = _outputs(req, model.task, offers)
     mode = await classify_mode(call.dataplane, model, req.parameters)
     internal = internal_request(name, model.task, tensors, req.parameters, call.request_id,
-                                version, call.timeout_s, call.priority(), mode)
+                                version, call.timeout_s, call.priority(), mode,
+                                internal_outputs(names, model.task, offers))
     result = await call.run(internal)
     return respond(request, call, name, result, lambda: render_infer(
         name, model.version, req.id or call.request_id, output_tensors(result, names, mode),

@@ -46,10 +46,13 @@ from serve_app.types import (
     LongInputs,
     Measured,
     ModelInfo,
+    MultiEmbedResult,
+    Output,
     RerankRequest,
     RerankResult,
     SparseEmbedResult,
     Task,
+    TokenEmbedResult,
     deadline,
     late_chunking,
     long_inputs,
@@ -67,8 +70,12 @@ SPARSE_OUTPUTS = ("indices", "values", "offsets")
 #: the outputs a model of each task has, and (first) those it answers when none is asked for
 #: late chunking's output: each chunk's [start, end) character offsets, INT64 [chunks, 2]
 CHUNK_OFFSETS = "chunk_offsets"
+#: a multi-vector answer: every text's rows, FP32 [rows, dim] stacked, and where each text's
+#: start (INT64 [n + 1])
+MULTIVECTOR_OUTPUTS = ("multivector", "multivector_offsets")
 OUTPUTS: dict[Task, tuple[str, ...]] = {
     "embedding": (OUTPUT_NAME, CHUNK_OFFSETS), "rerank": (SCORES_OUTPUT,), "sparse": SPARSE_OUTPUTS,
+    "multivector": MULTIVECTOR_OUTPUTS,
     "classify": (OUTPUT_NAME, SCORES_OUTPUT)}
 DEFAULT_OUTPUTS: dict[Task, tuple[str, ...]] = {**OUTPUTS, "classify": (OUTPUT_NAME,),
                                                 "embedding": (OUTPUT_NAME,)}
@@ -257,13 +264,32 @@ def check_task_options(opts: InferOptions, task: Task) -> None:
         raise InvalidInput(f"parameter(s) {given} do not apply to a model with task {task!r}")
 
 
-def check_outputs(names: Sequence[str], task: Task = "embedding") -> tuple[str, ...]:
+def _offered(task: Task, offers: Sequence[str]) -> dict[str, Output]:
+    """Each V2 output a model doing ``task`` answers, and the internal output it comes from
+    (a dense model with BGE-M3's heads answers their sparse and multi-vector outputs too)."""
+    names = dict.fromkeys(OUTPUTS[task], "pooled")
+    if task == "embedding":
+        for output, more in (("sparse", SPARSE_OUTPUTS), ("multivector", MULTIVECTOR_OUTPUTS)):
+            if output in offers:
+                names.update(dict.fromkeys(more, output))
+    return names  # type: ignore[return-value]
+
+
+def check_outputs(names: Sequence[str], task: Task = "embedding",
+                  offers: Sequence[str] = ("pooled",)) -> tuple[str, ...]:
     """The outputs to answer: those ``names`` asks for, else the task's default ones."""
-    have = OUTPUTS[task]
+    have = _offered(task, offers)
     for n in names:
         if n not in have:
             raise InvalidInput(f"unknown output '{n}'; this model's outputs: {list(have)}")
     return tuple(dict.fromkeys(names)) or DEFAULT_OUTPUTS[task]
+
+
+def internal_outputs(names: Sequence[str], task: Task, offers: Sequence[str] = ("pooled",)
+                     ) -> tuple[Output, ...]:
+    """What an embedding request computes for the V2 outputs ``names``, once each."""
+    have = _offered(task, offers)
+    return tuple(dict.fromkeys(have[n] for n in names)) or ("pooled",)
 
 
 def response_parameters(result: Measured) -> dict[str, int]:
@@ -277,8 +303,9 @@ def response_parameters(result: Measured) -> dict[str, int]:
 
 def output_tensors(result: Measured, names: Sequence[str], mode: Mode = "label"
                    ) -> list[tuple[str, np.ndarray]]:
-    """The answer's tensors by name, in the order asked for. A classifier's ``output-0`` is
-    written as ``mode`` says (:mod:`serve_app.frontend.kserve`)."""
+    """The answer's tensors by name, in the order asked for (every part's, for several
+    outputs of one pass). A classifier's ``output-0`` is written as ``mode`` says
+    (:mod:`serve_app.frontend.kserve`)."""
     out: dict[str, np.ndarray] = {}
     if isinstance(result, ChunkEmbedResult):  # late chunking: its offsets unless left out
         out[CHUNK_OFFSETS] = result.spans
@@ -287,7 +314,16 @@ def output_tensors(result: Measured, names: Sequence[str], mode: Mode = "label"
     elif CHUNK_OFFSETS in names:
         raise InvalidInput(f"output '{CHUNK_OFFSETS}' answers late chunking (parameter chunks "
                            "or chunk_tokens)", param="outputs")
-    if isinstance(result, EmbedResult):
+    parts = result.parts if isinstance(result, MultiEmbedResult) else (result,)
+    for part in parts:
+        _tensors_of(part, out, mode)
+    return [(n, out[n]) for n in names]
+
+
+def _tensors_of(result: Measured, out: dict[str, np.ndarray], mode: Mode) -> None:
+    if isinstance(result, TokenEmbedResult):
+        out.update(zip(MULTIVECTOR_OUTPUTS, (result.embeddings, result.offsets), strict=True))
+    elif isinstance(result, EmbedResult):
         out[OUTPUT_NAME] = result.embeddings
     elif isinstance(result, RerankResult):
         out[SCORES_OUTPUT] = result.scores
@@ -298,18 +334,19 @@ def output_tensors(result: Measured, names: Sequence[str], mode: Mode = "label"
         out[SCORES_OUTPUT] = result.scores
         out[OUTPUT_NAME] = (labels_of(result.scores) if mode == "label"
                             else by_label_text(result.scores))
-    return [(n, out[n]) for n in names]
 
 
 def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ...]],
                      params: Mapping[str, Any], request_id: str, version: str | None,
                      timeout_s: float | None = None, priority: int = 0,
-                     mode: Mode = "label") -> EmbedRequest | RerankRequest | ClassifyRequest:
+                     mode: Mode = "label", outputs: tuple[Output, ...] = ("pooled",)
+                     ) -> EmbedRequest | RerankRequest | ClassifyRequest:
     """The internal request of one V2 inference for a model doing ``task``: its input tensors'
     texts by name and its request ``parameters``; the ``timeout`` and ``priority`` parameters,
     when given, win over ``timeout_s`` and ``priority`` (the transport's own: headers,
     metadata). ``mode``: a classifier's answer (:func:`serve_app.frontend.kserve.classify_mode`),
-    whose logits mode asks for logits."""
+    whose logits mode asks for logits; ``outputs``: what an embedding request computes
+    (:func:`internal_outputs`)."""
     opts = infer_options(params)
     check_task_options(opts, task)
     common: dict[str, Any] = {
@@ -333,7 +370,8 @@ def internal_request(model: str, task: Task, tensors: Mapping[str, tuple[str, ..
     return EmbedRequest(inputs=texts, dimensions=opts.dimensions, prompt_name=opts.prompt_name,
                         input_type=opts.input_type, encoding=opts.encoding,
                         max_active_dims=opts.max_active_dims, long_inputs=opts.long_inputs,
-                        chunks=opts.chunks, chunk_tokens=opts.chunk_tokens, **common)
+                        chunks=opts.chunks, chunk_tokens=opts.chunk_tokens, outputs=outputs,
+                        **common)
 
 
 def classify_inputs(tensors: Mapping[str, tuple[str, ...]]) -> tuple[ClassifyInput, ...]:
@@ -380,12 +418,26 @@ def model_metadata(name: str, versions: Sequence[str], info: ModelInfo) -> dict[
                     "shape": [-1]},
                    {"name": SCORES_OUTPUT, "datatype": "FP32", "shape": [-1, info.dim]}]
     elif info.task == "sparse":
-        outputs = [{"name": n, "datatype": t, "shape": [-1]}
-                   for n, t in zip(SPARSE_OUTPUTS, ("INT32", "FP32", "INT64"), strict=True)]
+        outputs = _SPARSE_META
+    elif info.task == "multivector":
+        outputs = _multivector_meta(info.dim)
     else:
         outputs = [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, info.dim]}]
+        if "sparse" in info.outputs:  # BGE-M3's heads
+            outputs += _SPARSE_META
+        if "multivector" in info.outputs:
+            outputs += _multivector_meta(info.multivector_dim)
     return {"name": name, "versions": list(versions), "platform": PLATFORM, "inputs": inputs,
             "outputs": outputs}
+
+
+_SPARSE_META = [{"name": n, "datatype": t, "shape": [-1]}
+                for n, t in zip(SPARSE_OUTPUTS, ("INT32", "FP32", "INT64"), strict=True)]
+
+
+def _multivector_meta(dim: int) -> list[dict[str, Any]]:
+    return [{"name": MULTIVECTOR_OUTPUTS[0], "datatype": "FP32", "shape": [-1, dim]},
+            {"name": MULTIVECTOR_OUTPUTS[1], "datatype": "INT64", "shape": [-1]}]
 
 
 def model_parameters(info: ModelInfo) -> dict[str, Any]:
@@ -402,7 +454,10 @@ def model_parameters(info: ModelInfo) -> dict[str, Any]:
             out["labels"] = list(info.labels)
         return out
     out.update(prompts=dict(info.prompts), default_prompt=info.default_prompt,
-               encodings=["float"] if info.task == "sparse" else list(ENCODINGS))
+               encodings=list(ENCODINGS) if info.task == "embedding" else ["float"],
+               outputs=list(info.outputs))
+    if info.task == "multivector":
+        out["query_length"] = info.query_length
     if info.int8_ranges is not None:
         out["int8_ranges"] = {"min": info.int8_ranges[0], "max": info.int8_ranges[1],
                               "calibration_texts": info.calibration_texts}

@@ -36,6 +36,7 @@ from serve_app.frontend.v2.codec import (
     check_outputs,
     datatype_of,
     fp32_bytes,
+    internal_outputs,
     internal_request,
     model_metadata,
     output_tensors,
@@ -136,16 +137,19 @@ def _tensors(req: pb.ModelInferRequest) -> tuple[dict[str, tuple[str, ...]], boo
 
 
 def to_request(req: pb.ModelInferRequest, task: Task = "embedding", priority: int = 0,
-               mode: Mode = "label") -> tuple[Internal, bool, tuple[str, ...]]:
+               mode: Mode = "label", offers: tuple[str, ...] = ("pooled",)
+               ) -> tuple[Internal, bool, tuple[str, ...]]:
     """The internal request for a model doing ``task`` (``priority``: the ``x-priority``
     metadata's, used when no ``priority`` parameter is given; ``mode``: a classifier's
-    answer), whether the texts came as raw input contents, and the outputs to answer."""
-    if task in ("embedding", "sparse") and len(req.inputs) != 1:
+    answer; ``offers``: the model's outputs), whether the texts came as raw input contents,
+    and the outputs to answer."""
+    if task in ("embedding", "sparse", "multivector") and len(req.inputs) != 1:
         raise InvalidInput(f"expected exactly one input tensor of texts, got {len(req.inputs)}")
     tensors, raw = _tensors(req)
-    names = check_outputs([o.name for o in req.outputs], task)
+    names = check_outputs([o.name for o in req.outputs], task, offers)
     internal = internal_request(req.model_name, task, tensors, _params(req.parameters), req.id,
-                                req.model_version or None, priority=priority, mode=mode)
+                                req.model_version or None, priority=priority, mode=mode,
+                                outputs=internal_outputs(names, task, offers))
     return internal, raw, names
 
 
@@ -240,7 +244,8 @@ class GrpcInference:
                 raise PayloadTooLarge(f"request message exceeds {limit} bytes (max_body_bytes); "
                                       "send fewer or shorter inputs")
             mode = await classify_mode(self.dataplane, model, _params(request.parameters))
-            internal, raw, names = to_request(request, model.task, call.priority(), mode)
+            internal, raw, names = to_request(request, model.task, call.priority(), mode,
+                                              await self.dataplane.outputs(model))
             result = await call.run(internal)
 
             def render() -> pb.ModelInferResponse:
