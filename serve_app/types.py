@@ -166,6 +166,9 @@ class EmbedRequest(_Request):
       outputs (BGE-M3) answers several from one forward pass. ``tokens`` takes no pooling,
       normalizing, dimensions or encodings.
     - ``max_active_dims``: a sparse model's vectors keep only their largest N values.
+    - ``max_answer_bytes``: the most bytes of per-token vectors (``tokens``, ``multivector``)
+      its answer may hold, counted once tokenized, before any pass (the data plane sets the
+      payload limit); more is :class:`PayloadTooLarge`.
     - ``chunks`` / ``chunk_tokens``: late chunking of the one input, a text: one vector per
       chunk, each the pooling of that chunk's tokens' outputs from a pass over the whole
       text (in overlapping windows of the model's limit when longer). ``chunks``: ``[start,
@@ -194,6 +197,7 @@ class EmbedRequest(_Request):
     max_active_dims: int | None = None
     chunks: tuple[tuple[int, int], ...] | None = None
     chunk_tokens: int | None = None
+    max_answer_bytes: int | None = None
 
     @property
     def output(self) -> Output:

@@ -145,6 +145,8 @@ def test_v2_rest_and_grpc_multivector_and_all_m3_outputs(server, pylate, flag):
             np.testing.assert_allclose(values[a:b], flag[f"lexical_weights{i}"], atol=1e-5)
             np.testing.assert_allclose(multi[multi_at[i]:multi_at[i + 1]], flag[f"colbert{i}"],
                                        atol=1e-5)
+        pruned = infer("m3", M3_TEXTS, ("offsets",), {"max_active_dims": 3})
+        assert (np.diff(pruned.as_numpy("offsets")) <= 3).all()
         dense = infer("m3", M3_TEXTS)  # the default: the dense vectors only
         assert [o.name if hasattr(o, "name") else o["name"] for o in (
             dense.get_response().outputs if mod is triton_grpc

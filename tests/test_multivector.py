@@ -150,3 +150,34 @@ def test_bge_m3_refuses_outputs_that_do_not_come_together(bge_m3):
                       ({"outputs": ("sparse",), "long_inputs": "chunk"}, "long_inputs chunk")):
         with pytest.raises(InvalidInput, match=match):
             run(runner, inputs=("a text",), **kw)
+
+
+def test_a_matrix_answer_counts_toward_the_payload_limit(colbert):
+    from serve_app.config.schema import LimitOptions
+    from serve_app.errors import PayloadTooLarge
+    from tests.helpers import app_client, replica
+
+    engine = MultiVectorEngine(ModelConfig(model_id=str(colbert / "default"),
+                                           task="multivector"), num_threads=1)
+    # 24 floats a row: 1 KiB holds 10 rows; a query is 16, "short" as a document 4
+    with pytest.raises(PayloadTooLarge, match="payload limit of 1024 bytes"):
+        run(ModelRunner(engine, "m"), inputs=("q",), prompt_name="query",
+            max_answer_bytes=1024)
+    limits = LimitOptions(max_body_bytes=1024)
+    with app_client({"colbert": replica(engine, "colbert")}, limits=limits,
+                    tasks={"colbert": "multivector"}) as client:
+        ok = client.post("/v1/embeddings", json={"model": "colbert", "input": "short"})
+        assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 4
+        big = client.post("/v1/embeddings", json={"model": "colbert", "input": "short",
+                                                   "input_type": "query"})
+        assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]["message"]
+        tei = client.post("/embed_all", json={"model": "colbert", "inputs": ["short"] * 3})
+        assert tei.status_code == 413 and tei.json()["error_type"]
+        # TEI's root route and /info know a multi-vector model
+        root = client.post("/", json={"model": "colbert", "inputs": "short"})
+        assert root.status_code == 200 and np.shape(root.json()) == (1, 4, 24)
+        info = client.get("/info", params={"model": "colbert"}).json()
+        assert info["model_type"] == {"embedding": {"pooling": "multivector"}}
+        v2 = client.get("/v2/models/colbert").json()
+        assert v2["parameters"]["outputs"] == ["pooled", "multivector"]
+        assert v2["parameters"]["query_length"] == 16

@@ -326,7 +326,9 @@ class LimitOptions(_Strict):
     )
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Bytes of a request body (after decompression) "
-        "or gRPC request message; more is a 413 / RESOURCE_EXHAUSTED."
+        "or gRPC request message; more is a 413 / RESOURCE_EXHAUSTED. An answer of per-token "
+        "vectors (every token's, multi-vector) over it is refused the same way, once its texts "
+        "are tokenized and before any pass."
     )
 
 

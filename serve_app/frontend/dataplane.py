@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -218,6 +219,9 @@ class DataPlane:
             raise InvalidInput(f"encoding {req.encoding!r} quantizes normalized vectors; ask "
                                "for float vectors, or leave normalize on", param="normalize")
         req = resolve_prompt(req, info)
+        if info.task == "multivector" or {"tokens", "multivector"} & set(req.outputs):
+            # a matrix per text: its answer counts toward the payload limit
+            req = dataclasses.replace(req, max_answer_bytes=self.limits.max_body_bytes)
         with self._flight(req.model, req.effective_priority, len(req.inputs)):
             return await model.backend.embed(req)
 

@@ -107,9 +107,10 @@ class Call:
 
     async def embed_dense(self, req: EmbedRequest) -> EmbedResult:
         """Run ``req``, which its protocol answers with dense vectors only: a model of
-        another kind (sparse) is the protocol's :class:`WrongTask`, before any model work."""
+        another kind (sparse, multi-vector) is the protocol's :class:`WrongTask`, before any
+        model work."""
         task = self.find(req.model, req.version).task
-        if task == "sparse":
+        if task != "embedding":
             raise wrong_task(req.model, task, "embedding")
         result = await self.run(req)
         assert isinstance(result, EmbedResult)

@@ -28,7 +28,7 @@ from serve_app.engine.multivector import MultiVectorEngine, maxsim
 from serve_app.engine.quantize import Calibration, quantize, reduce_dimensions
 from serve_app.engine.reranker import RerankEngine
 from serve_app.engine.sparse import SparseEngine, prune_rows
-from serve_app.errors import EmptyInput, InvalidInput, Overloaded, wrong_task
+from serve_app.errors import EmptyInput, InvalidInput, Overloaded, PayloadTooLarge, wrong_task
 from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
 from serve_app.types import (
     AnyEmbedResult,
@@ -90,6 +90,28 @@ class ReplicaResources:
 
 
 Engine = EmbeddingEngine | ClassifyEngine
+
+
+def _row_width(engine: EmbeddingEngine, req: EmbedRequest) -> int:
+    """The floats of each per-token vector ``req``'s answer holds (0: none)."""
+    if isinstance(engine, MultiVectorEngine):
+        return engine.dim
+    if "multivector" in req.outputs and isinstance(engine, M3Engine):
+        return engine.multivector_dim
+    return int(getattr(engine.model_config, "hidden_size", 0)) if "tokens" in req.outputs else 0
+
+
+def _within(prepare: Prepare, limit: int, width: int) -> tuple[list[list[int]], int]:
+    """``prepare()``, refused when its per-token vectors (at most a row a token) would hold
+    more than ``limit`` bytes."""
+    seqs, cut = prepare()
+    rows = sum(len(s) for s in seqs)
+    if rows * width * 4 > limit:
+        raise PayloadTooLarge(
+            f"the answer would hold up to {rows} vectors of {width} floats "
+            f"({rows * width * 4} bytes), more than the payload limit of {limit} bytes "
+            "(max_body_bytes); send fewer or shorter texts")
+    return seqs, cut
 
 
 def matrices(rows: list[np.ndarray], measured: dict[str, Any]) -> TokenEmbedResult:
@@ -231,6 +253,9 @@ class ModelRunner:
                 if mode == "chunk" else
                 functools.partial(engine.prepare, req.inputs, mode == "truncate",
                                   req.prompt_name, req.truncation_side))
+            if req.max_answer_bytes is not None:
+                prepare = functools.partial(_within, prepare, req.max_answer_bytes,
+                                            _row_width(engine, req))
             out, measured = await self._run(prepare, sum(len(x) for x in req.inputs),
                                             req.deadline, req.effective_priority, queue)
         if heads:

@@ -378,9 +378,12 @@ async def embed(request: Request) -> Response:
 async def embed_all(request: Request) -> Response:
     """Every token's vector of each input (the model's last hidden states, special tokens
     included; a multi-vector model's rows): ``[[[float]]]``."""
-    call = call_of(request)
-    _, req = _embed_request(request, call, parse_json(await read_body(request)),
-                            TeiEmbedAll, "embedding", outputs=("tokens",))
+    return await _embed_all(request, call_of(request), parse_json(await read_body(request)))
+
+
+async def _embed_all(request: Request, call: Call, data: Any) -> Response:
+    _, req = _embed_request(request, call, data, TeiEmbedAll, "embedding",
+                            outputs=("tokens",))
     task = call.find(req.model).task
     if task == "multivector":  # its own answer is a matrix per text
         req = dataclasses.replace(req, outputs=("pooled",))
@@ -469,7 +472,7 @@ async def decode(request: Request) -> Response:
 
 
 def _model_type(info: ModelInfo) -> dict[str, Any]:
-    if info.task in ("embedding", "sparse"):
+    if info.task in ("embedding", "sparse", "multivector"):
         return {"embedding": {"pooling": info.pooling}}
     labels = info.labels or ("LABEL_0",)
     kind = "reranker" if info.task == "rerank" else "classifier"
@@ -521,7 +524,7 @@ _ROOT_SCHEMA = openapi_body(TeiEmbed, TeiEmbedSparse, TeiPredict, TeiRerank)
 async def invocations(request: Request) -> Response:
     """As TEI (and SageMaker's container contract): the model's task picks the route, an
     embedding model ``/embed``, a SPLADE model ``/embed_sparse``, a classifier ``/predict``,
-    a reranker ``/rerank``."""
+    a reranker ``/rerank``, a multi-vector model ``/embed_all``."""
     call = call_of(request)
     data = parse_json(await read_body(request))
     named = data.get("model") if isinstance(data, dict) else None
@@ -531,4 +534,5 @@ async def invocations(request: Request) -> Response:
 
 
 _ROOT_ROUTES: dict[Task, Callable[[Request, Call, Any], Awaitable[Response]]] = {
-    "embedding": _embed, "sparse": _embed_sparse, "classify": _predict, "rerank": _rerank}
+    "embedding": _embed, "sparse": _embed_sparse, "classify": _predict, "rerank": _rerank,
+    "multivector": _embed_all}

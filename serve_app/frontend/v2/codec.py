@@ -252,7 +252,7 @@ def check_task_options(opts: InferOptions, task: Task) -> None:
             given.append("encoding_format")
     elif opts.raw_scores:
         given.append("raw_scores")
-    if task != "sparse" and opts.max_active_dims is not None:
+    if task in ("rerank", "classify", "multivector") and opts.max_active_dims is not None:
         given.append("max_active_dims")
     if task in ("rerank", "classify") and opts.params and "long_inputs" in opts.params:
         given.append("long_inputs")
