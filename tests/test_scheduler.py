@@ -15,7 +15,13 @@ import pytest
 from serve_app.config.schema import ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.errors import DeadlineExceeded, Overloaded
-from serve_app.runtime.batch_queue import FAIR_EVERY, BatchQueue, Work
+from serve_app.runtime.batch_queue import (
+    FAIR_EVERY,
+    LARGE_PASS_TOKENS,
+    SPLIT_S,
+    BatchQueue,
+    Work,
+)
 from serve_app.runtime.runner import INLINE_TOKENIZE_CHARS, ModelRunner
 from serve_app.types import EmbedRequest
 
@@ -197,6 +203,34 @@ def test_a_second_pass_starts_only_for_half_a_batch_and_passes_split_the_queue()
         queue.put([one(i) for i in range(6, 16)])
         assert sorted(map(len, [await gate.started(), await gate.started()])) == [5, 5]
         gate.release(2)
+
+    run(main())
+
+
+def test_few_long_texts_get_a_pass_beside_a_running_one_once_passes_are_timed():
+    async def main():
+        gate = Gate()
+        queue = BatchQueue(gate, max_batch_size=8, max_batch_tokens=10_000, passes=2)
+        queue.put([one(1)])
+        assert await gate.started() == [1]
+        gate.release()
+        while queue.running:
+            await asyncio.sleep(0)
+        assert queue._token_s is None  # a small pass times nothing
+        queue.put([work([1] * LARGE_PASS_TOKENS)])
+        assert await gate.started() == [1]
+        gate.release()
+        while queue.running:
+            await asyncio.sleep(0)
+        assert queue._token_s is not None  # large passes are timed per padded token
+        queue._token_s = SPLIT_S / 100  # as if a padded token took this long
+        queue.put([work([1] * 200)])
+        assert await gate.started() == [1]
+        queue.put([work([2] * 100), work([3] * 100)])  # fewer than half a batch, but long
+        assert await gate.started() == [2, 3] and queue.running == 2
+        queue.put([one(4)])  # a short straggler waits for a running pass
+        assert queue.running == 2 and queue.queued == 1
+        gate.release(3)
 
     run(main())
 
@@ -432,6 +466,14 @@ def test_forward_sets_torch_threads_for_its_calling_thread_only():
     lanes["solo"].submit(engine.forward, seqs, 2).result()
     seen = {name: lane.submit(torch.get_num_threads).result() for name, lane in lanes.items()}
     assert seen == {"share": 1, "solo": 2}
+
+
+def test_a_pass_runs_solo_only_on_a_backend_that_takes_threads_per_call(engine):
+    """ONNX Runtime and OpenVINO fix each pass's threads at load: a lone pass there would hold
+    the other worker back and gain no threads."""
+    runner = ModelRunner(engine, "m", passes=2, threads=2)
+    assert (runner.queue._solo is not None) == engine.backend.threads_per_call
+    assert engine.backend.threads_per_call == (engine.backend.name == "torch")
 
 
 def test_plan_parallelism():

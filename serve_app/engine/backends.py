@@ -60,6 +60,8 @@ class Backend(Protocol):
     name: BackendName
     precision: str
     input_names: tuple[str, ...]
+    #: whether a call's ``threads`` are honoured (torch); the others fixed theirs at load
+    threads_per_call: bool
 
     def run(self, feeds: dict[str, np.ndarray], threads: int | None = None) -> torch.Tensor:
         """The graph's output for ``feeds``, float32, on the model's device. ``threads``: the
@@ -76,6 +78,7 @@ class TorchBackend:
     """A transformers model in eager torch, on its device and dtype."""
 
     name: BackendName = "torch"
+    threads_per_call = True
 
     def __init__(self, model: Any, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model.to(device).eval()
@@ -108,6 +111,7 @@ class OnnxRuntimeBackend:
     """An ONNX graph in an ONNX Runtime CPU session, ``threads`` intra-op threads per call."""
 
     name: BackendName = "onnxruntime"
+    threads_per_call = False
 
     def __init__(self, path: Path, threads: int, precision: str = "float32") -> None:
         import onnxruntime as ort
@@ -140,6 +144,7 @@ class OpenVinoBackend:
     ``threads`` in all; ``precision`` float32 or bfloat16 (only where the CPU has it natively)."""
 
     name: BackendName = "openvino"
+    threads_per_call = False
 
     def __init__(self, path: Path, passes: int, threads: int, precision: str = "float32") -> None:
         import openvino as ov

@@ -48,6 +48,13 @@ FAIR_EVERY = 4
 SMALL_PASS_TOKENS = 64
 #: turns of the event loop a pass that may run inline waits for arrivals to join it
 INLINE_YIELDS = 8
+#: Fewer texts than a full share of a pass get a pass of their own beside running ones when it
+#: would take this long: long texts gain little from joining later ones, and every worker runs
+#: its pass on threads of its own (the CPU backends fix them at load), which would sit idle
+SPLIT_S = 0.02
+#: Passes of at least this many padded tokens time the queue's seconds per token (smaller ones
+#: are mostly their fixed cost, which would make short texts look long)
+LARGE_PASS_TOKENS = 1024
 
 Seqs = list[list[int]]
 #: what one forward pass answers: float32 ``[n, dim]``, or one array per sequence (outputs
@@ -160,7 +167,10 @@ class BatchQueue:
     ``compute`` runs a pass on one of ``passes`` worker threads. A pass starts whenever none
     runs; another starts beside running ones only when at least ``max_batch_size // passes``
     texts wait, so a few stragglers join the next full pass instead of taking a worker (and its
-    cores) for a pass of one text, unless they are of a higher priority than every running pass.
+    cores) for a pass of one text, unless they are of a higher priority than every running pass,
+    or their own pass would take :data:`SPLIT_S` or more (long texts: batching them with later
+    ones gains little, and a worker would sit idle while they wait; large passes are timed per
+    padded token as they run).
     Passes starting at the same moment split the waiting texts between them. ``solo``, when
     given, computes a pass that is alone (nothing else runs or waits); no other pass starts
     until it ends, so it may use every thread of the replica. ``executor``: the threads passes
@@ -180,6 +190,7 @@ class BatchQueue:
         self._compute = compute
         self._inline_s = inline_s
         self._small_s: float | None = None  # small passes' compute seconds, averaged
+        self._token_s: float | None = None  # large passes' seconds per padded token, averaged
         self._solo = solo
         self._max_size = max_batch_size
         self._max_tokens = max_batch_tokens
@@ -250,7 +261,8 @@ class BatchQueue:
 
     def _start_passes(self) -> None:
         while self.queued and len(self._workers) < self._passes and not self._solo_running:
-            if self._workers and self.queued < self._fill and not self._urgent():
+            if (self._workers and self.queued < self._fill and not self._urgent()
+                    and not self._long_wait()):
                 return  # a running pass ends soon and takes these
             if self._held_for_company():
                 return
@@ -265,6 +277,19 @@ class BatchQueue:
     def _pass_ended(self, worker: asyncio.Task[None]) -> None:
         self._workers.discard(worker)
         self._start_passes()
+
+    def _long_wait(self) -> bool:
+        """Whether the waiting texts' own pass would take :data:`SPLIT_S` or more (unknown
+        until passes have been timed: no)."""
+        if self._token_s is None:
+            return False
+        width = count = 0
+        for waiting in self._waiting.values():
+            for w in waiting:
+                for i in w.order[w.taken:]:
+                    width = max(width, len(w.seqs[i]))
+                    count += 1
+        return count * width * self._token_s >= SPLIT_S
 
     def _next_priority(self) -> int | None:
         """The priority the next pass serves: the highest waiting, or on every fair_every-th pass
@@ -352,6 +377,10 @@ class BatchQueue:
                     self._executor, _timed, compute, seqs)
             if small:
                 self._small_s = took if self._small_s is None else 0.8 * self._small_s + 0.2 * took
+            if padded >= LARGE_PASS_TOKENS:  # a small pass's time is mostly its fixed cost
+                per_token = took / padded
+                self._token_s = (per_token if self._token_s is None
+                                 else 0.8 * self._token_s + 0.2 * per_token)
         except Exception as e:  # every request in the pass fails; the queue lives on
             for w, _ in batch:
                 if not w.future.done():

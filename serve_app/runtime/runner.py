@@ -161,7 +161,8 @@ class ModelRunner:
             max_batch_tokens=engine.max_batch_tokens, passes=passes, executor=shared.forward,
             wait_s=batch_wait_s, fair_every=fair_every, inline_s=inline_pass_s)
         self.queue = self._queue_of(
-            compute, solo=whole if own and solo and threads > share else None)
+            compute, solo=whole if own and solo and threads > share
+            and engine.backend.threads_per_call else None)
         self._queues: dict[str, BatchQueue] = {}  # see _queue_named
         self._share = share
         self._tokenize_pool = shared.tokenize
