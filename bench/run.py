@@ -452,10 +452,11 @@ def render(ceil: dict, rows: list[dict], extra: dict, command: str, out: Path, m
               f"Raw figures of this run: [{out.stem}.json]({out.stem}.json)."]
     # separate runs (--scheduler-ab; bench/priority.py; bench/rerank.py on the CPU, then on a
     # GPU; bench/variants.py; bench/niceness.py; bench/trees.py; this script with --precision
-    # fast and int8), kept alongside
+    # fast and int8; bench/long_inputs.py), kept alongside
     for part in ("benchmarks-scheduler.md", "benchmarks-priority.md", "benchmarks-rerank.md",
                  "benchmarks-rerank-gpu.md", "benchmarks-variants.md", "benchmarks-niceness.md",
-                 "benchmarks-trees.md", "benchmarks-fast.md", "benchmarks-int8.md"):
+                 "benchmarks-trees.md", "benchmarks-fast.md", "benchmarks-int8.md",
+                 "benchmarks-long-inputs.md"):
         if out.stem == "benchmarks" and out.with_name(part).exists():
             lines += ["", out.with_name(part).read_text().rstrip()]
     return "\n".join(lines) + "\n"
