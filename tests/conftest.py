@@ -565,11 +565,14 @@ def e2e_server(servers: Servers, tiny_model: TinyFactory, small_corpus: str, col
             {"name": "tiny", "model_id": str(tiny_model(pooling="cls")),
              "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0.5},
              "chunk_overlap": 8, "max_document_tokens": 600},
-            # no CPUs of their own: the two above and the other app's model take the 2
+            # no CPUs of their own: the two above and the other app's model take the 2; torch,
+            # which starts without a conversion (tests/test_multivector.py holds the others)
             {"name": "colbert", "model_id": str(colbert / "default"), "task": "multivector",
-             "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0}},
+             "backend": "torch", "calibration_corpus": small_corpus,
+             "deployment": {"num_cpus": 0}},
             {"name": "m3", "model_id": str(bge_m3[0]), "max_length": M3_MAX_LENGTH,
-             "calibration_corpus": small_corpus, "deployment": {"num_cpus": 0}},
+             "backend": "torch", "calibration_corpus": small_corpus,
+             "deployment": {"num_cpus": 0}},
         ],
     }, more_apps=(other,))
 

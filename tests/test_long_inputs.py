@@ -235,3 +235,19 @@ def test_late_chunks_leave_the_prompt_out_and_refuse_what_they_cannot_answer(
     with pytest.raises(InvalidInput, match="dense embedding model"):
         embed(SparseEngine(ModelConfig(model_id=str(splade()), task="sparse"), num_threads=2),
               inputs=(text,), chunk_tokens=4)
+
+
+def test_chunk_leaves_a_prompt_out_of_pooling_where_the_model_does(tiny_model):
+    """A model whose pooling leaves its prompt out (include_prompt false) pools no prompt
+    token of any window, a text within the limit included."""
+    engine = EmbeddingEngine(ModelConfig(model_id=str(tiny_model(
+        prompt="query: ", include_prompt=False)), max_length=24), num_threads=1)
+    short, long = "a short text", " ".join(["words of a longer text"] * 12)
+    for text in (short, long):
+        whole = embed(engine, inputs=(text,), long_inputs="chunk")
+        if text is short:  # one window: what truncate gives
+            np.testing.assert_allclose(whole.embeddings, embed(engine, inputs=(text,)).embeddings,
+                                       atol=1e-6)
+    seqs, _ = engine.prepare_windows((short, long), "query")
+    assert len(seqs) > 2 and all(getattr(s, "skip", 0) == engine._prompt_lengths["query: "]
+                                 for s in seqs)

@@ -594,7 +594,7 @@ class EmbeddingEngine(TransformerEngine):
             seq = next(ids) if isinstance(x, str) else list(x)
             self.check_document(i, len(seq))
             one = (text_frame if isinstance(x, str) else id_frame).windows(seq)
-            if isinstance(seq, PromptIds) and len(one) > 1:
+            if isinstance(seq, PromptIds):  # every window's prompt stays out of pooling
                 one = [PromptIds(w, seq.skip) for w in one]
             windows.append(one)
         return Windows.of(windows), 0

@@ -80,7 +80,8 @@ class Windows(list[list[int]]):
     __slots__ = ("plan",)
 
     def __init__(self, windows: Sequence[Sequence[int]], plan: Plan) -> None:
-        super().__init__(list(w) for w in windows)
+        # as they are: a window may be a PromptIds, whose prompt stays out of pooling
+        super().__init__(w if isinstance(w, list) else list(w) for w in windows)
         self.plan = plan
 
     @classmethod
