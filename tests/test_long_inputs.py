@@ -251,3 +251,17 @@ def test_chunk_leaves_a_prompt_out_of_pooling_where_the_model_does(tiny_model):
     seqs, _ = engine.prepare_windows((short, long), "query")
     assert len(seqs) > 2 and all(getattr(s, "skip", 0) == engine._prompt_lengths["query: "]
                                  for s in seqs)
+
+
+def test_a_splade_models_windows_pool_as_its_tokens_do(splade):
+    """SPLADE max-pools over tokens: a long text's vector is the maximum over its windows,
+    each window's vector SparseEncoder's own (tests/test_tasks.py holds that)."""
+    engine = SparseEngine(ModelConfig(model_id=str(splade()), task="sparse", max_length=32,
+                                      chunk_overlap=4), num_threads=1)
+    whole = embed(engine, inputs=(DOC,), long_inputs="chunk")
+    seqs, _ = engine.prepare_windows((DOC,))
+    assert len(seqs) > 3 and whole.token_counts[0] == sum(map(len, seqs))
+    want = engine.embed_ids(seqs).max(axis=0)
+    got = np.zeros_like(want)
+    got[whole.indices] = whole.values
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -584,7 +584,7 @@ class EmbeddingEngine(TransformerEngine):
     def prepare_windows(self, inputs: Sequence[Input], prompt_name: str | None = None
                         ) -> tuple[Windows, int]:
         """``inputs`` embedded whole (``long_inputs: chunk``): every input's windows of the
-        model's limit, in order, with the plan that averages them back (none is cut)."""
+        model's limit, in order, with the plan that pools them back (none is cut)."""
         self.check_token_ids([x for x in inputs if not isinstance(x, str)], whole=True)
         texts = [x for x in inputs if isinstance(x, str)]
         ids = iter(self.tokenize(texts, False, prompt_name, whole=True)[0] if texts else [])
@@ -597,7 +597,10 @@ class EmbeddingEngine(TransformerEngine):
             if isinstance(seq, PromptIds):  # every window's prompt stays out of pooling
                 one = [PromptIds(w, seq.skip) for w in one]
             windows.append(one)
-        return Windows.of(windows), 0
+        return Windows.of(windows, self.window_pooling), 0
+
+    #: how a text's windows' vectors become its own (:class:`.long_inputs.Windowed`)
+    window_pooling = "mean"
 
     def late_chunks(self, text: str, prompt_name: str | None,
                     chunks: Sequence[tuple[int, int]] | None, chunk_tokens: int | None

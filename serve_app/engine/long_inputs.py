@@ -85,31 +85,38 @@ class Windows(list[list[int]]):
         self.plan = plan
 
     @classmethod
-    def of(cls, windows: Sequence[Sequence[Sequence[int]]]) -> Windows:
-        """Each input's windows (``long_inputs: chunk``), averaged back to one vector each."""
-        return cls([w for one in windows for w in one], Windowed.of(windows))
+    def of(cls, windows: Sequence[Sequence[Sequence[int]]], combine: str = "mean") -> Windows:
+        """Each input's windows (``long_inputs: chunk``), pooled back to one vector each
+        (:class:`Windowed`)."""
+        return cls([w for one in windows for w in one], Windowed.of(windows, combine))
 
 
 @dataclass(frozen=True, slots=True)
 class Windowed:
     """Inputs split into windows (a :class:`Plan`): input ``i``'s windows are rows
     ``starts[i]:starts[i + 1]`` of a pass's outputs (int64 ``[n + 1]``), each weighted by its
-    tokens."""
+    tokens; ``combine``: ``mean`` (token-weighted), or a SPLADE model's ``max`` / ``sum`` (its
+    pooling over tokens, carried over the windows)."""
 
     starts: np.ndarray
     tokens: np.ndarray
+    combine: str = "mean"
 
     @classmethod
-    def of(cls, windows: Sequence[Sequence[Sequence[int]]]) -> Windowed:
+    def of(cls, windows: Sequence[Sequence[Sequence[int]]], combine: str = "mean"
+           ) -> Windowed:
         """The plan for ``windows`` (each input's list of windows)."""
         starts = np.zeros(len(windows) + 1, dtype=np.int64)
         np.cumsum([len(w) for w in windows], out=starts[1:])
         tokens = np.fromiter((len(s) for w in windows for s in w), np.int64, int(starts[-1]))
-        return cls(starts, tokens)
+        return cls(starts, tokens, combine)
 
     def finish(self, pooled: np.ndarray) -> np.ndarray:
-        """Each input's vector: the mean of its windows' pooled vectors ``[windows, dim]``,
-        weighted by the windows' tokens (not normalized)."""
+        """Each input's vector from its windows' pooled vectors ``[windows, dim]``: their mean
+        weighted by the windows' tokens (or their maximum, or sum), not normalized."""
+        if self.combine != "mean":
+            reduce = np.maximum if self.combine == "max" else np.add
+            return reduce.reduceat(pooled, self.starts[:-1], axis=0).astype(np.float32)
         weighted = pooled * self.tokens[:, None].astype(pooled.dtype)
         sums = np.add.reduceat(weighted, self.starts[:-1], axis=0)
         totals = np.add.reduceat(self.tokens, self.starts[:-1]).astype(pooled.dtype)

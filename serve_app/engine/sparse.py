@@ -84,6 +84,8 @@ class SparseEngine(EmbeddingEngine):
         budget = max(self.max_length, LOGITS_BYTES // (4 * vocab))
         self.max_batch_tokens = min(self.max_batch_tokens, budget)
         self.max_active_dims = self.settings.max_active_dims
+        # a long text's windows: the maximum (or sum) of their vectors, as over its tokens
+        self.window_pooling = self.splade[0]
         return "splade", bool(self.cfg.normalize), vocab
 
     def pool_pass(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
