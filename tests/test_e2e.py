@@ -171,9 +171,10 @@ def test_batches_fill_under_concurrent_load(server):
     assert texts == 256
     mean_batch = texts / passes
     # One text per request: without batching across requests every pass would hold exactly 1.
-    # (Seen here on 2 cores: about 4.7; the proxy and ingress, not the model, limit arrivals.)
+    # (Seen here on 2 cores: about 4.7 alone, 2.0 while the other pytest worker loads the
+    # cores; the proxy and ingress, not the model, limit arrivals.)
     print(f"\nmean batch {mean_batch:.1f} texts over {passes} passes")
-    assert mean_batch >= 2, f"mean batch {mean_batch:.1f} over {passes} passes"
+    assert mean_batch >= 1.5, f"mean batch {mean_batch:.1f} over {passes} passes"
 
 
 def test_server_keeps_serving_after_bad_input(server, oai):

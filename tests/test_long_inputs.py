@@ -62,6 +62,10 @@ def embed(engine: EmbeddingEngine, **kw) -> EmbedResult:
 def test_windows_cover_every_token_within_the_limit(n, head, tail, limit, overlap):
     frame = Frame(head, tail, limit, overlap)
     seq = [-1] * head + list(range(n)) + [-2] * tail
+    if len(seq) > limit and frame.room <= overlap:  # windows could not advance: refused
+        with pytest.raises(InvalidInput, match="not more than the overlap"):
+            frame.windows(seq)
+        return
     windows = frame.windows(seq)
     if len(seq) <= limit:
         assert windows == [seq]
