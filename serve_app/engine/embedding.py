@@ -470,10 +470,12 @@ class EmbeddingEngine(TransformerEngine):
         if self.default_prompt is not None and self.default_prompt not in self.prompts:
             raise ModelLoadError(f"default_prompt_name {self.default_prompt!r} is not one of "
                                  f"the model's prompts {sorted(self.prompts)}")
-        # measured once per prompt here, not per request: only models that leave prompts out
-        # of pooling need them
-        self._prompt_lengths = {} if self.include_prompt else {
+        # measured once per prompt here, not per request (the tokenizer's own call is not
+        # safe beside the tokenizing threads): models that leave prompts out of pooling, and
+        # windows of long texts, need them
+        self._prompt_lengths = {
             text: self._prompt_length(text) for text in self.prompts.values() if text}
+        self.specials = self._specials()
         self.calibration: Calibration | None = None
         self.loaded(f"dim={self.dim} pooling={self.pooling} normalize={self.normalize}")
 
@@ -565,8 +567,7 @@ class EmbeddingEngine(TransformerEngine):
                 f"input {i} has {n} tokens, more than the {self.cfg.max_document_tokens} one "
                 "text may have to be embedded whole (max_document_tokens)")
 
-    @functools.cached_property
-    def specials(self) -> tuple[int, int]:
+    def _specials(self) -> tuple[int, int]:
         """The special tokens the tokenizer puts before and after a text's own."""
         mask = self.tokenizer("a", add_special_tokens=True,
                               return_special_tokens_mask=True)["special_tokens_mask"]
@@ -578,7 +579,7 @@ class EmbeddingEngine(TransformerEngine):
         ids, are framed, for windows of the model's limit (:mod:`.long_inputs`)."""
         lead, trail = self.specials
         prompt = "" if ids else self.prompt(prompt_name)
-        head = self._prompt_length(prompt) if prompt else lead
+        head = self._prompt_lengths[prompt] if prompt else lead
         return Frame(head, trail, self.max_length, self.cfg.chunk_overlap)
 
     def prepare_windows(self, inputs: Sequence[Input], prompt_name: str | None = None

@@ -16,6 +16,10 @@ BYTES elements on the wire: each a 4-byte little-endian length, then that many b
   (:mod:`serve_app.frontend.kserve`: INT64 label indices, or with ``return_probabilities`` /
   ``return_raw_logits`` BYTES), and, when asked for by name, ``scores``: FP32 ``[n, labels]``
   (probabilities; logits with ``raw_scores``).
+- A multi-vector model takes one BYTES tensor of texts and answers ``multivector``: FP32
+  ``[rows, dim]``, every text's rows stacked, and ``multivector_offsets``: INT64 ``[n + 1]``. An
+  embedding model with BGE-M3's heads answers those and the sparse outputs below too, any of
+  them from one pass.
 - A sparse model takes one BYTES tensor of texts and answers its vectors as compressed sparse
   rows: ``indices`` INT32 ``[nnz]`` (vocabulary ids), ``values`` FP32 ``[nnz]`` and
   ``offsets`` INT64 ``[n + 1]`` (row ``i`` is ``offsets[i]:offsets[i + 1]``); parameter
@@ -67,12 +71,13 @@ DOCUMENTS_INPUT = "documents"
 SCORES_OUTPUT = "scores"
 PAIR_INPUT = "text_pair"
 SPARSE_OUTPUTS = ("indices", "values", "offsets")
-#: the outputs a model of each task has, and (first) those it answers when none is asked for
 #: late chunking's output: each chunk's [start, end) character offsets, INT64 [chunks, 2]
 CHUNK_OFFSETS = "chunk_offsets"
 #: a multi-vector answer: every text's rows, FP32 [rows, dim] stacked, and where each text's
 #: start (INT64 [n + 1])
 MULTIVECTOR_OUTPUTS = ("multivector", "multivector_offsets")
+#: the outputs a model of each task has, and (``DEFAULT_OUTPUTS``) those it answers when none
+#: is asked for
 OUTPUTS: dict[Task, tuple[str, ...]] = {
     "embedding": (OUTPUT_NAME, CHUNK_OFFSETS), "rerank": (SCORES_OUTPUT,), "sparse": SPARSE_OUTPUTS,
     "multivector": MULTIVECTOR_OUTPUTS,
