@@ -191,7 +191,7 @@ class TransformerEngine:
         self.max_batch_tokens = cfg.batching.max_batch_tokens
         self.max_batch_size = cfg.batching.max_batch_size
         self.fidelity: fid.Fidelity | None = None
-        self._rust: dict[tuple[bool, Side], Any] = {}  # see _rust_tokenizer
+        self._rust: dict[tuple[bool, Side, int], Any] = {}  # see _rust_tokenizer
         self.t0 = t0
 
     @functools.cached_property
@@ -287,22 +287,22 @@ class TransformerEngine:
         encodings = rust.encode_batch(list(texts), add_special_tokens=True)
         return [e.ids for e in encodings], sum(1 for e in encodings if e.overflowing)
 
-    def _rust_tokenizer(self, truncate: bool, side: Side) -> Any:
-        """The fast tokenizer's Rust tokenizer set up for (``truncate``, ``side``), made once;
-        None for a slow tokenizer."""
-        made = self._rust
-        found = made.get((truncate, side))
+    def _rust_tokenizer(self, truncate: bool, side: Side, length: int | None = None) -> Any:
+        """The fast tokenizer's Rust tokenizer set up for (``truncate``, ``side``), cutting at
+        ``length`` (default ``max_length``), made once; None for a slow tokenizer."""
+        key = (truncate, side, length or self.max_length)
+        found = self._rust.get(key)
         if found is None:
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
             if backend is None:
                 return None
             found = copy.deepcopy(backend)
             if truncate:
-                found.enable_truncation(self.max_length, direction=side)
+                found.enable_truncation(key[2], direction=side)
             else:
                 found.no_truncation()
             found.no_padding()
-            made[(truncate, side)] = found
+            self._rust[key] = found
         return found
 
     def tokens(self, texts: Sequence[str], add_special_tokens: bool = True
@@ -450,6 +450,8 @@ class EmbeddingEngine(TransformerEngine):
     takes_dense = False
     #: what a request may ask of it (:data:`serve_app.types.Output`), its own answer first
     offers: tuple[Output, ...] = ("pooled", "tokens")
+    #: the width of its multi-vector rows (none: 0)
+    multivector_dim = 0
 
     def __init__(self, cfg: ModelConfig, num_threads: int | None = None, passes: int = 1
                  ) -> None:
@@ -734,6 +736,7 @@ class EmbeddingEngine(TransformerEngine):
             name=name, version=version, dim=self.dim, pooling=self.pooling,
             normalize=self.normalize, prompts=tuple(self.prompts.items()),
             default_prompt=self.default_prompt, task=self.task, outputs=self.offers,
+            multivector_dim=self.multivector_dim,
             int8_ranges=None if self.calibration is None else self.calibration.full,
             calibration_texts=0 if self.calibration is None else self.calibration.texts,
             **self.described(),

@@ -16,7 +16,6 @@ for the sparse or multi-vector output gets all it asks for from one pass (:meth:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.errors import ModelLoadError
-from serve_app.types import ModelInfo, Output
+from serve_app.types import Output
 
 HEADS = ("colbert_linear.pt", "sparse_linear.pt")
 
@@ -99,10 +98,6 @@ class M3Engine(EmbeddingEngine):
             out.append(Heads(dense[row], indices.astype(np.int32), values,
                              np.ascontiguousarray(multi[row, : len(s) - 1])))
         return out
-
-    def info(self, name: str, version: str) -> ModelInfo:
-        return dataclasses.replace(super().info(name, version),
-                                   multivector_dim=self.multivector_dim)
 
     def output_settings(self) -> str:
         return f"m3 pooling={self.pooling} normalize={self.normalize}"

@@ -16,7 +16,6 @@ vector its best dot product over the document's vectors, summed.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import string
@@ -85,23 +84,25 @@ class MultiVectorEngine(EmbeddingEngine):
         self.projections = [self._load_dense(path) for path in self.settings.dense]
         dim = (self.projections[-1][0].shape[0] if self.projections
                else int(self.model_config.hidden_size))
+        self.multivector_dim = dim
         self._rust_sides = {side: self._side_tokenizer(side) for side in (True, False)}
         # the sides a request names with input_type / prompt_name: no prompt text for either
         self.settings.prompts.update({QUERY: "", "document": ""})
         return "multivector", True, dim
 
     def _token_id(self, token: str) -> int:
+        """``token``'s id; the unknown token's when the vocabulary has no such token."""
         found = self.tokenizer.convert_tokens_to_ids(token)
         return found if isinstance(found, int) else int(self.tokenizer.unk_token_id or 0)
 
     def _prefix_id(self, prefix: str) -> int | None:
         if not prefix:
             return None
-        found = self.tokenizer.convert_tokens_to_ids(str(prefix))
-        if not isinstance(found, int) or found == self.tokenizer.unk_token_id:
+        found = self._token_id(prefix)
+        if found == self.tokenizer.unk_token_id:
             raise ModelLoadError(f"the tokenizer has no token {prefix!r} (the checkpoint's "
                                  "query or document prefix)")
-        return int(found)
+        return found
 
     def _load_dense(self, path: str) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         """One ``Dense`` module's (weight ``[out, in]``, bias, activation)."""
@@ -125,13 +126,12 @@ class MultiVectorEngine(EmbeddingEngine):
         return weight, None if bias is None else bias.float().to(self.device), ACTIVATIONS[name]
 
     def _side_tokenizer(self, query: bool) -> Any:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise ModelLoadError("a multi-vector model needs a fast tokenizer")
-        rust = copy.deepcopy(backend)
+        """The Rust tokenizer cutting a query (or a document) where PyLate does: its length
+        less the marker token put in after."""
         length = self.query_length if query else self.document_length
-        rust.enable_truncation(length - (self.prefix_ids[query] is not None))
-        rust.no_padding()
+        rust = self._rust_tokenizer(True, "right", length - (self.prefix_ids[query] is not None))
+        if rust is None:
+            raise ModelLoadError("a multi-vector model needs a fast tokenizer")
         return rust
 
     # -- steps ---------------------------------------------------------------------------------
@@ -214,21 +214,22 @@ class MultiVectorEngine(EmbeddingEngine):
                    threads: int | None = None) -> list[np.ndarray]:
         return self.run(self.backend, seqs, threads)
 
-    def outputs(self, seqs: Sequence[Sequence[int]], backend: Backend | None = None
-                ) -> np.ndarray:
-        """Every input's vectors, stacked ``[rows, dim]`` (the fidelity check compares rows)."""
+    def matrices(self, seqs: Sequence[Sequence[int]], backend: Backend | None = None
+                 ) -> list[np.ndarray]:
+        """Each input's vectors, in passes of ``max_batch_size`` (in process)."""
         out: list[np.ndarray] = []
         for i in range(0, len(seqs), self.max_batch_size):
             out += self.run(backend or self.backend, seqs[i: i + self.max_batch_size])
-        return np.concatenate(out)
+        return out
+
+    def outputs(self, seqs: Sequence[Sequence[int]], backend: Backend | None = None
+                ) -> np.ndarray:
+        """Every input's vectors, stacked ``[rows, dim]`` (the fidelity check compares rows)."""
+        return np.concatenate(self.matrices(seqs, backend))
 
     def encode_texts(self, texts: Sequence[str], query: bool = False) -> list[np.ndarray]:
         """Each text's vectors, as queries or documents (in process: tests, tools)."""
-        seqs, _ = self.tokenize(texts, prompt_name=QUERY if query else None)
-        out: list[np.ndarray] = []
-        for i in range(0, len(seqs), self.max_batch_size):
-            out += self.run(self.backend, seqs[i: i + self.max_batch_size])
-        return out
+        return self.matrices(self.tokenize(texts, prompt_name=QUERY if query else None)[0])
 
     def rerank_inputs(self, query: str, documents: Sequence[str], truncate: bool = True,
                       side: Side = "right") -> tuple[list[list[int]], int]:
@@ -250,5 +251,4 @@ class MultiVectorEngine(EmbeddingEngine):
             self.verify()
 
     def info(self, name: str, version: str) -> ModelInfo:
-        return dataclasses.replace(super().info(name, version), query_length=self.query_length,
-                                   multivector_dim=self.dim)
+        return dataclasses.replace(super().info(name, version), query_length=self.query_length)
