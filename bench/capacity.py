@@ -5,6 +5,7 @@ counted by C load generators: wrk on every HTTP protocol, h2load on V2 gRPC.
     python bench/capacity.py                       # colocated and separate, every protocol, peers
     python bench/capacity.py --setups default --protocols openai --no-peers --rounds 3
     python bench/capacity.py --tree a=/tmp/base --tree b=. --setups separate   # A/B of trees
+    python bench/capacity.py --serve-config configs/k8s-gpu.yaml --no-peers   # a shipped config
 
 For each setup and protocol, after a warm-up: ``c=1`` (one connection: p50 latency; h2load
 reports the mean) and ``c=64`` (64 connections: requests per second), for ``--duration``
@@ -17,7 +18,10 @@ same model directory on their OpenAI routes, one server at a time, right after o
 (this machine drifts 10-30% within minutes). Writes ``--out`` (markdown) and its .json.
 
 wrk and h2load come from Debian's packages (``apt-get install wrk nghttp2-client``); the
-benchmark installs them when they are missing and it may.
+benchmark installs them when they are missing and it may. Where it may not (the GPU machine of
+bench/gpu.sh reaches no package index), bench/load.py's aiohttp and grpcio clients stand in:
+c=1 is one client's p50, c=64 two processes of 32 clients each, on the protocols they speak
+(every one but TEI's); the report says which generator measured each row.
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ SETUPS = {"default": "auto", "separate": "separate"}
 CONNECTIONS = (1, 64)
 
 
-def tools() -> None:
-    """wrk and h2load, installed from Debian's packages when missing (as root)."""
+def tools() -> bool:
+    """Whether wrk and h2load are here, installed from Debian's packages when missing and this
+    process may (root, an index in reach)."""
     missing = [pkg for tool, pkg in (("wrk", "wrk"), ("h2load", "nghttp2-client"))
                if shutil.which(tool) is None]
-    if missing:
-        subprocess.run(["apt-get", "install", "-y", *missing], check=True, capture_output=True)
+    if missing and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", *missing], capture_output=True)
+    return all(shutil.which(tool) for tool in ("wrk", "h2load"))
 
 
 def near_free_model(root: Path) -> Path:
@@ -181,10 +187,35 @@ def h2load(target: str, connections: int, duration: float, tmp: Path) -> dict:
             "errors": errors, "latency": "mean"}
 
 
+#: the protocols bench/load.py speaks, by this benchmark's names
+PY_PROTOCOLS = {"openai": "openai", "kserve-v1": "kserve-v1", "v2-json": "v2-json",
+                "grpc": "grpc"}
+
+
+def pyload(protocol: str, base: str, grpc: str, connections: int, duration: float,
+           path: str | None = None) -> dict:
+    """bench/load.py in place of wrk and h2load: one-text requests from ``connections``
+    clients (W1's one, or W2's 32 per process)."""
+    workload, procs = ("W1", 1) if connections == 1 else ("W2", max(1, connections // 32))
+    cmd = [sys.executable, str(ROOT / "bench" / "load.py"), "--protocol",
+           PY_PROTOCOLS[protocol], "--workload", workload, "--url", base, "--grpc", grpc,
+           "--duration", f"{duration:g}", "--openai-path", path or "/v1/embeddings"]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    got = [json.loads(r.communicate(timeout=duration + 120)[0].strip().splitlines()[-1])
+           for r in runs]
+    return {"rps": sum(g["requests"] / g["elapsed_s"] for g in got),
+            "p50_ms": max(g["p50_ms"] for g in got),
+            "errors": sum(g["errors"] for g in got), "generator": "bench/load.py"}
+
+
 def measure(protocol: str, base: str, grpc: str, duration: float, tmp: Path,
-            path: str | None = None) -> dict[int, dict]:
-    """c=1 and c=64 on one protocol, after a short warm-up."""
+            path: str | None = None, native: bool = True) -> dict[int, dict]:
+    """c=1 and c=64 on one protocol, after a short warm-up; ``native``: with wrk and h2load,
+    else with :func:`pyload`."""
     out: dict[int, dict] = {}
+    if not native:
+        pyload(protocol, base, grpc, 8, 3, path)
+        return {c: pyload(protocol, base, grpc, c, duration, path) for c in CONNECTIONS}
     if protocol == "grpc":
         h2load(grpc, 8, 3, tmp)
         for c in CONNECTIONS:
@@ -212,21 +243,28 @@ def local_args(model_dir: Path, topology: str) -> dict:
 
 
 @contextlib.contextmanager
-def ours(model_dir: Path, setup: str, tree: Path | None, tmp: Path
-         ) -> Iterator[tuple[str, str, Any]]:
+def ours(model_dir: Path, setup: str, tree: Path | None, tmp: Path,
+         config_file: str | None = None) -> Iterator[tuple[str, str, Any]]:
     """serve_app (from ``tree``, default this checkout) serving the near-free model in
-    ``setup``: (base URL, gRPC target, server)."""
+    ``setup``, or as the shipped ``config_file`` serves its first model (run.py's
+    :func:`~bench.run.file_config`): (base URL, gRPC target, server)."""
+    from bench.run import file_config
     from bench.trees import paths_of, wrapper
 
     http, grpc_port = free_port(), free_port()
     import_path, servicer, haproxy = paths_of(tree or ROOT)
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": http},
-        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [servicer]},
-        "applications": [{"name": "serve_app", "route_prefix": "/", "import_path": import_path,
-                          "args": local_args(model_dir, SETUPS[setup])}],
-    }
+    if config_file:
+        config = file_config(config_file, http, grpc_port)
+        config["applications"][0]["args"]["models"][0]["model_id"] = str(model_dir)
+    else:
+        config = {
+            "proxy_location": "HeadOnly",
+            "http_options": {"host": "127.0.0.1", "port": http},
+            "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [servicer]},
+            "applications": [{"name": "serve_app", "route_prefix": "/",
+                              "import_path": import_path,
+                              "args": local_args(model_dir, SETUPS[setup])}],
+        }
     env: dict[str, str] = {}
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
@@ -285,6 +323,7 @@ def render(rows: dict[tuple[str, str], dict], extra: list[str], command: str, ou
         vs_col = f"{rps / colocated[protocol]:.2f}x" if setup == "separate" and protocol in \
             colocated else ""
         unit = " (mean)" if v[1].get("latency") == "mean" else ""
+        unit += " (bench/load.py)" if v[1].get("generator") else ""
         lines.append(f"| {setup} | {protocol} | {v[1]['p50_ms']:.2f}{unit} | {rps:.0f} | "
                      f"{vs_inf} | {vs_col} | {v[1]['errors'] + v[64]['errors']} |")
     lines += ["", *[f"- {e}" for e in extra], ""]
@@ -307,8 +346,18 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-capacity.md")
+    p.add_argument("--serve-config", default=None,
+                   help="serve the near-free model as this shipped Serve config serves its "
+                        "first model (setup `default`; bench/gpu.sh: configs/k8s-gpu.yaml)")
+    p.add_argument("--python-load", action="store_true",
+                   help="bench/load.py in place of wrk and h2load, as where they are missing")
     a = p.parse_args()
-    tools()
+    native = not a.python_load and tools()
+    if not native:
+        a.protocols = [q for q in a.protocols if q in PY_PROTOCOLS]
+        print("wrk/h2load missing: bench/load.py measures", a.protocols, flush=True)
+    if a.serve_config:
+        a.setups = ["default"]
     cache = Path(os.environ.get("SERVE_APP_CACHE", Path.home() / ".cache" / "serve_app"))
     cache.mkdir(parents=True, exist_ok=True)
     model_dir = near_free_model(cache)
@@ -327,9 +376,9 @@ def main() -> None:
         for name, setup, tree in servers:
             with tempfile.TemporaryDirectory() as tmp_name:
                 tmp = Path(tmp_name)
-                with ours(model_dir, setup, tree, tmp) as (base, grpc, server):
+                with ours(model_dir, setup, tree, tmp, a.serve_config) as (base, grpc, server):
                     for protocol in a.protocols:
-                        got = measure(protocol, base, grpc, a.duration, tmp)
+                        got = measure(protocol, base, grpc, a.duration, tmp, native=native)
                         rows[(name, protocol)] = better(rows.get((name, protocol)), got)
                         print(name, protocol, got, flush=True)
                     if r == 0 and not trees:
@@ -338,7 +387,8 @@ def main() -> None:
                                      f"{server.rss_bytes() / 2**20:.0f} MB")
         for q in peers:
             with tempfile.TemporaryDirectory() as tmp_name, peer(q, model_dir, onnx_dir):
-                got = measure("openai", q.url, "", a.duration, Path(tmp_name), q.openai_path)
+                got = measure("openai", q.url, "", a.duration, Path(tmp_name), q.openai_path,
+                              native)
                 rows[(q.name, "openai")] = better(rows.get((q.name, "openai")), got)
                 print(q.name, got, flush=True)
                 if r == 0:

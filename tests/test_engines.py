@@ -3,9 +3,11 @@ and ``backend: auto``'s choice. In process: no server."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from sentence_transformers import CrossEncoder, SentenceTransformer
@@ -119,6 +121,32 @@ def test_a_conversion_is_cached_and_a_changed_model_converts_again(tiny_model, c
     assert len(list((cache / "engines").iterdir())) == 2
     assert not np.allclose(third.embed(TEXTS)[0], first.embed(TEXTS)[0], atol=1e-3)
     assert_same(third.embed(TEXTS)[0], st_encode(changed, TEXTS))
+
+
+def test_onnxruntime_runs_the_fused_graph_only_where_it_answers_the_same(tiny_model, cache,
+                                                                        monkeypatch):
+    """A conversion keeps ONNX Runtime's fused copy beside the plain graph; ONNX Runtime's
+    float engine runs it, OpenVINO and int8 the plain one. A fusion that changed the outputs
+    is dropped, and ONNX Runtime runs the plain graph."""
+    path = tiny_model()
+    ort_engine = EmbeddingEngine(ModelConfig(model_id=str(path), backend="onnxruntime"))
+    entry = next((cache / "engines").iterdir())
+    assert json.loads((entry / "source.json").read_text())["fused"] is True
+    ops = {node.op_type for node in onnx.load(entry / convert.FUSED_GRAPH).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops
+    assert convert.graph_for(path, "onnxruntime", "AutoModel", ort_engine.files_digest)[0] == \
+        entry / convert.FUSED_GRAPH
+    assert convert.graph_for(path, "openvino", "AutoModel", ort_engine.files_digest)[0] == \
+        entry / convert.GRAPH
+    assert_same(ort_engine.embed(TEXTS)[0], st_encode(path, TEXTS))
+
+    shutil.rmtree(cache)
+    monkeypatch.setattr(convert, "FUSED_TOLERANCE", -1.0)  # every difference is too much
+    plain = EmbeddingEngine(ModelConfig(model_id=str(path), backend="onnxruntime"))
+    entry = next((cache / "engines").iterdir())
+    assert not (entry / convert.FUSED_GRAPH).exists()
+    assert json.loads((entry / "source.json").read_text())["fused"] is False
+    assert_same(plain.embed(TEXTS)[0], st_encode(path, TEXTS))
 
 
 def test_a_shipped_graph_is_used_as_shipped(tiny_model, cache, tmp_path):

@@ -3,8 +3,12 @@
 conversion of its torch weights, run once and kept on disk.
 
 The conversion is ``torch.onnx.export`` of the transformers model with eager attention (the
-graph ONNX Runtime and OpenVINO both ran fastest when the route was chosen), one ONNX file that both
-backends read. It is cached under :func:`cache_root` in a directory named by a hash of the model
+graph ONNX Runtime and OpenVINO both ran fastest when the route was chosen), one ONNX file that
+both backends read. ONNX Runtime's float engine runs a copy of it with ONNX Runtime's transformer
+fusions applied (attention, skip-layer-norm, bias-GELU and embedding kernels that its session
+optimizer does not find in this graph), kept beside it only where the fused graph answers as the
+plain one does (:func:`fuse`); OpenVINO fuses for itself, and int8 quantizes the plain graph.
+A conversion is cached under :func:`cache_root` in a directory named by a hash of the model
 files and of the library versions that shape the graph, so a restart, another replica or another
 model entry on the same files finds it, and a changed model file or a library upgrade converts
 again. ``precision: int8`` runs a dynamically quantized copy of the float graph (shipped or
@@ -37,8 +41,11 @@ from serve_app.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 #: bump when the exported graph changes shape, so old cache entries are not read
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 GRAPH = "model.onnx"
+FUSED_GRAPH = "model.fused.onnx"
+#: how far a fused graph's outputs may stray from the plain graph's, relative to their scale
+FUSED_TOLERANCE = 1e-4
 INT8_GRAPH = "model.int8.onnx"
 #: bump when the int8 quantization settings change
 INT8_FORMAT = 2
@@ -89,7 +96,7 @@ def conversion_key(digest: str, auto_class: str) -> str:
     :func:`files_digest` is ``digest``."""
     parts = {"files": digest, "class": auto_class, "format": EXPORT_FORMAT,
              "torch": _version("torch"), "transformers": _version("transformers"),
-             "onnx": _version("onnx")}
+             "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -110,17 +117,21 @@ def graph_for(model_dir: Path, backend: BackendName, auto_class: str, digest: st
         return found, "shipped"
     target = cache_root() / "engines" / conversion_key(digest, auto_class)
     graph = target / GRAPH
-    if graph.is_file():
-        return graph, "cached"
-    export(model_dir, auto_class, target, trust_remote_code)
-    return graph, "converted"
+    source = "cached"
+    if not graph.is_file():
+        export(model_dir, auto_class, target, trust_remote_code)
+        source = "converted"
+    if backend == "onnxruntime" and (target / FUSED_GRAPH).is_file():
+        return target / FUSED_GRAPH, source
+    return graph, source
 
 
 def int8_graph_for(model_dir: Path, auto_class: str, digest: str,
                    trust_remote_code: bool = False) -> tuple[Path, str]:
     """The dynamically quantized int8 graph of ``model_dir`` for ONNX Runtime and where it came
     from (``cached`` or ``quantized``): a quantization of :func:`graph_for`'s float graph."""
-    source, _ = graph_for(model_dir, "onnxruntime", auto_class, digest, trust_remote_code)
+    # the plain graph: the quantizer's int8 matmuls are not found inside fused attention
+    source, _ = graph_for(model_dir, "openvino", auto_class, digest, trust_remote_code)
     h = hashlib.sha256()
     _hash_file(h, source)
     reduce_range = not cpu_has_vnni()
@@ -184,12 +195,66 @@ def export(model_dir: Path, auto_class: str, target: Path, trust_remote_code: bo
             torch.onnx.export(_graph(model, names, output), example, str(tmp / GRAPH),
                               input_names=names, output_names=[output], dynamic_axes=axes,
                               opset_version=17, dynamo=False)
+            fused = fuse(tmp / GRAPH, tmp / FUSED_GRAPH, model.config)
             (tmp / "source.json").write_text(json.dumps(
-                {"model_dir": str(model_dir), "class": auto_class, "output": output}))
+                {"model_dir": str(model_dir), "class": auto_class, "output": output,
+                 "fused": fused}))
     finally:
         del model
         gc.collect()
     log.info("converted %s in %.2fs", model_dir, time.perf_counter() - t0)
+
+
+def fuse(graph: Path, target: Path, model_config: Any) -> bool:
+    """Write ``graph`` with ONNX Runtime's transformer fusions to ``target``, if they apply and
+    the fused graph answers as ``graph`` does (every output within :data:`FUSED_TOLERANCE` of
+    its scale, on a padded batch, padding positions aside); False, and nothing written, if not.
+    A model whose layers the fusions do not recognize stays unfused, which is only slower."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        with contextlib.redirect_stdout(None), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = optimize_model(
+                str(graph), model_type="bert", opt_level=1, use_gpu=False,
+                # read from the config: the optimizer's own guess misses small models' heads
+                num_heads=int(getattr(model_config, "num_attention_heads", 0) or 0),
+                hidden_size=int(getattr(model_config, "hidden_size", 0) or 0))
+            if not any(fused.get_fused_operator_statistics().values()):
+                return False
+            size = sum(f.stat().st_size for f in graph.parent.iterdir() if f.is_file())
+            fused.save_model_to_file(str(target), use_external_data_format=size > 1 << 30)
+    except Exception as e:  # the optimizer raises what its pattern matchers meet
+        log.info("ONNX Runtime's fusions do not apply to %s (%s: %s): it runs unfused",
+                 graph, type(e).__name__, e)
+        target.unlink(missing_ok=True)
+        return False
+    names = graph_inputs(model_config)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, max(2, int(getattr(model_config, "vocab_size", 100) or 100)),
+                       size=(3, 13), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    feeds = {n: feeds[n] for n in names}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    plain, new = (ort.InferenceSession(str(g), options, providers=["CPUExecutionProvider"])
+                  .run(None, feeds)[0] for g in (graph, target))
+    if plain.ndim == 3:  # token outputs: positions under the mask are pooled by no one
+        keep = mask.astype(bool)
+        plain, new = plain[keep], new[keep]
+    scale = max(1.0, float(np.abs(plain).max()))
+    err = float(np.abs(plain - new).max()) if plain.shape == new.shape else float("inf")
+    if err > FUSED_TOLERANCE * scale:
+        log.warning("ONNX Runtime's fusions change %s's outputs (max difference %.2g): it runs "
+                    "unfused", graph, err)
+        target.unlink()
+        return False
+    return True
 
 
 @contextlib.contextmanager
