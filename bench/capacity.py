@@ -361,10 +361,10 @@ def main() -> None:
     cache = Path(os.environ.get("SERVE_APP_CACHE", Path.home() / ".cache" / "serve_app"))
     cache.mkdir(parents=True, exist_ok=True)
     model_dir = near_free_model(cache)
-    onnx_dir = with_onnx(model_dir, cache)
     peers = [] if a.no_peers else [
         PEERS[n] for n in (a.peers if a.peers is not None else sorted(PEERS))
         if PEERS[n].installed()]
+    onnx_dir = with_onnx(model_dir, cache) if peers else model_dir
     trees = [(name, Path(path).resolve()) for name, path in
              (t.split("=", 1) for t in a.tree)]
     rows: dict[tuple[str, str], dict] = {}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, under 10 minutes on a machine with CUDA: the GPU entry point (configs/k8s-gpu.yaml:
 # fp16 model replicas on the GPU fed by CPU ingress replicas, through `python -m serve_app --config`)
-# through the GPU tests, then a short benchmark that writes docs/benchmarks-gpu.md (.json, .png).
+# through the GPU tests, then a short benchmark that writes docs/benchmarks-gpu.md (.json, .png),
+# then the serving path's own capacity in that shape (docs/benchmarks-capacity-gpu.md).
 #
 #   bash bench/gpu.sh                 # in the repo root, with python3 holding a CUDA build of torch
 #   WHEELS=.whl bash bench/gpu.sh     # a machine without a package index: install serve_app's
@@ -39,7 +40,7 @@ if [ -n "${SITE:-}${WHEELS:-}" ]; then  # the HAProxy wrapper that `pip install 
 fi
 
 # 1. the GPU tests: the engine on CUDA, and the GPU config served end to end
-timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_gpu.py \
+timeout 220 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_gpu.py \
   2>&1 | tee "$OUT/gpu-tests.log"
 
 # 2. a short benchmark of the same config: ceiling on the GPU in fp16, every protocol served
@@ -47,3 +48,10 @@ timeout 200 "$PY" bench/run.py --serve-config configs/k8s-gpu.yaml --device cuda
   --dtype float16 --duration 3 --no-overload --peers --out docs/benchmarks-gpu.md \
   2>&1 | tee "$OUT/gpu-bench.log"
 cp docs/benchmarks-gpu.md docs/benchmarks-gpu.json docs/benchmarks-gpu.png "$OUT/"
+
+# 3. the serving path's own capacity in the same shape: a near-free model, one short text per
+#    request (bench/capacity.py; its aiohttp/grpcio clients, as no package index is in reach here)
+timeout 120 "$PY" bench/capacity.py --serve-config configs/k8s-gpu.yaml --no-peers --python-load \
+  --protocols openai grpc --duration 5 --out docs/benchmarks-capacity-gpu.md \
+  2>&1 | tee "$OUT/gpu-capacity.log"
+cp docs/benchmarks-capacity-gpu.md docs/benchmarks-capacity-gpu.json "$OUT/"
