@@ -270,7 +270,7 @@ def ours(model_dir: Path, setup: str, tree: Path | None, tmp: Path,
         env["PYTHONPATH"] = str(tree)
         if haproxy:
             env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper(tree, haproxy, tmp)
-    with start_server(config, tmp, extra_env=env) as s:
+    with start_server(config, tmp, extra_env=env, cwd=tree) as s:
         yield f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", s
 
 

@@ -66,7 +66,7 @@ def measure(name: str, tree: Path, duration: float, workloads: tuple[str, ...] =
     env = {"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1",
            "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper(tree, haproxy or "", tmp)}
     rows = []
-    with start_server(config, tmp, extra_env=env) as url:
+    with start_server(config, tmp, extra_env=env, cwd=tree) as url:
         for workload in workloads:
             for protocol in protocols:
                 r = cell(protocol, workload, url, f"127.0.0.1:{grpc_port}", duration)

@@ -160,10 +160,10 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> 
 
 @contextlib.contextmanager
 def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
-            extra_env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
-            ) -> Iterator[Server]:
-    """Run ``cmd`` in its own session until it serves ``url``; always stop it afterwards.
-    ``unset``: variables of this environment it does not get."""
+            extra_env: dict[str, str] | None = None, unset: tuple[str, ...] = (),
+            cwd: Path | None = None) -> Iterator[Server]:
+    """Run ``cmd`` in its own session, in ``cwd`` (default this one), until it serves ``url``;
+    always stop it afterwards. ``unset``: variables of this environment it does not get."""
     # RAY_ADDRESS=local: start a Ray of its own, never join one recorded in
     # /tmp/ray/ray_current_cluster by an earlier `ray start`.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
@@ -172,7 +172,7 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
         env.pop(key, None)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
     STARTED.append(cmd)
     try:
         _wait_ready(url, proc, log, timeout)
@@ -186,9 +186,12 @@ def running(cmd: list[str], url: str, log: Path, timeout: float = 240.0,
 
 @contextlib.contextmanager
 def start_server(config: dict, tmp: Path, extra_env: dict[str, str] | None = None,
-                 dashboard: bool = False, unset: tuple[str, ...] = ()) -> Iterator[Server]:
+                 dashboard: bool = False, unset: tuple[str, ...] = (),
+                 cwd: Path | None = None) -> Iterator[Server]:
     """``python -m serve_app --config`` (the default entry point, ``make serve``) of ``config``
-    (written to ``tmp``) until it is ready; stopped afterwards."""
+    (written to ``tmp``) until it is ready; stopped afterwards. ``cwd``: where it runs, which
+    decides the serve_app it imports (``-m`` puts the working directory first on the path of
+    the launcher and of every Ray worker, ahead of PYTHONPATH)."""
     import yaml
 
     path = tmp / "config.yaml"
@@ -196,7 +199,7 @@ def start_server(config: dict, tmp: Path, extra_env: dict[str, str] | None = Non
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     cmd = [str(BIN / "python"), "-m", "serve_app", "--config", str(path)]
     with running(cmd + (["--dashboard"] if dashboard else []), url, tmp / "serve.log",
-                 extra_env=extra_env, unset=unset) as server:
+                 extra_env=extra_env, unset=unset, cwd=cwd) as server:
         if "grpc_options" in config:
             server.grpc = f"127.0.0.1:{config['grpc_options']['port']}"
         yield server
