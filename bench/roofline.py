@@ -3,8 +3,8 @@ rate (float32 and bfloat16, every core, measured), the default model's arithmeti
 the benchmark's shapes (counted from its config), and so each engine's share of the peak and the
 rate a throughput target asks for.
 
-    python bench/roofline.py                       # prints a markdown table
-    python bench/roofline.py --targets 2.5 2.2     # W3 and W4 targets, as multiples of torch
+    python bench/roofline.py                    # issue 22's targets, exact and fast
+    python bench/roofline.py --targets 2.5 2.2  # W3 and W4 as multiples of torch (repeatable)
 
 A target that needs more arithmetic per second than the peak cannot be met by any engine of that
 precision on this machine; docs/benchmarks.md keeps the table of the last run.
@@ -71,10 +71,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--duration", type=float, default=4.0)
-    p.add_argument("--targets", nargs=2, type=float, default=(2.5, 2.2), metavar=("W3", "W4"),
-                   help="throughput targets as multiples of torch float32 (issue 22: 2.5 2.2; "
-                        "precision fast: 3.5 3.5)")
+    p.add_argument("--targets", nargs=2, type=float, action="append", metavar=("W3", "W4"),
+                   help="throughput targets as multiples of torch float32, repeatable (default: "
+                        "issue 22's, 2.5 2.2 for exact and 3.5 3.5 for precision fast)")
     a = p.parse_args()
+    targets = a.targets or [(2.5, 2.2), (3.5, 3.5)]
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -105,7 +106,7 @@ def main() -> None:
             cells += [f"{r[s]:.0f}", f"{rate:.0f} ({share})"]
         lines.append(f"| {r['engine']} | {r['precision']} | " + " | ".join(cells) + " |")
     lines.append("")
-    for s, target in zip(SHAPES, a.targets, strict=True):
+    for s, target in ((s, t) for pair in targets for s, t in zip(SHAPES, pair, strict=True)):
         need = target * torch_rates[s] * gflop[s]
         lines.append(
             f"- {s} at {target:g}x torch float32 ({target * torch_rates[s]:.0f} texts/s) needs "
