@@ -2,7 +2,10 @@
 
 import sys
 
-from serve_app.launch.cli import main
+from serve_app.env import without_pandas
 
 if __name__ == "__main__":
+    without_pandas()  # this process is the server's: before anything imports Ray Serve
+    from serve_app.launch.cli import main
+
     sys.exit(main())

@@ -37,6 +37,22 @@ def ray_serve_env() -> dict[str, str]:
     return env
 
 
+#: Run by Ray in each worker process of the server's job (controller, proxies, replicas) before
+#: any Serve code: the job's ``worker_process_setup_hook`` (serve_app.launch.lifecycle.serve).
+WORKER_SETUP_HOOK = "serve_app.env.without_pandas"
+
+
+def without_pandas() -> None:
+    """Make ``import pandas`` fail in this process, as if it were not installed.
+
+    Ray Serve imports pandas, when it is installed, in every process it runs, only to encode a
+    DataFrame that a deployment returns; serve_app returns none, and its ``data`` extra (the
+    Ray Data job) installs pandas. Its modules cost each Serve process tens of MB of memory and
+    a fraction of a second of start-up. A process that already imported it keeps it.
+    """
+    sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
+
+
 #: Ray's default folder for HAProxy's files; each server started by ``python -m serve_app``
 #: keeps its own in a subfolder named by its pid (:func:`instance_env`).
 HAPROXY_ROOT = "/tmp/haproxy-serve"

@@ -66,6 +66,16 @@ def port_free(port: int) -> bool:
         return True
 
 
+def has_loaded(p, fragment: str) -> bool:
+    """Whether process ``p`` maps a file whose path contains ``fragment`` (an imported
+    package's compiled modules); False for a process that is gone."""
+    try:
+        with open(f"/proc/{p.pid}/maps", encoding="utf-8", errors="replace") as f:
+            return any(fragment in line for line in f)
+    except OSError:
+        return False
+
+
 def assert_every_protocol(server: Server, grpc_port: int, expected: np.ndarray) -> None:
     import openai
 
@@ -162,6 +172,10 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(restarted, e
     assert haproxy and not server.processes_named("model-embedding")
     assert server.processes_named("ServeReplica:serve_app:Ingress")
     assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
+    # Ray Serve imports pandas only to encode DataFrames: kept out of the driver and the workers
+    with_pandas = [" ".join(p.cmdline())[:60] for p in server.processes()
+                   if has_loaded(p, "/pandas/")]
+    assert not with_pandas and server.processes_named("ServeController")
     backend = choose("auto", "auto", "auto", torch.device("cpu"))[0]
     passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
     assert (f"on {backend}, {passes} forward pass(es) at once, {share} thread(s) each"

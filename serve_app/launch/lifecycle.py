@@ -7,6 +7,8 @@ Ray only once it runs, so the command line answers ``--help`` and refuses bad fl
   only then; see :func:`serve_app.env.ray_serve_env`),
 - stops what a killed server left running: HAProxy holding the ports, Ray's agents
   (:func:`serve_app.launch.orphans.stop_orphans`),
+- keeps pandas out of every Ray Serve worker it starts (:func:`serve_app.env.without_pandas`;
+  ``python -m serve_app`` keeps it out of this process),
 - starts Ray without the dashboard unless asked (the dashboard's processes hold about as much
   memory as the rest of the stack; ``serve deploy`` and ``serve status`` need it),
 - deploys the config with its application builders run in the cluster, so this process never
@@ -28,6 +30,7 @@ from typing import Any
 
 from serve_app import IMPORT_PATH
 from serve_app.env import (
+    WORKER_SETUP_HOOK,
     haproxy_config_dir,
     instance_env,
     ray_address,
@@ -69,7 +72,8 @@ def serve(deploy: Callable[[dict[str, float]], dict[str, Any]], dashboard: bool 
 
     ours: list[str] = []  # serve_app applications, drained on stop
     ray.init(address=ray_address(), include_dashboard=dashboard, namespace="serve",
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING,
+             runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     # after ray.init, which installs a SIGTERM handler of its own that exits at once
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
