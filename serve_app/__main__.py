@@ -2,10 +2,10 @@
 
 import sys
 
-from serve_app.env import without_pandas
+from serve_app.env import without_dataframes
 
 if __name__ == "__main__":
-    without_pandas()  # this process is the server's: before anything imports Ray Serve
+    without_dataframes()  # this process is the server's: before Ray or Ray Serve import them
     from serve_app.launch.cli import main
 
     sys.exit(main())

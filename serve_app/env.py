@@ -39,18 +39,25 @@ def ray_serve_env() -> dict[str, str]:
 
 #: Run by Ray in each worker process of the server's job (controller, proxies, replicas) before
 #: any Serve code: the job's ``worker_process_setup_hook`` (serve_app.launch.lifecycle.serve).
-WORKER_SETUP_HOOK = "serve_app.env.without_pandas"
+WORKER_SETUP_HOOK = "serve_app.env.without_dataframes"
+
+#: Libraries Ray imports in every process of a server when they are installed, for objects no
+#: server process of serve_app handles (see :func:`without_dataframes`).
+DATAFRAME_LIBRARIES = ("pandas", "pyarrow")
 
 
-def without_pandas() -> None:
-    """Make ``import pandas`` fail in this process, as if it were not installed.
+def without_dataframes() -> None:
+    """Make ``import pandas`` and ``import pyarrow`` fail in this process, as if they were not
+    installed.
 
-    Ray Serve imports pandas, when it is installed, in every process it runs, only to encode a
-    DataFrame that a deployment returns; serve_app returns none, and its ``data`` extra (the
-    Ray Data job) installs pandas. Its modules cost each Serve process tens of MB of memory and
-    a fraction of a second of start-up. A process that already imported it keeps it.
+    When they are installed (serve_app's ``data`` extra, the Ray Data job, brings both), Ray
+    imports them in every process it runs: Ray Serve imports pandas only to encode a DataFrame
+    that a deployment returns, and Ray's serializers import pyarrow to register Ray Data's
+    Arrow types. The server's processes never handle either, and each library held tens of MB
+    in every one of them. A process that already imported one keeps it.
     """
-    sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
+    for name in DATAFRAME_LIBRARIES:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 #: Ray's default folder for HAProxy's files; each server started by ``python -m serve_app``

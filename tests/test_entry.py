@@ -172,10 +172,11 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(restarted, e
     assert haproxy and not server.processes_named("model-embedding")
     assert server.processes_named("ServeReplica:serve_app:Ingress")
     assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
-    # Ray Serve imports pandas only to encode DataFrames: kept out of the driver and the workers
-    with_pandas = [" ".join(p.cmdline())[:60] for p in server.processes()
-                   if has_loaded(p, "/pandas/")]
-    assert not with_pandas and server.processes_named("ServeController")
+    # Ray imports pandas and pyarrow for objects the server never handles: kept out of the
+    # driver and of every worker
+    with_them = [" ".join(p.cmdline())[:60] for p in server.processes()
+                 if has_loaded(p, "/pandas/") or has_loaded(p, "/pyarrow/")]
+    assert not with_them and server.processes_named("ServeController")
     backend = choose("auto", "auto", "auto", torch.device("cpu"))[0]
     passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
     assert (f"on {backend}, {passes} forward pass(es) at once, {share} thread(s) each"

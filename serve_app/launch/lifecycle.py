@@ -7,8 +7,9 @@ Ray only once it runs, so the command line answers ``--help`` and refuses bad fl
   only then; see :func:`serve_app.env.ray_serve_env`),
 - stops what a killed server left running: HAProxy holding the ports, Ray's agents
   (:func:`serve_app.launch.orphans.stop_orphans`),
-- keeps pandas out of every Ray Serve worker it starts (:func:`serve_app.env.without_pandas`;
-  ``python -m serve_app`` keeps it out of this process),
+- keeps pandas and pyarrow out of every Ray worker of the server
+  (:func:`serve_app.env.without_dataframes`; ``python -m serve_app`` keeps them out of this
+  process),
 - starts Ray without the dashboard unless asked (the dashboard's processes hold about as much
   memory as the rest of the stack; ``serve deploy`` and ``serve status`` need it),
 - deploys the config with its application builders run in the cluster, so this process never
