@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -163,6 +164,31 @@ def test_a_shipped_graph_is_used_as_shipped(tiny_model, cache, tmp_path):
         assert engine.graph_source == "shipped"
         assert_same(engine.embed(TEXTS)[0], st_encode(path, TEXTS))
     assert not (cache / "engines").exists()
+
+
+def test_int8_quantizes_the_plain_onnx_graph(tiny_model, cache, tmp_path, monkeypatch):
+    """The int8 graph is a quantization of the plain float ONNX graph: the converted one, not
+    ONNX Runtime's fused copy beside it, and a model's shipped ONNX file, not its OpenVINO
+    graph."""
+    path = tiny_model(pooling="mean")
+    seen: list[Path] = []
+    real = convert.quantize_int8
+    monkeypatch.setattr(convert, "quantize_int8",
+                        lambda s, t, rr=False: (seen.append(s), real(s, t, rr))[1])
+    convert.int8_graph_for(path, "AutoModel", "digest")
+    assert seen[-1].name == convert.GRAPH and (seen[-1].parent / convert.FUSED_GRAPH).is_file()
+    shipped = tmp_path / "shipped"
+    shutil.copytree(path, shipped)
+    for rel, source in (("onnx/model.onnx", seen[-1]),
+                        ("openvino/openvino_model.xml", None)):  # not a graph it can read
+        (shipped / rel).parent.mkdir()
+        if source is None:
+            (shipped / rel).write_text("<net/>")
+        else:
+            shutil.copy(source, shipped / rel)
+    shutil.rmtree(cache)  # the same graph's int8 copy would be found in the cache
+    convert.int8_graph_for(shipped, "AutoModel", "digest")
+    assert seen[-1] == shipped / "onnx" / "model.onnx"
 
 
 def test_a_degraded_engine_refuses_to_start_naming_engine_and_figure(tiny_model, cache,

@@ -130,8 +130,9 @@ def int8_graph_for(model_dir: Path, auto_class: str, digest: str,
                    trust_remote_code: bool = False) -> tuple[Path, str]:
     """The dynamically quantized int8 graph of ``model_dir`` for ONNX Runtime and where it came
     from (``cached`` or ``quantized``): a quantization of :func:`graph_for`'s float graph."""
-    # the plain graph: the quantizer's int8 matmuls are not found inside fused attention
-    source, _ = graph_for(model_dir, "openvino", auto_class, digest, trust_remote_code)
+    source, _ = graph_for(model_dir, "onnxruntime", auto_class, digest, trust_remote_code)
+    if source.name == FUSED_GRAPH:  # the quantizer finds no int8 matmuls in fused attention
+        source = source.with_name(GRAPH)
     h = hashlib.sha256()
     _hash_file(h, source)
     reduce_range = not cpu_has_vnni()
