@@ -126,9 +126,9 @@ def test_a_conversion_is_cached_and_a_changed_model_converts_again(tiny_model, c
 
 def test_onnxruntime_runs_the_fused_graph_only_where_it_answers_the_same(tiny_model, cache,
                                                                         monkeypatch):
-    """A conversion keeps ONNX Runtime's fused copy beside the plain graph; ONNX Runtime's
-    float engine runs it, OpenVINO and int8 the plain one. A fusion that changed the outputs
-    is dropped, and ONNX Runtime runs the plain graph."""
+    """A conversion keeps ONNX Runtime's fused copy and an OpenVINO IR copy beside the plain
+    graph; ONNX Runtime's float engine runs the fused one, OpenVINO its IR, int8 the plain
+    one. A fusion that changed the outputs is dropped, and ONNX Runtime runs the plain graph."""
     path = tiny_model()
     ort_engine = EmbeddingEngine(ModelConfig(model_id=str(path), backend="onnxruntime"))
     entry = next((cache / "engines").iterdir())
@@ -137,9 +137,15 @@ def test_onnxruntime_runs_the_fused_graph_only_where_it_answers_the_same(tiny_mo
     assert {"Attention", "SkipLayerNormalization"} <= ops
     assert convert.graph_for(path, "onnxruntime", "AutoModel", ort_engine.files_digest)[0] == \
         entry / convert.FUSED_GRAPH
+    # OpenVINO runs the plain graph saved as its own IR, float32 weights mapped from the .bin
     assert convert.graph_for(path, "openvino", "AutoModel", ort_engine.files_digest)[0] == \
-        entry / convert.GRAPH
+        entry / convert.OPENVINO_GRAPH
+    assert (entry / convert.OPENVINO_GRAPH).with_suffix(".bin").stat().st_size > \
+        0.9 * (entry / convert.GRAPH).stat().st_size
     assert_same(ort_engine.embed(TEXTS)[0], st_encode(path, TEXTS))
+    ov_engine = EmbeddingEngine(ModelConfig(model_id=str(path), backend="openvino"))
+    assert ov_engine.graph_source == "cached"
+    assert_same(ov_engine.embed(TEXTS)[0], st_encode(path, TEXTS))
 
     shutil.rmtree(cache)
     monkeypatch.setattr(convert, "FUSED_TOLERANCE", -1.0)  # every difference is too much
@@ -209,11 +215,12 @@ def test_a_degraded_engine_refuses_to_start_naming_engine_and_figure(tiny_model,
     for path in (good, other):
         EmbeddingEngine(cfg.model_copy(update={"model_id": str(path)}))  # converts each
 
-    def graph(path):
-        return (cache / "engines" / convert.conversion_key(convert.files_digest(path), "AutoModel")
-                / convert.GRAPH)
+    def entry(path):
+        return cache / "engines" / convert.conversion_key(convert.files_digest(path), "AutoModel")
 
-    shutil.copy(graph(other), graph(good))
+    ir = Path(convert.OPENVINO_GRAPH)
+    for name in (ir, ir.with_suffix(".bin")):  # the graph OpenVINO reads, swapped
+        shutil.copy(entry(other) / name, entry(good) / name)
     with pytest.raises(ModelLoadError) as e:
         load_runner(cfg)
     message = str(e.value)

@@ -3,11 +3,12 @@
 conversion of its torch weights, run once and kept on disk.
 
 The conversion is ``torch.onnx.export`` of the transformers model with eager attention (the
-graph ONNX Runtime and OpenVINO both ran fastest when the route was chosen), one ONNX file that
-both backends read. ONNX Runtime's float engine runs a copy of it with ONNX Runtime's transformer
-fusions applied (attention, skip-layer-norm, bias-GELU and embedding kernels that its session
-optimizer does not find in this graph), kept beside it only where the fused graph answers as the
-plain one does (:func:`fuse`); OpenVINO fuses for itself, and int8 quantizes the plain graph.
+graph ONNX Runtime and OpenVINO both ran fastest when the route was chosen). ONNX Runtime's
+float engine runs a copy of it with ONNX Runtime's transformer fusions applied (attention,
+skip-layer-norm, bias-GELU and embedding kernels that its session optimizer does not find in
+this graph), kept beside it only where the fused graph answers as the plain one does
+(:func:`fuse`); OpenVINO runs the same graph saved as OpenVINO IR (:func:`to_openvino`), whose
+weights it maps from disk; int8 quantizes the plain graph.
 A conversion is cached under :func:`cache_root` in a directory named by a hash of the model
 files and of the library versions that shape the graph, so a restart, another replica or another
 model entry on the same files finds it, and a changed model file or a library upgrade converts
@@ -41,9 +42,11 @@ from serve_app.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 #: bump when the exported graph changes shape, so old cache entries are not read
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 GRAPH = "model.onnx"
 FUSED_GRAPH = "model.fused.onnx"
+#: the same graph as OpenVINO IR (float32 weights in its .bin), which OpenVINO maps from disk
+OPENVINO_GRAPH = "openvino_model.xml"
 #: how far a fused graph's outputs may stray from the plain graph's, relative to their scale
 FUSED_TOLERANCE = 1e-4
 INT8_GRAPH = "model.int8.onnx"
@@ -96,7 +99,8 @@ def conversion_key(digest: str, auto_class: str) -> str:
     :func:`files_digest` is ``digest``."""
     parts = {"files": digest, "class": auto_class, "format": EXPORT_FORMAT,
              "torch": _version("torch"), "transformers": _version("transformers"),
-             "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")}
+             "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
+             "openvino": _version("openvino")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -123,6 +127,8 @@ def graph_for(model_dir: Path, backend: BackendName, auto_class: str, digest: st
         source = "converted"
     if backend == "onnxruntime" and (target / FUSED_GRAPH).is_file():
         return target / FUSED_GRAPH, source
+    if backend == "openvino" and (target / OPENVINO_GRAPH).is_file():
+        return target / OPENVINO_GRAPH, source
     return graph, source
 
 
@@ -197,9 +203,10 @@ def export(model_dir: Path, auto_class: str, target: Path, trust_remote_code: bo
                               input_names=names, output_names=[output], dynamic_axes=axes,
                               opset_version=17, dynamo=False)
             fused = fuse(tmp / GRAPH, tmp / FUSED_GRAPH, model.config)
+            ir = to_openvino(tmp / GRAPH, tmp / OPENVINO_GRAPH)
             (tmp / "source.json").write_text(json.dumps(
                 {"model_dir": str(model_dir), "class": auto_class, "output": output,
-                 "fused": fused}))
+                 "fused": fused, "openvino": ir}))
     finally:
         del model
         gc.collect()
@@ -255,6 +262,20 @@ def fuse(graph: Path, target: Path, model_config: Any) -> bool:
                     "unfused", graph, err)
         target.unlink()
         return False
+    return True
+
+
+def to_openvino(graph: Path, target: Path) -> bool:
+    """Write ``graph`` as OpenVINO IR to ``target`` (its weights in float32 in the .bin beside
+    it); False, and nothing written, where OpenVINO is not installed. Compiled from an ONNX
+    file, OpenVINO keeps a copy of the weights it read in the process's own memory; from IR it
+    maps them from the file, pages the kernel shares between the replicas of a node and can
+    drop, and a start skips converting the ONNX graph again."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    ov.save_model(ov.convert_model(str(graph)), str(target), compress_to_fp16=False)
     return True
 
 
