@@ -35,8 +35,8 @@ CONFINED = {
     "starlette": {"frontend.http", "serve"},
     "torch": {"engine"},
     "transformers": {"engine"},
-    "onnxruntime": {"engine.backends", "engine.convert"},  # convert: int8 quantization
-    "openvino": {"engine.backends"},
+    "onnxruntime": {"engine.backends", "engine.convert"},  # convert: fusions, int8
+    "openvino": {"engine.backends", "engine.convert"},  # convert: the IR copy
     "onnx": {"engine.convert"},
 }
 ADAPTERS = ("openai", "kserve_v1", "v2", "rerank")
