@@ -112,33 +112,42 @@ def shipped_graph(model_dir: Path, backend: BackendName) -> Path | None:
     return None
 
 
-def graph_for(model_dir: Path, backend: BackendName, auto_class: str, digest: str,
-              trust_remote_code: bool = False) -> tuple[Path, str]:
-    """The graph file ``backend`` runs for ``model_dir`` (whose :func:`files_digest` is
-    ``digest``) and where it came from (``shipped``, ``cached`` or ``converted``)."""
+def float_graph(model_dir: Path, backend: BackendName, auto_class: str, digest: str,
+                trust_remote_code: bool = False) -> tuple[Path, str]:
+    """The float graph of ``model_dir`` (whose :func:`files_digest` is ``digest``) as shipped
+    for ``backend``, else the plain ONNX graph of its conversion, and where it came from
+    (``shipped``, ``cached`` or ``converted``)."""
     found = shipped_graph(model_dir, backend)
     if found is not None:
         return found, "shipped"
     target = cache_root() / "engines" / conversion_key(digest, auto_class)
     graph = target / GRAPH
-    source = "cached"
-    if not graph.is_file():
-        export(model_dir, auto_class, target, trust_remote_code)
-        source = "converted"
-    if backend == "onnxruntime" and (target / FUSED_GRAPH).is_file():
-        return target / FUSED_GRAPH, source
-    if backend == "openvino" and (target / OPENVINO_GRAPH).is_file():
-        return target / OPENVINO_GRAPH, source
-    return graph, source
+    if graph.is_file():
+        return graph, "cached"
+    export(model_dir, auto_class, target, trust_remote_code)
+    return graph, "converted"
+
+
+#: the copy of a conversion each backend runs, where the conversion wrote one beside its graph
+RUNS: dict[BackendName, str] = {"onnxruntime": FUSED_GRAPH, "openvino": OPENVINO_GRAPH}
+
+
+def graph_for(model_dir: Path, backend: BackendName, auto_class: str, digest: str,
+              trust_remote_code: bool = False) -> tuple[Path, str]:
+    """The graph file ``backend`` runs for ``model_dir``: the shipped one, or its conversion's
+    copy for ``backend`` (:data:`RUNS`) when there is one, else the conversion's plain graph;
+    and where it came from (:func:`float_graph`)."""
+    graph, source = float_graph(model_dir, backend, auto_class, digest, trust_remote_code)
+    copy = graph.with_name(RUNS[backend]) if source != "shipped" else None
+    return (copy, source) if copy is not None and copy.is_file() else (graph, source)
 
 
 def int8_graph_for(model_dir: Path, auto_class: str, digest: str,
                    trust_remote_code: bool = False) -> tuple[Path, str]:
     """The dynamically quantized int8 graph of ``model_dir`` for ONNX Runtime and where it came
-    from (``cached`` or ``quantized``): a quantization of :func:`graph_for`'s float graph."""
-    source, _ = graph_for(model_dir, "onnxruntime", auto_class, digest, trust_remote_code)
-    if source.name == FUSED_GRAPH:  # the quantizer finds no int8 matmuls in fused attention
-        source = source.with_name(GRAPH)
+    from (``cached`` or ``quantized``): a quantization of the plain float ONNX graph
+    (:func:`float_graph`; the quantizer finds no int8 matmuls in fused attention)."""
+    source, _ = float_graph(model_dir, "onnxruntime", auto_class, digest, trust_remote_code)
     h = hashlib.sha256()
     _hash_file(h, source)
     reduce_range = not cpu_has_vnni()
