@@ -20,6 +20,7 @@ import yaml
 
 from serve_app.engine.backends import choose
 from serve_app.engine.embedding import plan_parallelism
+from serve_app.env import DATAFRAME_LIBRARIES
 from serve_app.frontend.v2.proto import inference_pb2_grpc as pb_grpc
 from tests.helpers import (
     REPO,
@@ -66,12 +67,12 @@ def port_free(port: int) -> bool:
         return True
 
 
-def has_loaded(p, fragment: str) -> bool:
-    """Whether process ``p`` maps a file whose path contains ``fragment`` (an imported
+def has_loaded(p, fragments: tuple[str, ...]) -> bool:
+    """Whether process ``p`` maps a file whose path contains one of ``fragments`` (an imported
     package's compiled modules); False for a process that is gone."""
     try:
         with open(f"/proc/{p.pid}/maps", encoding="utf-8", errors="replace") as f:
-            return any(fragment in line for line in f)
+            return any(fragment in line for line in f for fragment in fragments)
     except OSError:
         return False
 
@@ -174,8 +175,9 @@ def test_default_entry_serves_every_protocol_lean_and_stops_cleanly(restarted, e
     assert not server.processes_named("ray-dashboard-")  # the dashboard's modules: about 1 GB
     # Ray imports pandas and pyarrow for objects the server never handles: kept out of the
     # driver and of every worker
+    packages = tuple(f"/{name}/" for name in DATAFRAME_LIBRARIES)
     with_them = [" ".join(p.cmdline())[:60] for p in server.processes()
-                 if has_loaded(p, "/pandas/") or has_loaded(p, "/pyarrow/")]
+                 if has_loaded(p, packages)]
     assert not with_them and server.processes_named("ServeController")
     backend = choose("auto", "auto", "auto", torch.device("cpu"))[0]
     passes, share = plan_parallelism(os.cpu_count() or 1, torch.device("cpu"))
